@@ -1,0 +1,174 @@
+//! The values that flow through the dataflows: dedup keys, event versions, metric cells and rows.
+//!
+//! Everything here is plain data with a total order, so the dataflows can sort it and the sink can
+//! write it in a fixed order. Nothing here hashes with std's hasher: the 128-bit keys are computed
+//! outside this crate by a documented, versioned algorithm and only carried here.
+
+use serde::{Deserialize, Serialize};
+
+/// The dataflow's logical time: one per ingest batch. Event time is data, never time.
+pub type Epoch = u64;
+
+/// Microseconds in one hour.
+pub const MICROS_PER_HOUR: i64 = 3_600_000_000;
+/// Microseconds in one day.
+pub const MICROS_PER_DAY: i64 = 24 * MICROS_PER_HOUR;
+
+/// Stable 128-bit identity of one source event (see the root crate's `keys` module for the algorithm).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub struct DedupKey(pub u128);
+
+/// Stable 128-bit hash of one event's canonical content; breaks ties between versions of a key.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub struct ContentHash(pub u128);
+
+/// What happened: the three kinds of ads event.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub enum EventType {
+    /// The ad was delivered and shown.
+    Impression,
+    /// The ad was clicked.
+    Click,
+    /// The click led to a conversion.
+    Conversion,
+}
+
+impl EventType {
+    /// The name used in every file format.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Impression => "impression",
+            EventType::Click => "click",
+            EventType::Conversion => "conversion",
+        }
+    }
+
+    /// Parses the file-format name; `None` for anything else (case-sensitive).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "impression" => Some(EventType::Impression),
+            "click" => Some(EventType::Click),
+            "conversion" => Some(EventType::Conversion),
+            _ => None,
+        }
+    }
+}
+
+/// An ISO 3166 alpha-2 country code: exactly two ASCII upper-case letters.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub struct Country(pub [u8; 2]);
+
+impl Country {
+    /// Accepts exactly two ASCII letters `A`–`Z`; anything else (`../x`, `usa`, `u1`) is `None`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.as_bytes() {
+            [a, b] if a.is_ascii_uppercase() && b.is_ascii_uppercase() => Some(Country([*a, *b])),
+            _ => None,
+        }
+    }
+
+    /// The two letters as a `&str`.
+    pub fn as_str(&self) -> &str {
+        // Only ever built from two ASCII letters, so this cannot fail.
+        std::str::from_utf8(&self.0).unwrap_or("??")
+    }
+}
+
+/// The dimensions every metrics table groups by, besides its time period.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub struct Dims {
+    /// Advertiser that pays.
+    pub advertiser_id: i64,
+    /// Campaign of the ad.
+    pub campaign_id: i64,
+    /// The ad itself.
+    pub ad_id: i64,
+    /// Country of the viewer.
+    pub country: Country,
+}
+
+/// One version of one event, reduced to what the metrics need. Fixed size, no heap.
+///
+/// The derived order starts with `revision`, then `content_hash`: the greatest version of a key is
+/// the one that wins a conflict, whatever order the versions arrived in.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub struct EventVersion {
+    /// Upstream correction counter; the highest wins.
+    pub revision: u32,
+    /// Tie-break between versions with the same revision.
+    pub content_hash: ContentHash,
+    /// Impression, click or conversion.
+    pub event_type: EventType,
+    /// Event time, UTC microseconds since the Unix epoch.
+    pub event_time_us: i64,
+    /// Grouping dimensions.
+    pub dims: Dims,
+    /// The viewer, for exact unique-user counts.
+    pub user_id: i64,
+    /// Cost in micros; a null cost is 0 here.
+    pub cost_micros: i64,
+    /// Revenue in micros; a null revenue is 0 here.
+    pub revenue_micros: i64,
+}
+
+impl EventVersion {
+    /// The event's hour: whole hours since the Unix epoch (floor, so negative times work too).
+    pub fn hour(&self) -> i64 {
+        self.event_time_us.div_euclid(MICROS_PER_HOUR)
+    }
+
+    /// The event's day: whole days since the Unix epoch.
+    pub fn day(&self) -> i64 {
+        self.event_time_us.div_euclid(MICROS_PER_DAY)
+    }
+}
+
+/// The granularity of a metrics table.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub enum Grain {
+    /// `ads_metrics_hourly`: period = hours since the Unix epoch.
+    Hourly,
+    /// `ads_metrics_daily`: period = days since the Unix epoch.
+    Daily,
+}
+
+impl Grain {
+    /// Both grains, in publish order.
+    pub const ALL: [Grain; 2] = [Grain::Hourly, Grain::Daily];
+
+    /// The period (hour or day index) an event falls into.
+    pub fn period_of(self, event: &EventVersion) -> i64 {
+        match self {
+            Grain::Hourly => event.hour(),
+            Grain::Daily => event.day(),
+        }
+    }
+}
+
+/// One output cell: a period of one grain and its dimensions. The period is also the partition.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub struct Cell {
+    /// Hourly or daily.
+    pub grain: Grain,
+    /// Hour or day index since the Unix epoch; one curated partition per (grain, period).
+    pub period: i64,
+    /// The group within the partition.
+    pub dims: Dims,
+}
+
+/// The metrics of one cell. Sums are exact; `unique_users` is an exact distinct count.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize)]
+pub struct MetricRow {
+    /// Number of distinct impression events.
+    pub impressions: i64,
+    /// Number of distinct click events.
+    pub clicks: i64,
+    /// Number of distinct conversion events.
+    pub conversions: i64,
+    /// Sum of cost over distinct events.
+    pub cost_micros: i64,
+    /// Sum of revenue over distinct events.
+    pub revenue_micros: i64,
+    /// Number of distinct `user_id`s among the cell's events.
+    pub unique_users: i64,
+}

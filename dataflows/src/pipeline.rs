@@ -1,0 +1,63 @@
+//! The whole adsmetrics dataflow, read top to bottom: input → dedup → aggregate → mirror.
+//!
+//! [`build`] constructs it on a worker and hands back the input session, the probe that tells when
+//! an epoch is complete, and the worker's [`PartitionMirror`]. Every worker must call it, in the same
+//! order relative to other dataflows, and must advance (or drop) its input for the frontier to move.
+
+use std::cell::{Cell as StdCell, RefCell};
+use std::rc::Rc;
+
+use differential_dataflow::input::{Input, InputSession};
+use differential_dataflow::AsCollection;
+use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::operators::Exchange;
+use timely::worker::Worker;
+
+use crate::aggregate::Aggregate;
+use crate::dedup::Dedup;
+use crate::mirror::{PartitionId, PartitionMirror};
+use crate::model::{DedupKey, Epoch, EventVersion};
+
+/// What the runtime holds of one worker's dataflow.
+pub struct Pipeline {
+    /// Add `(key, version)` with `+1` once per source partition that contains it; `-1` retracts.
+    pub input: InputSession<Epoch, (DedupKey, EventVersion), isize>,
+    /// Passes an epoch once its every consequence has reached the mirror.
+    pub probe: ProbeHandle<Epoch>,
+    /// This worker's share of the curated partitions.
+    pub mirror: Rc<RefCell<PartitionMirror>>,
+    /// Keys (on this worker) that currently have more than one distinct version.
+    pub conflicted_keys: Rc<StdCell<i64>>,
+}
+
+/// Builds the dataflow on `worker`.
+pub fn build(worker: &mut Worker) -> Pipeline {
+    let mirror = Rc::new(RefCell::new(PartitionMirror::default()));
+    let conflicted_keys = Rc::new(StdCell::new(0i64));
+    let probe = ProbeHandle::new();
+
+    let input = worker.dataflow_named::<Epoch, _, _>("adsmetrics", |scope| {
+        let (input, events) = scope.new_collection::<(DedupKey, EventVersion), isize>();
+        let deduped = events.dedup();
+
+        let conflicts = conflicted_keys.clone();
+        deduped
+            .clone()
+            .filter(|(_key, (_event, versions))| *versions > 1)
+            .inspect(move |(_, _, diff)| conflicts.set(conflicts.get() + *diff as i64))
+            .probe_with(&probe);
+
+        let sink = mirror.clone();
+        deduped
+            .aggregate()
+            .inner
+            .exchange(|((cell, _row), _time, _diff)| PartitionId::of(cell).route())
+            .as_collection()
+            .inspect(move |((cell, row), _time, diff)| sink.borrow_mut().apply(cell, row, *diff))
+            .probe_with(&probe);
+
+        input
+    });
+
+    Pipeline { input, probe, mirror, conflicted_keys }
+}

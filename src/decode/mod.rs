@@ -1,0 +1,1 @@
+//! Decoding: bytes of a source → validated events, or quarantine records with reasons.

@@ -1,0 +1,3 @@
+//! adsmetrics: an idempotent ads-metrics pipeline on timely and differential dataflow.
+pub mod decode;
+pub mod event;
