@@ -23,5 +23,5 @@ pub mod model;
 pub mod pipeline;
 pub mod reference;
 
-pub use mirror::{PartitionId, PartitionMirror};
+pub use mirror::{MirrorError, PartitionId, PartitionMirror};
 pub use model::*;
