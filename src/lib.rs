@@ -1,4 +1,33 @@
 //! adsmetrics: an idempotent ads-metrics pipeline on timely and differential dataflow.
+//!
+//! ```text
+//!  files (Parquet, JSON lines; Hive dt=/hr= folders)        source  — identity = content hash
+//!    │
+//!    ▼ decode ──────────────▶ quarantine/ (reason, raw bytes)  nothing dropped silently
+//!    │ events, in-source dedup
+//!    ├──────────────────────▶ raw/dt=/hr=/src-<hash>.parquet   system of record, written once
+//!    ▼
+//!  dataflows: distinct winner per DedupKey → reduce per (hour|day, dims)      epoch = batch
+//!    │ exchange by partition: one writer per partition
+//!    ▼
+//!  sink: changed partitions only → staging → journal prepare → atomic rename → commit
+//!    ▼
+//!  ads_metrics_hourly/dt=/hr=/data.parquet    ads_metrics_daily/dt=/data.parquet
+//! ```
+//!
+//! The library holds every stage; `main.rs` binds them to the command line.
+
+pub mod ddl;
 pub mod decode;
+
 pub mod event;
+pub mod generate;
+pub mod journal;
+pub mod report;
+pub mod runtime;
 pub mod schema;
+pub mod show;
+pub mod sink;
+pub mod snapshot;
+pub mod source;
+pub mod warehouse;

@@ -1,0 +1,211 @@
+//! JSON lines: one JSON object per line → events, or one quarantine record per bad line.
+//!
+//! Guarantees:
+//! - Every line that is not blank (empty, or only spaces, tabs and a `\r`) is exactly one event or
+//!   one quarantine record with position `line N` (1-based, counting every line), `raw` = the line
+//!   without its terminator. Lines end at `\n`; a trailing `\r` is dropped; the last line needs no
+//!   terminator; a UTF-8 byte order mark at the very start is skipped.
+//! - A line that is not UTF-8, not JSON, not one object, has a field twice, or breaks a rule of the
+//!   shared rulebook ([`super::validate`]) is quarantined with the reason.
+//! - Unknown fields are ignored; a field set to `null` counts as missing.
+//!
+//! Speed: each line is parsed once by serde_json into a struct of borrowed raw values (strings are
+//! copied only when they contain escapes), and nested values of unknown fields are skipped without
+//! being built.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use super::{validate, Decoded, Raw, RawEvent};
+use crate::event::Quarantined;
+
+/// Decodes JSON lines. `source` is only a label copied into quarantine records.
+///
+/// Never fails as a whole: every non-blank line is an event or a quarantine record.
+pub fn decode_json_lines(source: &str, bytes: &[u8]) -> Decoded {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let mut out = Decoded::default();
+    for (index, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(|&b| b == b' ' || b == b'\t' || b == b'\r') {
+            continue;
+        }
+        match decode_line(line) {
+            Ok(event) => out.events.push(event),
+            Err(reason) => out.quarantined.push(Quarantined {
+                source: source.to_owned(),
+                position: format!("line {}", index.saturating_add(1)),
+                raw: line.to_vec(),
+                reason,
+            }),
+        }
+    }
+    out
+}
+
+fn decode_line(line: &[u8]) -> Result<crate::event::Event, String> {
+    let text = std::str::from_utf8(line).map_err(|e| {
+        format!(
+            "line is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        )
+    })?;
+    if !text.trim_start_matches([' ', '\t', '\r']).starts_with('{') {
+        // A struct would also accept a JSON array (by position): only objects are records.
+        return Err(match serde_json::from_str::<IgnoredAny>(text) {
+            Ok(_) => format!("line is JSON but not an object: {}", kind_of(text)),
+            Err(e) => format!("line is not valid JSON: {e}"),
+        });
+    }
+    let record: Record<'_> =
+        serde_json::from_str(text).map_err(|e| format!("line is not a valid JSON object: {e}"))?;
+    validate(&record.raw())
+}
+
+/// What a valid JSON text that is not an object is, for the reason.
+fn kind_of(text: &str) -> &'static str {
+    match text.trim_start().as_bytes().first() {
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b'n') => "null",
+        Some(b't' | b'f') => "a boolean",
+        _ => "a number",
+    }
+}
+
+/// One line's known fields, each as found (or [`Value::Absent`]).
+#[derive(Deserialize)]
+struct Record<'a> {
+    #[serde(borrow, default)]
+    event_id: Value<'a>,
+    #[serde(borrow, default)]
+    event_type: Value<'a>,
+    #[serde(borrow, default)]
+    event_time: Value<'a>,
+    #[serde(borrow, default)]
+    ad_id: Value<'a>,
+    #[serde(borrow, default)]
+    campaign_id: Value<'a>,
+    #[serde(borrow, default)]
+    advertiser_id: Value<'a>,
+    #[serde(borrow, default)]
+    country: Value<'a>,
+    #[serde(borrow, default)]
+    user_id: Value<'a>,
+    #[serde(borrow, default)]
+    ip: Value<'a>,
+    #[serde(borrow, default)]
+    cost_micros: Value<'a>,
+    #[serde(borrow, default)]
+    revenue_micros: Value<'a>,
+    #[serde(borrow, default)]
+    producer: Value<'a>,
+    #[serde(borrow, default)]
+    revision: Value<'a>,
+}
+
+impl Record<'_> {
+    fn raw(&self) -> RawEvent<'_> {
+        RawEvent {
+            event_id: self.event_id.raw(),
+            event_type: self.event_type.raw(),
+            event_time: self.event_time.raw(),
+            ad_id: self.ad_id.raw(),
+            campaign_id: self.campaign_id.raw(),
+            advertiser_id: self.advertiser_id.raw(),
+            country: self.country.raw(),
+            user_id: self.user_id.raw(),
+            ip: self.ip.raw(),
+            cost_micros: self.cost_micros.raw(),
+            revenue_micros: self.revenue_micros.raw(),
+            producer: self.producer.raw(),
+            revision: self.revision.raw(),
+        }
+    }
+}
+
+/// Any JSON value, kept only as far as validation needs: scalars as they are, strings borrowed
+/// from the line when they have no escapes, arrays and objects skipped.
+#[derive(Default)]
+enum Value<'a> {
+    #[default]
+    Absent,
+    Null,
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Bool(bool),
+    Str(Cow<'a, str>),
+    Array,
+    Object,
+}
+
+impl Value<'_> {
+    fn raw(&self) -> Raw<'_> {
+        match self {
+            Value::Absent => Raw::Absent,
+            Value::Null => Raw::Null,
+            Value::Int(v) => Raw::Int(*v),
+            Value::UInt(v) => Raw::UInt(*v),
+            Value::Float(v) => Raw::Float(*v),
+            Value::Bool(v) => Raw::Bool(*v),
+            Value::Str(s) => Raw::Str(s),
+            Value::Array => Raw::Nested("an array"),
+            Value::Object => Raw::Nested("an object"),
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Value<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ValueVisitor)
+    }
+}
+
+struct ValueVisitor;
+
+impl<'de> Visitor<'de> for ValueVisitor {
+    type Value = Value<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Value::Int(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(i64::try_from(v).map_or(Value::UInt(v), Value::Int))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Value::Float(v))
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Value::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Value::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Value::Str(Cow::Owned(v)))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Value::Array)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Value::Object)
+    }
+}

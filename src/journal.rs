@@ -1,0 +1,334 @@
+//! The commit journal: the write-ahead record of every publish, and the recovery that finishes one.
+//!
+//! The journal is an append-only JSON-lines file. A publish is two records around the renames:
+//!
+//! 1. every new partition file is written and fsynced in staging;
+//! 2. `Prepare` lists the epoch's sources and, per partition, the old and new version and the
+//!    staged file; it is appended and fsynced — from here on the publish *will* happen;
+//! 3. each staged file is renamed over the partition's fixed file name (or the file is removed
+//!    for a partition that became empty), and the directories are fsynced;
+//! 4. `Commit` is appended and fsynced.
+//!
+//! Recovery at startup looks at the last record: a `Prepare` without its `Commit` is rolled
+//! forward (renames are repeated where the staged file is still there; a partition whose file
+//! already carries the new version is done), then committed. Staging files not named by a pending
+//! `Prepare` are leftovers of a publish that never prepared, and are removed (rolled back). A torn
+//! last line (a crash inside an append) is not a record and is cut off.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use adsmetrics_dataflows::PartitionId;
+use serde::{Deserialize, Serialize};
+
+/// Errors of the journal; all are I/O or a journal that does not parse (not retryable by rerun).
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// Reading or writing the journal or a partition file failed.
+    #[error("commit journal I/O on {path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A record before the last one does not parse: the journal was edited or corrupted.
+    #[error("commit journal {path} line {line} is not a journal record: {detail}")]
+    Corrupt {
+        /// The journal.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// The parse error.
+        detail: String,
+    },
+    /// A fault injected by a test (`FailPoint`): the process "crashed" here.
+    #[error("injected fault: {0}")]
+    Injected(String),
+    /// A pending publish cannot be finished: its staged file is gone and the partition does not
+    /// hold the new version.
+    #[error("cannot finish publish {seq}: staged file {staged} is missing and {target} is not version {version}")]
+    Unrecoverable {
+        /// The publish.
+        seq: u64,
+        /// The missing staged file.
+        staged: String,
+        /// The partition file.
+        target: String,
+        /// The version it should hold.
+        version: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
+    move |source| JournalError::Io { path: path.to_path_buf(), source }
+}
+
+/// A source partition consumed by an epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceRecord {
+    /// Path relative to the ingest root, or topic/partition/offsets.
+    pub source: String,
+    /// XXH3-128 of the source's bytes, hex.
+    pub content_hash: String,
+    /// Records accepted into the raw layer (after in-source dedup).
+    pub accepted: u64,
+    /// Records quarantined.
+    pub quarantined: u64,
+    /// Records dropped as exact duplicates inside the same source.
+    pub in_source_duplicates: u64,
+}
+
+/// One partition's change in a publish.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionChange {
+    /// The partition.
+    pub partition: PartitionId,
+    /// Its version before, if it existed.
+    pub old_version: Option<String>,
+    /// Its new version; `None` when it became empty and its file is removed.
+    pub new_version: Option<String>,
+    /// Rows in the new version.
+    pub rows: u64,
+    /// The staged file (relative to the warehouse root) that becomes the partition's file.
+    pub staged: Option<String>,
+}
+
+/// One line of the journal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "record", rename_all = "snake_case")]
+pub enum JournalRecord {
+    /// A publish is decided; its renames follow.
+    Prepare {
+        /// Publish sequence number, 1, 2, … over the journal's life.
+        seq: u64,
+        /// The run that produced it.
+        run_id: String,
+        /// The run's epoch.
+        epoch: u64,
+        /// Sources this epoch consumed.
+        sources: Vec<SourceRecord>,
+        /// Partitions it changes.
+        partitions: Vec<PartitionChange>,
+    },
+    /// The publish `seq` is complete.
+    Commit {
+        /// The publish.
+        seq: u64,
+    },
+}
+
+/// A partition's current published version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Published {
+    /// Content hash of its rows, hex: the version.
+    pub version: String,
+    /// Number of rows.
+    pub rows: u64,
+}
+
+/// The journal, replayed into its current state.
+#[derive(Debug)]
+pub struct CommitJournal {
+    path: PathBuf,
+    root: PathBuf,
+    last_seq: u64,
+    published: BTreeMap<PartitionId, Published>,
+    consumed: BTreeSet<String>,
+    pending: Option<JournalRecord>,
+}
+
+impl CommitJournal {
+    /// Opens (or starts) the journal of the warehouse at `root` and replays it. Does not recover:
+    /// call [`CommitJournal::recover`] before publishing.
+    pub fn open(root: &Path, path: &Path) -> Result<Self, JournalError> {
+        let mut journal = CommitJournal {
+            path: path.to_path_buf(),
+            root: root.to_path_buf(),
+            last_seq: 0,
+            published: BTreeMap::new(),
+            consumed: BTreeSet::new(),
+            pending: None,
+        };
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(journal),
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        let lines: Vec<String> = BufReader::new(file).lines().collect::<Result<_, _>>().map_err(io_err(path))?;
+        let mut good_bytes = 0usize;
+        for (i, line) in lines.iter().enumerate() {
+            match serde_json::from_str::<JournalRecord>(line) {
+                Ok(record) => {
+                    journal.apply(record);
+                    good_bytes += line.len() + 1;
+                }
+                Err(e) if i + 1 == lines.len() => {
+                    // A torn final append: it never took effect. Cut it off.
+                    tracing::warn!(line = i + 1, error = %e, "cutting a torn last record off the commit journal");
+                    let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
+                    f.set_len(good_bytes as u64).map_err(io_err(path))?;
+                    f.sync_all().map_err(io_err(path))?;
+                }
+                Err(e) => {
+                    return Err(JournalError::Corrupt { path: path.to_path_buf(), line: i + 1, detail: e.to_string() })
+                }
+            }
+        }
+        Ok(journal)
+    }
+
+    fn apply(&mut self, record: JournalRecord) {
+        match &record {
+            JournalRecord::Prepare { seq, .. } => {
+                self.last_seq = self.last_seq.max(*seq);
+                self.pending = Some(record);
+            }
+            JournalRecord::Commit { seq } => {
+                if let Some(JournalRecord::Prepare { seq: p, sources, partitions, .. }) = self.pending.take() {
+                    if p == *seq {
+                        for s in sources {
+                            self.consumed.insert(s.content_hash);
+                        }
+                        for change in partitions {
+                            match change.new_version {
+                                Some(version) => {
+                                    self.published.insert(change.partition, Published { version, rows: change.rows });
+                                }
+                                None => {
+                                    self.published.remove(&change.partition);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Finishes an interrupted publish (roll forward) and clears staging leftovers (roll back).
+    /// Returns the sequence number of the publish it finished, if any.
+    pub fn recover(&mut self, staging: &Path, target: impl Fn(&PartitionId) -> PathBuf) -> Result<Option<u64>, JournalError> {
+        let mut finished = None;
+        if let Some(JournalRecord::Prepare { seq, partitions, .. }) = self.pending.clone() {
+            self.apply_renames(seq, &partitions, &target, &mut |_| Ok(()))?;
+            self.append(&JournalRecord::Commit { seq })?;
+            finished = Some(seq);
+        }
+        if staging.exists() {
+            fs::remove_dir_all(staging).map_err(io_err(staging))?;
+        }
+        Ok(finished)
+    }
+
+    fn apply_renames(
+        &self,
+        seq: u64,
+        partitions: &[PartitionChange],
+        target: &impl Fn(&PartitionId) -> PathBuf,
+        after_each: &mut dyn FnMut(usize) -> Result<(), JournalError>,
+    ) -> Result<(), JournalError> {
+        for (i, change) in partitions.iter().enumerate() {
+            let dest = target(&change.partition);
+            match (&change.staged, &change.new_version) {
+                (Some(staged), Some(version)) => {
+                    let staged_path = self.root.join(staged);
+                    if staged_path.exists() {
+                        let dir = dest.parent().unwrap_or(Path::new("."));
+                        fs::create_dir_all(dir).map_err(io_err(dir))?;
+                        fs::rename(&staged_path, &dest).map_err(io_err(&dest))?;
+                        sync_dir(dir)?;
+                    } else if crate::sink::curated::file_version(&dest).as_deref() != Some(version.as_str()) {
+                        return Err(JournalError::Unrecoverable {
+                            seq,
+                            staged: staged.clone(),
+                            target: dest.display().to_string(),
+                            version: version.clone(),
+                        });
+                    }
+                }
+                _ => {
+                    if dest.exists() {
+                        fs::remove_file(&dest).map_err(io_err(&dest))?;
+                        if let Some(dir) = dest.parent() {
+                            // Leave no empty partition directory behind for readers to list.
+                            let _ = fs::remove_dir(dir);
+                        }
+                    }
+                }
+            }
+            after_each(i)?;
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, record: &JournalRecord) -> Result<(), JournalError> {
+        if let Some(dir) = self.path.parent() {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        let mut line = serde_json::to_string(record).expect("journal records always serialise");
+        line.push('\n');
+        let mut f = OpenOptions::new().create(true).append(true).open(&self.path).map_err(io_err(&self.path))?;
+        f.write_all(line.as_bytes()).map_err(io_err(&self.path))?;
+        f.sync_all().map_err(io_err(&self.path))?;
+        self.apply(record.clone());
+        Ok(())
+    }
+
+    /// Appends a `Prepare` for the given changes; returns its sequence number. The staged files
+    /// must already be durable.
+    pub fn prepare(
+        &mut self,
+        run_id: &str,
+        epoch: u64,
+        sources: Vec<SourceRecord>,
+        partitions: Vec<PartitionChange>,
+    ) -> Result<u64, JournalError> {
+        let seq = self.last_seq + 1;
+        self.append(&JournalRecord::Prepare { seq, run_id: run_id.to_string(), epoch, sources, partitions })?;
+        Ok(seq)
+    }
+
+    /// Performs the renames of the pending publish `seq`, calling `after_each` after each one
+    /// (fault injection), then appends its `Commit`.
+    pub fn commit(
+        &mut self,
+        seq: u64,
+        target: impl Fn(&PartitionId) -> PathBuf,
+        after_each: &mut dyn FnMut(usize) -> Result<(), JournalError>,
+    ) -> Result<(), JournalError> {
+        if let Some(JournalRecord::Prepare { seq: p, partitions, .. }) = self.pending.clone() {
+            if p == seq {
+                self.apply_renames(seq, &partitions, &target, after_each)?;
+            }
+        }
+        self.append(&JournalRecord::Commit { seq })
+    }
+
+    /// The current version of every published partition.
+    pub fn published(&self) -> &BTreeMap<PartitionId, Published> {
+        &self.published
+    }
+
+    /// Content hashes of every committed source.
+    pub fn consumed(&self) -> &BTreeSet<String> {
+        &self.consumed
+    }
+
+    /// Whether a publish is prepared but not committed (recovery is due).
+    pub fn has_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// The number of publishes so far.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+}
+
+/// Makes a directory's entries (a rename into it) durable.
+pub fn sync_dir(dir: &Path) -> Result<(), JournalError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}

@@ -1,0 +1,31 @@
+//! Human-readable reports of runs, for the command line.
+
+use crate::runtime::IngestSummary;
+
+/// A few lines saying what an ingest did.
+pub fn ingest_report(s: &IngestSummary) -> String {
+    let secs = s.elapsed.as_secs_f64().max(1e-9);
+    let mut out = format!(
+        "sources: {} found, {} ingested, {} skipped (already ingested or identical copies)\n",
+        s.sources_found, s.sources_ingested, s.sources_skipped
+    );
+    if s.sources_ingested == 0 {
+        out.push_str("nothing new: no partition published, no file written\n");
+        return out;
+    }
+    out.push_str(&format!(
+        "events: {} accepted, {} in-source duplicates, {} quarantined; {} raw rows written; {} rehydrated\n",
+        s.events_accepted, s.in_source_duplicates, s.quarantined, s.raw_rows_written, s.rehydrated_rows
+    ));
+    out.push_str(&format!(
+        "partitions: {} published, {} unchanged; {} epochs; {} keys with conflicting versions\n",
+        s.partitions_published, s.partitions_unchanged, s.epochs, s.conflicted_keys
+    ));
+    out.push_str(&format!(
+        "time: {:.2} s, {:.0} events/s, {:.1} MB/s\n",
+        secs,
+        s.events_accepted as f64 / secs,
+        s.source_bytes as f64 / secs / 1e6
+    ));
+    out
+}

@@ -1,0 +1,397 @@
+//! Runtime: an ingest run as epochs on timely workers, from source files to published partitions.
+//!
+//! ```text
+//!  recover journal ─▶ discover + hash sources ─▶ skip consumed ─▶ plan epochs
+//!                                                                    │
+//!  every worker:  epoch 0  rehydrate: its share of the committed raw layer ──▶ dataflow
+//!                 epoch k  its share of the epoch's sources: decode ─▶ in-source dedup
+//!                            ─▶ raw layer + quarantine files ─▶ dataflow (+1 per key)
+//!                 advance input, step until the probe passes k
+//!                 stage its touched partitions whose version changed
+//!  ── barrier ──  worker 0 publishes the epoch (prepare → renames → commit) ── barrier ──
+//! ```
+//!
+//! Every worker runs the same sequence of barriers whatever happens, and stops at the same one
+//! when any worker failed, so an error never leaves a worker waiting alone. Which worker handles
+//! which source changes nothing in the output: the dataflow's result depends only on the set of
+//! source events.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use adsmetrics_dataflows::pipeline::{self, Pipeline};
+use adsmetrics_dataflows::{DedupKey, EventVersion, MirrorError, PartitionId};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::decode::{decode_parquet, decode_source};
+use crate::journal::{CommitJournal, JournalError, PartitionChange, Published, SourceRecord};
+use crate::sink::publish::{publish_epoch, stage_partition, FailPoint, PublishError};
+use crate::sink::{files::WriteError, quarantine, raw};
+use crate::source::{self, SourceError, SourceFile};
+use crate::warehouse::Warehouse;
+
+/// How to run an ingest.
+#[derive(Clone, Debug)]
+pub struct IngestOptions {
+    /// Timely worker threads.
+    pub workers: usize,
+    /// New sources per epoch; 0 puts all of a run's new sources in one epoch.
+    pub epoch_sources: usize,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+    /// Tests only: stop the publish of the first epoch that publishes, at this step.
+    pub fail_point: Option<FailPoint>,
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        IngestOptions { workers: 1, epoch_sources: 0, progress: false, fail_point: None }
+    }
+}
+
+/// What an ingest run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IngestSummary {
+    /// Files found under the inputs.
+    pub sources_found: u64,
+    /// Of those, already consumed by an earlier run, or a copy of another file in this run.
+    pub sources_skipped: u64,
+    /// Sources decoded and committed by this run.
+    pub sources_ingested: u64,
+    /// Bytes of the ingested sources.
+    pub source_bytes: u64,
+    /// Records of ingested sources accepted as events (after in-source dedup).
+    pub events_accepted: u64,
+    /// Records dropped because the same key appeared again in the same source.
+    pub in_source_duplicates: u64,
+    /// Records (or whole files) quarantined.
+    pub quarantined: u64,
+    /// Raw-layer rows written.
+    pub raw_rows_written: u64,
+    /// Raw-layer rows read back to rebuild state (epoch 0).
+    pub rehydrated_rows: u64,
+    /// Epochs run (including the rehydration epoch).
+    pub epochs: u64,
+    /// Partition versions published (including removals).
+    pub partitions_published: u64,
+    /// Partitions touched by an epoch whose contents came out unchanged.
+    pub partitions_unchanged: u64,
+    /// Dedup keys that currently have more than one distinct version (upstream corrections).
+    pub conflicted_keys: i64,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+/// Why a run stopped. `Source`, `Write` and I/O failures may be retried by running the same
+/// command again: the journal makes a retry converge to the same tables.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A source could not be listed or read.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// A raw, quarantine or staged file could not be written.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// The journal failed.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// A publish failed.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// The dataflow produced an inconsistent partition (a bug).
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
+    /// Timely could not start or a worker died.
+    #[error("dataflow runtime: {0}")]
+    Runtime(String),
+}
+
+/// The sources of one epoch, already assigned to workers.
+struct EpochPlan {
+    by_worker: Vec<Vec<SourceFile>>,
+}
+
+/// State shared by the workers of one run.
+struct Shared {
+    warehouse: Warehouse,
+    run_id: String,
+    started_at_us: i64,
+    rehydrate: Vec<PathBuf>,
+    epochs: Vec<EpochPlan>,
+    barrier: Barrier,
+    progress: ProgressBar,
+    state: Mutex<SharedState>,
+}
+
+#[derive(Default)]
+struct SharedState {
+    journal: Option<CommitJournal>,
+    published: Arc<BTreeMap<PartitionId, Published>>,
+    changes: Vec<PartitionChange>,
+    sources: Vec<SourceRecord>,
+    errors: Vec<RunError>,
+    summary: IngestSummary,
+    fail_point: Option<FailPoint>,
+}
+
+/// Ingests the files under `inputs` into `warehouse`; rerun-safe.
+pub fn ingest(warehouse: &Warehouse, inputs: &[PathBuf], options: IngestOptions) -> Result<IngestSummary, RunError> {
+    let started = Instant::now();
+    let mut journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
+    if let Some(seq) = journal.recover(&warehouse.staging_dir(), |id| warehouse.partition_file(id))? {
+        tracing::warn!(seq, "finished a publish interrupted by an earlier crash");
+    }
+
+    let files = source::discover(inputs)?;
+    let identified = source::identify(&files, options.workers)?;
+    let mut summary = IngestSummary { sources_found: identified.len() as u64, ..Default::default() };
+    let mut seen = journal.consumed().clone();
+    let mut new_sources = Vec::new();
+    for s in identified {
+        if seen.insert(s.content_hash.clone()) {
+            new_sources.push(s);
+        } else {
+            summary.sources_skipped += 1;
+        }
+    }
+    if new_sources.is_empty() {
+        summary.elapsed = started.elapsed();
+        return Ok(summary);
+    }
+    summary.source_bytes = new_sources.iter().map(|s| s.bytes).sum();
+
+    let workers = options.workers.max(1);
+    let per_epoch = if options.epoch_sources == 0 { new_sources.len() } else { options.epoch_sources };
+    let epochs: Vec<EpochPlan> = new_sources.chunks(per_epoch).map(|chunk| assign(chunk, workers)).collect();
+    let consumed = journal.consumed().clone();
+    let rehydrate: Vec<PathBuf> = raw::list_raw_files(warehouse)
+        .into_iter()
+        .filter(|p| raw::source_hash_of(p).is_some_and(|h| consumed.contains(h)))
+        .collect();
+
+    let progress = if options.progress {
+        let bar = ProgressBar::with_draw_target(Some(summary.source_bytes), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let started_at_us = chrono::Utc::now().timestamp_micros();
+    let shared = Arc::new(Shared {
+        warehouse: warehouse.clone(),
+        run_id: format!("run-{}-{}", started_at_us, std::process::id()),
+        started_at_us,
+        rehydrate,
+        epochs,
+        barrier: Barrier::new(workers),
+        progress,
+        state: Mutex::new(SharedState {
+            published: Arc::new(journal.published().clone()),
+            journal: Some(journal),
+            summary,
+            fail_point: options.fail_point,
+            ..Default::default()
+        }),
+    });
+
+    let worker_shared = shared.clone();
+    let guards = timely::execute(timely::Config::process(workers), move |worker| run_worker(worker, &worker_shared))
+        .map_err(RunError::Runtime)?;
+    let mut conflicted = 0;
+    for result in guards.join() {
+        conflicted += result.map_err(RunError::Runtime)?;
+    }
+    shared.progress.finish_and_clear();
+
+    let mut state = shared.state.lock().expect("no worker panicked holding the lock");
+    if let Some(error) = state.errors.drain(..).next() {
+        return Err(error);
+    }
+    // Every staged file has been renamed into place; drop the empty staging folders.
+    let staging = warehouse.staging_dir();
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|source| WriteError::Io { path: staging, source })?;
+    }
+    let mut summary = std::mem::take(&mut state.summary);
+    summary.conflicted_keys += conflicted;
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+/// Spreads sources over workers, largest first onto the least-loaded worker (deterministic).
+fn assign(sources: &[SourceFile], workers: usize) -> EpochPlan {
+    let mut order: Vec<&SourceFile> = sources.iter().collect();
+    order.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.path.cmp(&b.path)));
+    let mut by_worker: Vec<Vec<SourceFile>> = vec![Vec::new(); workers];
+    let mut load = vec![0u64; workers];
+    for s in order {
+        let w = (0..workers).min_by_key(|&w| (load[w], w)).unwrap_or(0);
+        load[w] += s.bytes.max(1);
+        by_worker[w].push(s.clone());
+    }
+    EpochPlan { by_worker }
+}
+
+/// One worker's whole run. Returns the worker's count of conflicted keys.
+fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
+    let index = worker.index();
+    let peers = worker.peers();
+    let mut pipeline = pipeline::build(worker);
+
+    for epoch in 0..=shared.epochs.len() as u64 {
+        let local = if epoch == 0 {
+            rehydrate(shared, index, peers, &mut pipeline)
+        } else {
+            ingest_sources(shared, &shared.epochs[epoch as usize - 1].by_worker[index], &mut pipeline)
+        };
+        pipeline.input.advance_to(epoch + 1);
+        pipeline.input.flush();
+        let probe = pipeline.probe.clone();
+        worker.step_or_park_while(None, || probe.less_than(&(epoch + 1)));
+        let staged = local.and_then(|()| stage_touched(shared, &pipeline));
+        {
+            let mut state = shared.state.lock().expect("lock");
+            match staged {
+                Ok(changes) => state.changes.extend(changes),
+                Err(e) => state.errors.push(e),
+            }
+        }
+        shared.barrier.wait();
+        if index == 0 {
+            publish(shared, epoch);
+        }
+        shared.barrier.wait();
+        if !shared.state.lock().expect("lock").errors.is_empty() {
+            break;
+        }
+    }
+    pipeline.conflicted_keys.get()
+}
+
+fn rehydrate(shared: &Shared, index: usize, peers: usize, pipeline: &mut Pipeline) -> Result<(), RunError> {
+    let mut rows = 0u64;
+    for path in shared.rehydrate.iter().skip(index).step_by(peers) {
+        let bytes = std::fs::read(path).map_err(|source| SourceError { path: path.clone(), source })?;
+        let decoded = decode_parquet(&path.to_string_lossy(), bytes::Bytes::from(bytes));
+        if let Some(bad) = decoded.quarantined.first() {
+            // The raw layer is ours and was valid when written: a bad row means damage.
+            return Err(RunError::Source(SourceError {
+                path: path.clone(),
+                source: std::io::Error::other(format!("raw layer file is damaged: {}", bad.reason)),
+            }));
+        }
+        for event in &decoded.events {
+            pipeline.input.update(event.keyed_version(), 1);
+        }
+        rows += decoded.events.len() as u64;
+    }
+    shared.state.lock().expect("lock").summary.rehydrated_rows += rows;
+    Ok(())
+}
+
+fn ingest_sources(shared: &Shared, sources: &[SourceFile], pipeline: &mut Pipeline) -> Result<(), RunError> {
+    for source in sources {
+        let bytes = std::fs::read(&source.path).map_err(|e| SourceError { path: source.path.clone(), source: e })?;
+        let decoded = decode_source(&source.label, &bytes);
+
+        // A source contributes each key at most once: its greatest version.
+        let mut best: HashMap<DedupKey, (EventVersion, usize)> = HashMap::with_capacity(decoded.events.len());
+        let mut duplicates = 0u64;
+        for (i, event) in decoded.events.iter().enumerate() {
+            let (key, version) = event.keyed_version();
+            match best.entry(key) {
+                std::collections::hash_map::Entry::Occupied(mut slot) => {
+                    duplicates += 1;
+                    if version > slot.get().0 {
+                        slot.insert((version, i));
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert((version, i));
+                }
+            }
+        }
+        let accepted: Vec<(u128, &crate::event::Event)> =
+            best.iter().map(|(key, (_, i))| (key.0, &decoded.events[*i])).collect();
+        let written = raw::write_source(&shared.warehouse, &source.label, &source.content_hash, &accepted)?;
+        quarantine::write_quarantine(
+            &shared.warehouse,
+            &source.content_hash,
+            &decoded.quarantined,
+            shared.started_at_us,
+        )?;
+        for (key, (version, _)) in best.iter() {
+            pipeline.input.update((*key, *version), 1);
+        }
+
+        let record = SourceRecord {
+            source: source.label.clone(),
+            content_hash: source.content_hash.clone(),
+            accepted: accepted.len() as u64,
+            quarantined: decoded.quarantined.len() as u64,
+            in_source_duplicates: duplicates,
+        };
+        shared.progress.inc(source.bytes);
+        let mut state = shared.state.lock().expect("lock");
+        let s = &mut state.summary;
+        s.sources_ingested += 1;
+        s.events_accepted += record.accepted;
+        s.in_source_duplicates += duplicates;
+        s.quarantined += record.quarantined;
+        s.raw_rows_written += written;
+        let (events, secs) = (s.events_accepted, shared.progress.elapsed().as_secs_f64().max(1e-3));
+        shared.progress.set_message(format!("{events} events, {:.0} events/s", events as f64 / secs));
+        state.sources.push(record);
+    }
+    Ok(())
+}
+
+/// Stages every partition this worker's mirror saw change whose version differs from the
+/// published one.
+fn stage_touched(shared: &Shared, pipeline: &Pipeline) -> Result<Vec<PartitionChange>, RunError> {
+    let published = shared.state.lock().expect("lock").published.clone();
+    let touched = pipeline.mirror.borrow_mut().take_touched();
+    let mut changes = Vec::new();
+    let mut unchanged = 0;
+    for id in touched {
+        let rows = pipeline.mirror.borrow().rows(&id)?;
+        match stage_partition(&shared.warehouse, &id, &rows, published.get(&id))? {
+            Some(change) => changes.push(change),
+            None => unchanged += 1,
+        }
+    }
+    shared.state.lock().expect("lock").summary.partitions_unchanged += unchanged;
+    Ok(changes)
+}
+
+/// Worker 0, between the barriers: publishes what all workers staged for `epoch`.
+fn publish(shared: &Shared, epoch: u64) {
+    let mut guard = shared.state.lock().expect("lock");
+    let state = &mut *guard;
+    state.summary.epochs += 1;
+    if !state.errors.is_empty() {
+        return;
+    }
+    let mut sources = std::mem::take(&mut state.sources);
+    sources.sort_by(|a, b| a.source.cmp(&b.source));
+    let changes = std::mem::take(&mut state.changes);
+    if sources.is_empty() && changes.is_empty() {
+        return;
+    }
+    let published = changes.len() as u64;
+    let fail = state.fail_point.take();
+    let Some(journal) = state.journal.as_mut() else { return };
+    match publish_epoch(journal, &shared.warehouse, &shared.run_id, epoch, sources, changes, fail) {
+        Ok(_) => {
+            state.published = Arc::new(journal.published().clone());
+            state.summary.partitions_published += published;
+        }
+        Err(e) => state.errors.push(e.into()),
+    }
+}

@@ -1,0 +1,6 @@
+//! The sink: raw layer, quarantine, and curated partitions published atomically.
+pub mod curated;
+pub mod files;
+pub mod publish;
+pub mod quarantine;
+pub mod raw;

@@ -1,0 +1,70 @@
+//! Durable file writes: write to staging, fsync, rename into place.
+//!
+//! A reader of the destination directory sees the old file or the new one, never a partial one.
+//! Staging is outside every table directory, on the same filesystem (the warehouse), so the
+//! rename is atomic on POSIX and HDFS, and a PUT of the whole object on an object store.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
+
+/// A write failed; says which file. I/O errors here may be retried by rerunning the command.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The OS refused.
+    #[error("writing {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The Parquet encoder refused (a bug: our batches follow our schemas).
+    #[error("encoding {path}: {source}")]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// The encoder error.
+        source: parquet::errors::ParquetError,
+    },
+}
+
+/// Encodes `batch` as Parquet bytes with `props`.
+pub fn parquet_bytes(batch: &RecordBatch, props: WriterProperties, path: &Path) -> Result<Vec<u8>, WriteError> {
+    let err = |source| WriteError::Parquet { path: path.to_path_buf(), source };
+    let mut out = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props)).map_err(err)?;
+    writer.write(batch).map_err(err)?;
+    writer.close().map_err(err)?;
+    Ok(out)
+}
+
+/// Writes `bytes` to `path` durably (create dirs, write, fsync). Not atomic by itself.
+pub fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
+    let err = |source| WriteError::Io { path: path.to_path_buf(), source };
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(err)?;
+    }
+    let mut f = File::create(path).map_err(err)?;
+    f.write_all(bytes).map_err(err)?;
+    f.sync_all().map_err(err)
+}
+
+/// Places `bytes` at `dest` atomically through `staged` (same filesystem), unless `dest` already
+/// exists — immutable, content-named files are written once. Returns whether it wrote.
+pub fn publish_once(staged: &Path, dest: &Path, bytes: &[u8]) -> Result<bool, WriteError> {
+    if dest.exists() {
+        return Ok(false);
+    }
+    write_durable(staged, bytes)?;
+    let err = |source| WriteError::Io { path: dest.to_path_buf(), source };
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(err)?;
+    fs::rename(staged, dest).map_err(err)?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+    Ok(true)
+}

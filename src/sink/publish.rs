@@ -1,0 +1,109 @@
+//! Publishing an epoch: stage the changed partitions, then prepare → rename → commit.
+//!
+//! A partition whose rows hash to its published version is unchanged and is not written at all;
+//! that is what makes a rerun a no-op (invariant 2). The order of steps, and what recovery does
+//! after a crash at each, is described in [`crate::journal`]; [`FailPoint`] lets tests stop the
+//! publish after any step to prove it (invariant 4).
+
+use std::path::PathBuf;
+
+use adsmetrics_dataflows::{Dims, MetricRow, PartitionId};
+
+use crate::journal::{CommitJournal, JournalError, PartitionChange, Published, SourceRecord};
+use crate::sink::curated::{content_version, encode_partition};
+use crate::sink::files::{write_durable, WriteError};
+use crate::warehouse::{partition_path, table_name, Warehouse};
+
+/// Where a test makes the publish stop, as if the process died there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailPoint {
+    /// After the changed partitions are written to staging, before the journal's `Prepare`.
+    AfterStage,
+    /// After `Prepare`, before any rename.
+    AfterPrepare,
+    /// After the rename of the n-th (0-based) changed partition.
+    AfterRename(usize),
+    /// After the journal's `Commit`.
+    AfterCommit,
+}
+
+/// Errors of a publish.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Writing a staged file failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// The journal failed (or a fault was injected).
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+/// Decides whether `rows` are a new version of partition `id` and, if so, writes them to staging.
+/// Returns `None` when the partition is unchanged.
+pub fn stage_partition(
+    warehouse: &Warehouse,
+    id: &PartitionId,
+    rows: &[(Dims, MetricRow)],
+    published: Option<&Published>,
+) -> Result<Option<PartitionChange>, WriteError> {
+    let old_version = published.map(|p| p.version.clone());
+    if rows.is_empty() {
+        return Ok(old_version.map(|old| PartitionChange {
+            partition: *id,
+            old_version: Some(old),
+            new_version: None,
+            rows: 0,
+            staged: None,
+        }));
+    }
+    let version = content_version(id, rows);
+    if old_version.as_deref() == Some(version.as_str()) {
+        return Ok(None);
+    }
+    let name = format!("{}/{}-{}.parquet", table_name(id.grain), partition_path(id).replace('/', "_"), version);
+    let staged = warehouse.staging_dir().join(&name);
+    let bytes = encode_partition(id, rows, &version, &staged)?;
+    write_durable(&staged, &bytes)?;
+    let relative: PathBuf = staged.strip_prefix(warehouse.root()).unwrap_or(&staged).to_path_buf();
+    Ok(Some(PartitionChange {
+        partition: *id,
+        old_version,
+        new_version: Some(version),
+        rows: rows.len() as u64,
+        staged: Some(relative.to_string_lossy().into_owned()),
+    }))
+}
+
+fn injected(at: FailPoint) -> JournalError {
+    JournalError::Injected(format!("{at:?}"))
+}
+
+/// Publishes one epoch: its consumed sources and its staged partition changes, atomically.
+/// Returns the journal sequence number of the publish.
+pub fn publish_epoch(
+    journal: &mut CommitJournal,
+    warehouse: &Warehouse,
+    run_id: &str,
+    epoch: u64,
+    sources: Vec<SourceRecord>,
+    mut changes: Vec<PartitionChange>,
+    fail: Option<FailPoint>,
+) -> Result<u64, PublishError> {
+    changes.sort_by_key(|c| c.partition);
+    if fail == Some(FailPoint::AfterStage) {
+        return Err(injected(FailPoint::AfterStage).into());
+    }
+    let seq = journal.prepare(run_id, epoch, sources, changes)?;
+    if fail == Some(FailPoint::AfterPrepare) {
+        return Err(injected(FailPoint::AfterPrepare).into());
+    }
+    let mut after_each = |i: usize| match fail {
+        Some(FailPoint::AfterRename(n)) if n == i => Err(injected(FailPoint::AfterRename(n))),
+        _ => Ok(()),
+    };
+    journal.commit(seq, |id| warehouse.partition_file(id), &mut after_each)?;
+    if fail == Some(FailPoint::AfterCommit) {
+        return Err(injected(FailPoint::AfterCommit).into());
+    }
+    Ok(seq)
+}

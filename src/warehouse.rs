@@ -1,0 +1,141 @@
+//! The warehouse directory layout: where every table, partition, staging file and journal lives.
+//!
+//! ```text
+//! <warehouse>/
+//!   ads_metrics_hourly/dt=YYYY-MM-DD/hr=HH/data.parquet   curated, one file per partition
+//!   ads_metrics_daily/dt=YYYY-MM-DD/data.parquet
+//!   raw/dt=YYYY-MM-DD/hr=HH/src-<source hash>.parquet       raw layer, one file per (source, hour)
+//!   quarantine/dt=YYYY-MM-DD/src-<source hash>.parquet      rejected input, by ingest date
+//!   _adsmetrics/journal.jsonl                                commit journal
+//!   _adsmetrics/staging/                                     files on their way into a table
+//! ```
+//! Staging lives outside every table directory: DuckDB's `read_parquet('table/**/*.parquet')`
+//! reads `_`- and `.`-prefixed files inside a table, so nothing but current data may be there.
+
+use std::path::{Path, PathBuf};
+
+use adsmetrics_dataflows::{Grain, PartitionId, MICROS_PER_DAY, MICROS_PER_HOUR};
+use chrono::{DateTime, NaiveDate};
+
+/// The fixed name of the one data file of a curated partition.
+pub const PARTITION_FILE: &str = "data.parquet";
+
+/// Paths inside one warehouse root.
+#[derive(Clone, Debug)]
+pub struct Warehouse {
+    root: PathBuf,
+}
+
+/// `YYYY-MM-DD` of a day index since the Unix epoch.
+pub fn day_string(day: i64) -> String {
+    DateTime::from_timestamp_micros(day * MICROS_PER_DAY)
+        .map(|t| t.format("%Y-%m-%d").to_string())
+        .unwrap_or_else(|| format!("day{day}"))
+}
+
+/// Day index of a `YYYY-MM-DD` string.
+pub fn parse_day(s: &str) -> Option<i64> {
+    let date = NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1)?;
+    Some((date - epoch).num_days())
+}
+
+/// The table name of a grain.
+pub fn table_name(grain: Grain) -> &'static str {
+    match grain {
+        Grain::Hourly => "ads_metrics_hourly",
+        Grain::Daily => "ads_metrics_daily",
+    }
+}
+
+/// The grain of a table name.
+pub fn grain_of_table(name: &str) -> Option<Grain> {
+    Grain::ALL.into_iter().find(|g| table_name(*g) == name)
+}
+
+/// The Hive path of a partition inside its table: `dt=…/hr=…` or `dt=…`.
+pub fn partition_path(id: &PartitionId) -> String {
+    match id.grain {
+        Grain::Hourly => {
+            let day = id.period.div_euclid(24);
+            format!("dt={}/hr={:02}", day_string(day), id.period.rem_euclid(24))
+        }
+        Grain::Daily => format!("dt={}", day_string(id.period)),
+    }
+}
+
+/// `dt`/`hr` of an hour index, for raw-layer paths.
+pub fn hour_path(hour: i64) -> String {
+    partition_path(&PartitionId { grain: Grain::Hourly, period: hour })
+}
+
+/// Start of a partition's period, UTC micros.
+pub fn period_start_micros(id: &PartitionId) -> i64 {
+    match id.grain {
+        Grain::Hourly => id.period * MICROS_PER_HOUR,
+        Grain::Daily => id.period * MICROS_PER_DAY,
+    }
+}
+
+impl Warehouse {
+    /// A warehouse rooted at `root` (not created until written to).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Warehouse { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A curated table's directory.
+    pub fn table_dir(&self, grain: Grain) -> PathBuf {
+        self.root.join(table_name(grain))
+    }
+
+    /// The one data file of a curated partition.
+    pub fn partition_file(&self, id: &PartitionId) -> PathBuf {
+        self.table_dir(id.grain).join(partition_path(id)).join(PARTITION_FILE)
+    }
+
+    /// The raw layer's directory.
+    pub fn raw_dir(&self) -> PathBuf {
+        self.root.join("raw")
+    }
+
+    /// The quarantine table's directory.
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.root.join("quarantine")
+    }
+
+    /// Private state: journal, staging.
+    pub fn meta_dir(&self) -> PathBuf {
+        self.root.join("_adsmetrics")
+    }
+
+    /// Where files are written before an atomic rename into place.
+    pub fn staging_dir(&self) -> PathBuf {
+        self.meta_dir().join("staging")
+    }
+
+    /// The commit journal.
+    pub fn journal_path(&self) -> PathBuf {
+        self.meta_dir().join("journal.jsonl")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_paths_are_hive_style() {
+        let hour = parse_day("2026-11-01").unwrap() * 24 + 5;
+        assert_eq!(partition_path(&PartitionId { grain: Grain::Hourly, period: hour }), "dt=2026-11-01/hr=05");
+        assert_eq!(
+            partition_path(&PartitionId { grain: Grain::Daily, period: hour / 24 }),
+            "dt=2026-11-01"
+        );
+        assert_eq!(day_string(0), "1970-01-01");
+    }
+}

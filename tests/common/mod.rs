@@ -1,0 +1,127 @@
+//! Shared helpers for the integration tests: small event sets, writing them as files, and
+//! reading both the expected (reference) and the published tables.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use adsmetrics::decode::decode_source;
+use adsmetrics::event::Event;
+use adsmetrics::schema::events_to_batch;
+use adsmetrics::sink::curated::read_partition;
+use adsmetrics::warehouse::Warehouse;
+use adsmetrics_dataflows::{reference, Country, Dims, EventType, MetricRow, PartitionId};
+use parquet::arrow::ArrowWriter;
+
+/// Tables by partition, rows sorted by dims.
+pub type Tables = BTreeMap<PartitionId, Vec<(Dims, MetricRow)>>;
+
+/// `n` events over a few hours around a day boundary, with resends of earlier events (same id,
+/// same content), missing ids, and corrections (same id, higher revision). Deterministic.
+pub fn sample_events(n: usize, seed: u64) -> Vec<Event> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut next = move |m: u64| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 11) % m
+    };
+    let base = 1_793_750_400_000_000i64; // 2026-11-03T00:00:00Z
+    let mut events: Vec<Event> = Vec::with_capacity(n);
+    for i in 0..n {
+        let roll = next(100);
+        if roll < 10 && !events.is_empty() {
+            let j = next(events.len() as u64) as usize;
+            let mut e = events[j].clone();
+            if roll < 2 && e.event_id.is_some() {
+                e.revision += 1;
+                e.cost_micros = Some(next(5000) as i64);
+            }
+            events.push(e);
+            continue;
+        }
+        let ad = next(12) as i64;
+        let kind = next(20);
+        let event_type = match kind {
+            0 => EventType::Conversion,
+            1..=3 => EventType::Click,
+            _ => EventType::Impression,
+        };
+        let producer = ["web", "ios", "android", "server"][next(4) as usize].to_string();
+        events.push(Event {
+            event_id: if roll < 13 { None } else { Some(format!("{producer}-{seed}-{i}")) },
+            event_type,
+            event_time_us: base - 2 * 3_600_000_000 + next(5 * 3_600_000_000) as i64,
+            ad_id: ad,
+            campaign_id: ad / 3,
+            advertiser_id: ad / 6,
+            country: Country([*b"DE", *b"US", *b"FR", *b"JP"][next(4) as usize]),
+            user_id: next(40) as i64,
+            ip: format!("10.0.{}.{}", next(4), next(250)),
+            cost_micros: if event_type == EventType::Conversion { None } else { Some(next(2000) as i64) },
+            revenue_micros: if event_type == EventType::Conversion { Some(next(90_000) as i64) } else { None },
+            producer,
+            revision: 0,
+        });
+    }
+    events
+}
+
+/// Writes events as one Parquet file.
+pub fn write_parquet(path: &Path, events: &[Event]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let batch = events_to_batch(events);
+    let mut writer = ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+}
+
+/// Writes events as JSON lines (event_time as epoch micros).
+pub fn write_jsonl(path: &Path, events: &[Event]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut out = String::new();
+    for e in events {
+        let v = serde_json::json!({
+            "event_id": e.event_id, "event_type": e.event_type.as_str(), "event_time": e.event_time_us,
+            "ad_id": e.ad_id, "campaign_id": e.campaign_id, "advertiser_id": e.advertiser_id,
+            "country": e.country.as_str(), "user_id": e.user_id, "ip": e.ip,
+            "cost_micros": e.cost_micros, "revenue_micros": e.revenue_micros,
+            "producer": e.producer, "revision": e.revision,
+        });
+        out.push_str(&v.to_string());
+        out.push('\n');
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// The tables a from-scratch computation over these events gives.
+pub fn expected_tables(events: &[Event]) -> Tables {
+    let versions: Vec<_> = events.iter().map(Event::keyed_version).collect();
+    reference::tables(&reference::dedup(&versions))
+}
+
+/// Decodes every file under `dir` the way ingest does, for the expectation side.
+pub fn decode_dir(dir: &Path) -> Vec<Event> {
+    let mut events = Vec::new();
+    for entry in walkdir::WalkDir::new(dir).sort_by_file_name() {
+        let entry = entry.unwrap();
+        if entry.file_type().is_file() {
+            let bytes = std::fs::read(entry.path()).unwrap();
+            events.extend(decode_source(&entry.path().to_string_lossy(), &bytes).events);
+        }
+    }
+    events
+}
+
+/// Reads every published partition back from its Parquet file.
+pub fn published_tables(warehouse: &Warehouse) -> Tables {
+    let journal =
+        adsmetrics::journal::CommitJournal::open(warehouse.root(), &warehouse.journal_path()).unwrap();
+    let mut tables = Tables::new();
+    for id in journal.published().keys() {
+        let path = warehouse.partition_file(id);
+        tables.insert(*id, read_partition(&path).unwrap());
+    }
+    // Nothing but the journal's partitions may be visible to a directory reader.
+    let visible = adsmetrics::snapshot::TableSnapshot::take(warehouse).unwrap();
+    assert_eq!(visible.files.len(), tables.len(), "files in table dirs: {:?}", visible.files.keys());
+    tables
+}

@@ -1,0 +1,97 @@
+//! Reruns and replays (invariants 1 and 2): the tables are a function of the set of source events.
+
+mod common;
+
+use adsmetrics::runtime::{ingest, IngestOptions};
+use adsmetrics::snapshot::TableSnapshot;
+use adsmetrics::warehouse::Warehouse;
+use common::*;
+
+fn options(workers: usize) -> IngestOptions {
+    IngestOptions { workers, ..IngestOptions::default() }
+}
+
+#[test]
+fn ingest_matches_the_reference_and_a_rerun_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = sample_events(3000, 1);
+    let (a, b) = events.split_at(1700);
+    write_parquet(&dir.path().join("in/dt=2026-11-03/hr=00/part-0.parquet"), a);
+    write_jsonl(&dir.path().join("in/dt=2026-11-03/hr=01/part-0.jsonl"), b);
+    let warehouse = Warehouse::new(dir.path().join("wh"));
+
+    let first = ingest(&warehouse, &[dir.path().join("in")], options(2)).unwrap();
+    assert_eq!(first.sources_ingested, 2);
+    assert!(first.partitions_published > 0);
+    assert_eq!(published_tables(&warehouse), expected_tables(&events));
+
+    let before = TableSnapshot::take(&warehouse).unwrap();
+    let raw_before = adsmetrics::sink::raw::list_raw_files(&warehouse);
+    let journal_before = std::fs::read(warehouse.journal_path()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+
+    let rerun = ingest(&warehouse, &[dir.path().join("in")], options(1)).unwrap();
+    assert_eq!(rerun.sources_skipped, 2);
+    assert_eq!(rerun.partitions_published, 0);
+    assert!(TableSnapshot::take(&warehouse).unwrap().untouched_since(&before), "a rerun rewrote a table file");
+    assert_eq!(adsmetrics::sink::raw::list_raw_files(&warehouse), raw_before);
+    assert_eq!(std::fs::read(warehouse.journal_path()).unwrap(), journal_before);
+}
+
+#[test]
+fn replayed_and_rebatched_events_publish_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = sample_events(2000, 2);
+    write_parquet(&dir.path().join("first/all.parquet"), &events);
+    let warehouse = Warehouse::new(dir.path().join("wh"));
+    ingest(&warehouse, &[dir.path().join("first")], options(1)).unwrap();
+    let before = TableSnapshot::take(&warehouse).unwrap();
+
+    // The same events reversed, cut into three files of other sizes, some as JSON lines.
+    let mut reversed = events.clone();
+    reversed.reverse();
+    write_jsonl(&dir.path().join("replay/a.jsonl"), &reversed[..300]);
+    write_parquet(&dir.path().join("replay/b.parquet"), &reversed[300..1500]);
+    write_parquet(&dir.path().join("replay/c.parquet"), &reversed[1200..]);
+    let replay = ingest(&warehouse, &[dir.path().join("replay")], options(2)).unwrap();
+    assert_eq!(replay.sources_ingested, 3);
+    assert_eq!(replay.partitions_published, 0, "{replay:?}");
+    assert!(replay.partitions_unchanged > 0);
+    assert!(TableSnapshot::take(&warehouse).unwrap().untouched_since(&before));
+}
+
+#[test]
+fn worker_count_and_batching_give_identical_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = sample_events(2500, 3);
+    for (i, chunk) in events.chunks(400).enumerate() {
+        write_parquet(&dir.path().join(format!("in/part-{i}.parquet")), chunk);
+    }
+    let mut fingerprints = Vec::new();
+    for (workers, epoch_sources) in [(1, 0), (2, 0), (3, 2), (2, 1)] {
+        let warehouse = Warehouse::new(dir.path().join(format!("wh-{workers}-{epoch_sources}")));
+        let options = IngestOptions { workers, epoch_sources, ..IngestOptions::default() };
+        ingest(&warehouse, &[dir.path().join("in")], options).unwrap();
+        assert_eq!(published_tables(&warehouse), expected_tables(&events));
+        fingerprints.push(TableSnapshot::take(&warehouse).unwrap().fingerprint());
+    }
+    assert!(fingerprints.windows(2).all(|w| w[0] == w[1]), "{fingerprints:?}");
+}
+
+#[test]
+fn late_events_in_a_later_run_change_exactly_their_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = sample_events(2000, 4);
+    write_parquet(&dir.path().join("day1/a.parquet"), &events[..1500]);
+    let warehouse = Warehouse::new(dir.path().join("wh"));
+    ingest(&warehouse, &[dir.path().join("day1")], options(2)).unwrap();
+    let before = published_tables(&warehouse);
+
+    write_parquet(&dir.path().join("day2/late.parquet"), &events[1500..]);
+    let late = ingest(&warehouse, &[dir.path().join("day2")], options(2)).unwrap();
+    assert!(late.rehydrated_rows > 0);
+    let after = published_tables(&warehouse);
+    assert_eq!(after, expected_tables(&events));
+    let changed = after.iter().filter(|(id, rows)| before.get(id) != Some(rows)).count() as u64;
+    assert_eq!(late.partitions_published, changed);
+}
