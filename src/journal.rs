@@ -2,11 +2,12 @@
 //!
 //! The journal is an append-only JSON-lines file. A publish is two records around the renames:
 //!
-//! 1. every new partition file is written and fsynced in staging;
+//! 1. every new partition file is written in staging, and the filesystem is synced (one
+//!    `syncfs`, which also makes the epoch's raw and quarantine files durable);
 //! 2. `Prepare` lists the epoch's sources and, per partition, the old and new version and the
 //!    staged file; it is appended and fsynced — from here on the publish *will* happen;
 //! 3. each staged file is renamed over the partition's fixed file name (or the file is removed
-//!    for a partition that became empty), and the directories are fsynced;
+//!    for a partition that became empty), and the filesystem is synced;
 //! 4. `Commit` is appended and fsynced.
 //!
 //! Recovery at startup looks at the last record: a `Prepare` without its `Commit` is rolled
@@ -239,7 +240,6 @@ impl CommitJournal {
                         let dir = dest.parent().unwrap_or(Path::new("."));
                         fs::create_dir_all(dir).map_err(io_err(dir))?;
                         fs::rename(&staged_path, &dest).map_err(io_err(&dest))?;
-                        sync_dir(dir)?;
                     } else if crate::sink::curated::file_version(&dest).as_deref() != Some(version.as_str()) {
                         return Err(JournalError::Unrecoverable {
                             seq,
@@ -261,7 +261,8 @@ impl CommitJournal {
             }
             after_each(i)?;
         }
-        Ok(())
+        // The renames are durable before the `Commit` that says they happened.
+        crate::sink::files::sync_filesystem(&self.root).map_err(io_err(&self.root))
     }
 
     fn append(&mut self, record: &JournalRecord) -> Result<(), JournalError> {
@@ -326,9 +327,4 @@ impl CommitJournal {
     pub fn last_seq(&self) -> u64 {
         self.last_seq
     }
-}
-
-/// Makes a directory's entries (a rename into it) durable.
-pub fn sync_dir(dir: &Path) -> Result<(), JournalError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }

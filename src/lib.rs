@@ -19,6 +19,7 @@
 
 pub mod ddl;
 pub mod decode;
+pub mod demo;
 
 pub mod event;
 pub mod generate;

@@ -245,6 +245,7 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
     let mut pipeline = pipeline::build(worker);
 
     for epoch in 0..=shared.epochs.len() as u64 {
+        let started = Instant::now();
         let local = if epoch == 0 {
             rehydrate(shared, index, peers, &mut pipeline)
         } else {
@@ -252,9 +253,12 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
         };
         pipeline.input.advance_to(epoch + 1);
         pipeline.input.flush();
+        let fed = started.elapsed();
         let probe = pipeline.probe.clone();
         worker.step_or_park_while(None, || probe.less_than(&(epoch + 1)));
+        let computed = started.elapsed();
         let staged = local.and_then(|()| stage_touched(shared, &pipeline));
+        tracing::info!(worker = index, epoch, ?fed, ?computed, staged = ?started.elapsed(), "epoch done on worker");
         {
             let mut state = shared.state.lock().expect("lock");
             match staged {

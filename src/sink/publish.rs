@@ -11,7 +11,7 @@ use adsmetrics_dataflows::{Dims, MetricRow, PartitionId};
 
 use crate::journal::{CommitJournal, JournalError, PartitionChange, Published, SourceRecord};
 use crate::sink::curated::{content_version, encode_partition};
-use crate::sink::files::{write_durable, WriteError};
+use crate::sink::files::{sync_filesystem, write_file, WriteError};
 use crate::warehouse::{partition_path, table_name, Warehouse};
 
 /// Where a test makes the publish stop, as if the process died there.
@@ -63,7 +63,7 @@ pub fn stage_partition(
     let name = format!("{}/{}-{}.parquet", table_name(id.grain), partition_path(id).replace('/', "_"), version);
     let staged = warehouse.staging_dir().join(&name);
     let bytes = encode_partition(id, rows, &version, &staged)?;
-    write_durable(&staged, &bytes)?;
+    write_file(&staged, &bytes)?;
     let relative: PathBuf = staged.strip_prefix(warehouse.root()).unwrap_or(&staged).to_path_buf();
     Ok(Some(PartitionChange {
         partition: *id,
@@ -93,6 +93,9 @@ pub fn publish_epoch(
     if fail == Some(FailPoint::AfterStage) {
         return Err(injected(FailPoint::AfterStage).into());
     }
+    // Raw, quarantine and staged files become durable before the journal names them.
+    sync_filesystem(warehouse.root())
+        .map_err(|source| WriteError::Io { path: warehouse.root().to_path_buf(), source })?;
     let seq = journal.prepare(run_id, epoch, sources, changes)?;
     if fail == Some(FailPoint::AfterPrepare) {
         return Err(injected(FailPoint::AfterPrepare).into());

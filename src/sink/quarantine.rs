@@ -13,11 +13,11 @@ use parquet::file::properties::WriterProperties;
 
 use crate::event::Quarantined;
 use crate::schema::utc_micros;
-use crate::sink::files::{parquet_bytes, publish_once, WriteError};
+use crate::sink::files::{parquet_bytes, replace, WriteError};
 use crate::warehouse::{day_string, Warehouse};
 
 /// Writes a source's quarantined records; `ingested_at_us` is the run's wall-clock start.
-/// Returns how many rows were written (0 if the file already exists).
+/// Returns how many rows were written.
 pub fn write_quarantine(
     warehouse: &Warehouse,
     source_hash: &str,
@@ -56,5 +56,6 @@ pub fn write_quarantine(
         .build();
     let bytes = parquet_bytes(&batch, props, &dest)?;
     let staged = warehouse.staging_dir().join(format!("quarantine-{source_hash}.parquet"));
-    Ok(if publish_once(&staged, &dest, &bytes)? { n as u64 } else { 0 })
+    replace(&staged, &dest, &bytes)?;
+    Ok(n as u64)
 }

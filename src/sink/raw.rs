@@ -2,8 +2,10 @@
 //!
 //! It is the system of record for rebuilds, reconciliation and rehydration. A source partition
 //! writes one immutable file per event hour it touches, named by the source's content hash:
-//! `raw/dt=…/hr=…/src-<hash>.parquet`. Replaying the same source names the same files, which
-//! already exist, so nothing is written twice. Rows carry their dedup key, the key algorithm (in
+//! `raw/dt=…/hr=…/src-<hash>.parquet`. A committed source is never read again (the journal knows
+//! its hash), so its files are written once; a source whose run crashed before its commit rewrites
+//! the same files with the same bytes, which is why they need no fsync of their own: the publish
+//! syncs the filesystem before the journal names the source. Rows carry their dedup key, the key algorithm (in
 //! the file metadata), the source path and the source's content hash, sorted by key.
 
 use std::collections::BTreeMap;
@@ -19,7 +21,7 @@ use parquet::file::properties::WriterProperties;
 
 use crate::event::{Event, KEY_ALGORITHM};
 use crate::schema::{event_columns, event_fields};
-use crate::sink::files::{parquet_bytes, publish_once, WriteError};
+use crate::sink::files::{parquet_bytes, replace, WriteError};
 use crate::warehouse::{hour_path, Warehouse};
 
 /// File name prefix of raw files; the rest is the source content hash.
@@ -48,7 +50,7 @@ fn properties() -> WriterProperties {
 }
 
 /// Writes the accepted events of one source into the raw layer, one file per event hour; events
-/// must already be unique per dedup key. Returns the number of rows newly written (0 on replay).
+/// must already be unique per dedup key. Returns the number of rows written.
 pub fn write_source(
     warehouse: &Warehouse,
     source: &str,
@@ -62,9 +64,6 @@ pub fn write_source(
     let mut written = 0;
     for (hour, mut rows) in by_hour {
         let dest = raw_file(warehouse, hour, source_hash);
-        if dest.exists() {
-            continue;
-        }
         rows.sort_unstable_by_key(|(key, _)| *key);
         let events: Vec<Event> = rows.iter().map(|(_, e)| (*e).clone()).collect();
         let mut fields = event_fields();
@@ -78,9 +77,8 @@ pub fn write_source(
         let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("columns follow fields");
         let bytes = parquet_bytes(&batch, properties(), &dest)?;
         let staged = warehouse.staging_dir().join(format!("raw-{hour}-{source_hash}.parquet"));
-        if publish_once(&staged, &dest, &bytes)? {
-            written += rows.len() as u64;
-        }
+        replace(&staged, &dest, &bytes)?;
+        written += rows.len() as u64;
     }
     Ok(written)
 }
