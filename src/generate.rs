@@ -923,7 +923,8 @@ impl UnitOut<'_> {
 /// Parquet rows for bad records: the events' columns with the bad values patched in.
 fn bad_batch(events: &[Event], kinds: &[BadKind]) -> RecordBatch {
     let schema = schema::event_schema();
-    let mut columns = schema::event_columns(events);
+    let refs: Vec<&Event> = events.iter().collect();
+    let mut columns = schema::event_columns(&refs);
     let col = |name: &str| schema.index_of(name).expect("a column of the event schema");
     let pairs = || events.iter().zip(kinds.iter().copied());
     columns[col("event_type")] = Arc::new(

@@ -321,8 +321,8 @@ fn ingest_sources(shared: &Shared, sources: &[SourceFile], pipeline: &mut Pipeli
                 }
             }
         }
-        let accepted: Vec<(u128, &crate::event::Event)> =
-            best.iter().map(|(key, (_, i))| (key.0, &decoded.events[*i])).collect();
+        let accepted: Vec<(DedupKey, &crate::event::Event)> =
+            best.iter().map(|(key, (_, i))| (*key, &decoded.events[*i])).collect();
         let written = raw::write_source(&shared.warehouse, &source.label, &source.content_hash, &accepted)?;
         quarantine::write_quarantine(
             &shared.warehouse,

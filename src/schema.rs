@@ -41,8 +41,8 @@ pub fn event_schema() -> SchemaRef {
 }
 
 /// The event columns of `events`, in the order of [`event_fields`].
-pub fn event_columns(events: &[Event]) -> Vec<ArrayRef> {
-    let ints = |f: fn(&Event) -> i64| -> ArrayRef { Arc::new(events.iter().map(f).collect::<Int64Array>()) };
+pub fn event_columns(events: &[&Event]) -> Vec<ArrayRef> {
+    let ints = |f: fn(&Event) -> i64| -> ArrayRef { Arc::new(events.iter().map(|e| f(e)).collect::<Int64Array>()) };
     vec![
         Arc::new(events.iter().map(|e| e.event_id.as_deref()).collect::<StringArray>()),
         Arc::new(events.iter().map(|e| Some(e.event_type.as_str())).collect::<StringArray>()),
@@ -65,6 +65,7 @@ pub fn event_columns(events: &[Event]) -> Vec<ArrayRef> {
 
 /// `events` as one record batch of [`event_schema`].
 pub fn events_to_batch(events: &[Event]) -> RecordBatch {
-    RecordBatch::try_new(event_schema(), event_columns(events))
+    let events: Vec<&Event> = events.iter().collect();
+    RecordBatch::try_new(event_schema(), event_columns(&events))
         .expect("columns are built from the schema's own field list")
 }

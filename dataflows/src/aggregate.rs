@@ -110,14 +110,14 @@ pub trait Aggregate<'scope, T: Timestamp + Lattice + Ord> {
 
 impl<'scope, T: Timestamp + Lattice + Ord> Aggregate<'scope, T> for Deduped<'scope, T> {
     fn aggregate(self) -> Metrics<'scope, T> {
-        self.explode(|(_key, (event, _versions))| {
+        let contributions = self.explode(|(_key, (event, _versions))| {
             let sums = Sums::of(&event);
             Grain::ALL.map(|grain| {
                 let cell = Cell { grain, period: grain.period_of(&event), dims: event.dims };
                 ((cell, event.user_id), sums)
             })
-        })
-        .reduce_named("Metrics", |_cell, users, output| {
+        });
+        crate::batching::reduce_by_key(contributions, "Metrics", |_cell, users, output| {
             let mut total = Sums::default();
             let mut unique_users = 0i64;
             for (_user, sums) in users {

@@ -26,7 +26,7 @@ impl<'scope, T: Timestamp + Lattice + Ord> Dedup<'scope, T>
     for VecCollection<'scope, T, (DedupKey, EventVersion), isize>
 {
     fn dedup(self) -> Deduped<'scope, T> {
-        self.reduce_named("Dedup", |_key, versions, output| {
+        crate::batching::reduce_by_key(self, "Dedup", |_key, versions, output| {
             // Versions arrive sorted ascending; only those with a positive count are present.
             let mut present = versions.iter().filter(|(_, count)| *count > 0);
             if let Some(first) = present.next() {

@@ -54,7 +54,7 @@ fn version_strategy() -> impl Strategy<Value = (DedupKey, EventVersion)> {
             let country = Country([*b"DE", *b"US", *b"FR"][country]);
             let version = EventVersion {
                 revision,
-                content_hash: ContentHash(key * 1000 + salt * 10 + revision as u128),
+                content_hash: ContentHash((key * 1000 + salt * 10 + revision as u128).into()),
                 event_type,
                 event_time_us: hour * MICROS_PER_HOUR + (ad * 7 + user) * 1_000_000,
                 dims: Dims { advertiser_id: ad / 2, campaign_id: ad, ad_id: ad * 10, country },
@@ -62,7 +62,7 @@ fn version_strategy() -> impl Strategy<Value = (DedupKey, EventVersion)> {
                 cost_micros: cost,
                 revenue_micros: revenue,
             };
-            (DedupKey(key), version)
+            (DedupKey(key.into()), version)
         },
     )
 }
@@ -130,7 +130,7 @@ proptest! {
 fn conflicting_revisions_resolve_to_highest_then_content_hash() {
     let base = EventVersion {
         revision: 0,
-        content_hash: ContentHash(5),
+        content_hash: ContentHash(5u128.into()),
         event_type: EventType::Click,
         event_time_us: 0,
         dims: Dims { advertiser_id: 1, campaign_id: 1, ad_id: 1, country: Country(*b"DE") },
@@ -138,10 +138,10 @@ fn conflicting_revisions_resolve_to_highest_then_content_hash() {
         cost_micros: 100,
         revenue_micros: 0,
     };
-    let corrected = EventVersion { revision: 1, content_hash: ContentHash(1), cost_micros: 250, ..base };
-    let tie = EventVersion { revision: 1, content_hash: ContentHash(2), cost_micros: 300, ..base };
+    let corrected = EventVersion { revision: 1, content_hash: ContentHash(1u128.into()), cost_micros: 250, ..base };
+    let tie = EventVersion { revision: 1, content_hash: ContentHash(2u128.into()), cost_micros: 300, ..base };
     for order in [vec![base, corrected, tie], vec![tie, base, corrected], vec![corrected, tie, base]] {
-        let epochs = order.into_iter().map(|v| vec![(DedupKey(9), v)]).collect();
+        let epochs = order.into_iter().map(|v| vec![(DedupKey(9u128.into()), v)]).collect();
         let last = run(epochs, 2).pop().unwrap();
         let daily = &last[&PartitionId { grain: Grain::Daily, period: 0 }];
         assert_eq!(daily[0].1.cost_micros, 300);

@@ -6,13 +6,15 @@
 //! its hash), so its files are written once; a source whose run crashed before its commit rewrites
 //! the same files with the same bytes, which is why they need no fsync of their own: the publish
 //! syncs the filesystem before the journal names the source. Rows carry their dedup key, the key algorithm (in
-//! the file metadata), the source path and the source's content hash, sorted by key.
+//! the file metadata; `dedup_key` is 16 big-endian bytes), the source path and the source's
+//! content hash, sorted by key.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, StringArray};
+use adsmetrics_dataflows::DedupKey;
+use arrow::array::{ArrayRef, FixedSizeBinaryArray, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use parquet::basic::Compression;
@@ -38,7 +40,12 @@ pub fn source_hash_of(path: &Path) -> Option<&str> {
 }
 
 fn properties() -> WriterProperties {
-    WriterProperties::builder()
+    // Dictionary pages only pay off for repetitive columns; on near-unique ones they cost an
+    // interner lookup per value for nothing.
+    let unique = ["dedup_key", "event_id", "ip", "user_id", "event_time"];
+    unique
+        .iter()
+        .fold(WriterProperties::builder(), |b, c| b.set_column_dictionary_enabled((*c).into(), false))
         .set_created_by("adsmetrics (parquet-rs)".to_string())
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(1 << 20))
@@ -55,9 +62,9 @@ pub fn write_source(
     warehouse: &Warehouse,
     source: &str,
     source_hash: &str,
-    events: &[(u128, &Event)],
+    events: &[(DedupKey, &Event)],
 ) -> Result<u64, WriteError> {
-    let mut by_hour: BTreeMap<i64, Vec<(u128, &Event)>> = BTreeMap::new();
+    let mut by_hour: BTreeMap<i64, Vec<(DedupKey, &Event)>> = BTreeMap::new();
     for &(key, event) in events {
         by_hour.entry(event.event_time_us.div_euclid(adsmetrics_dataflows::MICROS_PER_HOUR)).or_default().push((key, event));
     }
@@ -65,13 +72,15 @@ pub fn write_source(
     for (hour, mut rows) in by_hour {
         let dest = raw_file(warehouse, hour, source_hash);
         rows.sort_unstable_by_key(|(key, _)| *key);
-        let events: Vec<Event> = rows.iter().map(|(_, e)| (*e).clone()).collect();
+        let events: Vec<&Event> = rows.iter().map(|(_, e)| *e).collect();
         let mut fields = event_fields();
-        fields.push(Field::new("dedup_key", DataType::Utf8, false));
+        fields.push(Field::new("dedup_key", DataType::FixedSizeBinary(16), false));
         fields.push(Field::new("source", DataType::Utf8, false));
         fields.push(Field::new("source_hash", DataType::Utf8, false));
         let mut columns = event_columns(&events);
-        columns.push(Arc::new(rows.iter().map(|(k, _)| Some(format!("{k:032x}"))).collect::<StringArray>()) as ArrayRef);
+        let keys = FixedSizeBinaryArray::try_from_iter(rows.iter().map(|(k, _)| k.0.get().to_be_bytes()))
+            .expect("every key is 16 bytes");
+        columns.push(Arc::new(keys) as ArrayRef);
         columns.push(Arc::new(StringArray::from(vec![source; rows.len()])));
         columns.push(Arc::new(StringArray::from(vec![source_hash; rows.len()])));
         let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("columns follow fields");
