@@ -17,6 +17,14 @@ use crate::warehouse::Warehouse;
 pub fn run(warehouse: &Warehouse, data: &Path, events: u64, workers: usize) -> anyhow::Result<()> {
     let config = GenerateConfig { events, ..GenerateConfig::default() };
     let batch_dir = data.join("batch");
+    let replay_dir = data.join("rebatched");
+    // The demo's own inputs are regenerated each time (same seed, same bytes), so a second demo
+    // against the same warehouse shows the replays again instead of failing on old files.
+    for dir in [&batch_dir, &replay_dir] {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+    }
     println!("1. generating {events} events (resends, replayed files, late events, corrections, bad records) into {}", batch_dir.display());
     let generated = generate(&config, &batch_dir, &|_| {})?;
     println!("   {} files, {} records", generated.files, generated.records);
@@ -33,7 +41,6 @@ pub fn run(warehouse: &Warehouse, data: &Path, events: u64, workers: usize) -> a
     print!("{}", indent(&crate::report::ingest_report(&again)));
     let after_again = TableSnapshot::take(warehouse)?;
 
-    let replay_dir = data.join("rebatched");
     let mut events_again = generate_events(&config);
     events_again.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(7));
     let files = 7usize;
