@@ -1,0 +1,109 @@
+//! Bad input through a whole ingest (invariant 6): every record is an event or a quarantine row
+//! with a reason, whole bad files are quarantined with their path, and the run goes on.
+
+mod common;
+
+use adsmetrics::runtime::{ingest, IngestOptions};
+use adsmetrics::warehouse::Warehouse;
+use arrow::array::{Array, BinaryArray, StringArray};
+use common::*;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+fn quarantine_rows(wh: &Warehouse) -> Vec<(String, String, String, Vec<u8>)> {
+    let mut rows = Vec::new();
+    for entry in walkdir::WalkDir::new(wh.quarantine_dir()).sort_by_file_name() {
+        let entry = entry.unwrap();
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(entry.path()).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let s = |n: &str| batch.column_by_name(n).unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
+            let raw = batch.column_by_name("raw").unwrap().as_any().downcast_ref::<BinaryArray>().unwrap().clone();
+            let (source, position, reason) = (s("source"), s("position"), s("reason"));
+            for i in 0..batch.num_rows() {
+                rows.push((
+                    source.value(i).to_string(),
+                    position.value(i).to_string(),
+                    reason.value(i).to_string(),
+                    raw.value(i).to_vec(),
+                ));
+            }
+        }
+    }
+    rows
+}
+
+#[test]
+fn bad_records_and_files_are_quarantined_with_reasons_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    let events = sample_events(400, 9);
+    write_parquet(&input.join("good.parquet"), &events[..200]);
+
+    // A truncated Parquet file and a file that is neither format.
+    let mut whole = Vec::new();
+    {
+        let batch = adsmetrics::schema::events_to_batch(&events[200..300]);
+        let mut w = parquet::arrow::ArrowWriter::try_new(&mut whole, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+    std::fs::write(input.join("truncated.parquet"), &whole[..whole.len() / 2]).unwrap();
+    std::fs::write(input.join("notes.txt"), b"\x00\x01 definitely not events").unwrap();
+
+    // JSON lines: good lines mixed with every kind of bad one.
+    write_jsonl(&input.join("mixed.jsonl"), &events[300..]);
+    let mut lines = std::fs::read(input.join("mixed.jsonl")).unwrap();
+    let good_line = String::from_utf8(lines.split(|b| *b == b'\n').next().unwrap().to_vec()).unwrap();
+    let bad: Vec<Vec<u8>> = vec![
+        good_line.replace("\"country\":\"", "\"country\":\"../x").replace("../x", "../x\",\"x\":\"").into_bytes(),
+        good_line.replace("\"cost_micros\":", "\"cost_micros\":-").replace(":-null", ":-1").into_bytes(),
+        good_line.replace("\"ad_id\":", "\"ad_id\":9223372036854775808,\"was\":").into_bytes(),
+        good_line.replace("\"event_type\":\"", "\"event_type\":\"view").replace("view", "view\",\"t\":\"").into_bytes(),
+        b"{\"event_id\": \"\xff\xfe\"}".to_vec(),
+        b"{not json".to_vec(),
+        good_line.replace("\"user_id\":", "\"uid\":").into_bytes(),
+    ];
+    for line in &bad {
+        lines.extend_from_slice(line);
+        lines.push(b'\n');
+    }
+    std::fs::write(input.join("mixed.jsonl"), lines).unwrap();
+
+    let wh = Warehouse::new(dir.path().join("wh"));
+    let summary = ingest(&wh, &[input.clone()], IngestOptions { workers: 2, ..Default::default() }).unwrap();
+    assert_eq!(summary.sources_ingested, 4);
+
+    let quarantined = quarantine_rows(&wh);
+    assert_eq!(summary.quarantined as usize, quarantined.len());
+    // Two whole files plus every bad line, each with a reason.
+    assert_eq!(quarantined.len(), 2 + bad.len(), "{quarantined:#?}");
+    let whole_files: Vec<_> = quarantined.iter().filter(|q| q.1 == "file").collect();
+    assert_eq!(whole_files.len(), 2);
+    assert!(whole_files.iter().any(|q| q.0.ends_with("truncated.parquet") && q.2.contains("Parquet")));
+    assert!(whole_files.iter().any(|q| q.0.ends_with("notes.txt") && q.2.contains("notes.txt")));
+    for q in &quarantined {
+        assert!(!q.2.is_empty() && !q.3.is_empty(), "{q:?}");
+    }
+    assert!(quarantined.iter().any(|q| q.2.contains("../x")));
+    assert!(quarantined.iter().any(|q| q.2.contains("cost_micros")));
+    assert!(quarantined.iter().any(|q| q.2.contains("user_id")));
+    assert!(quarantined.iter().any(|q| q.3 == b"{\"event_id\": \"\xff\xfe\"}".to_vec()));
+
+    // Nothing lost: accepted + in-source duplicates + quarantined rows = every record offered,
+    // and the tables are exactly those of the good records.
+    let offered_records = 400 + bad.len() as u64;
+    let truncated_records = 100;
+    assert_eq!(
+        summary.events_accepted + summary.in_source_duplicates + summary.quarantined - 2,
+        offered_records - truncated_records
+    );
+    let mut good = events[..200].to_vec();
+    good.extend_from_slice(&events[300..]);
+    assert_eq!(published_tables(&wh), expected_tables(&good));
+}
