@@ -24,8 +24,11 @@ pub fn ddl(location: &str) -> String {
     for grain in Grain::ALL {
         let name = table_name(grain);
         let schema = table_schema(grain);
-        let columns: Vec<String> =
-            schema.fields().iter().map(|f| format!("  {} {}", f.name(), hive_type(f.data_type()))).collect();
+        let columns: Vec<String> = schema
+            .fields()
+            .iter()
+            .map(|f| format!("  {} {}", f.name(), hive_type(f.data_type())))
+            .collect();
         let partitions = match grain {
             Grain::Hourly => "dt STRING, hr STRING",
             Grain::Daily => "dt STRING",

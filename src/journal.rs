@@ -64,7 +64,10 @@ pub enum JournalError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
-    move |source| JournalError::Io { path: path.to_path_buf(), source }
+    move |source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A source partition consumed by an epoch.
@@ -158,7 +161,10 @@ impl CommitJournal {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(journal),
             Err(e) => return Err(io_err(path)(e)),
         };
-        let lines: Vec<String> = BufReader::new(file).lines().collect::<Result<_, _>>().map_err(io_err(path))?;
+        let lines: Vec<String> = BufReader::new(file)
+            .lines()
+            .collect::<Result<_, _>>()
+            .map_err(io_err(path))?;
         let mut good_bytes = 0usize;
         for (i, line) in lines.iter().enumerate() {
             match serde_json::from_str::<JournalRecord>(line) {
@@ -169,12 +175,19 @@ impl CommitJournal {
                 Err(e) if i + 1 == lines.len() => {
                     // A torn final append: it never took effect. Cut it off.
                     tracing::warn!(line = i + 1, error = %e, "cutting a torn last record off the commit journal");
-                    let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .map_err(io_err(path))?;
                     f.set_len(good_bytes as u64).map_err(io_err(path))?;
                     f.sync_all().map_err(io_err(path))?;
                 }
                 Err(e) => {
-                    return Err(JournalError::Corrupt { path: path.to_path_buf(), line: i + 1, detail: e.to_string() })
+                    return Err(JournalError::Corrupt {
+                        path: path.to_path_buf(),
+                        line: i + 1,
+                        detail: e.to_string(),
+                    })
                 }
             }
         }
@@ -188,7 +201,13 @@ impl CommitJournal {
                 self.pending = Some(record);
             }
             JournalRecord::Commit { seq } => {
-                if let Some(JournalRecord::Prepare { seq: p, sources, partitions, .. }) = self.pending.take() {
+                if let Some(JournalRecord::Prepare {
+                    seq: p,
+                    sources,
+                    partitions,
+                    ..
+                }) = self.pending.take()
+                {
                     if p == *seq {
                         for s in sources {
                             self.consumed.insert(s.content_hash);
@@ -196,7 +215,13 @@ impl CommitJournal {
                         for change in partitions {
                             match change.new_version {
                                 Some(version) => {
-                                    self.published.insert(change.partition, Published { version, rows: change.rows });
+                                    self.published.insert(
+                                        change.partition,
+                                        Published {
+                                            version,
+                                            rows: change.rows,
+                                        },
+                                    );
                                 }
                                 None => {
                                     self.published.remove(&change.partition);
@@ -211,9 +236,16 @@ impl CommitJournal {
 
     /// Finishes an interrupted publish (roll forward) and clears staging leftovers (roll back).
     /// Returns the sequence number of the publish it finished, if any.
-    pub fn recover(&mut self, staging: &Path, target: impl Fn(&PartitionId) -> PathBuf) -> Result<Option<u64>, JournalError> {
+    pub fn recover(
+        &mut self,
+        staging: &Path,
+        target: impl Fn(&PartitionId) -> PathBuf,
+    ) -> Result<Option<u64>, JournalError> {
         let mut finished = None;
-        if let Some(JournalRecord::Prepare { seq, partitions, .. }) = self.pending.clone() {
+        if let Some(JournalRecord::Prepare {
+            seq, partitions, ..
+        }) = self.pending.clone()
+        {
             self.apply_renames(seq, &partitions, &target, &mut |_| Ok(()))?;
             self.append(&JournalRecord::Commit { seq })?;
             finished = Some(seq);
@@ -240,7 +272,9 @@ impl CommitJournal {
                         let dir = dest.parent().unwrap_or(Path::new("."));
                         fs::create_dir_all(dir).map_err(io_err(dir))?;
                         fs::rename(&staged_path, &dest).map_err(io_err(&dest))?;
-                    } else if crate::sink::curated::file_version(&dest).as_deref() != Some(version.as_str()) {
+                    } else if crate::sink::curated::file_version(&dest).as_deref()
+                        != Some(version.as_str())
+                    {
                         return Err(JournalError::Unrecoverable {
                             seq,
                             staged: staged.clone(),
@@ -271,7 +305,11 @@ impl CommitJournal {
         }
         let mut line = serde_json::to_string(record).expect("journal records always serialise");
         line.push('\n');
-        let mut f = OpenOptions::new().create(true).append(true).open(&self.path).map_err(io_err(&self.path))?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(io_err(&self.path))?;
         f.write_all(line.as_bytes()).map_err(io_err(&self.path))?;
         f.sync_all().map_err(io_err(&self.path))?;
         self.apply(record.clone());
@@ -288,7 +326,13 @@ impl CommitJournal {
         partitions: Vec<PartitionChange>,
     ) -> Result<u64, JournalError> {
         let seq = self.last_seq + 1;
-        self.append(&JournalRecord::Prepare { seq, run_id: run_id.to_string(), epoch, sources, partitions })?;
+        self.append(&JournalRecord::Prepare {
+            seq,
+            run_id: run_id.to_string(),
+            epoch,
+            sources,
+            partitions,
+        })?;
         Ok(seq)
     }
 
@@ -300,7 +344,10 @@ impl CommitJournal {
         target: impl Fn(&PartitionId) -> PathBuf,
         after_each: &mut dyn FnMut(usize) -> Result<(), JournalError>,
     ) -> Result<(), JournalError> {
-        if let Some(JournalRecord::Prepare { seq: p, partitions, .. }) = self.pending.clone() {
+        if let Some(JournalRecord::Prepare {
+            seq: p, partitions, ..
+        }) = self.pending.clone()
+        {
             if p == seq {
                 self.apply_renames(seq, &partitions, &target, after_each)?;
             }

@@ -15,7 +15,12 @@ use clap::{Parser, Subcommand};
 #[command(name = "adsmetrics", version, about, long_about)]
 struct Cli {
     /// The warehouse: raw layer, curated tables, quarantine, journal.
-    #[arg(long, global = true, default_value = "./warehouse", env = "ADSMETRICS_WAREHOUSE")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "./warehouse",
+        env = "ADSMETRICS_WAREHOUSE"
+    )]
     warehouse: PathBuf,
     /// Log level filter (error, warn, info, debug, trace), or set RUST_LOG.
     #[arg(long, global = true, default_value = "warn")]
@@ -90,7 +95,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -107,15 +115,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let bar = indicatif::ProgressBar::new(config.events);
             let summary = adsmetrics::generate::generate(&config, &out, &|n| bar.set_position(n))?;
             bar.finish_and_clear();
-            println!("wrote {} files, {} records ({} bytes) to {}", summary.files, summary.records, summary.bytes, out.display());
+            println!(
+                "wrote {} files, {} records ({} bytes) to {}",
+                summary.files,
+                summary.records,
+                summary.bytes,
+                out.display()
+            );
             println!("{summary:#?}");
         }
-        Command::Ingest { inputs, workers, epoch_sources, quiet } => {
-            let options = IngestOptions { workers, epoch_sources, progress: !quiet, fail_point: None };
+        Command::Ingest {
+            inputs,
+            workers,
+            epoch_sources,
+            quiet,
+        } => {
+            let options = IngestOptions {
+                workers,
+                epoch_sources,
+                progress: !quiet,
+                fail_point: None,
+            };
             let summary = ingest(&warehouse, &inputs, options)?;
             print!("{}", adsmetrics::report::ingest_report(&summary));
         }
-        Command::Demo { data, events, workers } => {
+        Command::Demo {
+            data,
+            events,
+            workers,
+        } => {
             adsmetrics::demo::run(&warehouse, &data, events, workers)?;
         }
         Command::Ddl { location } => {
@@ -128,8 +156,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             print!("{}", adsmetrics::ddl::ddl(&location));
         }
-        Command::Show { table, dt, hr, limit } => {
-            print!("{}", adsmetrics::show::show(&warehouse, &table, dt.as_deref(), hr, limit)?);
+        Command::Show {
+            table,
+            dt,
+            hr,
+            limit,
+        } => {
+            print!(
+                "{}",
+                adsmetrics::show::show(&warehouse, &table, dt.as_deref(), hr, limit)?
+            );
         }
     }
     Ok(())

@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
+use adsmetrics_dataflows::batching::BuildFastHasher;
 use adsmetrics_dataflows::pipeline::{self, Pipeline};
 use adsmetrics_dataflows::{DedupKey, EventVersion, MirrorError, PartitionId};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -47,7 +48,12 @@ pub struct IngestOptions {
 
 impl Default for IngestOptions {
     fn default() -> Self {
-        IngestOptions { workers: 1, epoch_sources: 0, progress: false, fail_point: None }
+        IngestOptions {
+            workers: 1,
+            epoch_sources: 0,
+            progress: false,
+            fail_point: None,
+        }
     }
 }
 
@@ -137,16 +143,25 @@ struct SharedState {
 }
 
 /// Ingests the files under `inputs` into `warehouse`; rerun-safe.
-pub fn ingest(warehouse: &Warehouse, inputs: &[PathBuf], options: IngestOptions) -> Result<IngestSummary, RunError> {
+pub fn ingest(
+    warehouse: &Warehouse,
+    inputs: &[PathBuf],
+    options: IngestOptions,
+) -> Result<IngestSummary, RunError> {
     let started = Instant::now();
     let mut journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
-    if let Some(seq) = journal.recover(&warehouse.staging_dir(), |id| warehouse.partition_file(id))? {
+    if let Some(seq) =
+        journal.recover(&warehouse.staging_dir(), |id| warehouse.partition_file(id))?
+    {
         tracing::warn!(seq, "finished a publish interrupted by an earlier crash");
     }
 
     let files = source::discover(inputs)?;
     let identified = source::identify(&files, options.workers)?;
-    let mut summary = IngestSummary { sources_found: identified.len() as u64, ..Default::default() };
+    let mut summary = IngestSummary {
+        sources_found: identified.len() as u64,
+        ..Default::default()
+    };
     let mut seen = journal.consumed().clone();
     let mut new_sources = Vec::new();
     for s in identified {
@@ -163,8 +178,15 @@ pub fn ingest(warehouse: &Warehouse, inputs: &[PathBuf], options: IngestOptions)
     summary.source_bytes = new_sources.iter().map(|s| s.bytes).sum();
 
     let workers = options.workers.max(1);
-    let per_epoch = if options.epoch_sources == 0 { new_sources.len() } else { options.epoch_sources };
-    let epochs: Vec<EpochPlan> = new_sources.chunks(per_epoch).map(|chunk| assign(chunk, workers)).collect();
+    let per_epoch = if options.epoch_sources == 0 {
+        new_sources.len()
+    } else {
+        options.epoch_sources
+    };
+    let epochs: Vec<EpochPlan> = new_sources
+        .chunks(per_epoch)
+        .map(|chunk| assign(chunk, workers))
+        .collect();
     let consumed = journal.consumed().clone();
     let rehydrate: Vec<PathBuf> = raw::list_raw_files(warehouse)
         .into_iter()
@@ -172,10 +194,13 @@ pub fn ingest(warehouse: &Warehouse, inputs: &[PathBuf], options: IngestOptions)
         .collect();
 
     let progress = if options.progress {
-        let bar = ProgressBar::with_draw_target(Some(summary.source_bytes), ProgressDrawTarget::stderr());
+        let bar =
+            ProgressBar::with_draw_target(Some(summary.source_bytes), ProgressDrawTarget::stderr());
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar
     } else {
@@ -201,22 +226,30 @@ pub fn ingest(warehouse: &Warehouse, inputs: &[PathBuf], options: IngestOptions)
     });
 
     let worker_shared = shared.clone();
-    let guards = timely::execute(timely::Config::process(workers), move |worker| run_worker(worker, &worker_shared))
-        .map_err(RunError::Runtime)?;
+    let guards = timely::execute(timely::Config::process(workers), move |worker| {
+        run_worker(worker, &worker_shared)
+    })
+    .map_err(RunError::Runtime)?;
     let mut conflicted = 0;
     for result in guards.join() {
         conflicted += result.map_err(RunError::Runtime)?;
     }
     shared.progress.finish_and_clear();
 
-    let mut state = shared.state.lock().expect("no worker panicked holding the lock");
+    let mut state = shared
+        .state
+        .lock()
+        .expect("no worker panicked holding the lock");
     if let Some(error) = state.errors.drain(..).next() {
         return Err(error);
     }
     // Every staged file has been renamed into place; drop the empty staging folders.
     let staging = warehouse.staging_dir();
     if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(|source| WriteError::Io { path: staging, source })?;
+        std::fs::remove_dir_all(&staging).map_err(|source| WriteError::Io {
+            path: staging,
+            source,
+        })?;
     }
     let mut summary = std::mem::take(&mut state.summary);
     summary.conflicted_keys += conflicted;
@@ -249,7 +282,11 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
         let local = if epoch == 0 {
             rehydrate(shared, index, peers, &mut pipeline)
         } else {
-            ingest_sources(shared, &shared.epochs[epoch as usize - 1].by_worker[index], &mut pipeline)
+            ingest_sources(
+                shared,
+                &shared.epochs[epoch as usize - 1].by_worker[index],
+                &mut pipeline,
+            )
         };
         pipeline.input.advance_to(epoch + 1);
         pipeline.input.flush();
@@ -278,10 +315,18 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
     pipeline.conflicted_keys.get()
 }
 
-fn rehydrate(shared: &Shared, index: usize, peers: usize, pipeline: &mut Pipeline) -> Result<(), RunError> {
+fn rehydrate(
+    shared: &Shared,
+    index: usize,
+    peers: usize,
+    pipeline: &mut Pipeline,
+) -> Result<(), RunError> {
     let mut rows = 0u64;
     for path in shared.rehydrate.iter().skip(index).step_by(peers) {
-        let bytes = std::fs::read(path).map_err(|source| SourceError { path: path.clone(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| SourceError {
+            path: path.clone(),
+            source,
+        })?;
         let decoded = decode_parquet(&path.to_string_lossy(), bytes::Bytes::from(bytes));
         if let Some(bad) = decoded.quarantined.first() {
             // The raw layer is ours and was valid when written: a bad row means damage.
@@ -299,13 +344,21 @@ fn rehydrate(shared: &Shared, index: usize, peers: usize, pipeline: &mut Pipelin
     Ok(())
 }
 
-fn ingest_sources(shared: &Shared, sources: &[SourceFile], pipeline: &mut Pipeline) -> Result<(), RunError> {
+fn ingest_sources(
+    shared: &Shared,
+    sources: &[SourceFile],
+    pipeline: &mut Pipeline,
+) -> Result<(), RunError> {
     for source in sources {
-        let bytes = std::fs::read(&source.path).map_err(|e| SourceError { path: source.path.clone(), source: e })?;
+        let bytes = std::fs::read(&source.path).map_err(|e| SourceError {
+            path: source.path.clone(),
+            source: e,
+        })?;
         let decoded = decode_source(&source.label, &bytes);
 
         // A source contributes each key at most once: its greatest version.
-        let mut best: HashMap<DedupKey, (EventVersion, usize)> = HashMap::with_capacity(decoded.events.len());
+        let mut best: HashMap<DedupKey, (EventVersion, usize), BuildFastHasher> =
+            HashMap::with_capacity_and_hasher(decoded.events.len(), BuildFastHasher::default());
         let mut duplicates = 0u64;
         for (i, event) in decoded.events.iter().enumerate() {
             let (key, version) = event.keyed_version();
@@ -321,9 +374,16 @@ fn ingest_sources(shared: &Shared, sources: &[SourceFile], pipeline: &mut Pipeli
                 }
             }
         }
-        let accepted: Vec<(DedupKey, &crate::event::Event)> =
-            best.iter().map(|(key, (_, i))| (*key, &decoded.events[*i])).collect();
-        let written = raw::write_source(&shared.warehouse, &source.label, &source.content_hash, &accepted)?;
+        let accepted: Vec<(DedupKey, &crate::event::Event)> = best
+            .iter()
+            .map(|(key, (_, i))| (*key, &decoded.events[*i]))
+            .collect();
+        let written = raw::write_source(
+            &shared.warehouse,
+            &source.label,
+            &source.content_hash,
+            &accepted,
+        )?;
         quarantine::write_quarantine(
             &shared.warehouse,
             &source.content_hash,
@@ -349,8 +409,14 @@ fn ingest_sources(shared: &Shared, sources: &[SourceFile], pipeline: &mut Pipeli
         s.in_source_duplicates += duplicates;
         s.quarantined += record.quarantined;
         s.raw_rows_written += written;
-        let (events, secs) = (s.events_accepted, shared.progress.elapsed().as_secs_f64().max(1e-3));
-        shared.progress.set_message(format!("{events} events, {:.0} events/s", events as f64 / secs));
+        let (events, secs) = (
+            s.events_accepted,
+            shared.progress.elapsed().as_secs_f64().max(1e-3),
+        );
+        shared.progress.set_message(format!(
+            "{events} events, {:.0} events/s",
+            events as f64 / secs
+        ));
         state.sources.push(record);
     }
     Ok(())
@@ -370,7 +436,12 @@ fn stage_touched(shared: &Shared, pipeline: &Pipeline) -> Result<Vec<PartitionCh
             None => unchanged += 1,
         }
     }
-    shared.state.lock().expect("lock").summary.partitions_unchanged += unchanged;
+    shared
+        .state
+        .lock()
+        .expect("lock")
+        .summary
+        .partitions_unchanged += unchanged;
     Ok(changes)
 }
 
@@ -390,8 +461,18 @@ fn publish(shared: &Shared, epoch: u64) {
     }
     let published = changes.len() as u64;
     let fail = state.fail_point.take();
-    let Some(journal) = state.journal.as_mut() else { return };
-    match publish_epoch(journal, &shared.warehouse, &shared.run_id, epoch, sources, changes, fail) {
+    let Some(journal) = state.journal.as_mut() else {
+        return;
+    };
+    match publish_epoch(
+        journal,
+        &shared.warehouse,
+        &shared.run_id,
+        epoch,
+        sources,
+        changes,
+        fail,
+    ) {
         Ok(_) => {
             state.published = Arc::new(journal.published().clone());
             state.summary.partitions_published += published;

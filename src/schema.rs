@@ -42,23 +42,57 @@ pub fn event_schema() -> SchemaRef {
 
 /// The event columns of `events`, in the order of [`event_fields`].
 pub fn event_columns(events: &[&Event]) -> Vec<ArrayRef> {
-    let ints = |f: fn(&Event) -> i64| -> ArrayRef { Arc::new(events.iter().map(|e| f(e)).collect::<Int64Array>()) };
+    let ints = |f: fn(&Event) -> i64| -> ArrayRef {
+        Arc::new(events.iter().map(|e| f(e)).collect::<Int64Array>())
+    };
     vec![
-        Arc::new(events.iter().map(|e| e.event_id.as_deref()).collect::<StringArray>()),
-        Arc::new(events.iter().map(|e| Some(e.event_type.as_str())).collect::<StringArray>()),
         Arc::new(
-            TimestampMicrosecondArray::from(events.iter().map(|e| e.event_time_us).collect::<Vec<_>>())
-                .with_timezone("UTC"),
+            events
+                .iter()
+                .map(|e| e.event_id.as_deref())
+                .collect::<StringArray>(),
+        ),
+        Arc::new(
+            events
+                .iter()
+                .map(|e| Some(e.event_type.as_str()))
+                .collect::<StringArray>(),
+        ),
+        Arc::new(
+            TimestampMicrosecondArray::from(
+                events.iter().map(|e| e.event_time_us).collect::<Vec<_>>(),
+            )
+            .with_timezone("UTC"),
         ),
         ints(|e| e.ad_id),
         ints(|e| e.campaign_id),
         ints(|e| e.advertiser_id),
-        Arc::new(events.iter().map(|e| Some(e.country.as_str())).collect::<StringArray>()),
+        Arc::new(
+            events
+                .iter()
+                .map(|e| Some(e.country.as_str()))
+                .collect::<StringArray>(),
+        ),
         ints(|e| e.user_id),
-        Arc::new(events.iter().map(|e| Some(e.ip.as_str())).collect::<StringArray>()),
+        Arc::new(
+            events
+                .iter()
+                .map(|e| Some(e.ip.as_str()))
+                .collect::<StringArray>(),
+        ),
         Arc::new(events.iter().map(|e| e.cost_micros).collect::<Int64Array>()),
-        Arc::new(events.iter().map(|e| e.revenue_micros).collect::<Int64Array>()),
-        Arc::new(events.iter().map(|e| Some(e.producer.as_str())).collect::<StringArray>()),
+        Arc::new(
+            events
+                .iter()
+                .map(|e| e.revenue_micros)
+                .collect::<Int64Array>(),
+        ),
+        Arc::new(
+            events
+                .iter()
+                .map(|e| Some(e.producer.as_str()))
+                .collect::<StringArray>(),
+        ),
         Arc::new(events.iter().map(|e| e.revision).collect::<UInt32Array>()),
     ]
 }

@@ -28,34 +28,79 @@ pub enum ShowError {
 }
 
 /// Lists a table's partitions (no `dt`), or prints one partition's rows (up to `limit`).
-pub fn show(warehouse: &Warehouse, table: &str, dt: Option<&str>, hr: Option<u32>, limit: usize) -> Result<String, ShowError> {
+pub fn show(
+    warehouse: &Warehouse,
+    table: &str,
+    dt: Option<&str>,
+    hr: Option<u32>,
+    limit: usize,
+) -> Result<String, ShowError> {
     let grain = crate::warehouse::grain_of_table(table).ok_or_else(|| {
-        ShowError::Usage(format!("unknown table {table:?}; tables: {}, {}", table_name(Grain::Hourly), table_name(Grain::Daily)))
+        ShowError::Usage(format!(
+            "unknown table {table:?}; tables: {}, {}",
+            table_name(Grain::Hourly),
+            table_name(Grain::Daily)
+        ))
     })?;
     let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
     let mut out = String::new();
     let Some(dt) = dt else {
         let _ = writeln!(out, "{:<28} {:>10}  version", "partition", "rows");
         let mut total = 0u64;
-        for (id, p) in journal.published().iter().filter(|(id, _)| id.grain == grain) {
-            let _ = writeln!(out, "{:<28} {:>10}  {}", partition_path(id), p.rows, p.version);
+        for (id, p) in journal
+            .published()
+            .iter()
+            .filter(|(id, _)| id.grain == grain)
+        {
+            let _ = writeln!(
+                out,
+                "{:<28} {:>10}  {}",
+                partition_path(id),
+                p.rows,
+                p.version
+            );
             total += p.rows;
         }
-        let _ = writeln!(out, "{} partitions, {} rows", journal.published().keys().filter(|id| id.grain == grain).count(), total);
+        let _ = writeln!(
+            out,
+            "{} partitions, {} rows",
+            journal
+                .published()
+                .keys()
+                .filter(|id| id.grain == grain)
+                .count(),
+            total
+        );
         return Ok(out);
     };
-    let day = parse_day(dt).ok_or_else(|| ShowError::Usage(format!("--dt {dt:?} is not YYYY-MM-DD")))?;
+    let day =
+        parse_day(dt).ok_or_else(|| ShowError::Usage(format!("--dt {dt:?} is not YYYY-MM-DD")))?;
     let id = match (grain, hr) {
-        (Grain::Hourly, Some(hr)) if hr < 24 => PartitionId { grain, period: day * 24 + hr as i64 },
-        (Grain::Hourly, _) => return Err(ShowError::Usage("ads_metrics_hourly needs --hr 0..23".into())),
+        (Grain::Hourly, Some(hr)) if hr < 24 => PartitionId {
+            grain,
+            period: day * 24 + hr as i64,
+        },
+        (Grain::Hourly, _) => {
+            return Err(ShowError::Usage(
+                "ads_metrics_hourly needs --hr 0..23".into(),
+            ))
+        }
         (Grain::Daily, None) => PartitionId { grain, period: day },
-        (Grain::Daily, Some(_)) => return Err(ShowError::Usage("ads_metrics_daily has no --hr".into())),
+        (Grain::Daily, Some(_)) => {
+            return Err(ShowError::Usage("ads_metrics_daily has no --hr".into()))
+        }
     };
     let path = warehouse.partition_file(&id);
     if !path.exists() {
-        return Err(ShowError::Usage(format!("{table}/{} is not published", partition_path(&id))));
+        return Err(ShowError::Usage(format!(
+            "{table}/{} is not published",
+            partition_path(&id)
+        )));
     }
-    let rows = read_partition(&path).map_err(|e| ShowError::Read { path: path.display().to_string(), detail: e.to_string() })?;
+    let rows = read_partition(&path).map_err(|e| ShowError::Read {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })?;
     let _ = writeln!(
         out,
         "{table}/{}  version {}  {} rows",
@@ -66,13 +111,31 @@ pub fn show(warehouse: &Warehouse, table: &str, dt: Option<&str>, hr: Option<u32
     let _ = writeln!(
         out,
         "{:>13} {:>11} {:>9} {:>7} {:>11} {:>7} {:>11} {:>14} {:>14} {:>12}",
-        "advertiser_id", "campaign_id", "ad_id", "country", "impressions", "clicks", "conversions", "cost_micros", "revenue_micros", "unique_users"
+        "advertiser_id",
+        "campaign_id",
+        "ad_id",
+        "country",
+        "impressions",
+        "clicks",
+        "conversions",
+        "cost_micros",
+        "revenue_micros",
+        "unique_users"
     );
     for (d, r) in rows.iter().take(limit) {
         let _ = writeln!(
             out,
             "{:>13} {:>11} {:>9} {:>7} {:>11} {:>7} {:>11} {:>14} {:>14} {:>12}",
-            d.advertiser_id, d.campaign_id, d.ad_id, d.country.as_str(), r.impressions, r.clicks, r.conversions, r.cost_micros, r.revenue_micros, r.unique_users
+            d.advertiser_id,
+            d.campaign_id,
+            d.ad_id,
+            d.country.as_str(),
+            r.impressions,
+            r.clicks,
+            r.conversions,
+            r.cost_micros,
+            r.revenue_micros,
+            r.unique_users
         );
     }
     if rows.len() > limit {

@@ -49,7 +49,11 @@ impl TableSnapshot {
                 }
                 let meta = entry.metadata().map_err(std::io::Error::other)?;
                 let bytes = std::fs::read(entry.path())?;
-                let relative = entry.path().strip_prefix(warehouse.root()).unwrap_or(entry.path()).to_path_buf();
+                let relative = entry
+                    .path()
+                    .strip_prefix(warehouse.root())
+                    .unwrap_or(entry.path())
+                    .to_path_buf();
                 files.insert(
                     relative,
                     FileState {

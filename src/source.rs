@@ -44,7 +44,10 @@ fn skipped(name: &std::ffi::OsStr) -> bool {
 pub fn discover(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, SourceError> {
     let mut files = Vec::new();
     for input in inputs {
-        let meta = fs::metadata(input).map_err(|source| SourceError { path: input.clone(), source })?;
+        let meta = fs::metadata(input).map_err(|source| SourceError {
+            path: input.clone(),
+            source,
+        })?;
         if meta.is_file() {
             files.push(input.clone());
             continue;
@@ -55,8 +58,13 @@ pub fn discover(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, SourceError> {
             .filter_entry(|e| e.depth() == 0 || !skipped(e.file_name()))
         {
             let entry = entry.map_err(|e| SourceError {
-                path: e.path().map(Path::to_path_buf).unwrap_or_else(|| input.clone()),
-                source: e.into_io_error().unwrap_or_else(|| io::Error::other("directory loop")),
+                path: e
+                    .path()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| input.clone()),
+                source: e
+                    .into_io_error()
+                    .unwrap_or_else(|| io::Error::other("directory loop")),
             })?;
             if entry.file_type().is_file() {
                 files.push(entry.into_path());
@@ -79,7 +87,10 @@ pub fn identify(files: &[PathBuf], threads: usize) -> Result<Vec<SourceFile>, So
                 scope.spawn(move || {
                     part.iter()
                         .map(|path| {
-                            let bytes = fs::read(path).map_err(|source| SourceError { path: path.clone(), source })?;
+                            let bytes = fs::read(path).map_err(|source| SourceError {
+                                path: path.clone(),
+                                source,
+                            })?;
                             Ok(SourceFile {
                                 path: path.clone(),
                                 label: path.to_string_lossy().into_owned(),
@@ -91,7 +102,10 @@ pub fn identify(files: &[PathBuf], threads: usize) -> Result<Vec<SourceFile>, So
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("hashing thread does not panic")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("hashing thread does not panic"))
+            .collect()
     });
     let mut out = Vec::with_capacity(files.len());
     for r in results {

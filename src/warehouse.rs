@@ -66,7 +66,10 @@ pub fn partition_path(id: &PartitionId) -> String {
 
 /// `dt`/`hr` of an hour index, for raw-layer paths.
 pub fn hour_path(hour: i64) -> String {
-    partition_path(&PartitionId { grain: Grain::Hourly, period: hour })
+    partition_path(&PartitionId {
+        grain: Grain::Hourly,
+        period: hour,
+    })
 }
 
 /// Start of a partition's period, UTC micros.
@@ -95,7 +98,9 @@ impl Warehouse {
 
     /// The one data file of a curated partition.
     pub fn partition_file(&self, id: &PartitionId) -> PathBuf {
-        self.table_dir(id.grain).join(partition_path(id)).join(PARTITION_FILE)
+        self.table_dir(id.grain)
+            .join(partition_path(id))
+            .join(PARTITION_FILE)
     }
 
     /// The raw layer's directory.
@@ -131,9 +136,18 @@ mod tests {
     #[test]
     fn partition_paths_are_hive_style() {
         let hour = parse_day("2026-11-01").unwrap() * 24 + 5;
-        assert_eq!(partition_path(&PartitionId { grain: Grain::Hourly, period: hour }), "dt=2026-11-01/hr=05");
         assert_eq!(
-            partition_path(&PartitionId { grain: Grain::Daily, period: hour / 24 }),
+            partition_path(&PartitionId {
+                grain: Grain::Hourly,
+                period: hour
+            }),
+            "dt=2026-11-01/hr=05"
+        );
+        assert_eq!(
+            partition_path(&PartitionId {
+                grain: Grain::Daily,
+                period: hour / 24
+            }),
             "dt=2026-11-01"
         );
         assert_eq!(day_string(0), "1970-01-01");

@@ -24,14 +24,30 @@ fn a_publish_stopped_after_any_step_recovers_to_the_uninterrupted_tables() {
     let expected = TableSnapshot::take(&clean).unwrap().fingerprint();
     assert_eq!(published_tables(&clean), expected_tables(&events));
 
-    let mut points = vec![FailPoint::AfterStage, FailPoint::AfterPrepare, FailPoint::AfterCommit];
+    let mut points = vec![
+        FailPoint::AfterStage,
+        FailPoint::AfterPrepare,
+        FailPoint::AfterCommit,
+    ];
     points.extend((0..6).map(FailPoint::AfterRename));
     for point in points {
         let wh = Warehouse::new(dir.path().join(format!("crash-{point:?}")));
         ingest(&wh, &inputs("one"), IngestOptions::default()).unwrap();
         let old = published_tables(&wh);
-        let crashed = ingest(&wh, &inputs("two"), IngestOptions { fail_point: Some(point), workers: 2, ..Default::default() });
-        assert!(crashed.is_err(), "{point:?} did not stop the run: {crashed:?} {:?}", published_tables(&wh).keys().collect::<Vec<_>>());
+        let crashed = ingest(
+            &wh,
+            &inputs("two"),
+            IngestOptions {
+                fail_point: Some(point),
+                workers: 2,
+                ..Default::default()
+            },
+        );
+        assert!(
+            crashed.is_err(),
+            "{point:?} did not stop the run: {crashed:?} {:?}",
+            published_tables(&wh).keys().collect::<Vec<_>>()
+        );
 
         // What a reader sees right after the crash: for every partition, old or new, whole.
         let new = expected_tables(&events);
@@ -40,13 +56,27 @@ fn a_publish_stopped_after_any_step_recovers_to_the_uninterrupted_tables() {
             let rows = adsmetrics::sink::curated::read_partition(&wh.root().join(path)).unwrap();
             let is_old = old.values().any(|r| *r == rows);
             let is_new = new.values().any(|r| *r == rows);
-            assert!(is_old || is_new, "{point:?}: {path:?} holds neither version ({:?})", state.version);
+            assert!(
+                is_old || is_new,
+                "{point:?}: {path:?} holds neither version ({:?})",
+                state.version
+            );
         }
 
         // Restart: the same command again converges to the uninterrupted tables.
         let rerun = ingest(&wh, &inputs("two"), IngestOptions::default()).unwrap();
-        assert_eq!(TableSnapshot::take(&wh).unwrap().fingerprint(), expected, "{point:?}: {rerun:?}");
-        assert!(!wh.staging_dir().exists() || std::fs::read_dir(wh.staging_dir()).unwrap().next().is_none());
+        assert_eq!(
+            TableSnapshot::take(&wh).unwrap().fingerprint(),
+            expected,
+            "{point:?}: {rerun:?}"
+        );
+        assert!(
+            !wh.staging_dir().exists()
+                || std::fs::read_dir(wh.staging_dir())
+                    .unwrap()
+                    .next()
+                    .is_none()
+        );
         // And a further rerun is a no-op.
         let before = TableSnapshot::take(&wh).unwrap();
         let noop = ingest(&wh, &inputs("two"), IngestOptions::default()).unwrap();

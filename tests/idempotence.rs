@@ -8,7 +8,10 @@ use adsmetrics::warehouse::Warehouse;
 use common::*;
 
 fn options(workers: usize) -> IngestOptions {
-    IngestOptions { workers, ..IngestOptions::default() }
+    IngestOptions {
+        workers,
+        ..IngestOptions::default()
+    }
 }
 
 #[test]
@@ -33,9 +36,20 @@ fn ingest_matches_the_reference_and_a_rerun_writes_nothing() {
     let rerun = ingest(&warehouse, &[dir.path().join("in")], options(1)).unwrap();
     assert_eq!(rerun.sources_skipped, 2);
     assert_eq!(rerun.partitions_published, 0);
-    assert!(TableSnapshot::take(&warehouse).unwrap().untouched_since(&before), "a rerun rewrote a table file");
-    assert_eq!(adsmetrics::sink::raw::list_raw_files(&warehouse), raw_before);
-    assert_eq!(std::fs::read(warehouse.journal_path()).unwrap(), journal_before);
+    assert!(
+        TableSnapshot::take(&warehouse)
+            .unwrap()
+            .untouched_since(&before),
+        "a rerun rewrote a table file"
+    );
+    assert_eq!(
+        adsmetrics::sink::raw::list_raw_files(&warehouse),
+        raw_before
+    );
+    assert_eq!(
+        std::fs::read(warehouse.journal_path()).unwrap(),
+        journal_before
+    );
 }
 
 #[test]
@@ -57,7 +71,9 @@ fn replayed_and_rebatched_events_publish_nothing() {
     assert_eq!(replay.sources_ingested, 3);
     assert_eq!(replay.partitions_published, 0, "{replay:?}");
     assert!(replay.partitions_unchanged > 0);
-    assert!(TableSnapshot::take(&warehouse).unwrap().untouched_since(&before));
+    assert!(TableSnapshot::take(&warehouse)
+        .unwrap()
+        .untouched_since(&before));
 }
 
 #[test]
@@ -70,12 +86,19 @@ fn worker_count_and_batching_give_identical_bytes() {
     let mut fingerprints = Vec::new();
     for (workers, epoch_sources) in [(1, 0), (2, 0), (3, 2), (2, 1)] {
         let warehouse = Warehouse::new(dir.path().join(format!("wh-{workers}-{epoch_sources}")));
-        let options = IngestOptions { workers, epoch_sources, ..IngestOptions::default() };
+        let options = IngestOptions {
+            workers,
+            epoch_sources,
+            ..IngestOptions::default()
+        };
         ingest(&warehouse, &[dir.path().join("in")], options).unwrap();
         assert_eq!(published_tables(&warehouse), expected_tables(&events));
         fingerprints.push(TableSnapshot::take(&warehouse).unwrap().fingerprint());
     }
-    assert!(fingerprints.windows(2).all(|w| w[0] == w[1]), "{fingerprints:?}");
+    assert!(
+        fingerprints.windows(2).all(|w| w[0] == w[1]),
+        "{fingerprints:?}"
+    );
 }
 
 #[test]
@@ -92,6 +115,9 @@ fn late_events_in_a_later_run_change_exactly_their_partitions() {
     assert!(late.rehydrated_rows > 0);
     let after = published_tables(&warehouse);
     assert_eq!(after, expected_tables(&events));
-    let changed = after.iter().filter(|(id, rows)| before.get(id) != Some(rows)).count() as u64;
+    let changed = after
+        .iter()
+        .filter(|(id, rows)| before.get(id) != Some(rows))
+        .count() as u64;
     assert_eq!(late.partitions_published, changed);
 }

@@ -16,14 +16,29 @@ fn quarantine_rows(wh: &Warehouse) -> Vec<(String, String, String, Vec<u8>)> {
         if !entry.file_type().is_file() {
             continue;
         }
-        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(entry.path()).unwrap())
-            .unwrap()
-            .build()
-            .unwrap();
+        let reader =
+            ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(entry.path()).unwrap())
+                .unwrap()
+                .build()
+                .unwrap();
         for batch in reader {
             let batch = batch.unwrap();
-            let s = |n: &str| batch.column_by_name(n).unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
-            let raw = batch.column_by_name("raw").unwrap().as_any().downcast_ref::<BinaryArray>().unwrap().clone();
+            let s = |n: &str| {
+                batch
+                    .column_by_name(n)
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .unwrap()
+                    .clone()
+            };
+            let raw = batch
+                .column_by_name("raw")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<BinaryArray>()
+                .unwrap()
+                .clone();
             let (source, position, reason) = (s("source"), s("position"), s("reason"));
             for i in 0..batch.num_rows() {
                 rows.push((
@@ -59,12 +74,24 @@ fn bad_records_and_files_are_quarantined_with_reasons_and_nothing_is_lost() {
     // JSON lines: good lines mixed with every kind of bad one.
     write_jsonl(&input.join("mixed.jsonl"), &events[300..]);
     let mut lines = std::fs::read(input.join("mixed.jsonl")).unwrap();
-    let good_line = String::from_utf8(lines.split(|b| *b == b'\n').next().unwrap().to_vec()).unwrap();
+    let good_line =
+        String::from_utf8(lines.split(|b| *b == b'\n').next().unwrap().to_vec()).unwrap();
     let bad: Vec<Vec<u8>> = vec![
-        good_line.replace("\"country\":\"", "\"country\":\"../x").replace("../x", "../x\",\"x\":\"").into_bytes(),
-        good_line.replace("\"cost_micros\":", "\"cost_micros\":-").replace(":-null", ":-1").into_bytes(),
-        good_line.replace("\"ad_id\":", "\"ad_id\":9223372036854775808,\"was\":").into_bytes(),
-        good_line.replace("\"event_type\":\"", "\"event_type\":\"view").replace("view", "view\",\"t\":\"").into_bytes(),
+        good_line
+            .replace("\"country\":\"", "\"country\":\"../x")
+            .replace("../x", "../x\",\"x\":\"")
+            .into_bytes(),
+        good_line
+            .replace("\"cost_micros\":", "\"cost_micros\":-")
+            .replace(":-null", ":-1")
+            .into_bytes(),
+        good_line
+            .replace("\"ad_id\":", "\"ad_id\":9223372036854775808,\"was\":")
+            .into_bytes(),
+        good_line
+            .replace("\"event_type\":\"", "\"event_type\":\"view")
+            .replace("view", "view\",\"t\":\"")
+            .into_bytes(),
         b"{\"event_id\": \"\xff\xfe\"}".to_vec(),
         b"{not json".to_vec(),
         good_line.replace("\"user_id\":", "\"uid\":").into_bytes(),
@@ -76,7 +103,15 @@ fn bad_records_and_files_are_quarantined_with_reasons_and_nothing_is_lost() {
     std::fs::write(input.join("mixed.jsonl"), lines).unwrap();
 
     let wh = Warehouse::new(dir.path().join("wh"));
-    let summary = ingest(&wh, &[input.clone()], IngestOptions { workers: 2, ..Default::default() }).unwrap();
+    let summary = ingest(
+        &wh,
+        &[input.clone()],
+        IngestOptions {
+            workers: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(summary.sources_ingested, 4);
 
     let quarantined = quarantine_rows(&wh);
@@ -85,15 +120,21 @@ fn bad_records_and_files_are_quarantined_with_reasons_and_nothing_is_lost() {
     assert_eq!(quarantined.len(), 2 + bad.len(), "{quarantined:#?}");
     let whole_files: Vec<_> = quarantined.iter().filter(|q| q.1 == "file").collect();
     assert_eq!(whole_files.len(), 2);
-    assert!(whole_files.iter().any(|q| q.0.ends_with("truncated.parquet") && q.2.contains("Parquet")));
-    assert!(whole_files.iter().any(|q| q.0.ends_with("notes.txt") && q.2.contains("notes.txt")));
+    assert!(whole_files
+        .iter()
+        .any(|q| q.0.ends_with("truncated.parquet") && q.2.contains("Parquet")));
+    assert!(whole_files
+        .iter()
+        .any(|q| q.0.ends_with("notes.txt") && q.2.contains("notes.txt")));
     for q in &quarantined {
         assert!(!q.2.is_empty() && !q.3.is_empty(), "{q:?}");
     }
     assert!(quarantined.iter().any(|q| q.2.contains("../x")));
     assert!(quarantined.iter().any(|q| q.2.contains("cost_micros")));
     assert!(quarantined.iter().any(|q| q.2.contains("user_id")));
-    assert!(quarantined.iter().any(|q| q.3 == b"{\"event_id\": \"\xff\xfe\"}".to_vec()));
+    assert!(quarantined
+        .iter()
+        .any(|q| q.3 == b"{\"event_id\": \"\xff\xfe\"}".to_vec()));
 
     // Nothing lost: accepted + in-source duplicates + quarantined rows = every record offered,
     // and the tables are exactly those of the good records.

@@ -1,24 +1,25 @@
 //! Aggregate: exact hourly and daily metrics per (period, dims), incrementally.
 //!
-//! Each distinct event becomes two records, one per grain, of the form `(Cell, user_id)` carrying
-//! its contribution as a difference of type [`Sums`]. Differential consolidates those differences
-//! per `(cell, user)` inside the arrangement, so the reduce sees one accumulated `Sums` per distinct
-//! user of a cell: the sums of the cell are the sum of those, and `unique_users` is how many users
-//! are present. Daily uniques are thus counted over the day's users, never summed from hours.
+//! Each distinct event touches two cells, one per grain. Its sums are a difference of type
+//! [`Sums`] on each cell; its user is a `(cell, user)` pair whose presence is maintained exactly,
+//! so `unique_users` of a day is counted over the day's users, never summed from hours.
 
 use differential_dataflow::difference::{Abelian, IsZero, Monoid, Multiply, Semigroup};
-use differential_dataflow::lattice::Lattice;
+use differential_dataflow::operators::ThresholdTotal;
+use differential_dataflow::trace::implementations::KeySpine;
 use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
-use timely::progress::Timestamp;
 
+use crate::batching::RunKeyBatcher;
 use crate::dedup::Deduped;
-use crate::model::{Cell, EventType, EventVersion, Grain, MetricRow};
+use crate::model::{Cell, Epoch, EventType, EventVersion, Grain};
 
 /// The additive part of an event's metrics, used as a differential difference type.
 ///
 /// `events` counts contributing events, so a present user never accumulates to zero.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
+)]
 pub struct Sums {
     /// Number of events.
     pub events: i64,
@@ -99,42 +100,84 @@ impl Multiply<isize> for Sums {
     }
 }
 
-/// Metric rows keyed by their cell, both grains in one collection.
-pub type Metrics<'scope, T> = VecCollection<'scope, T, (Cell, MetricRow), isize>;
-
-/// Extension trait: from the deduplicated events to exact metric rows per cell.
-pub trait Aggregate<'scope, T: Timestamp + Lattice + Ord> {
-    /// One row per non-empty cell of every grain.
-    fn aggregate(self) -> Metrics<'scope, T>;
+/// The change to one cell: additive sums, and the change in its number of distinct users.
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
+)]
+pub struct CellDelta {
+    /// Change of the cell's sums.
+    pub sums: Sums,
+    /// Change of the cell's distinct-user count.
+    pub users: i64,
 }
 
-impl<'scope, T: Timestamp + Lattice + Ord> Aggregate<'scope, T> for Deduped<'scope, T> {
-    fn aggregate(self) -> Metrics<'scope, T> {
-        let contributions = self.explode(|(_key, (event, _versions))| {
-            let sums = Sums::of(&event);
-            Grain::ALL.map(|grain| {
-                let cell = Cell { grain, period: grain.period_of(&event), dims: event.dims };
-                ((cell, event.user_id), sums)
-            })
-        });
-        crate::batching::reduce_by_key(contributions, "Metrics", |_cell, users, output| {
-            let mut total = Sums::default();
-            let mut unique_users = 0i64;
-            for (_user, sums) in users {
-                total.plus_equals(sums);
-                unique_users += (sums.events > 0) as i64;
-            }
-            if total.events > 0 {
-                let row = MetricRow {
-                    impressions: total.impressions,
-                    clicks: total.clicks,
-                    conversions: total.conversions,
-                    cost_micros: total.cost_micros,
-                    revenue_micros: total.revenue_micros,
-                    unique_users,
-                };
-                output.push((row, 1));
-            }
-        })
+impl IsZero for CellDelta {
+    fn is_zero(&self) -> bool {
+        self.sums.is_zero() && self.users == 0
     }
+}
+
+impl Semigroup for CellDelta {
+    fn plus_equals(&mut self, rhs: &Self) {
+        self.sums.plus_equals(&rhs.sums);
+        self.users = self.users.wrapping_add(rhs.users);
+    }
+}
+
+impl Monoid for CellDelta {
+    fn zero() -> Self {
+        CellDelta::default()
+    }
+}
+
+impl Abelian for CellDelta {
+    fn negate(&mut self) {
+        self.sums.negate();
+        self.users = self.users.wrapping_neg();
+    }
+}
+
+impl Multiply<isize> for CellDelta {
+    type Output = CellDelta;
+    fn multiply(self, rhs: &isize) -> CellDelta {
+        CellDelta {
+            sums: self.sums.multiply(rhs),
+            users: self.users.wrapping_mul(*rhs as i64),
+        }
+    }
+}
+
+/// Changes to every cell of both grains, as differences of type [`CellDelta`].
+pub type CellChanges<'scope> = VecCollection<'scope, Epoch, Cell, CellDelta>;
+
+fn cells(event: &EventVersion) -> [Cell; 2] {
+    Grain::ALL.map(|grain| Cell {
+        grain,
+        period: grain.period_of(event),
+        dims: event.dims,
+    })
+}
+
+/// From the deduplicated events to the changes of every cell's metrics.
+///
+/// Sums are linear, so they need no state here: each event's contribution flows straight on, and
+/// the sink adds it up. Distinct users are not: `(cell, user)` pairs are arranged and
+/// `distinct_total` reports when a pair appears or disappears, which is a ±1 on the cell's users.
+pub fn aggregate<'scope>(deduped: Deduped<'scope>) -> CellChanges<'scope> {
+    let sums = deduped.clone().explode(|(_key, (event, _versions))| {
+        let delta = CellDelta {
+            sums: Sums::of(&event),
+            users: 0,
+        };
+        cells(&event).map(|cell| (cell, delta))
+    });
+    let users = deduped
+        .flat_map(|(_key, (event, _versions))| cells(&event).map(|cell| ((cell, event.user_id), ())))
+        .arrange_named::<RunKeyBatcher<(Cell, i64), Epoch, isize>, KeySpine<(Cell, i64), Epoch, isize>>(
+            "Arrange: CellUsers",
+            RunKeyBatcher::new,
+        )
+        .distinct_total()
+        .explode(|(cell, _user)| Some((cell, CellDelta { sums: Sums::default(), users: 1 })));
+    sums.concat(users)
 }

@@ -7,18 +7,21 @@
 //! of merge levels, for the same result: the batcher's output does not depend on how its input
 //! was cut.
 
+use std::collections::btree_map::BTreeMap;
+use std::collections::hash_map::{Entry, HashMap};
 use std::collections::VecDeque;
 
 use differential_dataflow::batcher::merge::vec::VecMerger;
 use differential_dataflow::batcher::merge::MergeBatcher;
 use differential_dataflow::consolidation::consolidate_updates;
 use differential_dataflow::difference::Semigroup;
-use differential_dataflow::lattice::Lattice;
-use differential_dataflow::operators::arrange::Arranged;
-use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
-use differential_dataflow::{ExchangeData, Hashable, VecCollection};
+use differential_dataflow::trace::implementations::{KeyBuilder, ValBuilder};
+use differential_dataflow::{AsCollection, ExchangeData, VecCollection};
 use timely::container::{ContainerBuilder, PushInto};
-use timely::progress::Timestamp;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::{Capability, Operator};
+
+use crate::model::Epoch;
 
 /// Updates per sorted run handed to the merge ladder.
 pub const RUN_UPDATES: usize = 1 << 16;
@@ -32,7 +35,11 @@ pub struct SortedRunChunker<U> {
 
 impl<U> Default for SortedRunChunker<U> {
     fn default() -> Self {
-        SortedRunChunker { pending: Vec::new(), ready: VecDeque::new(), current: Vec::new() }
+        SortedRunChunker {
+            pending: Vec::new(),
+            ready: VecDeque::new(),
+            current: Vec::new(),
+        }
     }
 }
 
@@ -78,35 +85,96 @@ impl<D: Ord, T: Ord, R: Semigroup> ContainerBuilder for SortedRunChunker<(D, T, 
     }
 }
 
-/// A merge batcher fed by [`SortedRunChunker`], for `(key, val)` updates.
-pub type RunBatcher<K, V, T, R> = MergeBatcher<SortedRunChunker<((K, V), T, R)>, VecMerger<(K, V), T, R>, ValBuilder<K, V, T, R>>;
+/// A merge batcher fed by [`SortedRunChunker`], for `(key, val)` updates into a value spine.
+pub type RunBatcher<K, V, T, R> =
+    MergeBatcher<SortedRunChunker<((K, V), T, R)>, VecMerger<(K, V), T, R>, ValBuilder<K, V, T, R>>;
 
-/// `reduce` as differential's own, arranging through [`RunBatcher`]: for every key with any
-/// input, `logic` sees the key's values (sorted, with accumulated differences) and says the
-/// key's output values.
-pub fn reduce_by_key<'scope, T, K, V, R, V2, L>(
-    input: VecCollection<'scope, T, (K, V), R>,
+/// A merge batcher fed by [`SortedRunChunker`], for `(key, ())` updates into a key spine.
+pub type RunKeyBatcher<K, T, R> =
+    MergeBatcher<SortedRunChunker<((K, ()), T, R)>, VecMerger<(K, ()), T, R>, KeyBuilder<K, T, R>>;
+
+/// A multiply-rotate hasher (the `FxHash` scheme) for worker-local maps of small fixed-size keys:
+/// several times cheaper than std's SipHash, and only ever used in memory, never persisted.
+#[derive(Default, Clone, Copy)]
+pub struct FastHasher(u64);
+
+impl std::hash::Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+    fn write_u8(&mut self, v: u8) {
+        self.write_u64(v as u64);
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(v as u64);
+    }
+    fn write_i64(&mut self, v: i64) {
+        self.write_u64(v as u64);
+    }
+    fn write_isize(&mut self, v: isize) {
+        self.write_u64(v as u64);
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+/// Builds [`FastHasher`]s.
+pub type BuildFastHasher = std::hash::BuildHasherDefault<FastHasher>;
+
+/// Consolidates a collection per time on this worker before it is exchanged: updates are held
+/// until the input frontier passes their time, then sent once per distinct record. Only for
+/// records whose differences add up (sums and counts): a skewed key then costs one update per
+/// worker and epoch instead of one per event.
+pub fn consolidate_per_time<'scope, D, R>(
+    input: VecCollection<'scope, Epoch, D, R>,
     name: &str,
-    logic: L,
-) -> VecCollection<'scope, T, (K, V2), isize>
+) -> VecCollection<'scope, Epoch, D, R>
 where
-    T: Timestamp + Lattice + Ord,
-    K: ExchangeData + Hashable,
-    V: ExchangeData,
+    D: ExchangeData + std::hash::Hash,
     R: ExchangeData + Semigroup,
-    V2: ExchangeData,
-    L: FnMut(&K, &[(&V, R)], &mut Vec<(V2, isize)>) + 'static,
 {
-    let arranged: Arranged<'scope, _> =
-        input.arrange_named::<RunBatcher<K, V, T, R>, ValSpine<K, V, T, R>>(&format!("Arrange: {name}"), RunBatcher::new);
-    arranged
-        .reduce_abelian::<_, ValBuilder<K, V2, T, isize>, ValSpine<K, V2, T, isize>, _, _>(
-            name,
-            logic,
-            |vec, key, upds| {
-                vec.clear();
-                vec.extend(upds.drain(..).map(|(v, t, r)| ((key.clone(), v), t, r)));
-            },
-        )
-        .as_collection(|k, v| (k.clone(), v.clone()))
+    input
+        .inner
+        .unary_frontier(Pipeline, name, |_, _| {
+            // Iteration order of this map never reaches the output's contents: the sink adds the
+            // differences up, and every consumer consolidates.
+            let mut stash: BTreeMap<Epoch, (Capability<Epoch>, HashMap<D, R, BuildFastHasher>)> =
+                BTreeMap::new();
+            move |(input, frontier), output| {
+                input.for_each(|capability, data| {
+                    for (record, time, diff) in data.drain(..) {
+                        let (_, sums) = stash
+                            .entry(time)
+                            .or_insert_with(|| (capability.delayed(&time, 0), HashMap::default()));
+                        match sums.entry(record) {
+                            Entry::Occupied(mut e) => e.get_mut().plus_equals(&diff),
+                            Entry::Vacant(e) => {
+                                e.insert(diff);
+                            }
+                        }
+                    }
+                });
+                while let Some(entry) = stash.first_entry() {
+                    if frontier.less_equal(entry.key()) {
+                        break;
+                    }
+                    let (time, (capability, sums)) = entry.remove_entry();
+                    let mut session = output.session(&capability);
+                    for (record, diff) in sums {
+                        if !diff.is_zero() {
+                            session.give((record, time, diff));
+                        }
+                    }
+                }
+            }
+        })
+        .as_collection()
 }

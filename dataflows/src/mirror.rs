@@ -1,14 +1,18 @@
 //! The sink's view of the metrics: the current rows of each curated partition this worker owns.
 //!
-//! The metrics collection is exchanged by partition before it reaches the mirror, so every
-//! partition lives whole on exactly one worker (its designated writer). The mirror applies the
-//! consolidated changes of each epoch and remembers which partitions they touched; once the frontier
-//! passes the epoch, the sink reads those partitions whole, in sorted order, and publishes them.
+//! The cell changes are exchanged by partition before they reach the mirror, so every partition
+//! lives whole on exactly one worker (its designated writer). The mirror adds up each cell's
+//! changes (sums and distinct-user counts are both additive at this point) and remembers which
+//! partitions they touched; once the frontier passes the epoch, the sink reads those partitions
+//! whole, in sorted order, and publishes them.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use differential_dataflow::difference::{IsZero, Semigroup};
+
+use crate::aggregate::CellDelta;
 use crate::model::{Cell, Dims, Grain, MetricRow};
 
 /// One curated partition: a grain and a period (an hour or a day).
@@ -23,7 +27,10 @@ pub struct PartitionId {
 impl PartitionId {
     /// The partition a cell belongs to.
     pub fn of(cell: &Cell) -> Self {
-        PartitionId { grain: cell.grain, period: cell.period }
+        PartitionId {
+            grain: cell.grain,
+            period: cell.period,
+        }
     }
 
     /// A well-mixed routing hash, the same in every process and build: picks the partition's
@@ -51,7 +58,11 @@ pub struct MirrorError {
 
 impl std::fmt::Display for MirrorError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "partition {:?} is inconsistent: {}", self.partition, self.detail)
+        write!(
+            f,
+            "partition {:?} is inconsistent: {}",
+            self.partition, self.detail
+        )
     }
 }
 
@@ -60,21 +71,21 @@ impl std::error::Error for MirrorError {}
 /// Current rows of the partitions one worker owns, and the partitions changed since last taken.
 #[derive(Default, Debug)]
 pub struct PartitionMirror {
-    partitions: BTreeMap<PartitionId, BTreeMap<(Dims, MetricRow), isize>>,
+    partitions: BTreeMap<PartitionId, BTreeMap<Dims, CellDelta>>,
     touched: BTreeSet<PartitionId>,
 }
 
 impl PartitionMirror {
-    /// Applies one change from the metrics collection.
-    pub fn apply(&mut self, cell: &Cell, row: &MetricRow, diff: isize) {
+    /// Adds one change to a cell.
+    pub fn apply(&mut self, cell: &Cell, delta: &CellDelta) {
         let id = PartitionId::of(cell);
-        let rows = self.partitions.entry(id).or_default();
-        let count = rows.entry((cell.dims, *row)).or_insert(0);
-        *count += diff;
-        if *count == 0 {
-            rows.remove(&(cell.dims, *row));
+        let cells = self.partitions.entry(id).or_default();
+        let state = cells.entry(cell.dims).or_default();
+        state.plus_equals(delta);
+        if state.is_zero() {
+            cells.remove(&cell.dims);
         }
-        if rows.is_empty() {
+        if cells.is_empty() {
             self.partitions.remove(&id);
         }
         self.touched.insert(id);
@@ -85,23 +96,35 @@ impl PartitionMirror {
         std::mem::take(&mut self.touched).into_iter().collect()
     }
 
-    /// The partition's rows sorted by dims; empty if the partition has no rows (any more).
+    /// The partition's rows sorted by dims; empty if the partition has no rows (any more). Only
+    /// meaningful once the frontier has passed every change applied.
     pub fn rows(&self, id: &PartitionId) -> Result<Vec<(Dims, MetricRow)>, MirrorError> {
-        let Some(rows) = self.partitions.get(id) else {
+        let Some(cells) = self.partitions.get(id) else {
             return Ok(Vec::new());
         };
-        let mut out: Vec<(Dims, MetricRow)> = Vec::with_capacity(rows.len());
-        for (&(dims, row), &count) in rows {
-            if count != 1 {
+        let mut out = Vec::with_capacity(cells.len());
+        for (dims, state) in cells {
+            let s = &state.sums;
+            // A cell with events has users and a cell with users has events; anything else is a
+            // half-applied epoch or a bug upstream.
+            if s.events <= 0
+                || state.users <= 0
+                || s.impressions + s.clicks + s.conversions != s.events
+            {
                 return Err(MirrorError {
                     partition: *id,
-                    detail: format!("row {dims:?} has multiplicity {count}"),
+                    detail: format!("cell {dims:?} is inconsistent: {state:?}"),
                 });
             }
-            if out.last().is_some_and(|(last, _)| *last == dims) {
-                return Err(MirrorError { partition: *id, detail: format!("two rows for {dims:?}") });
-            }
-            out.push((dims, row));
+            let row = MetricRow {
+                impressions: s.impressions,
+                clicks: s.clicks,
+                conversions: s.conversions,
+                cost_micros: s.cost_micros,
+                revenue_micros: s.revenue_micros,
+                unique_users: state.users,
+            };
+            out.push((*dims, row));
         }
         Ok(out)
     }
@@ -115,41 +138,96 @@ impl PartitionMirror {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::Sums;
     use crate::model::Country;
 
     fn cell(period: i64, ad_id: i64) -> Cell {
-        let dims = Dims { advertiser_id: 1, campaign_id: 2, ad_id, country: Country(*b"US") };
-        Cell { grain: Grain::Hourly, period, dims }
+        let dims = Dims {
+            advertiser_id: 1,
+            campaign_id: 2,
+            ad_id,
+            country: Country(*b"US"),
+        };
+        Cell {
+            grain: Grain::Hourly,
+            period,
+            dims,
+        }
+    }
+
+    fn impression(users: i64) -> CellDelta {
+        CellDelta {
+            sums: Sums {
+                events: 1,
+                impressions: 1,
+                cost_micros: 10,
+                ..Default::default()
+            },
+            users,
+        }
     }
 
     #[test]
-    fn update_replaces_row_and_marks_partition() {
+    fn changes_add_up_and_mark_partition() {
         let mut mirror = PartitionMirror::default();
-        let old = MetricRow { impressions: 1, ..Default::default() };
-        let new = MetricRow { impressions: 2, ..Default::default() };
-        mirror.apply(&cell(5, 1), &old, 1);
+        mirror.apply(&cell(5, 1), &impression(1));
         assert_eq!(mirror.take_touched().len(), 1);
-        mirror.apply(&cell(5, 1), &new, 1);
-        mirror.apply(&cell(5, 1), &old, -1);
-        let id = PartitionId { grain: Grain::Hourly, period: 5 };
+        mirror.apply(&cell(5, 1), &impression(0));
+        let id = PartitionId {
+            grain: Grain::Hourly,
+            period: 5,
+        };
         assert_eq!(mirror.take_touched(), vec![id]);
-        assert_eq!(mirror.rows(&id).unwrap(), vec![(cell(5, 1).dims, new)]);
+        let rows = mirror.rows(&id).unwrap();
+        assert_eq!(
+            rows[0].1,
+            MetricRow {
+                impressions: 2,
+                cost_micros: 20,
+                unique_users: 1,
+                ..Default::default()
+            }
+        );
         assert!(mirror.take_touched().is_empty());
     }
 
     #[test]
-    fn half_applied_update_is_reported() {
+    fn a_cell_with_events_but_no_users_is_reported() {
         let mut mirror = PartitionMirror::default();
-        mirror.apply(&cell(5, 1), &MetricRow::default(), 1);
-        mirror.apply(&cell(5, 1), &MetricRow { clicks: 1, ..Default::default() }, 1);
-        let id = PartitionId { grain: Grain::Hourly, period: 5 };
+        mirror.apply(&cell(5, 1), &impression(0));
+        let id = PartitionId {
+            grain: Grain::Hourly,
+            period: 5,
+        };
         assert!(mirror.rows(&id).is_err());
+    }
+
+    #[test]
+    fn retracting_everything_empties_the_partition() {
+        let mut mirror = PartitionMirror::default();
+        mirror.apply(&cell(5, 1), &impression(1));
+        let mut minus = impression(1);
+        differential_dataflow::difference::Abelian::negate(&mut minus);
+        mirror.apply(&cell(5, 1), &minus);
+        let id = PartitionId {
+            grain: Grain::Hourly,
+            period: 5,
+        };
+        assert!(mirror.rows(&id).unwrap().is_empty());
+        assert_eq!(mirror.partitions().count(), 0);
     }
 
     #[test]
     fn route_spreads_consecutive_hours() {
         let owners: BTreeSet<u64> = (0..64)
-            .map(|period| PartitionId { grain: Grain::Hourly, period }.route() % 4)
+            .map(|period| {
+                PartitionId {
+                    grain: Grain::Hourly,
+                    period,
+                }
+                .route()
+                    % 4
+            })
             .collect();
         assert_eq!(owners.len(), 4);
     }

@@ -184,7 +184,9 @@ pub struct Cell {
 }
 
 /// The metrics of one cell. Sums are exact; `unique_users` is an exact distinct count.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
+)]
 pub struct MetricRow {
     /// Number of distinct impression events.
     pub impressions: i64,

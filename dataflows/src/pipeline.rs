@@ -1,4 +1,5 @@
-//! The whole adsmetrics dataflow, read top to bottom: input → dedup → aggregate → mirror.
+//! The whole adsmetrics dataflow, read top to bottom: input → dedup → aggregate → pre-aggregate
+//! per worker → exchange by partition → mirror.
 //!
 //! [`build`] constructs it on a worker and hands back the input session, the probe that tells when
 //! an epoch is complete, and the worker's [`PartitionMirror`]. Every worker must call it, in the same
@@ -13,8 +14,9 @@ use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::Exchange;
 use timely::worker::Worker;
 
-use crate::aggregate::Aggregate;
-use crate::dedup::Dedup;
+use crate::aggregate::aggregate;
+use crate::batching::consolidate_per_time;
+use crate::dedup::dedup;
 use crate::mirror::{PartitionId, PartitionMirror};
 use crate::model::{DedupKey, Epoch, EventVersion};
 
@@ -38,7 +40,7 @@ pub fn build(worker: &mut Worker) -> Pipeline {
 
     let input = worker.dataflow_named::<Epoch, _, _>("adsmetrics", |scope| {
         let (input, events) = scope.new_collection::<(DedupKey, EventVersion), isize>();
-        let deduped = events.dedup();
+        let deduped = dedup(events);
 
         let conflicts = conflicted_keys.clone();
         deduped
@@ -48,16 +50,20 @@ pub fn build(worker: &mut Worker) -> Pipeline {
             .probe_with(&probe);
 
         let sink = mirror.clone();
-        deduped
-            .aggregate()
+        consolidate_per_time(aggregate(deduped), "Preaggregate")
             .inner
-            .exchange(|((cell, _row), _time, _diff)| PartitionId::of(cell).route())
+            .exchange(|(cell, _time, _delta)| PartitionId::of(cell).route())
             .as_collection()
-            .inspect(move |((cell, row), _time, diff)| sink.borrow_mut().apply(cell, row, *diff))
+            .inspect(move |(cell, _time, delta)| sink.borrow_mut().apply(cell, delta))
             .probe_with(&probe);
 
         input
     });
 
-    Pipeline { input, probe, mirror, conflicted_keys }
+    Pipeline {
+        input,
+        probe,
+        mirror,
+        conflicted_keys,
+    }
 }

@@ -9,7 +9,9 @@ use crate::mirror::PartitionId;
 use crate::model::{Cell, DedupKey, Dims, EventType, EventVersion, Grain, MetricRow};
 
 /// The winning version of every key among `versions` (any order, any multiplicity).
-pub fn dedup<'a>(versions: impl IntoIterator<Item = &'a (DedupKey, EventVersion)>) -> BTreeMap<DedupKey, EventVersion> {
+pub fn dedup<'a>(
+    versions: impl IntoIterator<Item = &'a (DedupKey, EventVersion)>,
+) -> BTreeMap<DedupKey, EventVersion> {
     let mut winners: BTreeMap<DedupKey, EventVersion> = BTreeMap::new();
     for (key, version) in versions {
         winners
@@ -25,11 +27,17 @@ pub fn dedup<'a>(versions: impl IntoIterator<Item = &'a (DedupKey, EventVersion)
 }
 
 /// Every partition's sorted rows computed from scratch from the winning versions.
-pub fn tables(winners: &BTreeMap<DedupKey, EventVersion>) -> BTreeMap<PartitionId, Vec<(Dims, MetricRow)>> {
+pub fn tables(
+    winners: &BTreeMap<DedupKey, EventVersion>,
+) -> BTreeMap<PartitionId, Vec<(Dims, MetricRow)>> {
     let mut cells: BTreeMap<Cell, (MetricRow, BTreeSet<i64>)> = BTreeMap::new();
     for event in winners.values() {
         for grain in Grain::ALL {
-            let cell = Cell { grain, period: grain.period_of(event), dims: event.dims };
+            let cell = Cell {
+                grain,
+                period: grain.period_of(event),
+                dims: event.dims,
+            };
             let (row, users) = cells.entry(cell).or_default();
             match event.event_type {
                 EventType::Impression => row.impressions += 1,
@@ -44,7 +52,10 @@ pub fn tables(winners: &BTreeMap<DedupKey, EventVersion>) -> BTreeMap<PartitionI
     let mut tables: BTreeMap<PartitionId, Vec<(Dims, MetricRow)>> = BTreeMap::new();
     for (cell, (mut row, users)) in cells {
         row.unique_users = users.len() as i64;
-        tables.entry(PartitionId::of(&cell)).or_default().push((cell.dims, row));
+        tables
+            .entry(PartitionId::of(&cell))
+            .or_default()
+            .push((cell.dims, row));
     }
     tables
 }

@@ -18,7 +18,8 @@ type Tables = BTreeMap<PartitionId, Vec<(Dims, MetricRow)>>;
 /// Runs the pipeline over `epochs` of updates on `workers` threads; returns the tables after each.
 fn run(epochs: Vec<Vec<(DedupKey, EventVersion)>>, workers: usize) -> Vec<Tables> {
     let epochs = Arc::new(epochs);
-    let snapshots: Arc<Mutex<Vec<Tables>>> = Arc::new(Mutex::new(vec![Tables::new(); epochs.len()]));
+    let snapshots: Arc<Mutex<Vec<Tables>>> =
+        Arc::new(Mutex::new(vec![Tables::new(); epochs.len()]));
     let (e, s) = (epochs.clone(), snapshots.clone());
     timely::execute(timely::Config::process(workers), move |worker| {
         let (index, peers) = (worker.index(), worker.peers());
@@ -36,7 +37,10 @@ fn run(epochs: Vec<Vec<(DedupKey, EventVersion)>>, workers: usize) -> Vec<Tables
             let mut snapshot = s.lock().unwrap();
             for id in mirror.partitions() {
                 let rows = mirror.rows(id).expect("mirror is consistent");
-                assert!(snapshot[epoch].insert(*id, rows).is_none(), "partition {id:?} on two workers");
+                assert!(
+                    snapshot[epoch].insert(*id, rows).is_none(),
+                    "partition {id:?} on two workers"
+                );
             }
         }
     })
@@ -48,27 +52,53 @@ fn run(epochs: Vec<Vec<(DedupKey, EventVersion)>>, workers: usize) -> Vec<Tables
 }
 
 fn version_strategy() -> impl Strategy<Value = (DedupKey, EventVersion)> {
-    (0u128..24, 0u32..3, 0u128..3, 0usize..3, 22i64..27, 1i64..4, 0usize..3, 0i64..6, 0i64..1000, 0i64..50).prop_map(
-        |(key, revision, salt, kind, hour, ad, country, user, cost, revenue)| {
-            let event_type = [EventType::Impression, EventType::Click, EventType::Conversion][kind];
-            let country = Country([*b"DE", *b"US", *b"FR"][country]);
-            let version = EventVersion {
-                revision,
-                content_hash: ContentHash((key * 1000 + salt * 10 + revision as u128).into()),
-                event_type,
-                event_time_us: hour * MICROS_PER_HOUR + (ad * 7 + user) * 1_000_000,
-                dims: Dims { advertiser_id: ad / 2, campaign_id: ad, ad_id: ad * 10, country },
-                user_id: user,
-                cost_micros: cost,
-                revenue_micros: revenue,
-            };
-            (DedupKey(key.into()), version)
-        },
+    (
+        0u128..24,
+        0u32..3,
+        0u128..3,
+        0usize..3,
+        22i64..27,
+        1i64..4,
+        0usize..3,
+        0i64..6,
+        0i64..1000,
+        0i64..50,
     )
+        .prop_map(
+            |(key, revision, salt, kind, hour, ad, country, user, cost, revenue)| {
+                let event_type = [
+                    EventType::Impression,
+                    EventType::Click,
+                    EventType::Conversion,
+                ][kind];
+                let country = Country([*b"DE", *b"US", *b"FR"][country]);
+                let version = EventVersion {
+                    revision,
+                    content_hash: ContentHash((key * 1000 + salt * 10 + revision as u128).into()),
+                    event_type,
+                    event_time_us: hour * MICROS_PER_HOUR + (ad * 7 + user) * 1_000_000,
+                    dims: Dims {
+                        advertiser_id: ad / 2,
+                        campaign_id: ad,
+                        ad_id: ad * 10,
+                        country,
+                    },
+                    user_id: user,
+                    cost_micros: cost,
+                    revenue_micros: revenue,
+                };
+                (DedupKey(key.into()), version)
+            },
+        )
 }
 
 /// A random multiset of versions, fed in a random order with random duplication, cut into epochs.
-fn input_strategy() -> impl Strategy<Value = (Vec<(DedupKey, EventVersion)>, Vec<Vec<(DedupKey, EventVersion)>>)> {
+fn input_strategy() -> impl Strategy<
+    Value = (
+        Vec<(DedupKey, EventVersion)>,
+        Vec<Vec<(DedupKey, EventVersion)>>,
+    ),
+> {
     proptest::collection::vec(version_strategy(), 1..60).prop_flat_map(|distinct| {
         let n = distinct.len();
         (
@@ -133,17 +163,42 @@ fn conflicting_revisions_resolve_to_highest_then_content_hash() {
         content_hash: ContentHash(5u128.into()),
         event_type: EventType::Click,
         event_time_us: 0,
-        dims: Dims { advertiser_id: 1, campaign_id: 1, ad_id: 1, country: Country(*b"DE") },
+        dims: Dims {
+            advertiser_id: 1,
+            campaign_id: 1,
+            ad_id: 1,
+            country: Country(*b"DE"),
+        },
         user_id: 1,
         cost_micros: 100,
         revenue_micros: 0,
     };
-    let corrected = EventVersion { revision: 1, content_hash: ContentHash(1u128.into()), cost_micros: 250, ..base };
-    let tie = EventVersion { revision: 1, content_hash: ContentHash(2u128.into()), cost_micros: 300, ..base };
-    for order in [vec![base, corrected, tie], vec![tie, base, corrected], vec![corrected, tie, base]] {
-        let epochs = order.into_iter().map(|v| vec![(DedupKey(9u128.into()), v)]).collect();
+    let corrected = EventVersion {
+        revision: 1,
+        content_hash: ContentHash(1u128.into()),
+        cost_micros: 250,
+        ..base
+    };
+    let tie = EventVersion {
+        revision: 1,
+        content_hash: ContentHash(2u128.into()),
+        cost_micros: 300,
+        ..base
+    };
+    for order in [
+        vec![base, corrected, tie],
+        vec![tie, base, corrected],
+        vec![corrected, tie, base],
+    ] {
+        let epochs = order
+            .into_iter()
+            .map(|v| vec![(DedupKey(9u128.into()), v)])
+            .collect();
         let last = run(epochs, 2).pop().unwrap();
-        let daily = &last[&PartitionId { grain: Grain::Daily, period: 0 }];
+        let daily = &last[&PartitionId {
+            grain: Grain::Daily,
+            period: 0,
+        }];
         assert_eq!(daily[0].1.cost_micros, 300);
         assert_eq!(daily[0].1.clicks, 1);
     }

@@ -15,9 +15,9 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
+use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use parquet::file::reader::{FileReader, SerializedFileReader};
-use parquet::file::metadata::KeyValue;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::schema::utc_micros;
@@ -61,7 +61,14 @@ pub fn content_version(id: &PartitionId, rows: &[(Dims, MetricRow)]) -> String {
             h.update(&v.to_le_bytes());
         }
         h.update(&d.country.0);
-        for v in [r.impressions, r.clicks, r.conversions, r.cost_micros, r.revenue_micros, r.unique_users] {
+        for v in [
+            r.impressions,
+            r.clicks,
+            r.conversions,
+            r.cost_micros,
+            r.revenue_micros,
+            r.unique_users,
+        ] {
             h.update(&v.to_le_bytes());
         }
     }
@@ -75,7 +82,10 @@ fn writer_properties(id: &PartitionId, version: &str) -> WriterProperties {
         .set_max_row_group_row_count(Some(1 << 20))
         .set_key_value_metadata(Some(vec![
             KeyValue::new(VERSION_KEY.to_string(), version.to_string()),
-            KeyValue::new("adsmetrics.table".to_string(), table_name(id.grain).to_string()),
+            KeyValue::new(
+                "adsmetrics.table".to_string(),
+                table_name(id.grain).to_string(),
+            ),
             KeyValue::new("adsmetrics.partition".to_string(), partition_path(id)),
         ]))
         .build()
@@ -86,16 +96,24 @@ pub fn rows_to_batch(id: &PartitionId, rows: &[(Dims, MetricRow)]) -> RecordBatc
     let start = period_start_micros(id);
     let date = (start.div_euclid(adsmetrics_dataflows::MICROS_PER_DAY)) as i32;
     let n = rows.len();
-    let int = |f: &dyn Fn(&(Dims, MetricRow)) -> i64| -> ArrayRef { Arc::new(rows.iter().map(f).collect::<Int64Array>()) };
+    let int = |f: &dyn Fn(&(Dims, MetricRow)) -> i64| -> ArrayRef {
+        Arc::new(rows.iter().map(f).collect::<Int64Array>())
+    };
     let mut columns: Vec<ArrayRef> = Vec::new();
     if id.grain == Grain::Hourly {
-        columns.push(Arc::new(TimestampMicrosecondArray::from(vec![start; n]).with_timezone("UTC")));
+        columns.push(Arc::new(
+            TimestampMicrosecondArray::from(vec![start; n]).with_timezone("UTC"),
+        ));
     }
     columns.push(Arc::new(Date32Array::from(vec![date; n])));
     columns.push(int(&|(d, _)| d.advertiser_id));
     columns.push(int(&|(d, _)| d.campaign_id));
     columns.push(int(&|(d, _)| d.ad_id));
-    columns.push(Arc::new(rows.iter().map(|(d, _)| Some(d.country.as_str())).collect::<StringArray>()));
+    columns.push(Arc::new(
+        rows.iter()
+            .map(|(d, _)| Some(d.country.as_str()))
+            .collect::<StringArray>(),
+    ));
     columns.push(int(&|(_, r)| r.impressions));
     columns.push(int(&|(_, r)| r.clicks));
     columns.push(int(&|(_, r)| r.conversions));
@@ -113,25 +131,39 @@ pub fn encode_partition(
     version: &str,
     path: &std::path::Path,
 ) -> Result<Vec<u8>, WriteError> {
-    parquet_bytes(&rows_to_batch(id, rows), writer_properties(id, version), path)
+    parquet_bytes(
+        &rows_to_batch(id, rows),
+        writer_properties(id, version),
+        path,
+    )
 }
 
 /// The version recorded in a partition file's metadata, or `None` if absent or unreadable.
 pub fn file_version(path: &std::path::Path) -> Option<String> {
     let reader = SerializedFileReader::new(File::open(path).ok()?).ok()?;
     let kv = reader.metadata().file_metadata().key_value_metadata()?;
-    kv.iter().find(|k| k.key == VERSION_KEY).and_then(|k| k.value.clone())
+    kv.iter()
+        .find(|k| k.key == VERSION_KEY)
+        .and_then(|k| k.value.clone())
 }
 
 /// Reads a partition file back into rows (used by `show` and tests).
-pub fn read_partition(path: &std::path::Path) -> Result<Vec<(Dims, MetricRow)>, Box<dyn std::error::Error + Send + Sync>> {
+pub fn read_partition(
+    path: &std::path::Path,
+) -> Result<Vec<(Dims, MetricRow)>, Box<dyn std::error::Error + Send + Sync>> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?.build()?;
     let mut rows = Vec::new();
     for batch in reader {
         let batch = batch?;
         let int = |name: &str| -> Result<Int64Array, Box<dyn std::error::Error + Send + Sync>> {
-            let col = batch.column_by_name(name).ok_or_else(|| format!("column {name} missing"))?;
-            Ok(col.as_any().downcast_ref::<Int64Array>().ok_or_else(|| format!("column {name} is not Int64"))?.clone())
+            let col = batch
+                .column_by_name(name)
+                .ok_or_else(|| format!("column {name} missing"))?;
+            Ok(col
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .ok_or_else(|| format!("column {name} is not Int64"))?
+                .clone())
         };
         let country = batch
             .column_by_name("country")
@@ -139,7 +171,11 @@ pub fn read_partition(path: &std::path::Path) -> Result<Vec<(Dims, MetricRow)>, 
             .ok_or("column country missing or not Utf8")?;
         let (adv, camp, ad) = (int("advertiser_id")?, int("campaign_id")?, int("ad_id")?);
         let (imp, clk, conv) = (int("impressions")?, int("clicks")?, int("conversions")?);
-        let (cost, rev, uu) = (int("cost_micros")?, int("revenue_micros")?, int("unique_users")?);
+        let (cost, rev, uu) = (
+            int("cost_micros")?,
+            int("revenue_micros")?,
+            int("unique_users")?,
+        );
         for i in 0..batch.num_rows() {
             let dims = Dims {
                 advertiser_id: adv.value(i),

@@ -34,8 +34,15 @@ pub enum WriteError {
 }
 
 /// Encodes `batch` as Parquet bytes with `props`.
-pub fn parquet_bytes(batch: &RecordBatch, props: WriterProperties, path: &Path) -> Result<Vec<u8>, WriteError> {
-    let err = |source| WriteError::Parquet { path: path.to_path_buf(), source };
+pub fn parquet_bytes(
+    batch: &RecordBatch,
+    props: WriterProperties,
+    path: &Path,
+) -> Result<Vec<u8>, WriteError> {
+    let err = |source| WriteError::Parquet {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut out = Vec::new();
     let mut writer = ArrowWriter::try_new(&mut out, batch.schema(), Some(props)).map_err(err)?;
     writer.write(batch).map_err(err)?;
@@ -46,7 +53,10 @@ pub fn parquet_bytes(batch: &RecordBatch, props: WriterProperties, path: &Path) 
 /// Writes `bytes` to `path`, creating directories. Not durable by itself: the publish makes
 /// everything written durable at once with [`sync_filesystem`] before the journal refers to it.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
-    let err = |source| WriteError::Io { path: path.to_path_buf(), source };
+    let err = |source| WriteError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(err)?;
     }
@@ -58,7 +68,10 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
 /// sees the old file or the new one, never a partial one.
 pub fn replace(staged: &Path, dest: &Path, bytes: &[u8]) -> Result<(), WriteError> {
     write_file(staged, bytes)?;
-    let err = |source| WriteError::Io { path: dest.to_path_buf(), source };
+    let err = |source| WriteError::Io {
+        path: dest.to_path_buf(),
+        source,
+    };
     let dir = dest.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(err)?;
     fs::rename(staged, dest).map_err(err)

@@ -60,11 +60,19 @@ pub fn stage_partition(
     if old_version.as_deref() == Some(version.as_str()) {
         return Ok(None);
     }
-    let name = format!("{}/{}-{}.parquet", table_name(id.grain), partition_path(id).replace('/', "_"), version);
+    let name = format!(
+        "{}/{}-{}.parquet",
+        table_name(id.grain),
+        partition_path(id).replace('/', "_"),
+        version
+    );
     let staged = warehouse.staging_dir().join(&name);
     let bytes = encode_partition(id, rows, &version, &staged)?;
     write_file(&staged, &bytes)?;
-    let relative: PathBuf = staged.strip_prefix(warehouse.root()).unwrap_or(&staged).to_path_buf();
+    let relative: PathBuf = staged
+        .strip_prefix(warehouse.root())
+        .unwrap_or(&staged)
+        .to_path_buf();
     Ok(Some(PartitionChange {
         partition: *id,
         old_version,
@@ -94,8 +102,10 @@ pub fn publish_epoch(
         return Err(injected(FailPoint::AfterStage).into());
     }
     // Raw, quarantine and staged files become durable before the journal names them.
-    sync_filesystem(warehouse.root())
-        .map_err(|source| WriteError::Io { path: warehouse.root().to_path_buf(), source })?;
+    sync_filesystem(warehouse.root()).map_err(|source| WriteError::Io {
+        path: warehouse.root().to_path_buf(),
+        source,
+    })?;
     let seq = journal.prepare(run_id, epoch, sources, changes)?;
     if fail == Some(FailPoint::AfterPrepare) {
         return Err(injected(FailPoint::AfterPrepare).into());

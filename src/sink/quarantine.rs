@@ -42,11 +42,31 @@ pub fn write_quarantine(
     ]));
     let n = records.len();
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(records.iter().map(|q| Some(q.source.as_str())).collect::<StringArray>()),
+        Arc::new(
+            records
+                .iter()
+                .map(|q| Some(q.source.as_str()))
+                .collect::<StringArray>(),
+        ),
         Arc::new(StringArray::from(vec![source_hash; n])),
-        Arc::new(records.iter().map(|q| Some(q.position.as_str())).collect::<StringArray>()),
-        Arc::new(records.iter().map(|q| Some(q.reason.as_str())).collect::<StringArray>()),
-        Arc::new(records.iter().map(|q| Some(q.raw.as_slice())).collect::<BinaryArray>()),
+        Arc::new(
+            records
+                .iter()
+                .map(|q| Some(q.position.as_str()))
+                .collect::<StringArray>(),
+        ),
+        Arc::new(
+            records
+                .iter()
+                .map(|q| Some(q.reason.as_str()))
+                .collect::<StringArray>(),
+        ),
+        Arc::new(
+            records
+                .iter()
+                .map(|q| Some(q.raw.as_slice()))
+                .collect::<BinaryArray>(),
+        ),
         Arc::new(TimestampMicrosecondArray::from(vec![ingested_at_us; n]).with_timezone("UTC")),
     ];
     let batch = RecordBatch::try_new(schema, columns).expect("columns follow schema");
@@ -55,7 +75,9 @@ pub fn write_quarantine(
         .set_compression(Compression::SNAPPY)
         .build();
     let bytes = parquet_bytes(&batch, props, &dest)?;
-    let staged = warehouse.staging_dir().join(format!("quarantine-{source_hash}.parquet"));
+    let staged = warehouse
+        .staging_dir()
+        .join(format!("quarantine-{source_hash}.parquet"));
     replace(&staged, &dest, &bytes)?;
     Ok(n as u64)
 }

@@ -19,9 +19,13 @@ pub type Tables = BTreeMap<PartitionId, Vec<(Dims, MetricRow)>>;
 /// `n` events over a few hours around a day boundary, with resends of earlier events (same id,
 /// same content), missing ids, and corrections (same id, higher revision). Deterministic.
 pub fn sample_events(n: usize, seed: u64) -> Vec<Event> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut next = move |m: u64| {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (state >> 11) % m
     };
     let base = 1_793_750_400_000_000i64; // 2026-11-03T00:00:00Z
@@ -47,7 +51,11 @@ pub fn sample_events(n: usize, seed: u64) -> Vec<Event> {
         };
         let producer = ["web", "ios", "android", "server"][next(4) as usize].to_string();
         events.push(Event {
-            event_id: if roll < 13 { None } else { Some(format!("{producer}-{seed}-{i}")) },
+            event_id: if roll < 13 {
+                None
+            } else {
+                Some(format!("{producer}-{seed}-{i}"))
+            },
             event_type,
             event_time_us: base - 2 * 3_600_000_000 + next(5 * 3_600_000_000) as i64,
             ad_id: ad,
@@ -56,8 +64,16 @@ pub fn sample_events(n: usize, seed: u64) -> Vec<Event> {
             country: Country([*b"DE", *b"US", *b"FR", *b"JP"][next(4) as usize]),
             user_id: next(40) as i64,
             ip: format!("10.0.{}.{}", next(4), next(250)),
-            cost_micros: if event_type == EventType::Conversion { None } else { Some(next(2000) as i64) },
-            revenue_micros: if event_type == EventType::Conversion { Some(next(90_000) as i64) } else { None },
+            cost_micros: if event_type == EventType::Conversion {
+                None
+            } else {
+                Some(next(2000) as i64)
+            },
+            revenue_micros: if event_type == EventType::Conversion {
+                Some(next(90_000) as i64)
+            } else {
+                None
+            },
             producer,
             revision: 0,
         });
@@ -69,7 +85,8 @@ pub fn sample_events(n: usize, seed: u64) -> Vec<Event> {
 pub fn write_parquet(path: &Path, events: &[Event]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let batch = events_to_batch(events);
-    let mut writer = ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), None).unwrap();
+    let mut writer =
+        ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), None).unwrap();
     writer.write(&batch).unwrap();
     writer.close().unwrap();
 }
@@ -114,7 +131,8 @@ pub fn decode_dir(dir: &Path) -> Vec<Event> {
 /// Reads every published partition back from its Parquet file.
 pub fn published_tables(warehouse: &Warehouse) -> Tables {
     let journal =
-        adsmetrics::journal::CommitJournal::open(warehouse.root(), &warehouse.journal_path()).unwrap();
+        adsmetrics::journal::CommitJournal::open(warehouse.root(), &warehouse.journal_path())
+            .unwrap();
     let mut tables = Tables::new();
     for id in journal.published().keys() {
         let path = warehouse.partition_file(id);
@@ -122,6 +140,11 @@ pub fn published_tables(warehouse: &Warehouse) -> Tables {
     }
     // Nothing but the journal's partitions may be visible to a directory reader.
     let visible = adsmetrics::snapshot::TableSnapshot::take(warehouse).unwrap();
-    assert_eq!(visible.files.len(), tables.len(), "files in table dirs: {:?}", visible.files.keys());
+    assert_eq!(
+        visible.files.len(),
+        tables.len(),
+        "files in table dirs: {:?}",
+        visible.files.keys()
+    );
     tables
 }
