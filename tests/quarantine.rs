@@ -105,7 +105,7 @@ fn bad_records_and_files_are_quarantined_with_reasons_and_nothing_is_lost() {
     let wh = Warehouse::new(dir.path().join("wh"));
     let summary = ingest(
         &wh,
-        &[input.clone()],
+        std::slice::from_ref(&input),
         IngestOptions {
             workers: 2,
             ..Default::default()

@@ -129,6 +129,9 @@ impl std::hash::Hasher for FastHasher {
 /// Builds [`FastHasher`]s.
 pub type BuildFastHasher = std::hash::BuildHasherDefault<FastHasher>;
 
+/// Differences of one time, added up per record.
+type Consolidating<D, R> = HashMap<D, R, BuildFastHasher>;
+
 /// Consolidates a collection per time on this worker before it is exchanged: updates are held
 /// until the input frontier passes their time, then sent once per distinct record. Only for
 /// records whose differences add up (sums and counts): a skewed key then costs one update per
@@ -146,7 +149,7 @@ where
         .unary_frontier(Pipeline, name, |_, _| {
             // Iteration order of this map never reaches the output's contents: the sink adds the
             // differences up, and every consumer consolidates.
-            let mut stash: BTreeMap<Epoch, (Capability<Epoch>, HashMap<D, R, BuildFastHasher>)> =
+            let mut stash: BTreeMap<Epoch, (Capability<Epoch>, Consolidating<D, R>)> =
                 BTreeMap::new();
             move |(input, frontier), output| {
                 input.for_each(|capability, data| {

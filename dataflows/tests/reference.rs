@@ -14,6 +14,7 @@ use adsmetrics_dataflows::*;
 use proptest::prelude::*;
 
 type Tables = BTreeMap<PartitionId, Vec<(Dims, MetricRow)>>;
+type Updates = Vec<(DedupKey, EventVersion)>;
 
 /// Runs the pipeline over `epochs` of updates on `workers` threads; returns the tables after each.
 fn run(epochs: Vec<Vec<(DedupKey, EventVersion)>>, workers: usize) -> Vec<Tables> {
@@ -93,12 +94,7 @@ fn version_strategy() -> impl Strategy<Value = (DedupKey, EventVersion)> {
 }
 
 /// A random multiset of versions, fed in a random order with random duplication, cut into epochs.
-fn input_strategy() -> impl Strategy<
-    Value = (
-        Vec<(DedupKey, EventVersion)>,
-        Vec<Vec<(DedupKey, EventVersion)>>,
-    ),
-> {
+fn input_strategy() -> impl Strategy<Value = (Updates, Vec<Updates>)> {
     proptest::collection::vec(version_strategy(), 1..60).prop_flat_map(|distinct| {
         let n = distinct.len();
         (
