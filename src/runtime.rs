@@ -280,11 +280,12 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
     for epoch in 0..=shared.epochs.len() as u64 {
         let started = Instant::now();
         let local = if epoch == 0 {
-            rehydrate(shared, index, peers, &mut pipeline)
+            rehydrate(shared, index, peers, worker, &mut pipeline)
         } else {
             ingest_sources(
                 shared,
                 &shared.epochs[epoch as usize - 1].by_worker[index],
+                worker,
                 &mut pipeline,
             )
         };
@@ -315,10 +316,18 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
     pipeline.conflicted_keys.get()
 }
 
+/// Hands what was just fed to the dataflow, so input does not pile up in channel buffers (a
+/// whole epoch of updates, waiting for the first step, was gigabytes at ten million events).
+fn drain_input(worker: &mut timely::worker::Worker, pipeline: &mut Pipeline) {
+    pipeline.input.flush();
+    worker.step();
+}
+
 fn rehydrate(
     shared: &Shared,
     index: usize,
     peers: usize,
+    worker: &mut timely::worker::Worker,
     pipeline: &mut Pipeline,
 ) -> Result<(), RunError> {
     let mut rows = 0u64;
@@ -339,6 +348,7 @@ fn rehydrate(
             pipeline.input.update(event.keyed_version(), 1);
         }
         rows += decoded.events.len() as u64;
+        drain_input(worker, pipeline);
     }
     shared.state.lock().expect("lock").summary.rehydrated_rows += rows;
     Ok(())
@@ -347,6 +357,7 @@ fn rehydrate(
 fn ingest_sources(
     shared: &Shared,
     sources: &[SourceFile],
+    worker: &mut timely::worker::Worker,
     pipeline: &mut Pipeline,
 ) -> Result<(), RunError> {
     for source in sources {
@@ -393,6 +404,7 @@ fn ingest_sources(
         for (key, (version, _)) in best.iter() {
             pipeline.input.update((*key, *version), 1);
         }
+        drain_input(worker, pipeline);
 
         let record = SourceRecord {
             source: source.label.clone(),

@@ -48,6 +48,18 @@ fn add(present: &mut Vec<(EventVersion, isize)>, version: EventVersion, diff: is
     }
 }
 
+/// Keys one invocation of the dedup operator works through before it yields to the operators
+/// downstream; bounds the updates in flight (an epoch's whole output at once was gigabytes).
+pub const KEYS_PER_ACTIVATION: usize = 1 << 17;
+
+/// The changes of one received batch of input, still to be turned into output.
+struct Job<B> {
+    caps: CapabilitySet<Epoch>,
+    batches: Vec<B>,
+    lower: Antichain<Epoch>,
+    resume: Option<DedupKey>,
+}
+
 /// Reduces a multiset of keyed event versions to one winner per key.
 pub fn dedup<'scope>(
     input: VecCollection<'scope, Epoch, (DedupKey, EventVersion), isize>,
@@ -58,16 +70,18 @@ pub fn dedup<'scope>(
             RunBatcher::new,
         );
     let mut trace = arranged.trace.clone();
+    let scope = arranged.stream.scope();
     arranged
         .stream
-        .unary_frontier(Pipeline, "Dedup", move |_, _| {
-            let mut lower = Antichain::from_elem(0 as Epoch);
+        .unary_frontier(Pipeline, "Dedup", move |_, info| {
+            let activator = scope.activator_for(std::rc::Rc::clone(&info.address));
             let mut upper = Antichain::from_elem(0 as Epoch);
+            let mut jobs = std::collections::VecDeque::new();
             let mut present: Vec<(EventVersion, isize)> = Vec::new();
             let mut updates: Vec<(Epoch, EventVersion, isize)> = Vec::new();
 
             move |(input, _frontier), output| {
-                lower.clone_from(&upper);
+                let lower = upper.clone();
                 let mut batches = Vec::new();
                 let mut caps = CapabilitySet::new();
                 input.for_each(|capability, data| {
@@ -76,21 +90,36 @@ pub fn dedup<'scope>(
                     }
                     for batch in data.drain(..) {
                         upper.clone_from(batch.upper()); // batches arrive in order
-                        batches.push(batch);
+                        batches.extend(batch.inner);
                     }
                 });
-
                 if !caps.is_empty() {
-                    let mut session = output.session(&caps);
-                    let (mut batch_cursor, batch_storage) =
-                        cursor_list(batches.into_iter().filter_map(|b| b.inner).collect());
+                    jobs.push_back(Job {
+                        caps,
+                        batches,
+                        lower,
+                        resume: None,
+                    });
+                }
+
+                let mut fuel = KEYS_PER_ACTIVATION;
+                while fuel > 0 {
+                    let Some(job) = jobs.front_mut() else { break };
+                    let mut session = output.session(&job.caps);
+                    let (mut batch_cursor, batch_storage) = cursor_list(job.batches.clone());
                     let (mut trace_cursor, trace_storage) = cursor_list(
                         trace
-                            .batches_through(lower.borrow())
-                            .expect("the trace is compacted only up to `lower`"),
+                            .batches_through(job.lower.borrow())
+                            .expect("the trace is compacted only up to a pending job"),
                     );
-
+                    if let Some(resume) = &job.resume {
+                        batch_cursor.seek_key(&batch_storage, resume);
+                    }
                     while let Some(key) = batch_cursor.get_key(&batch_storage) {
+                        if fuel == 0 {
+                            break;
+                        }
+                        fuel -= 1;
                         // The versions present before this batch.
                         present.clear();
                         trace_cursor.seek_key(&trace_storage, key);
@@ -136,12 +165,26 @@ pub fn dedup<'scope>(
                         }
                         batch_cursor.step_key(&batch_storage);
                     }
+                    match batch_cursor.get_key(&batch_storage) {
+                        Some(key) => job.resume = Some(*key),
+                        None => {
+                            drop(session);
+                            jobs.pop_front();
+                        }
+                    }
+                }
+                if !jobs.is_empty() {
+                    activator.activate();
                 }
 
-                // Only the accumulation up to `upper` is ever read again.
+                // Only the accumulation up to the oldest pending job's lower bound (or, with none
+                // pending, up to `upper`) is ever read again.
                 trace.advance_upper(&mut upper);
-                trace.set_logical_compaction(upper.borrow());
-                trace.set_physical_compaction(upper.borrow());
+                let compact = jobs
+                    .front()
+                    .map_or_else(|| upper.clone(), |job| job.lower.clone());
+                trace.set_logical_compaction(compact.borrow());
+                trace.set_physical_compaction(compact.borrow());
             }
         })
         .as_collection()
