@@ -187,10 +187,9 @@ pub fn ingest(
         .chunks(per_epoch)
         .map(|chunk| assign(chunk, workers))
         .collect();
-    let consumed = journal.consumed().clone();
     let rehydrate: Vec<PathBuf> = raw::list_raw_files(warehouse)
         .into_iter()
-        .filter(|p| raw::source_hash_of(p).is_some_and(|h| consumed.contains(h)))
+        .filter(|p| raw::source_hash_of(p).is_some_and(|h| journal.consumed().contains(h)))
         .collect();
 
     let progress = if options.progress {

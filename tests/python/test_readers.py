@@ -39,7 +39,7 @@ RECOMPUTE = """
 WITH src AS (
   SELECT *, coalesce(event_id, concat_ws('|', event_type, epoch_us(event_time), ad_id, campaign_id,
          advertiser_id, country, user_id, ip, cost_micros, revenue_micros, producer, revision)) AS k
-  FROM read_parquet('{data}/**/*.parquet')
+  FROM read_parquet('{data}/**/*.parquet', hive_partitioning = false)
 ), winners AS (
   SELECT DISTINCT ON (producer, event_type, k) * FROM src
   ORDER BY producer, event_type, k, revision DESC
@@ -53,6 +53,11 @@ SELECT {period} AS period, advertiser_id, campaign_id, ad_id, country,
        count(DISTINCT user_id) AS unique_users
 FROM winners GROUP BY ALL
 """
+
+
+def scalar(rel):
+    """The single value of a one-row, one-column relation (DuckDB 2.0 relations keep no result)."""
+    return rel.fetchall()[0][0]
 
 
 def table(con, wh, name, period):
@@ -70,17 +75,17 @@ def test_duckdb_recompute_equals_published(published, name, ours, theirs):
     data, wh = published
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
-    ties = con.sql(f"""SELECT count(*) FROM (SELECT producer, event_type, event_id FROM
-        read_parquet('{data}/**/*.parquet') WHERE event_id IS NOT NULL
-        GROUP BY ALL HAVING count(DISTINCT revision) < count(DISTINCT (cost_micros, revenue_micros, event_time)))""").fetchone()[0]
+    ties = scalar(con.sql(f"""SELECT count(*) FROM (SELECT producer, event_type, event_id FROM
+        read_parquet('{data}/**/*.parquet', hive_partitioning = false) WHERE event_id IS NOT NULL
+        GROUP BY ALL HAVING count(DISTINCT revision) < count(DISTINCT (cost_micros, revenue_micros, event_time)))"""))
     assert ties == 0, "test data has same-revision conflicts; the SQL rule would be ambiguous"
     expected = con.sql(RECOMPUTE.format(data=data, period=theirs))
     actual = table(con, wh, name, ours)
-    n = actual.count("*").fetchone()[0]
+    n = scalar(actual.count("*"))
     assert n > 1000
-    assert expected.count("*").fetchone()[0] == n
-    assert actual.except_(expected).count("*").fetchone()[0] == 0
-    assert expected.except_(actual).count("*").fetchone()[0] == 0
+    assert scalar(expected.count("*")) == n
+    assert scalar(actual.except_(expected).count("*")) == 0
+    assert scalar(expected.except_(actual).count("*")) == 0
 
 
 def test_column_types_and_partition_keys(published):
@@ -92,9 +97,9 @@ def test_column_types_and_partition_keys(published):
     assert types["event_date"] == "DATE"
     assert "dt" in types and "hr" in types
     # The event_hour column agrees with the dt=/hr= path of its file.
-    bad = con.sql(f"""SELECT count(*) FROM read_parquet('{wh}/ads_metrics_hourly/**/*.parquet', hive_partitioning = true)
+    bad = scalar(con.sql(f"""SELECT count(*) FROM read_parquet('{wh}/ads_metrics_hourly/**/*.parquet', hive_partitioning = true)
         WHERE strftime(event_hour AT TIME ZONE 'UTC', '%Y-%m-%d') <> dt::VARCHAR
-           OR lpad(hour(event_hour AT TIME ZONE 'UTC')::VARCHAR, 2, '0') <> lpad(hr::VARCHAR, 2, '0')""").fetchone()[0]
+           OR lpad(hour(event_hour AT TIME ZONE 'UTC')::VARCHAR, 2, '0') <> lpad(hr::VARCHAR, 2, '0')"""))
     assert bad == 0
 
 
@@ -103,7 +108,7 @@ def test_pyarrow_reads_the_same_rows_with_versions(published):
     for name in ["ads_metrics_hourly", "ads_metrics_daily"]:
         dataset = ds.dataset(wh / name, format="parquet", partitioning="hive")
         rows = dataset.count_rows()
-        duck = duckdb.sql(f"SELECT count(*) FROM read_parquet('{wh}/{name}/**/*.parquet')").fetchone()[0]
+        duck = scalar(duckdb.sql(f"SELECT count(*) FROM read_parquet('{wh}/{name}/**/*.parquet')"))
         assert rows == duck > 0
         for f in dataset.files:
             meta = pq.read_metadata(f).metadata
