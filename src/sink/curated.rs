@@ -14,14 +14,13 @@ use arrow::array::{ArrayRef, Date32Array, Int64Array, StringArray, TimestampMicr
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::basic::Compression;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::schema::utc_micros;
-use crate::sink::files::{parquet_bytes, WriteError};
+use crate::sink::files::{base_writer_properties, parquet_bytes, WriteError};
 use crate::warehouse::{partition_path, period_start_micros, table_name};
 
 /// Metadata key holding the partition version (content hash of the rows).
@@ -76,10 +75,7 @@ pub fn content_version(id: &PartitionId, rows: &[(Dims, MetricRow)]) -> String {
 }
 
 fn writer_properties(id: &PartitionId, version: &str) -> WriterProperties {
-    WriterProperties::builder()
-        .set_created_by("adsmetrics (parquet-rs)".to_string())
-        .set_compression(Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(1 << 20))
+    base_writer_properties()
         .set_key_value_metadata(Some(vec![
             KeyValue::new(VERSION_KEY.to_string(), version.to_string()),
             KeyValue::new(

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
-use parquet::file::properties::WriterProperties;
+use parquet::basic::Compression;
+use parquet::file::properties::{WriterProperties, WriterPropertiesBuilder};
 
 /// A write failed; says which file. I/O errors here may be retried by rerunning the command.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,15 @@ pub enum WriteError {
         /// The encoder error.
         source: parquet::errors::ParquetError,
     },
+}
+
+/// The writer settings every file of this project starts from: a fixed `created_by` (no version
+/// or time in it, so the same rows give the same bytes), Snappy, row groups of up to 1M rows.
+pub fn base_writer_properties() -> WriterPropertiesBuilder {
+    WriterProperties::builder()
+        .set_created_by("adsmetrics (parquet-rs)".to_string())
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(1 << 20))
 }
 
 /// Encodes `batch` as Parquet bytes with `props`.

@@ -8,12 +8,10 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, BinaryArray, StringArray, TimestampMicrosecondArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
-use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
 
 use crate::event::Quarantined;
 use crate::schema::utc_micros;
-use crate::sink::files::{parquet_bytes, replace, WriteError};
+use crate::sink::files::{base_writer_properties, parquet_bytes, replace, WriteError};
 use crate::warehouse::{day_string, Warehouse};
 
 /// Writes a source's quarantined records; `ingested_at_us` is the run's wall-clock start.
@@ -70,10 +68,7 @@ pub fn write_quarantine(
         Arc::new(TimestampMicrosecondArray::from(vec![ingested_at_us; n]).with_timezone("UTC")),
     ];
     let batch = RecordBatch::try_new(schema, columns).expect("columns follow schema");
-    let props = WriterProperties::builder()
-        .set_created_by("adsmetrics (parquet-rs)".to_string())
-        .set_compression(Compression::SNAPPY)
-        .build();
+    let props = base_writer_properties().build();
     let bytes = parquet_bytes(&batch, props, &dest)?;
     let staged = warehouse
         .staging_dir()

@@ -17,13 +17,12 @@ use adsmetrics_dataflows::DedupKey;
 use arrow::array::{ArrayRef, FixedSizeBinaryArray, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
-use parquet::basic::Compression;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
 use crate::event::{Event, KEY_ALGORITHM};
 use crate::schema::{event_columns, event_fields};
-use crate::sink::files::{parquet_bytes, replace, WriteError};
+use crate::sink::files::{base_writer_properties, parquet_bytes, replace, WriteError};
 use crate::warehouse::{hour_path, Warehouse};
 
 /// File name prefix of raw files; the rest is the source content hash.
@@ -51,15 +50,12 @@ fn properties() -> WriterProperties {
     let unique = ["dedup_key", "event_id", "ip", "user_id", "event_time"];
     unique
         .iter()
-        .fold(WriterProperties::builder(), |b, c| {
+        .fold(base_writer_properties(), |b, c| {
             b.set_column_dictionary_enabled((*c).into(), false)
         })
         // Min/max per column chunk is what readers prune with; per-page statistics on every
         // column cost a tenth of the raw write for nothing they use.
         .set_statistics_enabled(EnabledStatistics::Chunk)
-        .set_created_by("adsmetrics (parquet-rs)".to_string())
-        .set_compression(Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(1 << 20))
         .set_key_value_metadata(Some(vec![KeyValue::new(
             "adsmetrics.key_algorithm".to_string(),
             KEY_ALGORITHM.to_string(),
