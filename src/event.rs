@@ -20,9 +20,9 @@ use xxhash_rust::xxh3::xxh3_128;
 /// The version of the key algorithm, recorded in the raw layer and the journal.
 pub const KEY_ALGORITHM: &str = "adsmetrics-key-v1";
 
-/// Largest accepted cost or revenue of one event, in micros ($1,000,000,000): far beyond any real
-/// event, and small enough that the sums of ten million such events still fit in an `i64`.
-pub const MAX_AMOUNT_MICROS: i64 = 1_000_000_000_000_000;
+/// Largest accepted cost or revenue of one event, in micros ($1,000,000): far beyond any real
+/// event, and small enough that a cell's sum of 9.2 million such events still fits in an `i64`.
+pub const MAX_AMOUNT_MICROS: i64 = 1_000_000_000_000;
 
 /// One decoded, validated source record.
 #[derive(Clone, Debug, PartialEq, Eq)]
