@@ -241,14 +241,12 @@ impl CommitJournal {
         staging: &Path,
         target: impl Fn(&PartitionId) -> PathBuf,
     ) -> Result<Option<u64>, JournalError> {
-        let mut finished = None;
-        if let Some(JournalRecord::Prepare {
-            seq, partitions, ..
-        }) = self.pending.clone()
-        {
-            self.apply_renames(seq, &partitions, &target, &mut |_| Ok(()))?;
-            self.append(&JournalRecord::Commit { seq })?;
-            finished = Some(seq);
+        let finished = match &self.pending {
+            Some(JournalRecord::Prepare { seq, .. }) => Some(*seq),
+            _ => None,
+        };
+        if let Some(seq) = finished {
+            self.commit(seq, &target, &mut |_| Ok(()))?;
         }
         if staging.exists() {
             fs::remove_dir_all(staging).map_err(io_err(staging))?;
@@ -363,15 +361,5 @@ impl CommitJournal {
     /// Content hashes of every committed source.
     pub fn consumed(&self) -> &BTreeSet<String> {
         &self.consumed
-    }
-
-    /// Whether a publish is prepared but not committed (recovery is due).
-    pub fn has_pending(&self) -> bool {
-        self.pending.is_some()
-    }
-
-    /// The number of publishes so far.
-    pub fn last_seq(&self) -> u64 {
-        self.last_seq
     }
 }
