@@ -3,13 +3,13 @@
 
 use std::path::Path;
 
-use parquet::arrow::ArrowWriter;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::generate::{generate, generate_events, GenerateConfig};
 use crate::runtime::{ingest, IngestOptions};
 use crate::schema::events_to_batch;
+use crate::sink::files::{base_writer_properties, parquet_bytes};
 use crate::snapshot::TableSnapshot;
 use crate::warehouse::Warehouse;
 
@@ -71,11 +71,13 @@ pub fn run(warehouse: &Warehouse, data: &Path, events: u64, workers: usize) -> a
         .chunks(events_again.len().div_ceil(files).max(1))
         .enumerate()
     {
-        let file = std::fs::File::create(replay_dir.join(format!("replay-{i:02}.parquet")))?;
-        let batch = events_to_batch(chunk);
-        let mut writer = ArrowWriter::try_new(file, batch.schema(), None)?;
-        writer.write(&batch)?;
-        writer.close()?;
+        let path = replay_dir.join(format!("replay-{i:02}.parquet"));
+        let bytes = parquet_bytes(
+            &events_to_batch(chunk),
+            base_writer_properties().build(),
+            &path,
+        )?;
+        std::fs::write(&path, bytes)?;
     }
     let rebatched = ingest(warehouse, std::slice::from_ref(&replay_dir), options)?;
     print!("{}", indent(&crate::report::ingest_report(&rebatched)));
