@@ -7,7 +7,7 @@
 //!    │ events, in-source dedup
 //!    ├──────────────────────▶ raw/dt=/hr=/src-<hash>.parquet   system of record, written once
 //!    ▼
-//!  dataflows: distinct winner per DedupKey → reduce per (hour|day, dims)      epoch = batch
+//!  dataflows: winner per DedupKey → sums and distinct users per (hour|day, dims) epoch = batch
 //!    │ exchange by partition: one writer per partition
 //!    ▼
 //!  sink: changed partitions only → staging → journal prepare → atomic rename → commit

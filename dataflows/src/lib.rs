@@ -4,14 +4,15 @@
 //!  (DedupKey, EventVersion) ±1 per source partition        epoch = logical time
 //!        │
 //!        ▼
-//!  dedup      reduce per DedupKey → greatest present version (revision, content hash)
+//!  dedup      per DedupKey → greatest present version (revision, content hash), emitted as
+//!             winner changes by a total-order operator over the input arrangement
 //!        │
 //!        ▼
-//!  aggregate  explode → ((grain, period, dims), user) with Sums as the difference
-//!             reduce per cell → MetricRow { sums…, unique_users }
+//!  aggregate  sums: Sums per (grain, period, dims) cell, as differences, no state
+//!             users: distinct_total over (cell, user) → ±1 unique user per cell
 //!        │
-//!        ▼ exchange by partition (grain, period): one writer per partition
-//!  mirror     current rows of owned partitions + partitions touched this epoch
+//!        ▼ pre-aggregate per worker and epoch, exchange by partition: one writer each
+//!  mirror     adds up each cell's changes; partitions touched this epoch
 //! ```
 //!
 //! The root crate feeds the input, waits on the probe, and publishes the touched partitions.
