@@ -9,7 +9,8 @@
 //!        │
 //!        ▼
 //!  aggregate  sums: Sums per (grain, period, dims) cell, as differences, no state
-//!             users: distinct_total over (cell, user) → ±1 unique user per cell
+//!             users: per (user, day) the set of hours with events, a reduce_total that turns
+//!             its changes into ±1 unique user per hourly and daily cell
 //!        │
 //!        ▼ pre-aggregate per worker and epoch, exchange by partition: one writer each
 //!  mirror     adds up each cell's changes; partitions touched this epoch
@@ -23,6 +24,7 @@ pub mod dedup;
 pub mod mirror;
 pub mod model;
 pub mod pipeline;
+pub mod reduce_total;
 pub mod reference;
 
 pub use mirror::{MirrorError, PartitionId, PartitionMirror};

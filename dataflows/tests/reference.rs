@@ -204,7 +204,7 @@ fn conflicting_revisions_resolve_to_highest_then_content_hash() {
 /// activations, and later epochs land on a trace the earlier ones compacted.
 #[test]
 fn epochs_larger_than_one_activation_match_the_reference() {
-    let keys = 2 * adsmetrics_dataflows::dedup::KEYS_PER_ACTIVATION as u128 + 1000;
+    let keys = 2 * adsmetrics_dataflows::reduce_total::KEYS_PER_ACTIVATION as u128 + 1000;
     let version = |key: u128, revision: u32| EventVersion {
         revision,
         content_hash: ContentHash((key * 7 + revision as u128).into()),

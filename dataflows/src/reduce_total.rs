@@ -1,0 +1,195 @@
+//! `reduce_total`: a keyed reduction for a totally ordered time that keeps no output arrangement.
+//!
+//! Differential's `reduce` arranges its output as well as its input, and recomputes a key's whole
+//! output whenever the key changes. For the two reductions adsmetrics needs (a key's winning
+//! version, a user's set of hours in a day) the output is a small summary of the values present,
+//! so this operator reads the summary before a batch straight from the input arrangement, applies
+//! the batch's updates time by time, and emits only what changed between consecutive summaries.
+//! That is what differential's own `threshold_total` does for `distinct`; this generalises it to
+//! any summary. No second copy of the state is built, and an epoch costs work in proportion to the
+//! keys it touches.
+//!
+//! The operator works through at most [`KEYS_PER_ACTIVATION`] keys per activation and then yields,
+//! so an epoch's output never piles up in memory ahead of the operators downstream.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
+use differential_dataflow::trace::cursor::cursor_list;
+use differential_dataflow::trace::implementations::ValSpine;
+use differential_dataflow::trace::{Cursor, TraceReader};
+use differential_dataflow::{AsCollection, Data, VecCollection};
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::{CapabilitySet, Operator};
+use timely::progress::Antichain;
+
+use crate::model::Epoch;
+
+/// Keys one activation works through before it yields to the operators downstream; bounds the
+/// updates in flight (an epoch's whole output at once was gigabytes).
+pub const KEYS_PER_ACTIVATION: usize = 1 << 17;
+
+/// An input arrangement `reduce_total` reads: values per key, with counts.
+pub type ValTrace<K, V> = TraceAgent<ValSpine<K, V, Epoch, isize>>;
+
+/// The changes of one received batch of input, still to be turned into output.
+struct Job<B, K> {
+    caps: CapabilitySet<Epoch>,
+    batches: Vec<B>,
+    lower: Antichain<Epoch>,
+    resume: Option<K>,
+}
+
+/// Adds `diff` to `value`'s count in `present`, dropping it when the count reaches zero.
+fn add<V: PartialEq>(present: &mut Vec<(V, isize)>, value: V, diff: isize) {
+    match present.iter().position(|(v, _)| *v == value) {
+        Some(i) => {
+            present[i].1 += diff;
+            if present[i].1 == 0 {
+                present.swap_remove(i);
+            }
+        }
+        None => present.push((value, diff)),
+    }
+}
+
+/// For every key whose values change, emits `emit(key, before, after, out)` at each time where
+/// `summarize` of the key's present values changes.
+///
+/// `summarize` sees the values with a non-zero count, in no particular order, each with its count
+/// (a negative count is a retraction of something never added, which the caller may treat as
+/// absent). `emit` pushes `(data, diff)` pairs that turn the output for `before` into the output
+/// for `after`; the operator stamps them with the time of the change.
+pub fn reduce_total<'scope, K, V, S, D, R>(
+    arranged: Arranged<'scope, ValTrace<K, V>>,
+    name: &str,
+    mut summarize: impl FnMut(&[(V, isize)]) -> S + 'static,
+    mut emit: impl FnMut(&K, &S, &S, &mut Vec<(D, R)>) + 'static,
+) -> VecCollection<'scope, Epoch, D, R>
+where
+    K: Data + Copy,
+    V: Data + Copy,
+    S: PartialEq + 'static,
+    D: Data,
+    R: differential_dataflow::difference::Semigroup + 'static,
+{
+    let mut trace = arranged.trace.clone();
+    let scope = arranged.stream.scope();
+    arranged
+        .stream
+        .unary_frontier(Pipeline, name, move |_, info| {
+            let activator = scope.activator_for(Rc::clone(&info.address));
+            let mut upper = Antichain::from_elem(0 as Epoch);
+            let mut jobs = VecDeque::new();
+            let mut present: Vec<(V, isize)> = Vec::new();
+            let mut updates: Vec<(Epoch, V, isize)> = Vec::new();
+            let mut changes: Vec<(D, R)> = Vec::new();
+
+            move |(input, _frontier), output| {
+                let lower = upper.clone();
+                let mut batches = Vec::new();
+                let mut caps = CapabilitySet::new();
+                input.for_each(|capability, data| {
+                    for capability in capability.retain_stamp(0).iter() {
+                        caps.insert(capability.clone());
+                    }
+                    for batch in data.drain(..) {
+                        upper.clone_from(batch.upper()); // batches arrive in order
+                        batches.extend(batch.inner);
+                    }
+                });
+                if !caps.is_empty() {
+                    jobs.push_back(Job {
+                        caps,
+                        batches,
+                        lower,
+                        resume: None,
+                    });
+                }
+
+                let mut fuel = KEYS_PER_ACTIVATION;
+                while fuel > 0 {
+                    let Some(job) = jobs.front_mut() else { break };
+                    let mut session = output.session(&job.caps);
+                    let (mut batch_cursor, batch_storage) = cursor_list(job.batches.clone());
+                    let (mut trace_cursor, trace_storage) = cursor_list(
+                        trace
+                            .batches_through(job.lower.borrow())
+                            .expect("the trace is compacted only up to a pending job"),
+                    );
+                    if let Some(resume) = &job.resume {
+                        batch_cursor.seek_key(&batch_storage, resume);
+                    }
+                    while let Some(key) = batch_cursor.get_key(&batch_storage) {
+                        if fuel == 0 {
+                            break;
+                        }
+                        fuel -= 1;
+                        // The values present before this batch.
+                        present.clear();
+                        trace_cursor.seek_key(&trace_storage, key);
+                        if trace_cursor.get_key(&trace_storage) == Some(key) {
+                            while let Some(value) = trace_cursor.get_val(&trace_storage) {
+                                let mut count = 0isize;
+                                trace_cursor.map_times(&trace_storage, |_, diff| count += *diff);
+                                if count != 0 {
+                                    present.push((*value, count));
+                                }
+                                trace_cursor.step_val(&trace_storage);
+                            }
+                        }
+
+                        // This batch's changes to the key, applied time by time.
+                        updates.clear();
+                        while let Some(value) = batch_cursor.get_val(&batch_storage) {
+                            batch_cursor.map_times(&batch_storage, |time, diff| {
+                                updates.push((*time, *value, *diff))
+                            });
+                            batch_cursor.step_val(&batch_storage);
+                        }
+                        updates.sort_unstable_by_key(|(time, _, _)| *time);
+
+                        let mut current = summarize(&present);
+                        let mut i = 0;
+                        while i < updates.len() {
+                            let time = updates[i].0;
+                            while i < updates.len() && updates[i].0 == time {
+                                add(&mut present, updates[i].1, updates[i].2);
+                                i += 1;
+                            }
+                            let next = summarize(&present);
+                            if next != current {
+                                emit(key, &current, &next, &mut changes);
+                                for (data, diff) in changes.drain(..) {
+                                    session.give((data, time, diff));
+                                }
+                                current = next;
+                            }
+                        }
+                        batch_cursor.step_key(&batch_storage);
+                    }
+                    match batch_cursor.get_key(&batch_storage) {
+                        Some(key) => job.resume = Some(*key),
+                        None => {
+                            drop(session);
+                            jobs.pop_front();
+                        }
+                    }
+                }
+                if !jobs.is_empty() {
+                    activator.activate();
+                }
+
+                // Only the accumulation up to the oldest pending job's lower bound (or, with none
+                // pending, up to `upper`) is ever read again.
+                trace.advance_upper(&mut upper);
+                let compact = jobs
+                    .front()
+                    .map_or_else(|| upper.clone(), |job| job.lower.clone());
+                trace.set_logical_compaction(compact.borrow());
+                trace.set_physical_compaction(compact.borrow());
+            }
+        })
+        .as_collection()
+}
