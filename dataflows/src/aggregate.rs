@@ -11,7 +11,7 @@ use differential_dataflow::trace::implementations::ValSpine;
 use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 
-use crate::batching::RunBatcher;
+use crate::batching::{fold_per_time, FastMap, RunBatcher};
 use crate::dedup::Deduped;
 use crate::model::{Cell, Country, Dims, Epoch, EventType, EventVersion, Grain};
 use crate::reduce_total::reduce_total;
@@ -224,40 +224,78 @@ fn users_delta(users: i64) -> CellDelta {
 }
 
 /// The ±1 users on each cell when a user's hours of a day go from `before` to `after`.
-fn user_changes(user: &UserDay, before: &u32, after: &u32, out: &mut Vec<(Cell, CellDelta)>) {
+fn user_changes(user: &UserDay, before: &u32, after: &u32, out: &mut Vec<(Cell, isize)>) {
     let (before, after) = (*before, *after);
     let mut flipped = before ^ after;
     while flipped != 0 {
         let hour = flipped.trailing_zeros() as u8;
         flipped &= flipped - 1;
         let sign = if after & 1 << hour != 0 { 1 } else { -1 };
-        out.push((user.cell(Grain::Hourly, hour), users_delta(sign)));
+        out.push((user.cell(Grain::Hourly, hour), sign));
     }
     if (before == 0) != (after == 0) {
         let sign = if after != 0 { 1 } else { -1 };
-        out.push((user.cell(Grain::Daily, 0), users_delta(sign)));
+        out.push((user.cell(Grain::Daily, 0), sign));
     }
 }
 
-/// From the deduplicated events to the changes of every cell's metrics.
+/// Adds `delta` to `key`'s entry.
+fn add_to<K: std::hash::Hash + Eq, V: Semigroup + Default>(
+    map: &mut FastMap<K, V>,
+    key: K,
+    delta: &V,
+) {
+    map.entry(key).or_default().plus_equals(delta);
+}
+
+/// From the deduplicated events to the changes of every cell's metrics, added up per worker and
+/// epoch so that the exchange to the partition writers carries one update per cell.
 ///
-/// Sums are linear, so they need no state here: each event's contribution flows straight on, and
-/// the sink adds it up. Distinct users are not: see the module doc.
+/// Sums are linear, so they need no state beyond the epoch: each event is added to its hourly
+/// cell, and a daily cell is the sum of its hours. Distinct users are not: see the module doc.
 pub fn aggregate<'scope>(deduped: Deduped<'scope>) -> CellChanges<'scope> {
-    let sums = deduped.clone().explode(|(_key, (event, _versions))| {
-        let delta = CellDelta {
-            sums: Sums::of(&event),
-            users: 0,
-        };
-        cells(&event).map(|cell| (cell, delta))
-    });
+    let sums = fold_per_time(
+        deduped.clone(),
+        "Preaggregate: Sums",
+        |(_key, (event, _versions)), diff, hours| {
+            let [hour, _day] = cells(&event);
+            add_to(hours, hour, &Sums::of(&event).multiply(&diff));
+        },
+        |hours, out| {
+            let mut days = FastMap::default();
+            for (hour, sums) in hours {
+                let day = Cell {
+                    grain: Grain::Daily,
+                    period: hour.period.div_euclid(24),
+                    dims: hour.dims,
+                };
+                add_to(&mut days, day, &sums);
+                out.push((hour, CellDelta { sums, users: 0 }));
+            }
+            out.extend(
+                days.into_iter()
+                    .map(|(day, sums)| (day, CellDelta { sums, users: 0 })),
+            );
+        },
+    );
     let user_hours = deduped
         .map(|(_key, (event, _versions))| UserDay::of(&event))
         .arrange_named::<RunBatcher<UserDay, u8, Epoch, isize>, ValSpine<_, _, _, _>>(
             "Arrange: UserHours",
             RunBatcher::new,
         );
-    let users = reduce_total(user_hours, "DistinctUsers", hours_present, user_changes);
+    let users = fold_per_time(
+        reduce_total(user_hours, "DistinctUsers", hours_present, user_changes),
+        "Preaggregate: Users",
+        |cell, users: isize, cells| *cells.entry(cell).or_insert(0) += users,
+        |cells, out| {
+            out.extend(
+                cells
+                    .into_iter()
+                    .map(|(cell, users)| (cell, users_delta(users as i64))),
+            )
+        },
+    );
     sums.concat(users)
 }
 
@@ -312,7 +350,7 @@ mod tests {
         user_changes(&user, &0, &0b101, &mut out);
         let users: Vec<(Grain, i64, i64)> = out
             .iter()
-            .map(|(c, d)| (c.grain, c.period, d.users))
+            .map(|(c, d)| (c.grain, c.period, *d as i64))
             .collect();
         assert_eq!(
             users,
@@ -327,7 +365,7 @@ mod tests {
         user_changes(&user, &0b101, &0b100, &mut out);
         let users: Vec<(Grain, i64, i64)> = out
             .iter()
-            .map(|(c, d)| (c.grain, c.period, d.users))
+            .map(|(c, d)| (c.grain, c.period, *d as i64))
             .collect();
         assert_eq!(users, [(Grain::Hourly, 0, -1)]);
 
@@ -335,7 +373,7 @@ mod tests {
         user_changes(&user, &0b100, &0, &mut out);
         let users: Vec<(Grain, i64, i64)> = out
             .iter()
-            .map(|(c, d)| (c.grain, c.period, d.users))
+            .map(|(c, d)| (c.grain, c.period, *d as i64))
             .collect();
         assert_eq!(users, [(Grain::Hourly, 2, -1), (Grain::Daily, 0, -1)]);
     }

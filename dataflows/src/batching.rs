@@ -3,12 +3,14 @@
 //! Differential's default chunker cuts the input into runs of one timely buffer (8 KiB, about 70
 //! of our ~120-byte updates) and its merge ladder then merges them geometrically: for an epoch of
 //! a few million updates every update is moved some fifteen times. Profiles of a batch ingest put
-//! 40% of the run in those merges. Sorting runs of [`RUN_UPDATES`] updates first leaves a handful
-//! of merge levels, for the same result: the batcher's output does not depend on how its input
-//! was cut.
+//! 40% of the run in those merges. This chunker instead collects an epoch's updates (up to
+//! [`RUN_UPDATES`]) and sorts them once when the epoch is sealed, so a batch ingest does one sort
+//! per arrangement and no merges, and a streaming epoch of a few thousand updates is one small
+//! run. The batcher's output does not depend on how its input was cut, only the work does:
+//! runs of 64k updates took 2.8 CPU-seconds more than this at 10M events.
 
 use std::collections::btree_map::BTreeMap;
-use std::collections::hash_map::{Entry, HashMap};
+use std::collections::HashMap;
 use std::collections::VecDeque;
 
 use differential_dataflow::batcher::merge::vec::VecMerger;
@@ -23,8 +25,9 @@ use timely::dataflow::operators::{Capability, Operator};
 
 use crate::model::Epoch;
 
-/// Updates per sorted run handed to the merge ladder.
-pub const RUN_UPDATES: usize = 1 << 16;
+/// At most this many updates (about 1.9 GB of dedup updates) are sorted as one run; an epoch with
+/// more is merged from several.
+pub const RUN_UPDATES: usize = 1 << 24;
 
 /// Collects updates into runs of [`RUN_UPDATES`], each sorted and consolidated.
 pub struct SortedRunChunker<U> {
@@ -60,9 +63,6 @@ impl<'a, D: Ord + Clone, T: Ord + Clone, R: Semigroup + Clone> PushInto<&'a mut 
 {
     fn push_into(&mut self, container: &'a mut Vec<(D, T, R)>) {
         for update in container.drain(..) {
-            if self.pending.capacity() == 0 {
-                self.pending.reserve_exact(RUN_UPDATES);
-            }
             self.pending.push(update);
             if self.pending.len() >= RUN_UPDATES {
                 self.seal();
@@ -129,49 +129,52 @@ impl std::hash::Hasher for FastHasher {
 /// Builds [`FastHasher`]s.
 pub type BuildFastHasher = std::hash::BuildHasherDefault<FastHasher>;
 
-/// Differences of one time, added up per record.
-type Consolidating<D, R> = HashMap<D, R, BuildFastHasher>;
+/// A worker-local map of small fixed-size keys, hashed with [`FastHasher`].
+pub type FastMap<K, V> = HashMap<K, V, BuildFastHasher>;
 
-/// Consolidates a collection per time on this worker before it is exchanged: updates are held
-/// until the input frontier passes their time, then sent once per distinct record. Only for
-/// records whose differences add up (sums and counts): a skewed key then costs one update per
-/// worker and epoch instead of one per event.
-pub fn consolidate_per_time<'scope, D, R>(
+/// Folds a collection per time on this worker before it is exchanged: each update is added into
+/// the time's map by `add`, and once the input frontier has passed the time, `finish` turns the
+/// map into output updates. For linear aggregates (sums and counts), so that a skewed cell costs
+/// one update per worker and epoch instead of one per event.
+///
+/// `finish` sees the map in an arbitrary order; what it emits must not depend on that order's
+/// meaning (every consumer adds the differences up).
+pub fn fold_per_time<'scope, D, R, K, V, D2, R2>(
     input: VecCollection<'scope, Epoch, D, R>,
     name: &str,
-) -> VecCollection<'scope, Epoch, D, R>
+    mut add: impl FnMut(D, R, &mut FastMap<K, V>) + 'static,
+    mut finish: impl FnMut(FastMap<K, V>, &mut Vec<(D2, R2)>) + 'static,
+) -> VecCollection<'scope, Epoch, D2, R2>
 where
-    D: ExchangeData + std::hash::Hash,
+    D: ExchangeData,
     R: ExchangeData + Semigroup,
+    K: 'static,
+    V: 'static,
+    D2: ExchangeData,
+    R2: ExchangeData + Semigroup,
 {
     input
         .inner
         .unary_frontier(Pipeline, name, |_, _| {
-            // Iteration order of this map never reaches the output's contents: the sink adds the
-            // differences up, and every consumer consolidates.
-            let mut stash: BTreeMap<Epoch, (Capability<Epoch>, Consolidating<D, R>)> =
-                BTreeMap::new();
+            let mut stash: BTreeMap<Epoch, (Capability<Epoch>, FastMap<K, V>)> = BTreeMap::new();
+            let mut out = Vec::new();
             move |(input, frontier), output| {
                 input.for_each(|capability, data| {
                     for (record, time, diff) in data.drain(..) {
-                        let (_, sums) = stash
+                        let (_, map) = stash
                             .entry(time)
                             .or_insert_with(|| (capability.delayed(&time, 0), HashMap::default()));
-                        match sums.entry(record) {
-                            Entry::Occupied(mut e) => e.get_mut().plus_equals(&diff),
-                            Entry::Vacant(e) => {
-                                e.insert(diff);
-                            }
-                        }
+                        add(record, diff, map);
                     }
                 });
                 while let Some(entry) = stash.first_entry() {
                     if frontier.less_equal(entry.key()) {
                         break;
                     }
-                    let (time, (capability, sums)) = entry.remove_entry();
+                    let (time, (capability, map)) = entry.remove_entry();
+                    finish(map, &mut out);
                     let mut session = output.session(&capability);
-                    for (record, diff) in sums {
+                    for (record, diff) in out.drain(..) {
                         if !diff.is_zero() {
                             session.give((record, time, diff));
                         }

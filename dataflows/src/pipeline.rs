@@ -15,7 +15,6 @@ use timely::dataflow::operators::Exchange;
 use timely::worker::Worker;
 
 use crate::aggregate::aggregate;
-use crate::batching::consolidate_per_time;
 use crate::dedup::dedup;
 use crate::mirror::{PartitionId, PartitionMirror};
 use crate::model::{DedupKey, Epoch, EventVersion};
@@ -50,7 +49,7 @@ pub fn build(worker: &mut Worker) -> Pipeline {
             .probe_with(&probe);
 
         let sink = mirror.clone();
-        consolidate_per_time(aggregate(deduped), "Preaggregate")
+        aggregate(deduped)
             .inner
             .exchange(|(cell, _time, _delta)| PartitionId::of(cell).route())
             .as_collection()
