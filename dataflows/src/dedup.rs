@@ -11,6 +11,9 @@
 //! so no output arrangement is built. At batch-ingest sizes that output trace (a second copy of
 //! every event) was a third of the dataflow's memory and time.
 
+use std::cell::Cell;
+use std::rc::Rc;
+
 use differential_dataflow::trace::implementations::ValSpine;
 use differential_dataflow::VecCollection;
 
@@ -29,20 +32,27 @@ fn winner(present: &[(EventVersion, isize)]) -> Option<(EventVersion, u32)> {
 }
 
 /// Reduces a multiset of keyed event versions to one winner per key.
+///
+/// `conflicted_keys` is kept equal to the number of this worker's keys that have more than one
+/// distinct version (as of the epochs emitted so far).
 pub fn dedup<'scope>(
     input: VecCollection<'scope, Epoch, (DedupKey, EventVersion), isize>,
+    conflicted_keys: Rc<Cell<i64>>,
 ) -> Deduped<'scope> {
     let arranged = input
         .arrange_named::<RunBatcher<DedupKey, EventVersion, Epoch, isize>, ValSpine<_, _, _, _>>(
             "Arrange: Dedup",
             RunBatcher::new,
         );
-    reduce_total(arranged, "Dedup", winner, |key, before, after, out| {
+    let conflicted = |winner: &Option<(EventVersion, u32)>| winner.is_some_and(|(_, n)| n > 1);
+    reduce_total(arranged, "Dedup", winner, move |key, before, after, out| {
         if let Some(old) = before {
             out.push(((*key, *old), -1));
         }
         if let Some(new) = after {
             out.push(((*key, *new), 1));
         }
+        let change = conflicted(after) as i64 - conflicted(before) as i64;
+        conflicted_keys.set(conflicted_keys.get() + change);
     })
 }

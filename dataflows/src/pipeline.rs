@@ -39,15 +39,7 @@ pub fn build(worker: &mut Worker) -> Pipeline {
 
     let input = worker.dataflow_named::<Epoch, _, _>("adsmetrics", |scope| {
         let (input, events) = scope.new_collection::<(DedupKey, EventVersion), isize>();
-        let deduped = dedup(events);
-
-        let conflicts = conflicted_keys.clone();
-        deduped
-            .clone()
-            .filter(|(_key, (_event, versions))| *versions > 1)
-            .inspect(move |(_, _, diff)| conflicts.set(conflicts.get() + *diff as i64))
-            .probe_with(&probe);
-
+        let deduped = dedup(events, conflicted_keys.clone());
         let sink = mirror.clone();
         aggregate(deduped)
             .inner

@@ -16,11 +16,18 @@ use proptest::prelude::*;
 type Tables = BTreeMap<PartitionId, Vec<(Dims, MetricRow)>>;
 type Updates = Vec<(DedupKey, EventVersion)>;
 
-/// Runs the pipeline over `epochs` of updates on `workers` threads; returns the tables after each.
-fn run(epochs: Vec<Vec<(DedupKey, EventVersion)>>, workers: usize) -> Vec<Tables> {
+/// What the workers hold together after an epoch.
+#[derive(Clone, Default, Debug, PartialEq)]
+struct Snapshot {
+    tables: Tables,
+    conflicted_keys: i64,
+}
+
+/// Runs the pipeline over `epochs` of updates on `workers` threads; returns the state after each.
+fn run(epochs: Vec<Vec<(DedupKey, EventVersion)>>, workers: usize) -> Vec<Snapshot> {
     let epochs = Arc::new(epochs);
-    let snapshots: Arc<Mutex<Vec<Tables>>> =
-        Arc::new(Mutex::new(vec![Tables::new(); epochs.len()]));
+    let snapshots: Arc<Mutex<Vec<Snapshot>>> =
+        Arc::new(Mutex::new(vec![Snapshot::default(); epochs.len()]));
     let (e, s) = (epochs.clone(), snapshots.clone());
     timely::execute(timely::Config::process(workers), move |worker| {
         let (index, peers) = (worker.index(), worker.peers());
@@ -36,10 +43,11 @@ fn run(epochs: Vec<Vec<(DedupKey, EventVersion)>>, workers: usize) -> Vec<Tables
             worker.step_or_park_while(None, || probe.less_than(&next));
             let mirror = p.mirror.borrow();
             let mut snapshot = s.lock().unwrap();
+            snapshot[epoch].conflicted_keys += p.conflicted_keys.get();
             for id in mirror.partitions() {
                 let rows = mirror.rows(id).expect("mirror is consistent");
                 assert!(
-                    snapshot[epoch].insert(*id, rows).is_none(),
+                    snapshot[epoch].tables.insert(*id, rows).is_none(),
                     "partition {id:?} on two workers"
                 );
             }
@@ -140,7 +148,13 @@ proptest! {
         for (epoch, updates) in epochs.iter().enumerate() {
             fed.extend(updates.iter().copied());
             let expected = reference::tables(&reference::dedup(&fed));
-            prop_assert_eq!(&snapshots[epoch], &expected, "epoch {} with {} workers", epoch, workers);
+            prop_assert_eq!(&snapshots[epoch].tables, &expected, "epoch {} with {} workers", epoch, workers);
+            let mut versions: BTreeMap<DedupKey, std::collections::BTreeSet<EventVersion>> = BTreeMap::new();
+            for (key, version) in &fed {
+                versions.entry(*key).or_default().insert(*version);
+            }
+            let conflicted = versions.values().filter(|v| v.len() > 1).count() as i64;
+            prop_assert_eq!(snapshots[epoch].conflicted_keys, conflicted, "epoch {}", epoch);
         }
     }
 
@@ -191,6 +205,8 @@ fn conflicting_revisions_resolve_to_highest_then_content_hash() {
             .map(|v| vec![(DedupKey(9u128.into()), v)])
             .collect();
         let last = run(epochs, 2).pop().unwrap();
+        assert_eq!(last.conflicted_keys, 1);
+        let last = last.tables;
         let daily = &last[&PartitionId {
             grain: Grain::Daily,
             period: 0,
@@ -233,7 +249,17 @@ fn epochs_larger_than_one_activation_match_the_reference() {
         .map(|k| (DedupKey(k.into()), version(k, (k % 10 == 0) as u32)))
         .collect();
     let snapshots = run(vec![first.clone(), second.clone()], 1);
-    assert_eq!(snapshots[0], reference::tables(&reference::dedup(&first)));
+    assert_eq!(
+        snapshots[0].tables,
+        reference::tables(&reference::dedup(&first))
+    );
     let all: Updates = first.into_iter().chain(second).collect();
-    assert_eq!(snapshots[1], reference::tables(&reference::dedup(&all)));
+    assert_eq!(
+        snapshots[1].tables,
+        reference::tables(&reference::dedup(&all))
+    );
+    assert_eq!(
+        snapshots[1].conflicted_keys,
+        (keys as u64).div_ceil(10) as i64
+    );
 }
