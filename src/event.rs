@@ -55,14 +55,28 @@ pub struct Event {
     pub revision: u32,
 }
 
-struct Canonical(Vec<u8>);
+/// The canonical encoding of the fields a hash covers, written into a reused buffer.
+struct Canonical<'a>(&'a mut Vec<u8>);
 
-impl Canonical {
-    fn new(tag: &str) -> Self {
-        let mut c = Canonical(Vec::with_capacity(160));
+thread_local! {
+    /// One encoding buffer per thread: every event is hashed twice, and two fresh allocations per
+    /// event cost about as much as the hashing of a short event.
+    static CANONICAL_BUFFER: std::cell::RefCell<Vec<u8>> =
+        std::cell::RefCell::new(Vec::with_capacity(256));
+}
+
+/// XXH3-128 of `tag` followed by what `fill` encodes.
+fn canonical_hash(tag: &str, fill: impl FnOnce(&mut Canonical)) -> u128 {
+    CANONICAL_BUFFER.with_borrow_mut(|buffer| {
+        buffer.clear();
+        let mut c = Canonical(buffer);
         c.str(tag);
-        c
-    }
+        fill(&mut c);
+        xxh3_128(c.0)
+    })
+}
+
+impl Canonical<'_> {
     fn str(&mut self, s: &str) {
         self.0.extend_from_slice(&(s.len() as u32).to_le_bytes());
         self.0.extend_from_slice(s.as_bytes());
@@ -88,9 +102,6 @@ impl Canonical {
             None => self.0.push(0),
         }
     }
-    fn hash(&self) -> u128 {
-        xxh3_128(&self.0)
-    }
 }
 
 impl Event {
@@ -112,27 +123,20 @@ impl Event {
 
     /// The stable dedup key (`adsmetrics-key-v1`).
     pub fn dedup_key(&self) -> DedupKey {
-        match &self.event_id {
-            Some(id) => {
-                let mut c = Canonical::new("adsmetrics/key/v1/id");
+        let hash = match &self.event_id {
+            Some(id) => canonical_hash("adsmetrics/key/v1/id", |c| {
                 c.str(&self.producer);
                 c.str(self.event_type.as_str());
                 c.str(id);
-                DedupKey(c.hash().into())
-            }
-            None => {
-                let mut c = Canonical::new("adsmetrics/key/v1/content");
-                self.content(&mut c);
-                DedupKey(c.hash().into())
-            }
-        }
+            }),
+            None => canonical_hash("adsmetrics/key/v1/content", |c| self.content(c)),
+        };
+        DedupKey(hash.into())
     }
 
     /// The stable hash of every field (`adsmetrics-key-v1`).
     pub fn content_hash(&self) -> ContentHash {
-        let mut c = Canonical::new("adsmetrics/content/v1");
-        self.content(&mut c);
-        ContentHash(c.hash().into())
+        ContentHash(canonical_hash("adsmetrics/content/v1", |c| self.content(c)).into())
     }
 
     /// The dimensions this event is counted under.
