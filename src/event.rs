@@ -15,6 +15,7 @@
 //! seed in 0.26). Changing anything here is a new version (`v2`) and a migration, never an edit.
 
 use adsmetrics_dataflows::{ContentHash, Country, DedupKey, Dims, EventType, EventVersion};
+use compact_str::CompactString;
 use xxhash_rust::xxh3::xxh3_128;
 
 /// The version of the key algorithm, recorded in the raw layer and the journal.
@@ -25,10 +26,14 @@ pub const KEY_ALGORITHM: &str = "adsmetrics-key-v1";
 pub const MAX_AMOUNT_MICROS: i64 = 1_000_000_000_000;
 
 /// One decoded, validated source record.
+///
+/// Its strings are [`CompactString`]s: up to 24 bytes (IPv4 addresses, producer names, most
+/// event ids) are stored inline, so decoding an event usually allocates nothing. Three heap
+/// strings per event were 8% of a batch ingest's time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
     /// Producer-assigned id; `None` when the producer sent none.
-    pub event_id: Option<String>,
+    pub event_id: Option<CompactString>,
     /// Impression, click or conversion.
     pub event_type: EventType,
     /// UTC microseconds since the Unix epoch.
@@ -44,13 +49,13 @@ pub struct Event {
     /// The viewer.
     pub user_id: i64,
     /// The viewer's IP address, as sent (validated to parse as IPv4 or IPv6).
-    pub ip: String,
+    pub ip: CompactString,
     /// Cost in micros, non-negative; `None` is a null.
     pub cost_micros: Option<i64>,
     /// Revenue in micros, non-negative; `None` is a null.
     pub revenue_micros: Option<i64>,
     /// Who sent it (web, ios, android, server or another short name).
-    pub producer: String,
+    pub producer: CompactString,
     /// Upstream correction counter; 0 when absent.
     pub revision: u32,
 }

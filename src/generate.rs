@@ -726,7 +726,7 @@ impl UnitGen<'_> {
         };
         let producer = PRODUCERS[self.unit.producer];
         Event {
-            event_id: with_id.then(|| event_id(producer, n)),
+            event_id: with_id.then(|| event_id(producer, n).into()),
             event_type,
             event_time_us,
             ad_id,
@@ -734,10 +734,10 @@ impl UnitGen<'_> {
             advertiser_id: advertiser_of(ad_id),
             country,
             user_id,
-            ip: ip_of(user_id),
+            ip: ip_of(user_id).into(),
             cost_micros,
             revenue_micros,
-            producer: producer.to_string(),
+            producer: producer.into(),
             revision: 0,
         }
     }
@@ -1251,7 +1251,7 @@ fn run_unit(
         if let Some(kind) = bad {
             summary.bad_records += 1;
             let mut b = event.clone();
-            b.event_id = Some(format!("{producer}-bad-{n}"));
+            b.event_id = Some(format!("{producer}-bad-{n}").into());
             chunk.bad_events.push(b);
             chunk.bad_kinds.push(kind);
             chunk

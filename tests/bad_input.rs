@@ -36,7 +36,7 @@ fn sample(n: usize) -> Vec<Event> {
         .map(|i| {
             let i64i = i as i64;
             Event {
-                event_id: (i % 5 != 0).then(|| format!("ev-{i}")),
+                event_id: (i % 5 != 0).then(|| format!("ev-{i}").into()),
                 event_type: [
                     EventType::Impression,
                     EventType::Click,
@@ -49,13 +49,13 @@ fn sample(n: usize) -> Vec<Event> {
                 country: [Country(*b"DE"), Country(*b"US"), Country(*b"BR")][i % 3],
                 user_id: 1_000 + i64i % 101,
                 ip: if i % 2 == 0 {
-                    format!("10.0.{}.{}", i % 250, i % 7)
+                    format!("10.0.{}.{}", i % 250, i % 7).into()
                 } else {
-                    format!("2001:db8::{:x}", i % 0x1_0000)
+                    format!("2001:db8::{:x}", i % 0x1_0000).into()
                 },
                 cost_micros: (i % 4 != 0).then_some(i64i * 10),
                 revenue_micros: (i % 3 == 2).then_some(i64i * 1_000),
-                producer: ["web", "ios", "android", "server-2"][i % 4].to_owned(),
+                producer: ["web", "ios", "android", "server-2"][i % 4].into(),
                 revision: (i % 6) as u32,
             }
         })
@@ -987,7 +987,7 @@ fn replace(batch: RecordBatch, name: &str, column: ArrayRef) -> RecordBatch {
 fn same_record_same_verdict_in_both_formats() {
     // Each row breaks one rule; the JSON line and the Parquet row must give the same reason.
     let mut bad = sample(6);
-    bad[0].event_id = Some(String::new());
+    bad[0].event_id = Some(Default::default());
     bad[1].ip = "nope".into();
     bad[2].producer = "Web".into();
     bad[3].ad_id = -4;

@@ -179,7 +179,7 @@ fn read_parquet(path: &Path) -> (Vec<Event>, u64) {
                 continue;
             }
             events.push(Event {
-                event_id: (!id.is_null(r)).then(|| id.value(r).to_string()),
+                event_id: (!id.is_null(r)).then(|| id.value(r).into()),
                 event_type,
                 event_time_us: time.value(r),
                 ad_id: ad.value(r),
@@ -187,10 +187,10 @@ fn read_parquet(path: &Path) -> (Vec<Event>, u64) {
                 advertiser_id: advertiser.value(r),
                 country,
                 user_id: user.value(r),
-                ip: ip.value(r).to_string(),
+                ip: ip.value(r).into(),
                 cost_micros,
                 revenue_micros,
-                producer: producer.value(r).to_string(),
+                producer: producer.value(r).into(),
                 revision: revision.value(r),
             });
         }
@@ -227,7 +227,7 @@ fn json_event(line: &[u8]) -> Option<Event> {
     Some(Event {
         event_id: match v.get("event_id")? {
             Value::Null => None,
-            x => Some(x.as_str()?.to_string()),
+            x => Some(x.as_str()?.into()),
         },
         event_type: EventType::parse(v.get("event_type")?.as_str()?)?,
         event_time_us,
@@ -236,10 +236,10 @@ fn json_event(line: &[u8]) -> Option<Event> {
         advertiser_id: int("advertiser_id")?,
         country: Country::parse(v.get("country")?.as_str()?)?,
         user_id: int("user_id")?,
-        ip: v.get("ip")?.as_str()?.to_string(),
+        ip: v.get("ip")?.as_str()?.into(),
         cost_micros: opt_amount("cost_micros")?,
         revenue_micros: opt_amount("revenue_micros")?,
-        producer: v.get("producer")?.as_str()?.to_string(),
+        producer: v.get("producer")?.as_str()?.into(),
         revision: match v.get("revision") {
             None => 0,
             Some(x) => u32::try_from(x.as_u64()?).ok()?,

@@ -41,6 +41,7 @@ use std::net::IpAddr;
 use adsmetrics_dataflows::{Country, EventType};
 use arrow::datatypes::TimeUnit;
 use chrono::DateTime;
+use compact_str::CompactString;
 
 use crate::event::{Event, Quarantined, MAX_AMOUNT_MICROS};
 
@@ -305,7 +306,7 @@ pub(crate) fn validate(raw: &RawEvent<'_>) -> Result<Event, String> {
         },
     };
     Ok(Event {
-        event_id: event_id.map(str::to_owned),
+        event_id: event_id.map(CompactString::from),
         event_type,
         event_time_us,
         ad_id,
@@ -313,10 +314,10 @@ pub(crate) fn validate(raw: &RawEvent<'_>) -> Result<Event, String> {
         advertiser_id,
         country,
         user_id,
-        ip: ip.to_owned(),
+        ip: CompactString::from(ip),
         cost_micros,
         revenue_micros,
-        producer: producer.to_owned(),
+        producer: CompactString::from(producer),
         revision,
     })
 }

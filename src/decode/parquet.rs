@@ -17,7 +17,8 @@
 //! are taken as UTC), or `Int64` epoch microseconds.
 //!
 //! Speed: the file is decoded column-wise in batches; each batch's columns are downcast once, and
-//! a row costs no allocation beyond the `String`s of its [`Event`](crate::event::Event).
+//! a row costs no allocation unless a string of its [`Event`](crate::event::Event) is longer than
+//! 24 bytes.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

@@ -54,7 +54,7 @@ pub fn sample_events(n: usize, seed: u64) -> Vec<Event> {
             event_id: if roll < 13 {
                 None
             } else {
-                Some(format!("{producer}-{seed}-{i}"))
+                Some(format!("{producer}-{seed}-{i}").into())
             },
             event_type,
             event_time_us: base - 2 * 3_600_000_000 + next(5 * 3_600_000_000) as i64,
@@ -63,7 +63,7 @@ pub fn sample_events(n: usize, seed: u64) -> Vec<Event> {
             advertiser_id: ad / 6,
             country: Country([*b"DE", *b"US", *b"FR", *b"JP"][next(4) as usize]),
             user_id: next(40) as i64,
-            ip: format!("10.0.{}.{}", next(4), next(250)),
+            ip: format!("10.0.{}.{}", next(4), next(250)).into(),
             cost_micros: if event_type == EventType::Conversion {
                 None
             } else {
@@ -74,7 +74,7 @@ pub fn sample_events(n: usize, seed: u64) -> Vec<Event> {
             } else {
                 None
             },
-            producer,
+            producer: producer.into(),
             revision: 0,
         });
     }
