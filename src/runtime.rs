@@ -27,6 +27,7 @@ use adsmetrics_dataflows::{DedupKey, EventVersion, MirrorError, PartitionId};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::decode::{decode_parquet, decode_source};
+use crate::event::Event;
 use crate::journal::{CommitJournal, JournalError, PartitionChange, Published, SourceRecord};
 use crate::sink::publish::{publish_epoch, stage_partition, FailPoint, PublishError};
 use crate::sink::{files::WriteError, quarantine, raw};
@@ -367,26 +368,27 @@ fn ingest_sources(
         let decoded = decode_source(&source.label, &bytes);
 
         // A source contributes each key at most once: its greatest version.
-        let mut best: HashMap<DedupKey, (EventVersion, usize), BuildFastHasher> =
-            HashMap::with_capacity_and_hasher(decoded.events.len(), BuildFastHasher::default());
+        let keyed: Vec<(DedupKey, EventVersion)> =
+            decoded.events.iter().map(Event::keyed_version).collect();
+        let mut best: HashMap<DedupKey, usize, BuildFastHasher> =
+            HashMap::with_capacity_and_hasher(keyed.len(), BuildFastHasher::default());
         let mut duplicates = 0u64;
-        for (i, event) in decoded.events.iter().enumerate() {
-            let (key, version) = event.keyed_version();
-            match best.entry(key) {
+        for (i, (key, version)) in keyed.iter().enumerate() {
+            match best.entry(*key) {
                 std::collections::hash_map::Entry::Occupied(mut slot) => {
                     duplicates += 1;
-                    if version > slot.get().0 {
-                        slot.insert((version, i));
+                    if *version > keyed[*slot.get()].1 {
+                        slot.insert(i);
                     }
                 }
                 std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert((version, i));
+                    slot.insert(i);
                 }
             }
         }
-        let accepted: Vec<(DedupKey, &crate::event::Event)> = best
+        let accepted: Vec<(DedupKey, &Event)> = best
             .iter()
-            .map(|(key, (_, i))| (*key, &decoded.events[*i]))
+            .map(|(key, &i)| (*key, &decoded.events[i]))
             .collect();
         let written = raw::write_source(
             &shared.warehouse,
@@ -400,8 +402,8 @@ fn ingest_sources(
             &decoded.quarantined,
             shared.started_at_us,
         )?;
-        for (key, (version, _)) in best.iter() {
-            pipeline.input.update((*key, *version), 1);
+        for &i in best.values() {
+            pipeline.input.update(keyed[i], 1);
         }
         drain_input(worker, pipeline);
 
