@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use adsmetrics_dataflows::DedupKey;
-use arrow::array::{ArrayRef, FixedSizeBinaryArray, StringArray};
+use arrow::array::{ArrayRef, DictionaryArray, FixedSizeBinaryArray, Int32Array, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use parquet::file::metadata::KeyValue;
@@ -93,15 +93,16 @@ pub fn write_source(
             DataType::FixedSizeBinary(16),
             false,
         ));
-        fields.push(Field::new("source", DataType::Utf8, false));
-        fields.push(Field::new("source_hash", DataType::Utf8, false));
+        let constant = || DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
+        fields.push(Field::new("source", constant(), false));
+        fields.push(Field::new("source_hash", constant(), false));
         let mut columns = event_columns(&events);
         let keys =
             FixedSizeBinaryArray::try_from_iter(rows.iter().map(|(k, _)| k.0.get().to_be_bytes()))
                 .expect("every key is 16 bytes");
         columns.push(Arc::new(keys) as ArrayRef);
-        columns.push(Arc::new(StringArray::from(vec![source; rows.len()])));
-        columns.push(Arc::new(StringArray::from(vec![source_hash; rows.len()])));
+        columns.push(constant_column(source, rows.len()));
+        columns.push(constant_column(source_hash, rows.len()));
         let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
             .expect("columns follow fields");
         let bytes = parquet_bytes(&batch, properties(), &dest)?;
@@ -112,6 +113,16 @@ pub fn write_source(
         written += rows.len() as u64;
     }
     Ok(written)
+}
+
+/// A column holding `value` in each of `rows` rows, as a one-entry dictionary: the per-row cost is
+/// a 4-byte key, not a copy of the string.
+fn constant_column(value: &str, rows: usize) -> ArrayRef {
+    let keys = Int32Array::from(vec![0; rows]);
+    Arc::new(DictionaryArray::new(
+        keys,
+        Arc::new(StringArray::from(vec![value])),
+    ))
 }
 
 /// Every raw file in the warehouse, sorted by path.
