@@ -386,9 +386,12 @@ fn ingest_sources(
                 }
             }
         }
-        let accepted: Vec<(DedupKey, &Event)> = best
+        // In source order: deterministic, and it reads the events front to back.
+        let mut winners: Vec<usize> = best.into_values().collect();
+        winners.sort_unstable();
+        let accepted: Vec<(DedupKey, &Event)> = winners
             .iter()
-            .map(|(key, &i)| (*key, &decoded.events[i]))
+            .map(|&i| (keyed[i].0, &decoded.events[i]))
             .collect();
         let written = raw::write_source(
             &shared.warehouse,
@@ -402,7 +405,7 @@ fn ingest_sources(
             &decoded.quarantined,
             shared.started_at_us,
         )?;
-        for &i in best.values() {
+        for &i in &winners {
             pipeline.input.update(keyed[i], 1);
         }
         drain_input(worker, pipeline);

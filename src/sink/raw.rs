@@ -5,9 +5,9 @@
 //! `raw/dt=…/hr=…/src-<hash>.parquet`. A committed source is never read again (the journal knows
 //! its hash), so its files are written once; a source whose run crashed before its commit rewrites
 //! the same files with the same bytes, which is why they need no fsync of their own: the publish
-//! syncs the filesystem before the journal names the source. Rows carry their dedup key, the key algorithm (in
-//! the file metadata; `dedup_key` is 16 big-endian bytes), the source path and the source's
-//! content hash, sorted by key.
+//! syncs the filesystem before the journal names the source. Rows carry their dedup key, the key
+//! algorithm (in the file metadata; `dedup_key` is 16 big-endian bytes), the source path and the
+//! source's content hash, in source order (the order the source's winning rows were read in).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -63,8 +63,9 @@ fn properties() -> WriterProperties {
         .build()
 }
 
-/// Writes the accepted events of one source into the raw layer, one file per event hour; events
-/// must already be unique per dedup key. Returns the number of rows written.
+/// Writes the accepted events of one source into the raw layer, one file per event hour, in the
+/// order given (which must not depend on anything but the source's bytes); events must already
+/// be unique per dedup key. Returns the number of rows written.
 pub fn write_source(
     warehouse: &Warehouse,
     source: &str,
@@ -83,9 +84,8 @@ pub fn write_source(
             .push((key, event));
     }
     let mut written = 0;
-    for (hour, mut rows) in by_hour {
+    for (hour, rows) in by_hour {
         let dest = raw_file(warehouse, hour, source_hash);
-        rows.sort_unstable_by_key(|(key, _)| *key);
         let events: Vec<&Event> = rows.iter().map(|(_, e)| *e).collect();
         let mut fields = event_fields();
         fields.push(Field::new(
