@@ -156,7 +156,7 @@ fn cells(event: &EventVersion) -> [Cell; 2] {
     Grain::ALL.map(|grain| Cell {
         grain,
         period: grain.period_of(event),
-        dims: event.dims,
+        dims: event.dims(),
     })
 }
 
@@ -181,10 +181,10 @@ impl UserDay {
         let day = event.day();
         let key = UserDay {
             day: day as i32,
-            advertiser_id: event.dims.advertiser_id,
-            campaign_id: event.dims.campaign_id,
-            ad_id: event.dims.ad_id,
-            country: event.dims.country,
+            advertiser_id: event.advertiser_id,
+            campaign_id: event.campaign_id,
+            ad_id: event.ad_id,
+            country: event.country,
             user_id: event.user_id,
         };
         (key, (event.hour() - day * 24) as u8)
@@ -310,12 +310,10 @@ mod tests {
             content_hash: ContentHash(Hash128::from(7)),
             event_type: EventType::Click,
             event_time_us,
-            dims: Dims {
-                advertiser_id: 1,
-                campaign_id: 2,
-                ad_id: 3,
-                country: Country(*b"DE"),
-            },
+            advertiser_id: 1,
+            campaign_id: 2,
+            ad_id: 3,
+            country: Country(*b"DE"),
             user_id: 42,
             cost_micros: 0,
             revenue_micros: 0,

@@ -116,6 +116,10 @@ pub struct Dims {
 
 /// One version of one event, reduced to what the metrics need. Fixed size, no heap.
 ///
+/// The dimensions are fields of their own rather than a [`Dims`]: nested, the country's two bytes
+/// would pad a word of their own, and this is the record the dedup arrangement sorts (80 bytes
+/// flat, 88 nested).
+///
 /// The derived order starts with `revision`, then `content_hash`: the greatest version of a key is
 /// the one that wins a conflict, whatever order the versions arrived in.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
@@ -128,8 +132,14 @@ pub struct EventVersion {
     pub event_type: EventType,
     /// Event time, UTC microseconds since the Unix epoch.
     pub event_time_us: i64,
-    /// Grouping dimensions.
-    pub dims: Dims,
+    /// Advertiser that pays (a dimension; see [`EventVersion::dims`]).
+    pub advertiser_id: i64,
+    /// Campaign of the ad (a dimension).
+    pub campaign_id: i64,
+    /// The ad itself (a dimension).
+    pub ad_id: i64,
+    /// Country of the viewer (a dimension).
+    pub country: Country,
     /// The viewer, for exact unique-user counts.
     pub user_id: i64,
     /// Cost in micros; a null cost is 0 here.
@@ -139,6 +149,16 @@ pub struct EventVersion {
 }
 
 impl EventVersion {
+    /// The dimensions the event is counted under.
+    pub fn dims(&self) -> Dims {
+        Dims {
+            advertiser_id: self.advertiser_id,
+            campaign_id: self.campaign_id,
+            ad_id: self.ad_id,
+            country: self.country,
+        }
+    }
+
     /// The event's hour: whole hours since the Unix epoch (floor, so negative times work too).
     pub fn hour(&self) -> i64 {
         self.event_time_us.div_euclid(MICROS_PER_HOUR)

@@ -36,7 +36,7 @@ pub fn tables(
             let cell = Cell {
                 grain,
                 period: grain.period_of(event),
-                dims: event.dims,
+                dims: event.dims(),
             };
             let (row, users) = cells.entry(cell).or_default();
             match event.event_type {
