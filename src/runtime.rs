@@ -29,8 +29,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::decode::{decode_parquet, decode_source};
 use crate::event::Event;
 use crate::journal::{CommitJournal, JournalError, PartitionChange, Published, SourceRecord};
+use crate::sink::files::{sync_filesystem, WriteError};
 use crate::sink::publish::{publish_epoch, stage_partition, FailPoint, PublishError};
-use crate::sink::{files::WriteError, quarantine, raw};
+use crate::sink::{quarantine, raw};
 use crate::source::{self, SourceError, SourceFile};
 use crate::warehouse::Warehouse;
 
@@ -292,8 +293,21 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
         pipeline.input.advance_to(epoch + 1);
         pipeline.input.flush();
         let fed = started.elapsed();
+        // The raw files this worker just wrote must be on disk before the publish names their
+        // source, and the publish syncs the filesystem to make sure. Starting that flush now, while
+        // the dataflow computes, overlaps the disk writes with the CPU work.
+        let early_flush = (epoch > 0).then(|| {
+            let root = shared.warehouse.root().to_path_buf();
+            std::thread::spawn(move || sync_filesystem(&root))
+        });
         let probe = pipeline.probe.clone();
         worker.step_or_park_while(None, || probe.less_than(&(epoch + 1)));
+        if let Some(flush) = early_flush {
+            // Only a head start: a failure here is the publish's sync's to report.
+            if let Ok(Err(e)) = flush.join() {
+                tracing::warn!(error = %e, "early flush of the raw layer failed");
+            }
+        }
         let computed = started.elapsed();
         let staged = local.and_then(|()| stage_touched(shared, &pipeline));
         tracing::info!(worker = index, epoch, ?fed, ?computed, staged = ?started.elapsed(), "epoch done on worker");
