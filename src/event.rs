@@ -14,7 +14,7 @@
 //! Never std's hasher (not stable across releases) nor differential's `Hashable` (it changed its
 //! seed in 0.26). Changing anything here is a new version (`v2`) and a migration, never an edit.
 
-use adsmetrics_dataflows::{ContentHash, Country, DedupKey, Dims, EventType, EventVersion};
+use adsmetrics_dataflows::{ContentHash, Country, DedupKey, EventType, EventVersion};
 use compact_str::CompactString;
 use xxhash_rust::xxh3::xxh3_128;
 
@@ -142,16 +142,6 @@ impl Event {
     /// The stable hash of every field (`adsmetrics-key-v1`).
     pub fn content_hash(&self) -> ContentHash {
         ContentHash(canonical_hash("adsmetrics/content/v1", |c| self.content(c)).into())
-    }
-
-    /// The dimensions this event is counted under.
-    pub fn dims(&self) -> Dims {
-        Dims {
-            advertiser_id: self.advertiser_id,
-            campaign_id: self.campaign_id,
-            ad_id: self.ad_id,
-            country: self.country,
-        }
     }
 
     /// What the dataflow needs of this event: its key and its compact version.

@@ -344,35 +344,26 @@ mod tests {
     #[test]
     fn user_changes_flip_exactly_the_hours_and_the_day_that_changed() {
         let (user, _) = UserDay::of(&event_at(0));
-        let mut out = Vec::new();
-        user_changes(&user, &0, &0b101, &mut out);
-        let users: Vec<(Grain, i64, i64)> = out
-            .iter()
-            .map(|(c, d)| (c.grain, c.period, *d as i64))
-            .collect();
+        let changes = |before: u32, after: u32| {
+            let mut out = Vec::new();
+            user_changes(&user, &before, &after, &mut out);
+            out.iter()
+                .map(|(cell, users)| (cell.grain, cell.period, *users))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
-            users,
+            changes(0, 0b101),
             [
                 (Grain::Hourly, 0, 1),
                 (Grain::Hourly, 2, 1),
                 (Grain::Daily, 0, 1)
             ]
         );
-
-        out.clear();
-        user_changes(&user, &0b101, &0b100, &mut out);
-        let users: Vec<(Grain, i64, i64)> = out
-            .iter()
-            .map(|(c, d)| (c.grain, c.period, *d as i64))
-            .collect();
-        assert_eq!(users, [(Grain::Hourly, 0, -1)]);
-
-        out.clear();
-        user_changes(&user, &0b100, &0, &mut out);
-        let users: Vec<(Grain, i64, i64)> = out
-            .iter()
-            .map(|(c, d)| (c.grain, c.period, *d as i64))
-            .collect();
-        assert_eq!(users, [(Grain::Hourly, 2, -1), (Grain::Daily, 0, -1)]);
+        assert_eq!(changes(0b101, 0b100), [(Grain::Hourly, 0, -1)]);
+        assert_eq!(
+            changes(0b100, 0),
+            [(Grain::Hourly, 2, -1), (Grain::Daily, 0, -1)]
+        );
+        assert_eq!(changes(0b100, 0b100), []);
     }
 }
