@@ -65,7 +65,8 @@ struct Canonical<'a>(&'a mut Vec<u8>);
 
 thread_local! {
     /// One encoding buffer per thread: every event is hashed twice, and two fresh allocations per
-    /// event cost about as much as the hashing of a short event.
+    /// event cost about as much as the hashing of a short event. It never shrinks, and needs not:
+    /// the decoder's limits on every string bound an encoding to well under a kilobyte.
     static CANONICAL_BUFFER: std::cell::RefCell<Vec<u8>> =
         std::cell::RefCell::new(Vec::with_capacity(256));
 }

@@ -249,7 +249,8 @@ fn add_to<K: std::hash::Hash + Eq, V: Semigroup + Default>(
 }
 
 /// From the deduplicated events to the changes of every cell's metrics, added up per worker and
-/// epoch so that the exchange to the partition writers carries one update per cell.
+/// epoch so that the exchange to the partition writers carries at most two updates per cell and
+/// worker (one for its sums, one for its users), not one per event.
 ///
 /// Sums are linear, so they need no state beyond the epoch: each event is added to its hourly
 /// cell, and a daily cell is the sum of its hours. Distinct users are not: see the module doc.

@@ -33,8 +33,9 @@ fn winner(present: &[(EventVersion, isize)]) -> Option<(EventVersion, u32)> {
 
 /// Reduces a multiset of keyed event versions to one winner per key.
 ///
-/// `conflicted_keys` is kept equal to the number of this worker's keys that have more than one
-/// distinct version (as of the epochs emitted so far).
+/// `conflicted_keys` counts this worker's keys that have more than one distinct version. It is
+/// updated key by key as dedup works through an epoch, so it is exact once the probe has passed
+/// the epoch (which is when the runtime and the tests read it).
 pub fn dedup<'scope>(
     input: VecCollection<'scope, Epoch, (DedupKey, EventVersion), isize>,
     conflicted_keys: Rc<Cell<i64>>,
