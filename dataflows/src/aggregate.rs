@@ -11,7 +11,7 @@ use differential_dataflow::trace::implementations::ValSpine;
 use differential_dataflow::VecCollection;
 use serde::{Deserialize, Serialize};
 
-use crate::batching::{fold_per_time, FastMap, RunBatcher};
+use crate::batching::{fold_and_pass_per_time, fold_per_time, FastMap, RunBatcher};
 use crate::dedup::Deduped;
 use crate::model::{Cell, Country, Dims, Epoch, EventType, EventVersion, Grain};
 use crate::reduce_total::reduce_total;
@@ -255,12 +255,13 @@ fn add_to<K: std::hash::Hash + Eq, V: Semigroup + Default>(
 /// Sums are linear, so they need no state beyond the epoch: each event is added to its hourly
 /// cell, and a daily cell is the sum of its hours. Distinct users are not: see the module doc.
 pub fn aggregate<'scope>(deduped: Deduped<'scope>) -> CellChanges<'scope> {
-    let sums = fold_per_time(
-        deduped.clone(),
-        "Preaggregate: Sums",
-        |(_key, (event, _versions)), diff, hours| {
+    let (sums, user_hours) = fold_and_pass_per_time(
+        deduped,
+        "Preaggregate: Sums, pass UserHours",
+        |(_key, (event, _versions)), diff, hours, users| {
             let [hour, _day] = cells(&event);
             add_to(hours, hour, &Sums::of(&event).multiply(&diff));
+            users.push(UserDay::of(&event));
         },
         |hours, out| {
             let mut days = FastMap::default();
@@ -279,8 +280,7 @@ pub fn aggregate<'scope>(deduped: Deduped<'scope>) -> CellChanges<'scope> {
             );
         },
     );
-    let user_hours = deduped
-        .map(|(_key, (event, _versions))| UserDay::of(&event))
+    let user_hours = user_hours
         .arrange_named::<RunBatcher<UserDay, u8, Epoch, isize>, ValSpine<_, _, _, _>>(
             "Arrange: UserHours",
             RunBatcher::new,

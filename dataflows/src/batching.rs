@@ -29,8 +29,11 @@ use differential_dataflow::difference::Semigroup;
 use differential_dataflow::logging::Logger;
 use differential_dataflow::trace::implementations::ValBuilder;
 use differential_dataflow::{AsCollection, ExchangeData, VecCollection};
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
-use timely::dataflow::operators::{Capability, Operator};
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::Capability;
 use timely::progress::frontier::AntichainRef;
 use timely::progress::{Antichain, Timestamp};
 
@@ -161,7 +164,7 @@ pub fn fold_per_time<'scope, D, R, K, V, D2, R2>(
     input: VecCollection<'scope, Epoch, D, R>,
     name: &str,
     mut add: impl FnMut(D, R, &mut FastMap<K, V>) + 'static,
-    mut finish: impl FnMut(FastMap<K, V>, &mut Vec<(D2, R2)>) + 'static,
+    finish: impl FnMut(FastMap<K, V>, &mut Vec<(D2, R2)>) + 'static,
 ) -> VecCollection<'scope, Epoch, D2, R2>
 where
     D: ExchangeData,
@@ -171,36 +174,79 @@ where
     D2: ExchangeData,
     R2: ExchangeData + Semigroup,
 {
-    input
-        .inner
-        .unary_frontier(Pipeline, name, |_, _| {
-            let mut stash: BTreeMap<Epoch, (Capability<Epoch>, FastMap<K, V>)> = BTreeMap::new();
-            let mut out = Vec::new();
-            move |(input, frontier), output| {
-                input.for_each(|capability, data| {
-                    for (record, time, diff) in data.drain(..) {
-                        let (_, map) = stash
-                            .entry(time)
-                            .or_insert_with(|| (capability.delayed(&time, 0), HashMap::default()));
-                        add(record, diff, map);
+    let (folded, _nothing) = fold_and_pass_per_time::<_, _, _, _, _, _, ()>(
+        input,
+        name,
+        move |record, diff, map, _pass| add(record, diff, map),
+        finish,
+    );
+    folded
+}
+
+/// [`fold_per_time`] with a second output in the same pass: `add` may also push records to pass
+/// on at once, with the update's time and difference, to a second collection. Where one stream
+/// feeds both a fold and another operator, this reads it once instead of timely copying every
+/// update for a second consumer.
+pub fn fold_and_pass_per_time<'scope, D, R, K, V, D2, R2, P>(
+    input: VecCollection<'scope, Epoch, D, R>,
+    name: &str,
+    mut add: impl FnMut(D, R, &mut FastMap<K, V>, &mut Vec<P>) + 'static,
+    mut finish: impl FnMut(FastMap<K, V>, &mut Vec<(D2, R2)>) + 'static,
+) -> (
+    VecCollection<'scope, Epoch, D2, R2>,
+    VecCollection<'scope, Epoch, P, R>,
+)
+where
+    D: ExchangeData,
+    R: ExchangeData + Semigroup,
+    K: 'static,
+    V: 'static,
+    D2: ExchangeData,
+    R2: ExchangeData + Semigroup,
+    P: ExchangeData,
+{
+    let mut builder = OperatorBuilder::new(name.to_owned(), input.inner.scope());
+    let mut input = builder.new_input(input.inner, Pipeline);
+    let (folded, folded_stream) = builder.new_output();
+    let (passed, passed_stream) = builder.new_output();
+    let mut folded =
+        OutputBuilder::<_, CapacityContainerBuilder<Vec<(D2, Epoch, R2)>>>::from(folded);
+    let mut passed = OutputBuilder::<_, CapacityContainerBuilder<Vec<(P, Epoch, R)>>>::from(passed);
+    builder.build(move |_initial_capabilities| {
+        let mut stash: BTreeMap<Epoch, (Capability<Epoch>, FastMap<K, V>)> = BTreeMap::new();
+        let mut pass = Vec::new();
+        let mut out = Vec::new();
+        move |frontiers| {
+            let mut folded = folded.activate();
+            let mut passed = passed.activate();
+            input.for_each(|capability, data| {
+                let mut session = passed.session_with_builder(&capability);
+                for (record, time, diff) in data.drain(..) {
+                    let (_, map) = stash
+                        .entry(time)
+                        .or_insert_with(|| (capability.delayed(&time, 0), HashMap::default()));
+                    add(record, diff.clone(), map, &mut pass);
+                    for record in pass.drain(..) {
+                        session.give((record, time, diff.clone()));
                     }
-                });
-                while let Some(entry) = stash.first_entry() {
-                    if frontier.less_equal(entry.key()) {
-                        break;
-                    }
-                    let (time, (capability, map)) = entry.remove_entry();
-                    finish(map, &mut out);
-                    let mut session = output.session(&capability);
-                    for (record, diff) in out.drain(..) {
-                        if !diff.is_zero() {
-                            session.give((record, time, diff));
-                        }
+                }
+            });
+            while let Some(entry) = stash.first_entry() {
+                if frontiers[0].less_equal(entry.key()) {
+                    break;
+                }
+                let (time, (capability, map)) = entry.remove_entry();
+                finish(map, &mut out);
+                let mut session = folded.session_with_builder(&capability);
+                for (record, diff) in out.drain(..) {
+                    if !diff.is_zero() {
+                        session.give((record, time, diff));
                     }
                 }
             }
-        })
-        .as_collection()
+        }
+    });
+    (folded_stream.as_collection(), passed_stream.as_collection())
 }
 
 #[cfg(test)]
