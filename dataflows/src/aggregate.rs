@@ -152,12 +152,13 @@ impl Multiply<isize> for CellDelta {
 /// Changes to every cell of both grains, as differences of type [`CellDelta`].
 pub type CellChanges<'scope> = VecCollection<'scope, Epoch, Cell, CellDelta>;
 
-fn cells(event: &EventVersion) -> [Cell; 2] {
-    Grain::ALL.map(|grain| Cell {
+/// The cell of `grain` that `event` falls into.
+fn cell_of(event: &EventVersion, grain: Grain) -> Cell {
+    Cell {
         grain,
         period: grain.period_of(event),
         dims: event.dims(),
-    })
+    }
 }
 
 /// One user in one daily cell: the key under which the user's hours of that day are kept.
@@ -259,7 +260,7 @@ pub fn aggregate<'scope>(deduped: Deduped<'scope>) -> CellChanges<'scope> {
         deduped,
         "Preaggregate: Sums, pass UserHours",
         |(_key, (event, _versions)), diff, hours, users| {
-            let [hour, _day] = cells(&event);
+            let hour = cell_of(&event, Grain::Hourly);
             add_to(hours, hour, &Sums::of(&event).multiply(&diff));
             users.push(UserDay::of(&event));
         },
@@ -336,8 +337,9 @@ mod tests {
             let event = event_at(t);
             let (user, hour) = UserDay::of(&event);
             assert!(hour < 24, "hour of day {hour} for t={t}");
-            assert_eq!(user.cell(Grain::Hourly, hour), cells(&event)[0], "t={t}");
-            assert_eq!(user.cell(Grain::Daily, hour), cells(&event)[1], "t={t}");
+            for grain in Grain::ALL {
+                assert_eq!(user.cell(grain, hour), cell_of(&event, grain), "t={t}");
+            }
         }
         let _ = DedupKey(Hash128::from(0));
     }
