@@ -392,20 +392,23 @@ fn parquet_wrong_column_type() {
     );
 }
 
+/// The fields an event cannot do without, in either format.
+const REQUIRED_FIELDS: [&str; 9] = [
+    "event_type",
+    "event_time",
+    "ad_id",
+    "campaign_id",
+    "advertiser_id",
+    "country",
+    "user_id",
+    "ip",
+    "producer",
+];
+
 #[test]
 fn parquet_missing_columns() {
     let events = sample(10);
-    for name in [
-        "event_type",
-        "event_time",
-        "ad_id",
-        "campaign_id",
-        "advertiser_id",
-        "country",
-        "user_id",
-        "ip",
-        "producer",
-    ] {
+    for name in REQUIRED_FIELDS {
         let d = decode_pq(&parquet_bytes(&batch_without(&events, name)));
         assert_file_quarantine(&d, &format!("required column `{name}` is missing"));
     }
@@ -454,18 +457,7 @@ fn parquet_duplicate_column_is_ambiguous() {
 
 #[test]
 fn json_missing_required_fields() {
-    let required = [
-        "event_type",
-        "event_time",
-        "ad_id",
-        "campaign_id",
-        "advertiser_id",
-        "country",
-        "user_id",
-        "ip",
-        "producer",
-    ];
-    for field in required {
+    for field in REQUIRED_FIELDS {
         let mut m = valid_object();
         m.remove(field);
         let d = decode_json_lines("t.jsonl", line_of(&m).as_bytes());
