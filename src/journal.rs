@@ -21,7 +21,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use adsmetrics_dataflows::PartitionId;
+use adsmetrics_dataflows::{Dims, MetricRow, PartitionId};
 use serde::{Deserialize, Serialize};
 
 /// Errors of the journal; all are I/O or a journal that does not parse (not retryable by rerun).
@@ -85,6 +85,72 @@ pub struct SourceRecord {
     pub in_source_duplicates: u64,
 }
 
+/// A partition's metrics added up over its rows: what the audit ledger reports changes of.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricTotals {
+    /// Rows (cells) in the partition.
+    pub rows: i64,
+    /// Sum of impressions.
+    pub impressions: i64,
+    /// Sum of clicks.
+    pub clicks: i64,
+    /// Sum of conversions.
+    pub conversions: i64,
+    /// Sum of cost.
+    pub cost_micros: i64,
+    /// Sum of revenue.
+    pub revenue_micros: i64,
+    /// Sum of the rows' distinct-user counts (a user in two cells counts twice).
+    pub unique_users: i64,
+}
+
+impl MetricTotals {
+    /// The totals of a partition's rows.
+    pub fn of(rows: &[(Dims, MetricRow)]) -> Self {
+        rows.iter().fold(
+            MetricTotals {
+                rows: rows.len() as i64,
+                ..Default::default()
+            },
+            |t, (_, m)| MetricTotals {
+                rows: t.rows,
+                impressions: t.impressions.wrapping_add(m.impressions),
+                clicks: t.clicks.wrapping_add(m.clicks),
+                conversions: t.conversions.wrapping_add(m.conversions),
+                cost_micros: t.cost_micros.wrapping_add(m.cost_micros),
+                revenue_micros: t.revenue_micros.wrapping_add(m.revenue_micros),
+                unique_users: t.unique_users.wrapping_add(m.unique_users),
+            },
+        )
+    }
+
+    /// `self + other`, field by field.
+    pub fn plus(&self, other: &MetricTotals) -> MetricTotals {
+        MetricTotals {
+            rows: self.rows.wrapping_add(other.rows),
+            impressions: self.impressions.wrapping_add(other.impressions),
+            clicks: self.clicks.wrapping_add(other.clicks),
+            conversions: self.conversions.wrapping_add(other.conversions),
+            cost_micros: self.cost_micros.wrapping_add(other.cost_micros),
+            revenue_micros: self.revenue_micros.wrapping_add(other.revenue_micros),
+            unique_users: self.unique_users.wrapping_add(other.unique_users),
+        }
+    }
+
+    /// `self − before`, field by field.
+    pub fn minus(&self, before: &MetricTotals) -> MetricTotals {
+        MetricTotals {
+            rows: self.rows.wrapping_sub(before.rows),
+            impressions: self.impressions.wrapping_sub(before.impressions),
+            clicks: self.clicks.wrapping_sub(before.clicks),
+            conversions: self.conversions.wrapping_sub(before.conversions),
+            cost_micros: self.cost_micros.wrapping_sub(before.cost_micros),
+            revenue_micros: self.revenue_micros.wrapping_sub(before.revenue_micros),
+            unique_users: self.unique_users.wrapping_sub(before.unique_users),
+        }
+    }
+}
+
 /// One partition's change in a publish.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionChange {
@@ -98,6 +164,38 @@ pub struct PartitionChange {
     pub rows: u64,
     /// The staged file (relative to the warehouse root) that becomes the partition's file.
     pub staged: Option<String>,
+    /// Totals of the version it replaces (zero for a new partition). Absent in journals written
+    /// before totals were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_totals: Option<MetricTotals>,
+    /// Totals of the new version (zero when the partition became empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_totals: Option<MetricTotals>,
+}
+
+/// The audit ledger's newest entry when a publish was prepared: ties the ledger to the journal,
+/// so entries cut from the ledger are found by `audit verify`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerAnchor {
+    /// The entry's sequence number (0: the ledger was empty).
+    pub seq: u64,
+    /// The entry's hash.
+    pub hash: String,
+}
+
+/// A publish the journal has committed: what the audit ledger records of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommittedPublish {
+    /// Publish sequence number.
+    pub seq: u64,
+    /// The run that prepared it.
+    pub run_id: String,
+    /// Sources it consumed.
+    pub sources: Vec<SourceRecord>,
+    /// Partitions it changed.
+    pub partitions: Vec<PartitionChange>,
+    /// The ledger's newest entry when it was prepared.
+    pub ledger: Option<LedgerAnchor>,
 }
 
 /// One line of the journal.
@@ -116,6 +214,9 @@ pub enum JournalRecord {
         sources: Vec<SourceRecord>,
         /// Partitions it changes.
         partitions: Vec<PartitionChange>,
+        /// The audit ledger's newest entry at the time.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ledger: Option<LedgerAnchor>,
     },
     /// The publish `seq` is complete.
     Commit {
@@ -131,6 +232,8 @@ pub struct Published {
     pub version: String,
     /// Number of rows.
     pub rows: u64,
+    /// Its totals, when the journal recorded them.
+    pub totals: Option<MetricTotals>,
 }
 
 /// The journal, replayed into its current state.
@@ -142,6 +245,7 @@ pub struct CommitJournal {
     published: BTreeMap<PartitionId, Published>,
     consumed: BTreeSet<String>,
     pending: Option<JournalRecord>,
+    committed: Vec<CommittedPublish>,
 }
 
 impl CommitJournal {
@@ -155,6 +259,7 @@ impl CommitJournal {
             published: BTreeMap::new(),
             consumed: BTreeSet::new(),
             pending: None,
+            committed: Vec::new(),
         };
         let file = match File::open(path) {
             Ok(f) => f,
@@ -203,23 +308,26 @@ impl CommitJournal {
             JournalRecord::Commit { seq } => {
                 if let Some(JournalRecord::Prepare {
                     seq: p,
+                    run_id,
                     sources,
                     partitions,
+                    ledger,
                     ..
                 }) = self.pending.take()
                 {
                     if p == *seq {
-                        for s in sources {
-                            self.consumed.insert(s.content_hash);
+                        for s in &sources {
+                            self.consumed.insert(s.content_hash.clone());
                         }
-                        for change in partitions {
-                            match change.new_version {
+                        for change in &partitions {
+                            match &change.new_version {
                                 Some(version) => {
                                     self.published.insert(
                                         change.partition,
                                         Published {
-                                            version,
+                                            version: version.clone(),
                                             rows: change.rows,
+                                            totals: change.new_totals,
                                         },
                                     );
                                 }
@@ -228,6 +336,13 @@ impl CommitJournal {
                                 }
                             }
                         }
+                        self.committed.push(CommittedPublish {
+                            seq: p,
+                            run_id,
+                            sources,
+                            partitions,
+                            ledger,
+                        });
                     }
                 }
             }
@@ -322,6 +437,7 @@ impl CommitJournal {
         epoch: u64,
         sources: Vec<SourceRecord>,
         partitions: Vec<PartitionChange>,
+        ledger: Option<LedgerAnchor>,
     ) -> Result<u64, JournalError> {
         let seq = self.last_seq + 1;
         self.append(&JournalRecord::Prepare {
@@ -330,6 +446,7 @@ impl CommitJournal {
             epoch,
             sources,
             partitions,
+            ledger,
         })?;
         Ok(seq)
     }
@@ -356,6 +473,11 @@ impl CommitJournal {
     /// The current version of every published partition.
     pub fn published(&self) -> &BTreeMap<PartitionId, Published> {
         &self.published
+    }
+
+    /// Every committed publish, in sequence order.
+    pub fn committed(&self) -> &[CommittedPublish] {
+        &self.committed
     }
 
     /// Content hashes of every committed source.

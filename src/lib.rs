@@ -24,6 +24,7 @@ pub mod demo;
 pub mod event;
 pub mod generate;
 pub mod journal;
+pub mod ledger;
 pub mod report;
 pub mod runtime;
 pub mod schema;

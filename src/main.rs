@@ -69,6 +69,11 @@ enum Command {
         #[arg(long, short = 'w', default_value_t = 2)]
         workers: usize,
     },
+    /// The audit ledger: every run, and every partition version it produced, hash-chained.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Print Hive/Trino `CREATE EXTERNAL TABLE` statements for the curated tables.
     Ddl {
         /// The warehouse location as the query engine sees it (default: the warehouse path).
@@ -89,6 +94,24 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Print the ledger, oldest entry first: who ran what and when, the sources it read (with
+    /// content hashes), and each partition's old -> new version with its metric deltas.
+    Log {
+        /// Only the lineage of this partition (or of everything under a prefix), e.g.
+        /// `ads_metrics_hourly/dt=2026-11-03/hr=01` or `ads_metrics_daily`.
+        #[arg(long)]
+        partition: Option<String>,
+        /// Print the entries as JSON lines instead (exactly as stored).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the ledger: its hash chain (no entry edited, removed or reordered) and that it
+    /// accounts for every publish in the commit journal. Exits non-zero if it does not.
+    Verify,
 }
 
 fn main() -> ExitCode {
@@ -146,6 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             adsmetrics::demo::run(&warehouse, &data, events, workers)?;
         }
+        Command::Audit { command } => audit(&warehouse, command)?,
         Command::Ddl { location } => {
             let location = match location {
                 Some(l) => l,
@@ -166,6 +190,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "{}",
                 adsmetrics::show::show(&warehouse, &table, dt.as_deref(), hr, limit)?
             );
+        }
+    }
+    Ok(())
+}
+
+fn audit(warehouse: &Warehouse, command: AuditCommand) -> anyhow::Result<()> {
+    use adsmetrics::journal::CommitJournal;
+    use adsmetrics::ledger::{self, Ledger};
+    match command {
+        AuditCommand::Log { partition, json } => {
+            let ledger = Ledger::open(&warehouse.ledger_path())?;
+            if json {
+                for entry in ledger.entries() {
+                    println!("{}", serde_json::to_string(entry)?);
+                }
+            } else {
+                print!(
+                    "{}",
+                    ledger::render_log(ledger.entries(), partition.as_deref())
+                );
+            }
+        }
+        AuditCommand::Verify => {
+            let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
+            let report = ledger::verify(&warehouse.ledger_path(), journal.committed())?;
+            println!(
+                "ledger ok: {} entries, chain head {}; {} of {} journal publishes on the ledger",
+                report.entries,
+                report.head,
+                report.publishes - report.pending.len() as u64,
+                report.publishes
+            );
+            if !report.pending.is_empty() {
+                println!(
+                    "pending: publishes {:?} were committed by a run that stopped before its \
+                     ledger entry; the next run records them",
+                    report.pending
+                );
+            }
         }
     }
     Ok(())

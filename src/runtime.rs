@@ -28,9 +28,14 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::decode::{decode_parquet, decode_source};
 use crate::event::Event;
-use crate::journal::{CommitJournal, JournalError, PartitionChange, Published, SourceRecord};
+use crate::journal::{
+    CommitJournal, JournalError, LedgerAnchor, PartitionChange, Published, SourceRecord,
+};
+use crate::ledger::{Ledger, LedgerError, RunKind, RunRecord};
 use crate::sink::files::{sync_filesystem, WriteError};
-use crate::sink::publish::{publish_epoch, stage_partition, FailPoint, PublishError};
+use crate::sink::publish::{
+    publish_epoch, stage_partition, FailPoint, PublishError, PublishOrigin,
+};
 use crate::sink::{quarantine, raw};
 use crate::source::{self, SourceError, SourceFile};
 use crate::warehouse::Warehouse;
@@ -111,6 +116,9 @@ pub enum RunError {
     /// The dataflow produced an inconsistent partition (a bug).
     #[error(transparent)]
     Mirror(#[from] MirrorError),
+    /// The audit ledger could not be read, verified or appended to.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
     /// Timely could not start or a worker died.
     #[error("dataflow runtime: {0}")]
     Runtime(String),
@@ -126,6 +134,7 @@ struct Shared {
     warehouse: Warehouse,
     run_id: String,
     started_at_us: i64,
+    ledger_anchor: LedgerAnchor,
     rehydrate: Vec<PathBuf>,
     epochs: Vec<EpochPlan>,
     barrier: Barrier,
@@ -157,6 +166,30 @@ pub fn ingest(
     {
         tracing::warn!(seq, "finished a publish interrupted by an earlier crash");
     }
+    let mut ledger = Ledger::open(&warehouse.ledger_path())?;
+    if let Some(entry) = ledger.cover(journal.committed())? {
+        tracing::warn!(
+            publishes = ?entry.body.publishes,
+            "recorded publishes of an earlier run that stopped before its ledger entry"
+        );
+    }
+    let committed_before = journal.committed().last().map_or(0, |p| p.seq);
+    let started_at_us = chrono::Utc::now().timestamp_micros();
+    let run = RunRecord {
+        kind: RunKind::Ingest,
+        run_id: format!("run-{}-{}", started_at_us, std::process::id()),
+        command: format!(
+            "ingest --workers {} {}",
+            options.workers,
+            inputs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        sources_skipped: 0,
+        error: None,
+    };
 
     let files = source::discover(inputs)?;
     let identified = source::identify(&files, options.workers)?;
@@ -174,6 +207,13 @@ pub fn ingest(
         }
     }
     if new_sources.is_empty() {
+        ledger.append_run(
+            &RunRecord {
+                sources_skipped: summary.sources_skipped,
+                ..run
+            },
+            &[],
+        )?;
         summary.elapsed = started.elapsed();
         return Ok(summary);
     }
@@ -208,11 +248,11 @@ pub fn ingest(
         ProgressBar::hidden()
     };
 
-    let started_at_us = chrono::Utc::now().timestamp_micros();
     let shared = Arc::new(Shared {
         warehouse: warehouse.clone(),
-        run_id: format!("run-{}-{}", started_at_us, std::process::id()),
+        run_id: run.run_id.clone(),
         started_at_us,
+        ledger_anchor: ledger.anchor(),
         rehydrate,
         epochs,
         barrier: Barrier::new(workers),
@@ -241,7 +281,24 @@ pub fn ingest(
         .state
         .lock()
         .expect("no worker panicked holding the lock");
-    if let Some(error) = state.errors.drain(..).next() {
+    let error = state.errors.drain(..).next();
+    // Whatever the run committed goes on the ledger, also when it stopped with an error.
+    if let Some(journal) = state.journal.as_ref() {
+        let publishes: Vec<_> = journal
+            .committed()
+            .iter()
+            .filter(|p| p.seq > committed_before)
+            .collect();
+        ledger.append_run(
+            &RunRecord {
+                sources_skipped: state.summary.sources_skipped,
+                error: error.as_ref().map(|e| e.to_string()),
+                ..run
+            },
+            &publishes,
+        )?;
+    }
+    if let Some(error) = error {
         return Err(error);
     }
     // Every staged file has been renamed into place; drop the empty staging folders.
@@ -497,8 +554,11 @@ fn publish(shared: &Shared, epoch: u64) {
     match publish_epoch(
         journal,
         &shared.warehouse,
-        &shared.run_id,
-        epoch,
+        PublishOrigin {
+            run_id: &shared.run_id,
+            epoch,
+            ledger: Some(shared.ledger_anchor.clone()),
+        },
         sources,
         changes,
         fail,

@@ -7,6 +7,7 @@
 //!   raw/dt=YYYY-MM-DD/hr=HH/src-<source hash>.parquet       raw layer, one file per (source, hour)
 //!   quarantine/dt=YYYY-MM-DD/src-<source hash>.parquet      rejected input, by ingest date
 //!   _adsmetrics/journal.jsonl                                commit journal
+//!   _adsmetrics/ledger.jsonl                                 audit ledger (hash-chained)
 //!   _adsmetrics/staging/                                     files on their way into a table
 //! ```
 //! Staging lives outside every table directory: DuckDB's `read_parquet('table/**/*.parquet')`
@@ -126,6 +127,11 @@ impl Warehouse {
     /// The commit journal.
     pub fn journal_path(&self) -> PathBuf {
         self.meta_dir().join("journal.jsonl")
+    }
+
+    /// The audit ledger.
+    pub fn ledger_path(&self) -> PathBuf {
+        self.meta_dir().join("ledger.jsonl")
     }
 }
 

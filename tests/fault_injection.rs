@@ -70,6 +70,8 @@ fn a_publish_stopped_after_any_step_recovers_to_the_uninterrupted_tables() {
             expected,
             "{point:?}: {rerun:?}"
         );
+        // The audit ledger accounts for every version the crashed and the restarted run made.
+        assert_ledger_accounts_for_tables(&wh);
         assert!(
             !wh.staging_dir().exists()
                 || std::fs::read_dir(wh.staging_dir())

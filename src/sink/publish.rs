@@ -9,7 +9,10 @@ use std::path::PathBuf;
 
 use adsmetrics_dataflows::{Dims, MetricRow, PartitionId};
 
-use crate::journal::{CommitJournal, JournalError, PartitionChange, Published, SourceRecord};
+use crate::journal::{
+    CommitJournal, JournalError, LedgerAnchor, MetricTotals, PartitionChange, Published,
+    SourceRecord,
+};
 use crate::sink::curated::{content_version, encode_partition};
 use crate::sink::files::{sync_filesystem, write_file, WriteError};
 use crate::warehouse::{partition_path, table_name, Warehouse};
@@ -47,6 +50,9 @@ pub fn stage_partition(
     published: Option<&Published>,
 ) -> Result<Option<PartitionChange>, WriteError> {
     let old_version = published.map(|p| p.version.clone());
+    let old_totals = published
+        .map(|p| p.totals)
+        .unwrap_or(Some(MetricTotals::default()));
     if rows.is_empty() {
         return Ok(old_version.map(|old| PartitionChange {
             partition: *id,
@@ -54,6 +60,8 @@ pub fn stage_partition(
             new_version: None,
             rows: 0,
             staged: None,
+            old_totals,
+            new_totals: Some(MetricTotals::default()),
         }));
     }
     let version = content_version(id, rows);
@@ -79,6 +87,8 @@ pub fn stage_partition(
         new_version: Some(version),
         rows: rows.len() as u64,
         staged: Some(relative.to_string_lossy().into_owned()),
+        old_totals,
+        new_totals: Some(MetricTotals::of(rows)),
     }))
 }
 
@@ -86,13 +96,23 @@ fn injected(at: FailPoint) -> JournalError {
     JournalError::Injected(format!("{at:?}"))
 }
 
+/// Which run and epoch a publish belongs to, as the journal records it.
+#[derive(Clone, Debug)]
+pub struct PublishOrigin<'a> {
+    /// The run.
+    pub run_id: &'a str,
+    /// Its epoch.
+    pub epoch: u64,
+    /// The audit ledger's newest entry when the run started.
+    pub ledger: Option<LedgerAnchor>,
+}
+
 /// Publishes one epoch: its consumed sources and its staged partition changes, atomically.
 /// Returns the journal sequence number of the publish.
 pub fn publish_epoch(
     journal: &mut CommitJournal,
     warehouse: &Warehouse,
-    run_id: &str,
-    epoch: u64,
+    origin: PublishOrigin<'_>,
     sources: Vec<SourceRecord>,
     mut changes: Vec<PartitionChange>,
     fail: Option<FailPoint>,
@@ -106,7 +126,7 @@ pub fn publish_epoch(
         path: warehouse.root().to_path_buf(),
         source,
     })?;
-    let seq = journal.prepare(run_id, epoch, sources, changes)?;
+    let seq = journal.prepare(origin.run_id, origin.epoch, sources, changes, origin.ledger)?;
     if fail == Some(FailPoint::AfterPrepare) {
         return Err(injected(FailPoint::AfterPrepare).into());
     }

@@ -148,3 +148,36 @@ pub fn published_tables(warehouse: &Warehouse) -> Tables {
     );
     tables
 }
+
+/// The audit ledger verifies, has nothing pending, and accounts for the tables: for every
+/// partition, the metric deltas of all its ledger entries add up to its published totals (and to
+/// zero for a partition that is gone). Returns the ledger's entries.
+pub fn assert_ledger_accounts_for_tables(warehouse: &Warehouse) -> Vec<adsmetrics::ledger::Entry> {
+    use adsmetrics::journal::{CommitJournal, MetricTotals};
+    use adsmetrics::warehouse::{partition_path, table_name};
+    let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path()).unwrap();
+    let report = adsmetrics::ledger::verify(&warehouse.ledger_path(), journal.committed()).unwrap();
+    assert!(report.pending.is_empty(), "pending: {:?}", report.pending);
+    let ledger = adsmetrics::ledger::Ledger::open(&warehouse.ledger_path()).unwrap();
+    let mut summed: std::collections::BTreeMap<String, MetricTotals> = Default::default();
+    for entry in ledger.entries() {
+        for p in &entry.body.partitions {
+            let delta = p.delta.expect("this build records totals");
+            let total = summed.entry(p.partition.clone()).or_default();
+            *total = total.plus(&delta);
+        }
+    }
+    let mut expected: std::collections::BTreeMap<String, MetricTotals> = summed
+        .keys()
+        .map(|k| (k.clone(), MetricTotals::default()))
+        .collect();
+    for (id, rows) in published_tables(warehouse) {
+        let name = format!("{}/{}", table_name(id.grain), partition_path(&id));
+        expected.insert(name, MetricTotals::of(&rows));
+    }
+    assert_eq!(
+        summed, expected,
+        "ledger deltas do not add up to the tables"
+    );
+    ledger.entries().to_vec()
+}

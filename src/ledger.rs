@@ -1,0 +1,602 @@
+//! The audit ledger: an append-only, hash-chained record of every run and of every partition
+//! version it produced.
+//!
+//! One JSON line per entry in `_adsmetrics/ledger.jsonl`. An entry says what ran (`kind`: ingest,
+//! recovery, …), who ran it and when (wall clock, outside every dataflow), which inputs it read
+//! (content hashes), which journal publishes it committed, and per partition the old → new
+//! version with the row and metric deltas. A run that changed nothing gets an `unchanged` entry
+//! too, so "was this rerun a no-op?" has a recorded answer.
+//!
+//! Each entry carries `prev`, the previous entry's hash, and `hash`, the SHA-256 of its own
+//! body (every field but `hash`, serialised in field order). Editing, removing or reordering any
+//! entry breaks the chain at that entry; [`verify`] finds it. Cutting entries off the end keeps
+//! the chain intact, so [`verify`] also checks the other direction: every publish the commit
+//! journal holds must be covered by an entry.
+//!
+//! The journal is the ground truth of what was published and the ledger its account: a run
+//! appends its entry after its publishes committed, and a run that finds committed publishes no
+//! entry covers (a crash between the two) first appends a `recovery` entry for them.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::journal::{CommittedPublish, LedgerAnchor, MetricTotals, SourceRecord};
+use crate::warehouse::{partition_path, table_name};
+
+/// Format version of ledger entries.
+pub const LEDGER_VERSION: u32 = 1;
+
+/// The `prev` of the first entry.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Errors of the ledger.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// Reading or appending failed.
+    #[error("audit ledger I/O on {path}: {source}")]
+    Io {
+        /// The ledger file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The chain does not verify: an entry was edited, removed, reordered or is not an entry.
+    #[error("audit ledger {path} entry {line}: {detail}")]
+    Broken {
+        /// The ledger file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The journal holds committed publishes that no entry covers, older than covered ones (the
+    /// newest uncovered ones are a run that stopped after committing; its next run records them).
+    #[error(
+        "audit ledger {path} does not cover journal publishes {missing:?}: entries were removed"
+    )]
+    Uncovered {
+        /// The ledger file.
+        path: PathBuf,
+        /// The publishes no entry names.
+        missing: Vec<u64>,
+    },
+}
+
+/// What kind of run an entry records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunKind {
+    /// `adsmetrics ingest` (and the ingest steps of `demo`).
+    Ingest,
+    /// Publishes found committed but not yet on the ledger (a run that crashed after its
+    /// commit, or a publish that startup recovery finished).
+    Recovery,
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// It published at least one partition version or consumed at least one source.
+    Changed,
+    /// It published nothing and consumed nothing.
+    Unchanged,
+    /// It stopped with an error; what it committed before that is listed.
+    Failed,
+}
+
+/// One partition's change, as the ledger records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionEntry {
+    /// `<table>/dt=…[/hr=…]`.
+    pub partition: String,
+    /// The journal publish that made the change.
+    pub publish: u64,
+    /// The version replaced; `None` for a new partition.
+    pub old_version: Option<String>,
+    /// The new version; `None` when the partition became empty and was removed.
+    pub new_version: Option<String>,
+    /// New totals minus old totals (`None` when the journal did not record totals).
+    pub delta: Option<MetricTotals>,
+}
+
+/// Everything an entry says, except its own hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryBody {
+    /// Format version.
+    pub v: u32,
+    /// 1, 2, … in ledger order.
+    pub seq: u64,
+    /// Hash of the previous entry ([`GENESIS`] for the first).
+    pub prev: String,
+    /// When the entry was appended, RFC 3339 UTC.
+    pub at: String,
+    /// What ran.
+    pub kind: RunKind,
+    /// The run's id (the journal's `run_id` of its publishes).
+    pub run_id: String,
+    /// Who ran it: the OS user (`USER`/`LOGNAME`), or `unknown`.
+    pub actor: String,
+    /// What ran, as typed (for an ingest: its inputs).
+    pub command: String,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The error that stopped it, if it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Journal publishes it committed, in order.
+    pub publishes: Vec<u64>,
+    /// Sources it consumed, with their content hashes.
+    pub sources: Vec<SourceRecord>,
+    /// Sources it found already consumed and skipped.
+    pub sources_skipped: u64,
+    /// Every partition version it produced.
+    pub partitions: Vec<PartitionEntry>,
+}
+
+/// One ledger line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The recorded facts.
+    #[serde(flatten)]
+    pub body: EntryBody,
+    /// SHA-256 of the body, hex.
+    pub hash: String,
+}
+
+/// SHA-256 of an entry body's JSON, hex.
+pub fn body_hash(body: &EntryBody) -> String {
+    let bytes = serde_json::to_vec(body).expect("ledger entries always serialise");
+    let digest = Sha256::digest(&bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a run tells the ledger about itself.
+#[derive(Clone, Debug)]
+pub struct RunRecord {
+    /// What ran.
+    pub kind: RunKind,
+    /// Its id.
+    pub run_id: String,
+    /// What ran, as typed.
+    pub command: String,
+    /// Sources found already consumed.
+    pub sources_skipped: u64,
+    /// The error that stopped it, if any.
+    pub error: Option<String>,
+}
+
+/// The ledger of one warehouse, opened for appending.
+#[derive(Debug)]
+pub struct Ledger {
+    path: PathBuf,
+    entries: Vec<Entry>,
+}
+
+impl Ledger {
+    /// Opens the ledger at `path` (empty if absent) and verifies its chain. A broken chain is an
+    /// error: nothing may be appended to a ledger that does not verify.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        let entries = read_chain(path)?;
+        Ok(Ledger {
+            path: path.to_path_buf(),
+            entries,
+        })
+    }
+
+    /// Every entry, oldest first.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// The newest entry, to record with each publish (see [`verify`]).
+    pub fn anchor(&self) -> LedgerAnchor {
+        LedgerAnchor {
+            seq: self.entries.len() as u64,
+            hash: self
+                .entries
+                .last()
+                .map_or_else(|| GENESIS.to_string(), |e| e.hash.clone()),
+        }
+    }
+
+    /// The highest journal publish any entry covers (0 for none).
+    pub fn covered_publish(&self) -> u64 {
+        self.entries
+            .iter()
+            .flat_map(|e| e.body.publishes.iter().copied())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Appends a `recovery` entry for the committed publishes no entry covers yet, if any.
+    pub fn cover(&mut self, committed: &[CommittedPublish]) -> Result<Option<&Entry>, LedgerError> {
+        let covered = self.covered_publish();
+        let missing: Vec<&CommittedPublish> =
+            committed.iter().filter(|p| p.seq > covered).collect();
+        let Some(first) = missing.first() else {
+            return Ok(None);
+        };
+        let record = RunRecord {
+            kind: RunKind::Recovery,
+            run_id: first.run_id.clone(),
+            command: "startup: publishes committed without a ledger entry".to_string(),
+            sources_skipped: 0,
+            error: None,
+        };
+        self.append_run(&record, &missing).map(Some)
+    }
+
+    /// Appends the entry of a run that committed `publishes` (possibly none).
+    pub fn append_run(
+        &mut self,
+        run: &RunRecord,
+        publishes: &[&CommittedPublish],
+    ) -> Result<&Entry, LedgerError> {
+        let mut sources = Vec::new();
+        let mut partitions = Vec::new();
+        for p in publishes {
+            sources.extend(p.sources.iter().cloned());
+            for change in &p.partitions {
+                let delta = match (change.new_totals, change.old_totals) {
+                    (Some(new), Some(old)) => Some(new.minus(&old)),
+                    _ => None,
+                };
+                partitions.push(PartitionEntry {
+                    partition: format!(
+                        "{}/{}",
+                        table_name(change.partition.grain),
+                        partition_path(&change.partition)
+                    ),
+                    publish: p.seq,
+                    old_version: change.old_version.clone(),
+                    new_version: change.new_version.clone(),
+                    delta,
+                });
+            }
+        }
+        let outcome = if run.error.is_some() {
+            Outcome::Failed
+        } else if sources.is_empty() && partitions.is_empty() {
+            Outcome::Unchanged
+        } else {
+            Outcome::Changed
+        };
+        let body = EntryBody {
+            v: LEDGER_VERSION,
+            seq: self.entries.len() as u64 + 1,
+            prev: self
+                .entries
+                .last()
+                .map_or_else(|| GENESIS.to_string(), |e| e.hash.clone()),
+            at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            kind: run.kind,
+            run_id: run.run_id.clone(),
+            actor: actor(),
+            command: run.command.clone(),
+            outcome,
+            error: run.error.clone(),
+            publishes: publishes.iter().map(|p| p.seq).collect(),
+            sources,
+            sources_skipped: run.sources_skipped,
+            partitions,
+        };
+        let entry = Entry {
+            hash: body_hash(&body),
+            body,
+        };
+        let err = |source| LedgerError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        if let Some(dir) = self.path.parent() {
+            fs::create_dir_all(dir).map_err(err)?;
+        }
+        let mut line = serde_json::to_string(&entry).expect("ledger entries always serialise");
+        line.push('\n');
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(err)?;
+        f.write_all(line.as_bytes()).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        self.entries.push(entry);
+        Ok(self.entries.last().expect("just pushed"))
+    }
+}
+
+fn actor() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+/// Reads and checks the chain: each line an entry, numbered in order, each `prev` the previous
+/// entry's hash and each `hash` its body's hash.
+fn read_chain(path: &Path) -> Result<Vec<Entry>, LedgerError> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(LedgerError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let broken = |line: usize, detail: String| LedgerError::Broken {
+        path: path.to_path_buf(),
+        line,
+        detail,
+    };
+    let mut entries: Vec<Entry> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let entry: Entry = serde_json::from_str(line)
+            .map_err(|e| broken(n, format!("not a ledger entry: {e}")))?;
+        if entry.body.seq != n as u64 {
+            return Err(broken(
+                n,
+                format!("sequence {} where {n} was expected", entry.body.seq),
+            ));
+        }
+        let prev = entries.last().map_or(GENESIS, |e| e.hash.as_str());
+        if entry.body.prev != prev {
+            return Err(broken(
+                n,
+                "does not chain to the entry before it (an entry was removed, reordered or edited)"
+                    .to_string(),
+            ));
+        }
+        let hash = body_hash(&entry.body);
+        if entry.hash != hash {
+            return Err(broken(
+                n,
+                format!(
+                    "its contents were changed (hash {hash}, recorded {})",
+                    entry.hash
+                ),
+            ));
+        }
+        entries.push(entry);
+    }
+    Ok(entries)
+}
+
+/// What [`verify`] checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Entries in the chain.
+    pub entries: u64,
+    /// Journal publishes, all covered by an entry or pending.
+    pub publishes: u64,
+    /// The newest publishes no entry covers yet: their run stopped after committing them, and
+    /// the next run records them in a `recovery` entry.
+    pub pending: Vec<u64>,
+    /// Hash of the last entry (or [`GENESIS`]).
+    pub head: String,
+}
+
+/// Checks the ledger against itself and against the commit journal's `committed` publishes:
+/// the chain holds; every publish's anchor (the ledger entry that was newest when it was
+/// prepared) is still in the ledger with the same hash, so entries cut off the end are found
+/// too; and every publish is covered by an entry, except the newest ones after the last covered
+/// publish, which are reported as pending.
+pub fn verify(path: &Path, committed: &[CommittedPublish]) -> Result<VerifyReport, LedgerError> {
+    let entries = read_chain(path)?;
+    for publish in committed {
+        let Some(anchor) = &publish.ledger else {
+            continue;
+        };
+        if anchor.seq == 0 {
+            continue;
+        }
+        match entries.get(anchor.seq as usize - 1) {
+            Some(entry) if entry.hash == anchor.hash => {}
+            Some(_) => {
+                return Err(LedgerError::Broken {
+                    path: path.to_path_buf(),
+                    line: anchor.seq as usize,
+                    detail: format!(
+                        "is not the entry journal publish {} was prepared after (hash {})",
+                        publish.seq, anchor.hash
+                    ),
+                })
+            }
+            None => {
+                return Err(LedgerError::Broken {
+                    path: path.to_path_buf(),
+                    line: anchor.seq as usize,
+                    detail: format!(
+                        "is missing: journal publish {} was prepared after it, so entries were \
+                         removed from the end",
+                        publish.seq
+                    ),
+                })
+            }
+        }
+    }
+    let covered: std::collections::BTreeSet<u64> = entries
+        .iter()
+        .flat_map(|e| e.body.publishes.iter().copied())
+        .collect();
+    let last = covered.iter().next_back().copied().unwrap_or(0);
+    let (missing, pending): (Vec<u64>, Vec<u64>) = committed
+        .iter()
+        .map(|p| p.seq)
+        .filter(|s| !covered.contains(s))
+        .partition(|s| *s < last);
+    if !missing.is_empty() {
+        return Err(LedgerError::Uncovered {
+            path: path.to_path_buf(),
+            missing,
+        });
+    }
+    Ok(VerifyReport {
+        entries: entries.len() as u64,
+        publishes: committed.len() as u64,
+        pending,
+        head: entries
+            .last()
+            .map_or_else(|| GENESIS.to_string(), |e| e.hash.clone()),
+    })
+}
+
+/// Whether `partition` (`<table>/dt=…[/hr=…]`) is `filter` or lies under it.
+fn under(partition: &str, filter: &str) -> bool {
+    let filter = filter.trim_end_matches('/');
+    partition == filter
+        || partition
+            .strip_prefix(filter)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+fn short(version: &Option<String>) -> String {
+    match version {
+        Some(v) => v.chars().take(16).collect(),
+        None => "(none)".to_string(),
+    }
+}
+
+fn delta_text(delta: &Option<MetricTotals>) -> String {
+    let Some(d) = delta else {
+        return "deltas not recorded".to_string();
+    };
+    let fields = [
+        ("rows", d.rows),
+        ("impressions", d.impressions),
+        ("clicks", d.clicks),
+        ("conversions", d.conversions),
+        ("cost_micros", d.cost_micros),
+        ("revenue_micros", d.revenue_micros),
+        ("unique_users", d.unique_users),
+    ];
+    let parts: Vec<String> = fields
+        .iter()
+        .filter(|(_, v)| *v != 0)
+        .map(|(name, v)| format!("{name} {v:+}"))
+        .collect();
+    if parts.is_empty() {
+        "no metric change".to_string()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// The ledger as text, oldest entry first: every entry, or with `partition` (a partition such as
+/// `ads_metrics_hourly/dt=2026-11-03/hr=01`, or a prefix such as `ads_metrics_daily`) only the
+/// entries that produced a version of it — the partition's lineage.
+pub fn render_log(entries: &[Entry], partition: Option<&str>) -> String {
+    let mut out = String::new();
+    for entry in entries {
+        let b = &entry.body;
+        let changes: Vec<&PartitionEntry> = b
+            .partitions
+            .iter()
+            .filter(|p| partition.is_none_or(|f| under(&p.partition, f)))
+            .collect();
+        if partition.is_some() && changes.is_empty() {
+            continue;
+        }
+        let kind = serde_json::to_value(b.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let outcome = serde_json::to_value(b.outcome)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "#{} {} {kind} {outcome} {} by {}\n",
+            b.seq, b.at, b.run_id, b.actor
+        ));
+        out.push_str(&format!("    command: {}\n", b.command));
+        if let Some(error) = &b.error {
+            out.push_str(&format!("    error: {error}\n"));
+        }
+        out.push_str(&format!(
+            "    sources: {} consumed, {} skipped; journal publishes: {:?}; partitions changed: {}\n",
+            b.sources.len(),
+            b.sources_skipped,
+            b.publishes,
+            b.partitions.len()
+        ));
+        if partition.is_none() {
+            for s in &b.sources {
+                out.push_str(&format!(
+                    "    < {} ({}): {} accepted, {} quarantined\n",
+                    s.source,
+                    s.content_hash.chars().take(16).collect::<String>(),
+                    s.accepted,
+                    s.quarantined
+                ));
+            }
+        }
+        for p in changes {
+            out.push_str(&format!(
+                "    > {}: {} -> {} [publish {}] {}\n",
+                p.partition,
+                short(&p.old_version),
+                short(&p.new_version),
+                p.publish,
+                delta_text(&p.delta)
+            ));
+        }
+    }
+    if out.is_empty() {
+        out.push_str(match partition {
+            Some(_) => "no ledger entry produced a version of that partition\n",
+            None => "the ledger is empty: nothing has run on this warehouse\n",
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_filter_matches_whole_path_components() {
+        let p = "ads_metrics_hourly/dt=2026-11-03/hr=01";
+        assert!(under(p, p));
+        assert!(under(p, "ads_metrics_hourly/dt=2026-11-03"));
+        assert!(under(p, "ads_metrics_hourly/"));
+        assert!(!under(p, "ads_metrics_hourly/dt=2026-11-0"));
+        assert!(!under(p, "ads_metrics_daily"));
+    }
+
+    #[test]
+    fn the_body_hash_covers_every_field() {
+        let body = EntryBody {
+            v: LEDGER_VERSION,
+            seq: 1,
+            prev: GENESIS.to_string(),
+            at: "2026-11-23T00:00:00Z".to_string(),
+            kind: RunKind::Ingest,
+            run_id: "run-1".to_string(),
+            actor: "test".to_string(),
+            command: "ingest x".to_string(),
+            outcome: Outcome::Unchanged,
+            error: None,
+            publishes: vec![],
+            sources: vec![],
+            sources_skipped: 2,
+            partitions: vec![],
+        };
+        let hash = body_hash(&body);
+        assert_eq!(hash.len(), 64);
+        let mut other = body.clone();
+        other.sources_skipped = 3;
+        assert_ne!(body_hash(&other), hash);
+        let mut other = body.clone();
+        other.actor = "mallory".to_string();
+        assert_ne!(body_hash(&other), hash);
+    }
+}
