@@ -10,7 +10,9 @@ pub fn ingest_report(s: &IngestSummary) -> String {
         s.sources_found, s.sources_ingested, s.sources_skipped
     );
     if s.sources_ingested == 0 {
-        out.push_str("nothing new: no partition published, no file written\n");
+        out.push_str(
+            "nothing new: no partition published, no data file written (the audit ledger records the run)\n",
+        );
         return out;
     }
     out.push_str(&format!(
@@ -21,6 +23,12 @@ pub fn ingest_report(s: &IngestSummary) -> String {
         "partitions: {} published, {} unchanged; {} epochs; {} keys with conflicting versions\n",
         s.partitions_published, s.partitions_unchanged, s.epochs, s.conflicted_keys
     ));
+    if s.late_events > 0 {
+        out.push_str(&format!(
+            "late: {} event-partition arrivals into already published partitions (late_arrivals table)\n",
+            s.late_events
+        ));
+    }
     out.push_str(&format!(
         "time: {:.2} s, {:.0} events/s, {:.1} MB/s\n",
         secs,

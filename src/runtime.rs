@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use adsmetrics_dataflows::batching::BuildFastHasher;
 use adsmetrics_dataflows::pipeline::{self, Pipeline};
-use adsmetrics_dataflows::{DedupKey, EventVersion, MirrorError, PartitionId};
+use adsmetrics_dataflows::{DedupKey, EventVersion, Grain, MirrorError, PartitionId};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::decode::{decode_parquet, decode_source};
@@ -36,7 +36,7 @@ use crate::sink::files::{sync_filesystem, WriteError};
 use crate::sink::publish::{
     publish_epoch, stage_partition, FailPoint, PublishError, PublishOrigin,
 };
-use crate::sink::{quarantine, raw};
+use crate::sink::{late, quarantine, raw};
 use crate::source::{self, SourceError, SourceFile};
 use crate::warehouse::Warehouse;
 
@@ -83,6 +83,9 @@ pub struct IngestSummary {
     pub quarantined: u64,
     /// Raw-layer rows written.
     pub raw_rows_written: u64,
+    /// Accepted events whose partitions an earlier epoch had already published, counted once per
+    /// partition they fall in (hourly and daily); see the `late_arrivals` table.
+    pub late_events: u64,
     /// Raw-layer rows read back to rebuild state (epoch 0).
     pub rehydrated_rows: u64,
     /// Epochs run (including the rehydration epoch).
@@ -431,6 +434,8 @@ fn ingest_sources(
     worker: &mut timely::worker::Worker,
     pipeline: &mut Pipeline,
 ) -> Result<(), RunError> {
+    // What earlier epochs published: events into these partitions arrive late.
+    let published = shared.state.lock().expect("lock").published.clone();
     for source in sources {
         let bytes = std::fs::read(&source.path).map_err(|e| SourceError {
             path: source.path.clone(),
@@ -470,6 +475,14 @@ fn ingest_sources(
             &source.content_hash,
             &accepted,
         )?;
+        let late = late_events(&published, &accepted);
+        let late_written = late::write_late(
+            &shared.warehouse,
+            &source.label,
+            &source.content_hash,
+            &late,
+            shared.started_at_us,
+        )?;
         quarantine::write_quarantine(
             &shared.warehouse,
             &source.content_hash,
@@ -496,6 +509,7 @@ fn ingest_sources(
         s.in_source_duplicates += duplicates;
         s.quarantined += record.quarantined;
         s.raw_rows_written += written;
+        s.late_events += late_written;
         let (events, secs) = (
             s.events_accepted,
             shared.progress.elapsed().as_secs_f64().max(1e-3),
@@ -507,6 +521,47 @@ fn ingest_sources(
         state.sources.push(record);
     }
     Ok(())
+}
+
+/// Per already-published partition, how many of `accepted` fall into it (each event into its
+/// hour's and its day's partition).
+fn late_events(
+    published: &BTreeMap<PartitionId, Published>,
+    accepted: &[(DedupKey, &Event)],
+) -> BTreeMap<PartitionId, u64> {
+    let mut late = BTreeMap::new();
+    if published.is_empty() {
+        return late;
+    }
+    // Sources are mostly ordered by time: look each hour up once per run of events in it.
+    let mut last: Option<(i64, [Option<PartitionId>; 2])> = None;
+    for (_, event) in accepted {
+        let hour = event
+            .event_time_us
+            .div_euclid(adsmetrics_dataflows::MICROS_PER_HOUR);
+        let ids = match last {
+            Some((h, ids)) if h == hour => ids,
+            _ => {
+                let ids = [
+                    PartitionId {
+                        grain: Grain::Hourly,
+                        period: hour,
+                    },
+                    PartitionId {
+                        grain: Grain::Daily,
+                        period: hour.div_euclid(24),
+                    },
+                ]
+                .map(|id| published.contains_key(&id).then_some(id));
+                last = Some((hour, ids));
+                ids
+            }
+        };
+        for id in ids.into_iter().flatten() {
+            *late.entry(id).or_insert(0) += 1;
+        }
+    }
+    late
 }
 
 /// Stages every partition this worker's mirror saw change whose version differs from the

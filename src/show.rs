@@ -6,6 +6,7 @@ use adsmetrics_dataflows::{Grain, PartitionId};
 
 use crate::journal::CommitJournal;
 use crate::sink::curated::{file_version, read_partition};
+use crate::sink::late::{read_lateness, Lateness};
 use crate::warehouse::{parse_day, partition_path, table_name, Warehouse};
 
 /// Why `show` could not answer.
@@ -43,20 +44,31 @@ pub fn show(
         ))
     })?;
     let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
+    let lateness = read_lateness(warehouse, journal.consumed()).map_err(|e| ShowError::Read {
+        path: e.path,
+        detail: e.detail,
+    })?;
     let mut out = String::new();
     let Some(dt) = dt else {
-        let _ = writeln!(out, "{:<28} {:>10}  version", "partition", "rows");
+        let _ = writeln!(
+            out,
+            "{:<28} {:>10} {:>10}  {:<27} version",
+            "partition", "rows", "late", "last late arrival"
+        );
         let mut total = 0u64;
         for (id, p) in journal
             .published()
             .iter()
             .filter(|(id, _)| id.grain == grain)
         {
+            let late = lateness.get(id).copied().unwrap_or_default();
             let _ = writeln!(
                 out,
-                "{:<28} {:>10}  {}",
+                "{:<28} {:>10} {:>10}  {:<27} {}",
                 partition_path(id),
                 p.rows,
+                late.events,
+                arrival(&late),
                 p.version
             );
             total += p.rows;
@@ -108,6 +120,14 @@ pub fn show(
         file_version(&path).unwrap_or_else(|| "?".into()),
         rows.len()
     );
+    let late = lateness.get(&id).copied().unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "late arrivals: {} events from {} sources after its first publish; last {}",
+        late.events,
+        late.sources,
+        arrival(&late)
+    );
     let _ = writeln!(
         out,
         "{:>13} {:>11} {:>9} {:>7} {:>11} {:>7} {:>11} {:>14} {:>14} {:>12}",
@@ -142,4 +162,14 @@ pub fn show(
         let _ = writeln!(out, "… {} more rows (--limit)", rows.len() - limit);
     }
     Ok(out)
+}
+
+/// When the newest late event of a partition arrived, or `-`.
+fn arrival(late: &Lateness) -> String {
+    if late.events == 0 {
+        return "-".to_string();
+    }
+    chrono::DateTime::from_timestamp_micros(late.last_arrival_us)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| late.last_arrival_us.to_string())
 }

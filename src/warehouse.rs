@@ -6,6 +6,7 @@
 //!   ads_metrics_daily/dt=YYYY-MM-DD/data.parquet
 //!   raw/dt=YYYY-MM-DD/hr=HH/src-<source hash>.parquet       raw layer, one file per (source, hour)
 //!   quarantine/dt=YYYY-MM-DD/src-<source hash>.parquet      rejected input, by ingest date
+//!   late_arrivals/dt=YYYY-MM-DD/src-<source hash>.parquet   lateness record, by arrival date
 //!   _adsmetrics/journal.jsonl                                commit journal
 //!   _adsmetrics/ledger.jsonl                                 audit ledger (hash-chained)
 //!   _adsmetrics/staging/                                     files on their way into a table

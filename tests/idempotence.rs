@@ -2,9 +2,11 @@
 
 mod common;
 
+use adsmetrics::journal::CommitJournal;
 use adsmetrics::runtime::{ingest, IngestOptions};
 use adsmetrics::snapshot::TableSnapshot;
 use adsmetrics::warehouse::Warehouse;
+use adsmetrics_dataflows::{Grain, PartitionId};
 use common::*;
 
 fn options(workers: usize) -> IngestOptions {
@@ -120,4 +122,46 @@ fn late_events_in_a_later_run_change_exactly_their_partitions() {
         .filter(|(id, rows)| before.get(id) != Some(rows))
         .count() as u64;
     assert_eq!(late.partitions_published, changed);
+
+    // The lateness record: per partition published by the first run, the late file's events in
+    // it (once per key, as in-source dedup accepts them), hourly and daily; nothing elsewhere.
+    let mut keys = std::collections::BTreeSet::new();
+    let mut expected = std::collections::BTreeMap::new();
+    for event in &events[1500..] {
+        if !keys.insert(adsmetrics::event::Event::keyed_version(event).0) {
+            continue;
+        }
+        let hour = event
+            .event_time_us
+            .div_euclid(adsmetrics_dataflows::MICROS_PER_HOUR);
+        for id in [
+            PartitionId {
+                grain: Grain::Hourly,
+                period: hour,
+            },
+            PartitionId {
+                grain: Grain::Daily,
+                period: hour.div_euclid(24),
+            },
+        ] {
+            if before.contains_key(&id) {
+                *expected.entry(id).or_insert(0u64) += 1;
+            }
+        }
+    }
+    assert!(!expected.is_empty(), "the sample has no late events");
+    let lateness = |wh: &Warehouse| {
+        let journal = CommitJournal::open(wh.root(), &wh.journal_path()).unwrap();
+        adsmetrics::sink::late::read_lateness(wh, journal.consumed()).unwrap()
+    };
+    let record = lateness(&warehouse);
+    let counted: std::collections::BTreeMap<PartitionId, u64> =
+        record.iter().map(|(id, l)| (*id, l.events)).collect();
+    assert_eq!(counted, expected);
+    assert_eq!(late.late_events, expected.values().sum::<u64>());
+    assert!(record.values().all(|l| l.sources == 1));
+
+    // A rerun adds no late arrivals.
+    ingest(&warehouse, &[dir.path().join("day2")], options(1)).unwrap();
+    assert_eq!(lateness(&warehouse), record);
 }
