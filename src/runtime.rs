@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use adsmetrics_dataflows::batching::BuildFastHasher;
 use adsmetrics_dataflows::pipeline::{self, Pipeline};
-use adsmetrics_dataflows::{DedupKey, EventVersion, Grain, MirrorError, PartitionId};
+use adsmetrics_dataflows::{DedupKey, EventVersion, MirrorError, PartitionId};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::decode::{decode_parquet, decode_source};
@@ -542,17 +542,8 @@ fn late_events(
         let ids = match last {
             Some((h, ids)) if h == hour => ids,
             _ => {
-                let ids = [
-                    PartitionId {
-                        grain: Grain::Hourly,
-                        period: hour,
-                    },
-                    PartitionId {
-                        grain: Grain::Daily,
-                        period: hour.div_euclid(24),
-                    },
-                ]
-                .map(|id| published.contains_key(&id).then_some(id));
+                let ids =
+                    PartitionId::of_hour(hour).map(|id| published.contains_key(&id).then_some(id));
                 last = Some((hour, ids));
                 ids
             }

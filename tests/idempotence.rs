@@ -6,7 +6,7 @@ use adsmetrics::journal::CommitJournal;
 use adsmetrics::runtime::{ingest, IngestOptions};
 use adsmetrics::snapshot::TableSnapshot;
 use adsmetrics::warehouse::Warehouse;
-use adsmetrics_dataflows::{Grain, PartitionId};
+use adsmetrics_dataflows::PartitionId;
 use common::*;
 
 fn options(workers: usize) -> IngestOptions {
@@ -134,16 +134,7 @@ fn late_events_in_a_later_run_change_exactly_their_partitions() {
         let hour = event
             .event_time_us
             .div_euclid(adsmetrics_dataflows::MICROS_PER_HOUR);
-        for id in [
-            PartitionId {
-                grain: Grain::Hourly,
-                period: hour,
-            },
-            PartitionId {
-                grain: Grain::Daily,
-                period: hour.div_euclid(24),
-            },
-        ] {
+        for id in PartitionId::of_hour(hour) {
             if before.contains_key(&id) {
                 *expected.entry(id).or_insert(0u64) += 1;
             }

@@ -34,6 +34,21 @@ impl PartitionId {
         }
     }
 
+    /// The two partitions an event in hour `hour` (since the Unix epoch) counts into: its hourly
+    /// partition and its daily one.
+    pub fn of_hour(hour: i64) -> [Self; 2] {
+        [
+            PartitionId {
+                grain: Grain::Hourly,
+                period: hour,
+            },
+            PartitionId {
+                grain: Grain::Daily,
+                period: hour.div_euclid(24),
+            },
+        ]
+    }
+
     /// A well-mixed routing hash, the same in every process and build: picks the partition's
     /// writer among the workers. Not persisted.
     pub fn route(&self) -> u64 {
