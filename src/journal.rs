@@ -83,6 +83,27 @@ pub struct SourceRecord {
     pub quarantined: u64,
     /// Records dropped as exact duplicates inside the same source.
     pub in_source_duplicates: u64,
+    /// Records not accepted because their key was deleted (a compliance tombstone).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tombstoned: u64,
+    /// The source partition this source now is, for replace semantics (`backfill`): its path
+    /// relative to the backfill's source root. `None` for plain ingests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A source whose contribution a publish withdrew: a backfilled source partition that changed or
+/// disappeared. Its raw rows were retracted in the same publish that added the replacement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredSource {
+    /// The source partition.
+    pub partition: String,
+    /// The content hash that no longer contributes.
+    pub content_hash: String,
 }
 
 /// A partition's metrics added up over its rows: what the audit ledger reports changes of.
@@ -196,6 +217,8 @@ pub struct CommittedPublish {
     pub partitions: Vec<PartitionChange>,
     /// The ledger's newest entry when it was prepared.
     pub ledger: Option<LedgerAnchor>,
+    /// Sources it withdrew.
+    pub retired: Vec<RetiredSource>,
 }
 
 /// One line of the journal.
@@ -217,6 +240,9 @@ pub enum JournalRecord {
         /// The audit ledger's newest entry at the time.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ledger: Option<LedgerAnchor>,
+        /// Sources whose contribution this publish withdraws.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        retired: Vec<RetiredSource>,
     },
     /// The publish `seq` is complete.
     Commit {
@@ -244,6 +270,7 @@ pub struct CommitJournal {
     last_seq: u64,
     published: BTreeMap<PartitionId, Published>,
     consumed: BTreeSet<String>,
+    partitions: BTreeMap<String, String>,
     pending: Option<JournalRecord>,
     committed: Vec<CommittedPublish>,
 }
@@ -258,6 +285,7 @@ impl CommitJournal {
             last_seq: 0,
             published: BTreeMap::new(),
             consumed: BTreeSet::new(),
+            partitions: BTreeMap::new(),
             pending: None,
             committed: Vec::new(),
         };
@@ -312,12 +340,27 @@ impl CommitJournal {
                     sources,
                     partitions,
                     ledger,
+                    retired,
                     ..
                 }) = self.pending.take()
                 {
                     if p == *seq {
+                        for r in &retired {
+                            if self.partitions.get(&r.partition) == Some(&r.content_hash) {
+                                self.partitions.remove(&r.partition);
+                            }
+                        }
                         for s in &sources {
                             self.consumed.insert(s.content_hash.clone());
+                            if let Some(partition) = &s.partition {
+                                self.partitions
+                                    .insert(partition.clone(), s.content_hash.clone());
+                            }
+                        }
+                        for r in &retired {
+                            if !self.partitions.values().any(|h| *h == r.content_hash) {
+                                self.consumed.remove(&r.content_hash);
+                            }
                         }
                         for change in &partitions {
                             match &change.new_version {
@@ -342,6 +385,7 @@ impl CommitJournal {
                             sources,
                             partitions,
                             ledger,
+                            retired,
                         });
                     }
                 }
@@ -438,6 +482,7 @@ impl CommitJournal {
         sources: Vec<SourceRecord>,
         partitions: Vec<PartitionChange>,
         ledger: Option<LedgerAnchor>,
+        retired: Vec<RetiredSource>,
     ) -> Result<u64, JournalError> {
         let seq = self.last_seq + 1;
         self.append(&JournalRecord::Prepare {
@@ -447,6 +492,7 @@ impl CommitJournal {
             sources,
             partitions,
             ledger,
+            retired,
         })?;
         Ok(seq)
     }
@@ -478,6 +524,11 @@ impl CommitJournal {
     /// Every committed publish, in sequence order.
     pub fn committed(&self) -> &[CommittedPublish] {
         &self.committed
+    }
+
+    /// Every backfilled source partition and the content hash it currently contributes.
+    pub fn source_partitions(&self) -> &BTreeMap<String, String> {
+        &self.partitions
     }
 
     /// Content hashes of every committed source.

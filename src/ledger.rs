@@ -73,6 +73,10 @@ pub enum LedgerError {
 pub enum RunKind {
     /// `adsmetrics ingest` (and the ingest steps of `demo`).
     Ingest,
+    /// `adsmetrics backfill`: source partitions replaced by their current contents.
+    Backfill,
+    /// `adsmetrics delete`: a compliance delete.
+    Delete,
     /// Publishes found committed but not yet on the ledger (a run that crashed after its
     /// commit, or a publish that startup recovery finished).
     Recovery,
@@ -129,6 +133,12 @@ pub struct EntryBody {
     /// The error that stopped it, if it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The delete request it applied, for `delete` runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// Sources whose contribution it withdrew (`backfill`), as `partition@content hash`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<String>,
     /// Journal publishes it committed, in order.
     pub publishes: Vec<u64>,
     /// Sources it consumed, with their content hashes.
@@ -169,6 +179,8 @@ pub struct RunRecord {
     pub sources_skipped: u64,
     /// The error that stopped it, if any.
     pub error: Option<String>,
+    /// The delete request it applies, if it is a delete.
+    pub request: Option<String>,
 }
 
 /// The ledger of one warehouse, opened for appending.
@@ -228,6 +240,7 @@ impl Ledger {
             command: "startup: publishes committed without a ledger entry".to_string(),
             sources_skipped: 0,
             error: None,
+            request: None,
         };
         self.append_run(&record, &missing).map(Some)
     }
@@ -240,8 +253,14 @@ impl Ledger {
     ) -> Result<&Entry, LedgerError> {
         let mut sources = Vec::new();
         let mut partitions = Vec::new();
+        let mut retired = Vec::new();
         for p in publishes {
             sources.extend(p.sources.iter().cloned());
+            retired.extend(
+                p.retired
+                    .iter()
+                    .map(|r| format!("{}@{}", r.partition, r.content_hash)),
+            );
             for change in &p.partitions {
                 let delta = match (change.new_totals, change.old_totals) {
                     (Some(new), Some(old)) => Some(new.minus(&old)),
@@ -262,7 +281,7 @@ impl Ledger {
         }
         let outcome = if run.error.is_some() {
             Outcome::Failed
-        } else if sources.is_empty() && partitions.is_empty() {
+        } else if sources.is_empty() && partitions.is_empty() && retired.is_empty() {
             Outcome::Unchanged
         } else {
             Outcome::Changed
@@ -281,6 +300,8 @@ impl Ledger {
             command: run.command.clone(),
             outcome,
             error: run.error.clone(),
+            request: run.request.clone(),
+            retired,
             publishes: publishes.iter().map(|p| p.seq).collect(),
             sources,
             sources_skipped: run.sources_skipped,
@@ -585,6 +606,8 @@ mod tests {
             command: "ingest x".to_string(),
             outcome: Outcome::Unchanged,
             error: None,
+            request: None,
+            retired: vec![],
             publishes: vec![],
             sources: vec![],
             sources_skipped: 2,

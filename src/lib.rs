@@ -32,4 +32,5 @@ pub mod show;
 pub mod sink;
 pub mod snapshot;
 pub mod source;
+pub mod tombstones;
 pub mod warehouse;

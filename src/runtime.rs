@@ -16,7 +16,7 @@
 //! which source changes nothing in the output: the dataflow's result depends only on the set of
 //! source events.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
@@ -29,7 +29,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::decode::{decode_parquet, decode_source};
 use crate::event::Event;
 use crate::journal::{
-    CommitJournal, JournalError, LedgerAnchor, PartitionChange, Published, SourceRecord,
+    CommitJournal, JournalError, LedgerAnchor, PartitionChange, Published, RetiredSource,
+    SourceRecord,
 };
 use crate::ledger::{Ledger, LedgerError, RunKind, RunRecord};
 use crate::sink::files::{sync_filesystem, WriteError};
@@ -38,6 +39,7 @@ use crate::sink::publish::{
 };
 use crate::sink::{late, quarantine, raw};
 use crate::source::{self, SourceError, SourceFile};
+use crate::tombstones::{TombstoneError, Tombstones};
 use crate::warehouse::Warehouse;
 
 /// How to run an ingest.
@@ -88,6 +90,10 @@ pub struct IngestSummary {
     pub late_events: u64,
     /// Raw-layer rows read back to rebuild state (epoch 0).
     pub rehydrated_rows: u64,
+    /// Raw-layer rows retracted because their source partition was replaced (backfill).
+    pub retracted_rows: u64,
+    /// Records of new sources not accepted because their key was deleted (tombstoned).
+    pub tombstoned: u64,
     /// Epochs run (including the rehydration epoch).
     pub epochs: u64,
     /// Partition versions published (including removals).
@@ -122,6 +128,9 @@ pub enum RunError {
     /// The audit ledger could not be read, verified or appended to.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    /// The tombstones could not be read or written.
+    #[error(transparent)]
+    Tombstones(#[from] TombstoneError),
     /// Timely could not start or a worker died.
     #[error("dataflow runtime: {0}")]
     Runtime(String),
@@ -138,7 +147,16 @@ struct Shared {
     run_id: String,
     started_at_us: i64,
     ledger_anchor: LedgerAnchor,
+    tombstones: Tombstones,
     rehydrate: Vec<PathBuf>,
+    /// Raw files whose rows epoch 1 retracts (replaced source partitions).
+    retract: Vec<PathBuf>,
+    /// Recorded with the first publish that carries the run's changes.
+    retired: Vec<RetiredSource>,
+    /// Sources that join the journal without being read (already contributing).
+    adopt: Vec<SourceRecord>,
+    /// Backfill: the source partition of each new source, by content hash.
+    partition_of: HashMap<String, String>,
     epochs: Vec<EpochPlan>,
     barrier: Barrier,
     progress: ProgressBar,
@@ -156,32 +174,89 @@ struct SharedState {
     fail_point: Option<FailPoint>,
 }
 
+/// A warehouse opened for a run: the journal recovered, the ledger verified and caught up, the
+/// tombstones read.
+pub(crate) struct Opened {
+    pub(crate) journal: CommitJournal,
+    pub(crate) ledger: Ledger,
+    pub(crate) tombstones: Tombstones,
+    committed_before: u64,
+    started: Instant,
+    pub(crate) started_at_us: i64,
+}
+
+impl Opened {
+    /// Opens `warehouse` for a run: recovers an interrupted publish, and records on the ledger any
+    /// publish an earlier run committed without recording it.
+    pub(crate) fn open(warehouse: &Warehouse) -> Result<Self, RunError> {
+        let started = Instant::now();
+        let mut journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
+        if let Some(seq) =
+            journal.recover(&warehouse.staging_dir(), |id| warehouse.partition_file(id))?
+        {
+            tracing::warn!(seq, "finished a publish interrupted by an earlier crash");
+        }
+        let mut ledger = Ledger::open(&warehouse.ledger_path())?;
+        if let Some(entry) = ledger.cover(journal.committed())? {
+            tracing::warn!(
+                publishes = ?entry.body.publishes,
+                "recorded publishes of an earlier run that stopped before its ledger entry"
+            );
+        }
+        let tombstones = Tombstones::open(&warehouse.tombstones_path())?;
+        Ok(Opened {
+            committed_before: journal.committed().last().map_or(0, |p| p.seq),
+            journal,
+            ledger,
+            tombstones,
+            started,
+            started_at_us: chrono::Utc::now().timestamp_micros(),
+        })
+    }
+
+    /// A run record of `kind` for `command`, with this run's id.
+    pub(crate) fn record(&self, kind: RunKind, command: String) -> RunRecord {
+        RunRecord {
+            kind,
+            run_id: format!("run-{}-{}", self.started_at_us, std::process::id()),
+            command,
+            sources_skipped: 0,
+            error: None,
+            request: None,
+        }
+    }
+}
+
+/// What a run will do, decided before any worker starts.
+pub(crate) struct Plan {
+    /// Its ledger record.
+    pub(crate) run: RunRecord,
+    /// Sources to read, decode and add.
+    pub(crate) new_sources: Vec<SourceFile>,
+    /// Backfill: the source partition of each new source, by content hash.
+    pub(crate) partition_of: HashMap<String, String>,
+    /// Sources whose contribution is withdrawn, and the content hashes whose raw rows go with it.
+    pub(crate) retired: Vec<RetiredSource>,
+    pub(crate) retract_hashes: BTreeSet<String>,
+    /// Sources recorded without being read.
+    pub(crate) adopt: Vec<SourceRecord>,
+    /// Run the dataflow even with nothing new (a delete: rehydration without the deleted keys
+    /// is the change).
+    pub(crate) always: bool,
+    /// Counts decided while planning.
+    pub(crate) summary: IngestSummary,
+}
+
 /// Ingests the files under `inputs` into `warehouse`; rerun-safe.
 pub fn ingest(
     warehouse: &Warehouse,
     inputs: &[PathBuf],
     options: IngestOptions,
 ) -> Result<IngestSummary, RunError> {
-    let started = Instant::now();
-    let mut journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
-    if let Some(seq) =
-        journal.recover(&warehouse.staging_dir(), |id| warehouse.partition_file(id))?
-    {
-        tracing::warn!(seq, "finished a publish interrupted by an earlier crash");
-    }
-    let mut ledger = Ledger::open(&warehouse.ledger_path())?;
-    if let Some(entry) = ledger.cover(journal.committed())? {
-        tracing::warn!(
-            publishes = ?entry.body.publishes,
-            "recorded publishes of an earlier run that stopped before its ledger entry"
-        );
-    }
-    let committed_before = journal.committed().last().map_or(0, |p| p.seq);
-    let started_at_us = chrono::Utc::now().timestamp_micros();
-    let run = RunRecord {
-        kind: RunKind::Ingest,
-        run_id: format!("run-{}-{}", started_at_us, std::process::id()),
-        command: format!(
+    let opened = Opened::open(warehouse)?;
+    let run = opened.record(
+        RunKind::Ingest,
+        format!(
             "ingest --workers {} {}",
             options.workers,
             inputs
@@ -190,17 +265,14 @@ pub fn ingest(
                 .collect::<Vec<_>>()
                 .join(" ")
         ),
-        sources_skipped: 0,
-        error: None,
-    };
-
+    );
     let files = source::discover(inputs)?;
     let identified = source::identify(&files, options.workers)?;
     let mut summary = IngestSummary {
         sources_found: identified.len() as u64,
         ..Default::default()
     };
-    let mut seen = journal.consumed().clone();
+    let mut seen = opened.journal.consumed().clone();
     let mut new_sources = Vec::new();
     for s in identified {
         if seen.insert(s.content_hash.clone()) {
@@ -209,14 +281,48 @@ pub fn ingest(
             summary.sources_skipped += 1;
         }
     }
-    if new_sources.is_empty() {
-        ledger.append_run(
-            &RunRecord {
-                sources_skipped: summary.sources_skipped,
-                ..run
-            },
-            &[],
-        )?;
+    let plan = Plan {
+        run,
+        new_sources,
+        partition_of: HashMap::new(),
+        retired: Vec::new(),
+        retract_hashes: BTreeSet::new(),
+        adopt: Vec::new(),
+        always: false,
+        summary,
+    };
+    execute(warehouse, opened, plan, options)
+}
+
+/// Runs a planned run: rehydrate (epoch 0), then the new sources in epochs, publishing each;
+/// records the run on the ledger whatever happens.
+pub(crate) fn execute(
+    warehouse: &Warehouse,
+    opened: Opened,
+    plan: Plan,
+    options: IngestOptions,
+) -> Result<IngestSummary, RunError> {
+    let Opened {
+        journal,
+        mut ledger,
+        tombstones,
+        committed_before,
+        started,
+        started_at_us,
+    } = opened;
+    let Plan {
+        mut run,
+        new_sources,
+        partition_of,
+        retired,
+        retract_hashes,
+        adopt,
+        always,
+        mut summary,
+    } = plan;
+    run.sources_skipped = summary.sources_skipped;
+    if new_sources.is_empty() && retired.is_empty() && adopt.is_empty() && !always {
+        ledger.append_run(&run, &[])?;
         summary.elapsed = started.elapsed();
         return Ok(summary);
     }
@@ -224,17 +330,25 @@ pub fn ingest(
 
     let workers = options.workers.max(1);
     let per_epoch = if options.epoch_sources == 0 {
-        new_sources.len()
+        new_sources.len().max(1)
     } else {
         options.epoch_sources
     };
-    let epochs: Vec<EpochPlan> = new_sources
+    let mut epochs: Vec<EpochPlan> = new_sources
         .chunks(per_epoch)
         .map(|chunk| assign(chunk, workers))
         .collect();
-    let rehydrate: Vec<PathBuf> = raw::list_raw_files(warehouse)
+    if epochs.is_empty() && (!retired.is_empty() || !adopt.is_empty()) {
+        epochs.push(assign(&[], workers));
+    }
+    let committed_raw: Vec<PathBuf> = raw::list_raw_files(warehouse)
         .into_iter()
         .filter(|p| raw::source_hash_of(p).is_some_and(|h| journal.consumed().contains(h)))
+        .collect();
+    let retract: Vec<PathBuf> = committed_raw
+        .iter()
+        .filter(|p| raw::source_hash_of(p).is_some_and(|h| retract_hashes.contains(h)))
+        .cloned()
         .collect();
 
     let progress = if options.progress {
@@ -256,7 +370,12 @@ pub fn ingest(
         run_id: run.run_id.clone(),
         started_at_us,
         ledger_anchor: ledger.anchor(),
-        rehydrate,
+        tombstones,
+        rehydrate: committed_raw,
+        retract,
+        retired,
+        adopt,
+        partition_of,
         epochs,
         barrier: Barrier::new(workers),
         progress,
@@ -294,7 +413,6 @@ pub fn ingest(
             .collect();
         ledger.append_run(
             &RunRecord {
-                sources_skipped: state.summary.sources_skipped,
                 error: error.as_ref().map(|e| e.to_string()),
                 ..run
             },
@@ -311,6 +429,13 @@ pub fn ingest(
             path: staging,
             source,
         })?;
+    }
+    // Raw files of withdrawn sources are read by nothing once the journal committed their
+    // retirement; remove them (a crash before this leaves files every run ignores).
+    for path in &shared.retract {
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!(path = %path.display(), error = %e, "could not remove a retired raw file");
+        }
     }
     let mut summary = std::mem::take(&mut state.summary);
     summary.conflicted_keys += conflicted;
@@ -341,14 +466,41 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
     for epoch in 0..=shared.epochs.len() as u64 {
         let started = Instant::now();
         let local = if epoch == 0 {
-            rehydrate(shared, index, peers, worker, &mut pipeline)
-        } else {
-            ingest_sources(
+            read_raw(
                 shared,
-                &shared.epochs[epoch as usize - 1].by_worker[index],
+                &shared.rehydrate,
+                1,
+                index,
+                peers,
                 worker,
                 &mut pipeline,
             )
+            .map(|rows| shared.state.lock().expect("lock").summary.rehydrated_rows += rows)
+        } else {
+            // Withdrawn sources leave in the same epoch as their replacements arrive, so the
+            // dataflow sees (and publishes) only the difference.
+            let retracted = if epoch == 1 {
+                read_raw(
+                    shared,
+                    &shared.retract,
+                    -1,
+                    index,
+                    peers,
+                    worker,
+                    &mut pipeline,
+                )
+            } else {
+                Ok(0)
+            };
+            retracted.and_then(|rows| {
+                shared.state.lock().expect("lock").summary.retracted_rows += rows;
+                ingest_sources(
+                    shared,
+                    &shared.epochs[epoch as usize - 1].by_worker[index],
+                    worker,
+                    &mut pipeline,
+                )
+            })
         };
         pipeline.input.advance_to(epoch + 1);
         pipeline.input.flush();
@@ -397,15 +549,19 @@ fn drain_input(worker: &mut timely::worker::Worker, pipeline: &mut Pipeline) {
     worker.step();
 }
 
-fn rehydrate(
+/// Feeds this worker's share of the raw files `paths` to the dataflow with difference `diff`
+/// (+1 to rehydrate, -1 to retract), skipping deleted keys. Returns the rows fed.
+fn read_raw(
     shared: &Shared,
+    paths: &[PathBuf],
+    diff: isize,
     index: usize,
     peers: usize,
     worker: &mut timely::worker::Worker,
     pipeline: &mut Pipeline,
-) -> Result<(), RunError> {
+) -> Result<u64, RunError> {
     let mut rows = 0u64;
-    for path in shared.rehydrate.iter().skip(index).step_by(peers) {
+    for path in paths.iter().skip(index).step_by(peers) {
         let bytes = std::fs::read(path).map_err(|source| SourceError {
             path: path.clone(),
             source,
@@ -419,13 +575,15 @@ fn rehydrate(
             }));
         }
         for event in &decoded.events {
-            pipeline.input.update(event.keyed_version(), 1);
+            let keyed = event.keyed_version();
+            if !shared.tombstones.contains(&keyed.0) {
+                pipeline.input.update(keyed, diff);
+                rows += 1;
+            }
         }
-        rows += decoded.events.len() as u64;
         drain_input(worker, pipeline);
     }
-    shared.state.lock().expect("lock").summary.rehydrated_rows += rows;
-    Ok(())
+    Ok(rows)
 }
 
 fn ingest_sources(
@@ -462,8 +620,14 @@ fn ingest_sources(
                 }
             }
         }
-        // In source order: deterministic, and it reads the events front to back.
+        // In source order: deterministic, and it reads the events front to back. Deleted keys
+        // never come back, however old the source that still holds them.
         let mut winners: Vec<usize> = best.into_values().collect();
+        let before_tombstones = winners.len();
+        if !shared.tombstones.is_empty() {
+            winners.retain(|&i| !shared.tombstones.contains(&keyed[i].0));
+        }
+        let tombstoned = (before_tombstones - winners.len()) as u64;
         winners.sort_unstable();
         let accepted: Vec<(DedupKey, &Event)> = winners
             .iter()
@@ -500,6 +664,8 @@ fn ingest_sources(
             accepted: accepted.len() as u64,
             quarantined: decoded.quarantined.len() as u64,
             in_source_duplicates: duplicates,
+            tombstoned,
+            partition: shared.partition_of.get(&source.content_hash).cloned(),
         };
         shared.progress.inc(source.bytes);
         let mut state = shared.state.lock().expect("lock");
@@ -510,6 +676,7 @@ fn ingest_sources(
         s.quarantined += record.quarantined;
         s.raw_rows_written += written;
         s.late_events += late_written;
+        s.tombstoned += tombstoned;
         let (events, secs) = (
             s.events_accepted,
             shared.progress.elapsed().as_secs_f64().max(1e-3),
@@ -578,7 +745,9 @@ fn stage_touched(shared: &Shared, pipeline: &Pipeline) -> Result<Vec<PartitionCh
     Ok(changes)
 }
 
-/// Worker 0, between the barriers: publishes what all workers staged for `epoch`.
+/// Worker 0, between the barriers: publishes what all workers staged for `epoch`. The run's
+/// retired and adopted sources go with its first epoch of new sources (epoch 1), so a replaced
+/// source partition leaves in the same publish its replacement arrives in.
 fn publish(shared: &Shared, epoch: u64) {
     let mut guard = shared.state.lock().expect("lock");
     let state = &mut *guard;
@@ -587,9 +756,15 @@ fn publish(shared: &Shared, epoch: u64) {
         return;
     }
     let mut sources = std::mem::take(&mut state.sources);
+    let retired = if epoch == 1 {
+        sources.extend(shared.adopt.iter().cloned());
+        shared.retired.clone()
+    } else {
+        Vec::new()
+    };
     sources.sort_by(|a, b| a.source.cmp(&b.source));
     let changes = std::mem::take(&mut state.changes);
-    if sources.is_empty() && changes.is_empty() {
+    if sources.is_empty() && changes.is_empty() && retired.is_empty() {
         return;
     }
     let published = changes.len() as u64;
@@ -604,6 +779,7 @@ fn publish(shared: &Shared, epoch: u64) {
             run_id: &shared.run_id,
             epoch,
             ledger: Some(shared.ledger_anchor.clone()),
+            retired,
         },
         sources,
         changes,

@@ -9,6 +9,8 @@
 //!   late_arrivals/dt=YYYY-MM-DD/src-<source hash>.parquet   lateness record, by arrival date
 //!   _adsmetrics/journal.jsonl                                commit journal
 //!   _adsmetrics/ledger.jsonl                                 audit ledger (hash-chained)
+//!   _adsmetrics/tombstones.jsonl                             keys of deleted events
+//!   _adsmetrics/deletions/<request id>.json                  deletion certificates
 //!   _adsmetrics/staging/                                     files on their way into a table
 //! ```
 //! Staging lives outside every table directory: DuckDB's `read_parquet('table/**/*.parquet')`
@@ -128,6 +130,16 @@ impl Warehouse {
     /// The commit journal.
     pub fn journal_path(&self) -> PathBuf {
         self.meta_dir().join("journal.jsonl")
+    }
+
+    /// Compliance-delete tombstones.
+    pub fn tombstones_path(&self) -> PathBuf {
+        self.meta_dir().join("tombstones.jsonl")
+    }
+
+    /// Deletion certificates, one JSON file per request.
+    pub fn deletions_dir(&self) -> PathBuf {
+        self.meta_dir().join("deletions")
     }
 
     /// The audit ledger.

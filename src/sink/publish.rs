@@ -11,7 +11,7 @@ use adsmetrics_dataflows::{Dims, MetricRow, PartitionId};
 
 use crate::journal::{
     CommitJournal, JournalError, LedgerAnchor, MetricTotals, PartitionChange, Published,
-    SourceRecord,
+    RetiredSource, SourceRecord,
 };
 use crate::sink::curated::{content_version, encode_partition};
 use crate::sink::files::{sync_filesystem, write_file, WriteError};
@@ -105,6 +105,8 @@ pub struct PublishOrigin<'a> {
     pub epoch: u64,
     /// The audit ledger's newest entry when the run started.
     pub ledger: Option<LedgerAnchor>,
+    /// Sources whose contribution the publish withdraws.
+    pub retired: Vec<RetiredSource>,
 }
 
 /// Publishes one epoch: its consumed sources and its staged partition changes, atomically.
@@ -126,7 +128,14 @@ pub fn publish_epoch(
         path: warehouse.root().to_path_buf(),
         source,
     })?;
-    let seq = journal.prepare(origin.run_id, origin.epoch, sources, changes, origin.ledger)?;
+    let seq = journal.prepare(
+        origin.run_id,
+        origin.epoch,
+        sources,
+        changes,
+        origin.ledger,
+        origin.retired,
+    )?;
     if fail == Some(FailPoint::AfterPrepare) {
         return Err(injected(FailPoint::AfterPrepare).into());
     }
