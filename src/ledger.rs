@@ -538,6 +538,9 @@ pub fn render_log(entries: &[Entry], partition: Option<&str>) -> String {
             b.seq, b.at, b.run_id, b.actor
         ));
         out.push_str(&format!("    command: {}\n", b.command));
+        if let Some(request) = &b.request {
+            out.push_str(&format!("    delete request: {request}\n"));
+        }
         if let Some(error) = &b.error {
             out.push_str(&format!("    error: {error}\n"));
         }
@@ -549,6 +552,9 @@ pub fn render_log(entries: &[Entry], partition: Option<&str>) -> String {
             b.partitions.len()
         ));
         if partition.is_none() {
+            for r in &b.retired {
+                out.push_str(&format!("    - withdrawn {r}\n"));
+            }
             for s in &b.sources {
                 out.push_str(&format!(
                     "    < {} ({}): {} accepted, {} quarantined\n",

@@ -17,6 +17,7 @@
 //!
 //! The library holds every stage; `main.rs` binds them to the command line.
 
+pub mod backfill;
 pub mod ddl;
 pub mod decode;
 pub mod demo;

@@ -9,7 +9,13 @@ pub fn ingest_report(s: &IngestSummary) -> String {
         "sources: {} found, {} ingested, {} skipped (already ingested or identical copies)\n",
         s.sources_found, s.sources_ingested, s.sources_skipped
     );
-    if s.sources_ingested == 0 {
+    if s.retracted_rows > 0 || s.tombstoned > 0 {
+        out.push_str(&format!(
+            "withdrawn: {} raw rows of replaced or removed source partitions; {} records of deleted events refused\n",
+            s.retracted_rows, s.tombstoned
+        ));
+    }
+    if s.sources_ingested == 0 && s.partitions_published == 0 {
         out.push_str(
             "nothing new: no partition published, no data file written (the audit ledger records the run)\n",
         );

@@ -139,6 +139,12 @@ pub enum RunError {
 /// The sources of one epoch, already assigned to workers.
 struct EpochPlan {
     by_worker: Vec<Vec<SourceFile>>,
+    /// Raw files whose rows this epoch retracts (replaced source partitions).
+    retract: Vec<PathBuf>,
+    /// Recorded with this epoch's publish.
+    retired: Vec<RetiredSource>,
+    /// Sources recorded with this epoch's publish without being read (already contributing).
+    adopt: Vec<SourceRecord>,
 }
 
 /// State shared by the workers of one run.
@@ -149,14 +155,10 @@ struct Shared {
     ledger_anchor: LedgerAnchor,
     tombstones: Tombstones,
     rehydrate: Vec<PathBuf>,
-    /// Raw files whose rows epoch 1 retracts (replaced source partitions).
-    retract: Vec<PathBuf>,
-    /// Recorded with the first publish that carries the run's changes.
-    retired: Vec<RetiredSource>,
-    /// Sources that join the journal without being read (already contributing).
-    adopt: Vec<SourceRecord>,
     /// Backfill: the source partition of each new source, by content hash.
     partition_of: HashMap<String, String>,
+    /// The progress bar counts sources (backfill) rather than bytes.
+    progress_in_sources: bool,
     epochs: Vec<EpochPlan>,
     barrier: Barrier,
     progress: ProgressBar,
@@ -227,22 +229,38 @@ impl Opened {
     }
 }
 
+/// One epoch of a planned run: what it adds, withdraws and records. Published as one.
+#[derive(Default)]
+pub(crate) struct Batch {
+    /// Sources to read, decode and add.
+    pub(crate) sources: Vec<SourceFile>,
+    /// Sources whose contribution is withdrawn.
+    pub(crate) retired: Vec<RetiredSource>,
+    /// The content hashes whose raw rows leave with them.
+    pub(crate) retract_hashes: BTreeSet<String>,
+    /// Sources recorded without being read (their content already contributes).
+    pub(crate) adopt: Vec<SourceRecord>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.sources.is_empty() && self.retired.is_empty() && self.adopt.is_empty()
+    }
+}
+
 /// What a run will do, decided before any worker starts.
 pub(crate) struct Plan {
     /// Its ledger record.
     pub(crate) run: RunRecord,
-    /// Sources to read, decode and add.
-    pub(crate) new_sources: Vec<SourceFile>,
+    /// Its epochs after rehydration, in order.
+    pub(crate) batches: Vec<Batch>,
     /// Backfill: the source partition of each new source, by content hash.
     pub(crate) partition_of: HashMap<String, String>,
-    /// Sources whose contribution is withdrawn, and the content hashes whose raw rows go with it.
-    pub(crate) retired: Vec<RetiredSource>,
-    pub(crate) retract_hashes: BTreeSet<String>,
-    /// Sources recorded without being read.
-    pub(crate) adopt: Vec<SourceRecord>,
     /// Run the dataflow even with nothing new (a delete: rehydration without the deleted keys
     /// is the change).
     pub(crate) always: bool,
+    /// Count progress in sources instead of bytes.
+    pub(crate) progress_in_sources: bool,
     /// Counts decided while planning.
     pub(crate) summary: IngestSummary,
 }
@@ -281,14 +299,22 @@ pub fn ingest(
             summary.sources_skipped += 1;
         }
     }
+    let per_epoch = match options.epoch_sources {
+        0 => new_sources.len().max(1),
+        n => n,
+    };
     let plan = Plan {
         run,
-        new_sources,
+        batches: new_sources
+            .chunks(per_epoch)
+            .map(|chunk| Batch {
+                sources: chunk.to_vec(),
+                ..Default::default()
+            })
+            .collect(),
         partition_of: HashMap::new(),
-        retired: Vec::new(),
-        retract_hashes: BTreeSet::new(),
-        adopt: Vec::new(),
         always: false,
+        progress_in_sources: false,
         summary,
     };
     execute(warehouse, opened, plan, options)
@@ -312,53 +338,62 @@ pub(crate) fn execute(
     } = opened;
     let Plan {
         mut run,
-        new_sources,
+        batches,
         partition_of,
-        retired,
-        retract_hashes,
-        adopt,
         always,
+        progress_in_sources,
         mut summary,
     } = plan;
     run.sources_skipped = summary.sources_skipped;
-    if new_sources.is_empty() && retired.is_empty() && adopt.is_empty() && !always {
+    let batches: Vec<Batch> = batches.into_iter().filter(|b| !b.is_empty()).collect();
+    if batches.is_empty() && !always {
         ledger.append_run(&run, &[])?;
         summary.elapsed = started.elapsed();
         return Ok(summary);
     }
-    summary.source_bytes = new_sources.iter().map(|s| s.bytes).sum();
+    summary.source_bytes = batches
+        .iter()
+        .flat_map(|b| &b.sources)
+        .map(|s| s.bytes)
+        .sum();
+    let source_count = batches.iter().map(|b| b.sources.len() as u64).sum();
 
     let workers = options.workers.max(1);
-    let per_epoch = if options.epoch_sources == 0 {
-        new_sources.len().max(1)
-    } else {
-        options.epoch_sources
-    };
-    let mut epochs: Vec<EpochPlan> = new_sources
-        .chunks(per_epoch)
-        .map(|chunk| assign(chunk, workers))
-        .collect();
-    if epochs.is_empty() && (!retired.is_empty() || !adopt.is_empty()) {
-        epochs.push(assign(&[], workers));
-    }
     let committed_raw: Vec<PathBuf> = raw::list_raw_files(warehouse)
         .into_iter()
         .filter(|p| raw::source_hash_of(p).is_some_and(|h| journal.consumed().contains(h)))
         .collect();
-    let retract: Vec<PathBuf> = committed_raw
-        .iter()
-        .filter(|p| raw::source_hash_of(p).is_some_and(|h| retract_hashes.contains(h)))
-        .cloned()
+    let epochs: Vec<EpochPlan> = batches
+        .into_iter()
+        .map(|batch| EpochPlan {
+            retract: committed_raw
+                .iter()
+                .filter(|p| {
+                    raw::source_hash_of(p).is_some_and(|h| batch.retract_hashes.contains(h))
+                })
+                .cloned()
+                .collect(),
+            retired: batch.retired,
+            adopt: batch.adopt,
+            ..assign(&batch.sources, workers)
+        })
         .collect();
 
     let progress = if options.progress {
-        let bar =
-            ProgressBar::with_draw_target(Some(summary.source_bytes), ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template(
+        let (total, template) = if progress_in_sources {
+            (
+                source_count,
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} source partitions {msg}",
+            )
+        } else {
+            (
+                summary.source_bytes,
                 "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
             )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        };
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar
     } else {
@@ -372,10 +407,8 @@ pub(crate) fn execute(
         ledger_anchor: ledger.anchor(),
         tombstones,
         rehydrate: committed_raw,
-        retract,
-        retired,
-        adopt,
         partition_of,
+        progress_in_sources,
         epochs,
         barrier: Barrier::new(workers),
         progress,
@@ -432,7 +465,7 @@ pub(crate) fn execute(
     }
     // Raw files of withdrawn sources are read by nothing once the journal committed their
     // retirement; remove them (a crash before this leaves files every run ignores).
-    for path in &shared.retract {
+    for path in shared.epochs.iter().flat_map(|e| &e.retract) {
         if let Err(e) = std::fs::remove_file(path) {
             tracing::warn!(path = %path.display(), error = %e, "could not remove a retired raw file");
         }
@@ -454,7 +487,12 @@ fn assign(sources: &[SourceFile], workers: usize) -> EpochPlan {
         load[w] += s.bytes.max(1);
         by_worker[w].push(s.clone());
     }
-    EpochPlan { by_worker }
+    EpochPlan {
+        by_worker,
+        retract: Vec::new(),
+        retired: Vec::new(),
+        adopt: Vec::new(),
+    }
 }
 
 /// One worker's whole run. Returns the worker's count of conflicted keys.
@@ -479,10 +517,11 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
         } else {
             // Withdrawn sources leave in the same epoch as their replacements arrive, so the
             // dataflow sees (and publishes) only the difference.
-            let retracted = if epoch == 1 {
+            let plan = &shared.epochs[epoch as usize - 1];
+            let retracted = if !plan.retract.is_empty() {
                 read_raw(
                     shared,
-                    &shared.retract,
+                    &plan.retract,
                     -1,
                     index,
                     peers,
@@ -667,7 +706,11 @@ fn ingest_sources(
             tombstoned,
             partition: shared.partition_of.get(&source.content_hash).cloned(),
         };
-        shared.progress.inc(source.bytes);
+        shared.progress.inc(if shared.progress_in_sources {
+            1
+        } else {
+            source.bytes
+        });
         let mut state = shared.state.lock().expect("lock");
         let s = &mut state.summary;
         s.sources_ingested += 1;
@@ -745,9 +788,9 @@ fn stage_touched(shared: &Shared, pipeline: &Pipeline) -> Result<Vec<PartitionCh
     Ok(changes)
 }
 
-/// Worker 0, between the barriers: publishes what all workers staged for `epoch`. The run's
-/// retired and adopted sources go with its first epoch of new sources (epoch 1), so a replaced
-/// source partition leaves in the same publish its replacement arrives in.
+/// Worker 0, between the barriers: publishes what all workers staged for `epoch`, with the
+/// epoch's retired and adopted sources, so a replaced source partition leaves in the same
+/// publish its replacement arrives in.
 fn publish(shared: &Shared, epoch: u64) {
     let mut guard = shared.state.lock().expect("lock");
     let state = &mut *guard;
@@ -756,11 +799,15 @@ fn publish(shared: &Shared, epoch: u64) {
         return;
     }
     let mut sources = std::mem::take(&mut state.sources);
-    let retired = if epoch == 1 {
-        sources.extend(shared.adopt.iter().cloned());
-        shared.retired.clone()
-    } else {
-        Vec::new()
+    let retired = match epoch
+        .checked_sub(1)
+        .and_then(|i| shared.epochs.get(i as usize))
+    {
+        Some(plan) => {
+            sources.extend(plan.adopt.iter().cloned());
+            plan.retired.clone()
+        }
+        None => Vec::new(),
     };
     sources.sort_by(|a, b| a.source.cmp(&b.source));
     let changes = std::mem::take(&mut state.changes);

@@ -1,0 +1,191 @@
+//! Backfill with replace semantics: a source partition's current contents replace what it
+//! contributed before, only the difference is published, and a second run changes nothing.
+
+mod common;
+
+use std::path::Path;
+
+use adsmetrics::backfill::{backfill, BackfillOptions};
+use adsmetrics::event::Event;
+use adsmetrics::ledger::RunKind;
+use adsmetrics::runtime::{ingest, IngestOptions, IngestSummary};
+use adsmetrics::snapshot::TableSnapshot;
+use adsmetrics::warehouse::{parse_day, Warehouse};
+use common::*;
+
+const DAY_US: i64 = 86_400_000_000;
+
+/// `n` sample events spread over 30 days (by user, so a resend or a correction stays on its
+/// original's day), written as `logs/dt=<day>/producer=<p>/part-0.parquet`.
+fn thirty_days(dir: &Path, n: usize) -> Vec<Event> {
+    let mut events = sample_events(n, 30);
+    for e in &mut events {
+        e.event_time_us += (e.user_id % 30) * DAY_US;
+    }
+    write_logs(&dir.join("logs"), &events);
+    events
+}
+
+fn write_logs(root: &Path, events: &[Event]) {
+    let mut files: std::collections::BTreeMap<(i64, String), Vec<Event>> = Default::default();
+    for e in events {
+        files
+            .entry((e.event_time_us.div_euclid(DAY_US), e.producer.to_string()))
+            .or_default()
+            .push(e.clone());
+    }
+    for ((day, producer), events) in files {
+        let path = root
+            .join(format!("dt={}", adsmetrics::warehouse::day_string(day)))
+            .join(format!("producer={producer}"))
+            .join("part-0.parquet");
+        write_parquet(&path, &events);
+    }
+}
+
+fn run(wh: &Warehouse, dir: &Path, from: &str, to: &str) -> IngestSummary {
+    backfill(
+        wh,
+        BackfillOptions {
+            source: dir.join("logs"),
+            from_day: parse_day(from).unwrap(),
+            to_day: parse_day(to).unwrap(),
+            run: IngestOptions {
+                workers: 2,
+                ..Default::default()
+            },
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_thirty_day_backfill_replayed_twice_counts_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = thirty_days(dir.path(), 3000);
+    let wh = Warehouse::new(dir.path().join("wh"));
+    let first = run(&wh, dir.path(), "2026-11-01", "2026-12-31");
+    assert!(first.sources_ingested > 30, "{first:?}");
+    assert!(
+        published_tables(&wh) == expected_tables(&events),
+        "tables differ from the reference"
+    );
+
+    let before = TableSnapshot::take(&wh).unwrap();
+    let raw_before = adsmetrics::sink::raw::list_raw_files(&wh);
+    let second = run(&wh, dir.path(), "2026-11-01", "2026-12-31");
+    assert_eq!(second.sources_ingested, 0);
+    assert_eq!(second.sources_skipped, first.sources_found);
+    assert_eq!(second.partitions_published, 0);
+    assert!(TableSnapshot::take(&wh).unwrap().untouched_since(&before));
+    assert_eq!(adsmetrics::sink::raw::list_raw_files(&wh), raw_before);
+    let entries = assert_ledger_accounts_for_tables(&wh);
+    assert_eq!(entries.len(), 2);
+    assert!(entries.iter().all(|e| e.body.kind == RunKind::Backfill));
+}
+
+#[test]
+fn a_changed_or_removed_source_partition_replaces_exactly_its_contribution() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = thirty_days(dir.path(), 3000);
+    let wh = Warehouse::new(dir.path().join("wh"));
+    run(&wh, dir.path(), "2026-11-01", "2026-12-31");
+    let before = published_tables(&wh);
+
+    // One day's web file: rows removed, rows added, one corrected by a higher revision.
+    let logs = dir.path().join("logs");
+    let web: Vec<_> = walkdir::WalkDir::new(&logs)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.path().to_string_lossy().contains("producer=web"))
+        .map(|e| e.into_path())
+        .filter(|p| p.is_file())
+        .collect();
+    let changed = &web[3];
+    let mut rows = decode_dir(changed);
+    rows.drain(..3);
+    let mut corrected = rows.iter().find(|e| e.event_id.is_some()).cloned().unwrap();
+    corrected.revision += 5;
+    corrected.cost_micros = Some(123_456);
+    rows.push(corrected);
+    let template = rows[0].clone();
+    for i in 0..5 {
+        let mut e = template.clone();
+        e.event_id = Some(format!("backfilled-{i}").into());
+        e.user_id = 7_000 + i;
+        rows.push(e);
+    }
+    write_parquet(changed, &rows);
+    // And another day's web file is gone.
+    std::fs::remove_file(&web[7]).unwrap();
+
+    let second = run(&wh, dir.path(), "2026-11-01", "2026-12-31");
+    assert_eq!(second.sources_ingested, 1, "{second:?}");
+    assert!(second.retracted_rows > 0);
+    let now = decode_dir(&logs);
+    let after = published_tables(&wh);
+    assert!(
+        after == expected_tables(&now),
+        "tables differ from a recompute over the logs"
+    );
+    assert_ne!(after, before);
+    assert_ne!(expected_tables(&now), expected_tables(&events));
+    let differing = after
+        .iter()
+        .filter(|(id, rows)| before.get(id) != Some(rows))
+        .count()
+        + before.keys().filter(|id| !after.contains_key(id)).count();
+    assert_eq!(second.partitions_published, differing as u64);
+    let entries = assert_ledger_accounts_for_tables(&wh);
+    assert_eq!(entries.last().unwrap().body.retired.len(), 2);
+
+    // Replayed: nothing changes.
+    let snapshot = TableSnapshot::take(&wh).unwrap();
+    let third = run(&wh, dir.path(), "2026-11-01", "2026-12-31");
+    assert_eq!((third.sources_ingested, third.partitions_published), (0, 0));
+    assert!(TableSnapshot::take(&wh).unwrap().untouched_since(&snapshot));
+}
+
+#[test]
+fn a_backfill_over_ingested_logs_adopts_them_and_then_replaces_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = thirty_days(dir.path(), 1500);
+    let wh = Warehouse::new(dir.path().join("wh"));
+    ingest(&wh, &[dir.path().join("logs")], IngestOptions::default()).unwrap();
+    let snapshot = TableSnapshot::take(&wh).unwrap();
+    let raw_before = adsmetrics::sink::raw::list_raw_files(&wh);
+
+    let adopt = run(&wh, dir.path(), "2026-11-01", "2026-12-31");
+    assert_eq!((adopt.sources_ingested, adopt.partitions_published), (0, 0));
+    assert!(TableSnapshot::take(&wh).unwrap().untouched_since(&snapshot));
+    assert_eq!(adsmetrics::sink::raw::list_raw_files(&wh), raw_before);
+    assert!(
+        published_tables(&wh) == expected_tables(&events),
+        "tables differ from the reference"
+    );
+
+    // Outside the range nothing is touched; inside it, the change is applied.
+    let logs = dir.path().join("logs");
+    let mut rewritten = events.clone();
+    rewritten.retain(|e| e.user_id != 3);
+    std::fs::remove_dir_all(&logs).unwrap();
+    write_logs(&logs, &rewritten);
+    // User 3's events span two days (the sample straddles midnight): backfill just those.
+    let days: Vec<i64> = events
+        .iter()
+        .filter(|e| e.user_id == 3)
+        .map(|e| e.event_time_us.div_euclid(DAY_US))
+        .collect();
+    let (from, to) = (
+        adsmetrics::warehouse::day_string(*days.iter().min().unwrap()),
+        adsmetrics::warehouse::day_string(*days.iter().max().unwrap()),
+    );
+    let narrow = run(&wh, dir.path(), &from, &to);
+    assert!(narrow.retracted_rows > 0, "{narrow:?}");
+    assert!(
+        published_tables(&wh) == expected_tables(&rewritten),
+        "tables differ from a recompute over the rewritten logs"
+    );
+    assert_ledger_accounts_for_tables(&wh);
+}
