@@ -20,6 +20,7 @@
 pub mod backfill;
 pub mod ddl;
 pub mod decode;
+pub mod delete;
 pub mod demo;
 
 pub mod event;

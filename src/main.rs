@@ -78,6 +78,27 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Compliance delete: remove events of users or by event id from every table and from the
+    /// raw layer, remember their keys so no replay brings them back, and write a certificate
+    /// (`_adsmetrics/deletions/<request id>.json`). Running the same request again changes
+    /// nothing and says so.
+    Delete {
+        /// Delete every event of this user (repeatable).
+        #[arg(long = "user-id", required_unless_present = "event_ids")]
+        user_ids: Vec<i64>,
+        /// A file of event ids to delete, one per line (blank lines and `#` comments skipped).
+        #[arg(long)]
+        event_ids: Option<PathBuf>,
+        /// The request's id (letters, digits, '-', '_', '.'), e.g. the ticket number.
+        #[arg(long)]
+        request_id: String,
+        /// Why, for the certificate and the audit ledger.
+        #[arg(long)]
+        reason: String,
+        /// Timely worker threads.
+        #[arg(long, short = 'w', default_value_t = 1)]
+        workers: usize,
+    },
     /// Generate events, ingest them, replay them (same files, then re-batched), and show that
     /// the tables did not change.
     Demo {
@@ -214,6 +235,57 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )?;
             print!("{}", adsmetrics::report::ingest_report(&summary));
+        }
+        Command::Delete {
+            user_ids,
+            event_ids,
+            request_id,
+            reason,
+            workers,
+        } => {
+            let event_ids = match event_ids {
+                Some(path) => std::fs::read_to_string(&path)
+                    .map_err(|e| anyhow::anyhow!("reading --event-ids {}: {e}", path.display()))?
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_string)
+                    .collect(),
+                None => Vec::new(),
+            };
+            let outcome = adsmetrics::delete::delete(
+                &warehouse,
+                &adsmetrics::delete::DeleteRequest {
+                    request_id,
+                    reason,
+                    user_ids,
+                    event_ids,
+                },
+                IngestOptions {
+                    workers,
+                    ..Default::default()
+                },
+            )?;
+            let c = &outcome.certificate;
+            if outcome.already_applied {
+                println!(
+                    "request {} was already applied at {}: nothing changed",
+                    c.request_id, c.applied_at
+                );
+            } else {
+                println!(
+                    "request {}: {} events deleted, {} raw rows removed from {} files, {} partitions changed",
+                    c.request_id,
+                    c.events_deleted,
+                    c.raw_rows_removed,
+                    c.raw_files_rewritten.len(),
+                    c.partitions.len()
+                );
+            }
+            println!(
+                "certificate: {}",
+                adsmetrics::delete::certificate_path(&warehouse, &c.request_id).display()
+            );
         }
         Command::Demo {
             data,

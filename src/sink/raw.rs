@@ -5,7 +5,9 @@
 //! `raw/dt=…/hr=…/src-<hash>.parquet`. A committed source is never read again (the journal knows
 //! its hash), so its files are written once; a source whose run crashed before its commit rewrites
 //! the same files with the same bytes, which is why they need no fsync of their own: the publish
-//! syncs the filesystem before the journal names the source. Rows carry their dedup key, the key
+//! syncs the filesystem before the journal names the source. The one exception to "written
+//! once" is a compliance delete, which rewrites the files that held deleted events without them
+//! ([`rewrite_without`]). Rows carry their dedup key, the key
 //! algorithm (in the file metadata; `dedup_key` is 16 big-endian bytes), the source path and the
 //! source's content hash, in source order (the order the source's winning rows were read in).
 
@@ -14,9 +16,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use adsmetrics_dataflows::DedupKey;
-use arrow::array::{ArrayRef, DictionaryArray, FixedSizeBinaryArray, Int32Array, StringArray};
+use arrow::array::{
+    ArrayRef, BooleanArray, DictionaryArray, FixedSizeBinaryArray, Int32Array, StringArray,
+};
+use arrow::compute::{concat_batches, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
@@ -44,7 +51,8 @@ pub fn source_hash_of(path: &Path) -> Option<&str> {
         .strip_suffix(".parquet")
 }
 
-fn properties() -> WriterProperties {
+/// The writer settings of raw files (fixed, so the same rows give the same bytes).
+pub fn properties() -> WriterProperties {
     // Dictionary pages only pay off for repetitive columns; on near-unique ones they cost an
     // interner lookup per value for nothing.
     let unique = ["dedup_key", "event_id", "ip", "user_id", "event_time"];
@@ -141,4 +149,119 @@ pub fn list_raw_files(warehouse: &Warehouse) -> Vec<PathBuf> {
         .collect();
     files.sort();
     files
+}
+
+/// The dedup keys in a raw file, read from its `dedup_key` column only.
+pub fn keys_of(path: &Path) -> Result<Vec<DedupKey>, RawReadError> {
+    let err = |detail: String| RawReadError {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.to_string()))?;
+    let column = builder
+        .parquet_schema()
+        .columns()
+        .iter()
+        .position(|c| c.name() == "dedup_key")
+        .ok_or_else(|| err("no dedup_key column".into()))?;
+    let mask = ProjectionMask::leaves(builder.parquet_schema(), [column]);
+    let reader = builder
+        .with_projection(mask)
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    let mut keys = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| err(e.to_string()))?;
+        let column = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<FixedSizeBinaryArray>()
+            .ok_or_else(|| err("dedup_key is not 16-byte binary".into()))?;
+        for bytes in column.iter().flatten() {
+            let bytes: [u8; 16] = bytes
+                .try_into()
+                .map_err(|_| err("a dedup_key is not 16 bytes".into()))?;
+            keys.push(DedupKey(u128::from_be_bytes(bytes).into()));
+        }
+    }
+    Ok(keys)
+}
+
+/// A raw file could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("reading raw file {path}: {detail}")]
+pub struct RawReadError {
+    /// The file.
+    pub path: PathBuf,
+    /// What failed.
+    pub detail: String,
+}
+
+/// Rewrites the raw file at `path` without the rows whose key `drop` selects, atomically through
+/// `staged`; removes the file when no row is left. Returns the rows removed.
+pub fn rewrite_without(
+    path: &Path,
+    staged: &Path,
+    drop: impl Fn(&DedupKey) -> bool,
+) -> Result<u64, RawRewriteError> {
+    let read = |detail: String| {
+        RawRewriteError::Read(RawReadError {
+            path: path.to_path_buf(),
+            detail,
+        })
+    };
+    let file = std::fs::File::open(path).map_err(|e| read(e.to_string()))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.with_batch_size(1 << 20).build())
+        .map_err(|e| read(e.to_string()))?;
+    let mut kept = Vec::new();
+    let mut removed = 0u64;
+    let mut schema = None;
+    for batch in reader {
+        let batch = batch.map_err(|e| read(e.to_string()))?;
+        schema.get_or_insert_with(|| batch.schema());
+        let keys = batch
+            .column_by_name("dedup_key")
+            .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
+            .ok_or_else(|| read("no 16-byte dedup_key column".into()))?;
+        let keep: BooleanArray = keys
+            .iter()
+            .map(|k| {
+                let k: Option<[u8; 16]> = k.and_then(|b| b.try_into().ok());
+                Some(!k.is_some_and(|b| drop(&DedupKey(u128::from_be_bytes(b).into()))))
+            })
+            .collect();
+        removed += keep.iter().filter(|k| *k == Some(false)).count() as u64;
+        kept.push(filter_record_batch(&batch, &keep).map_err(|e| read(e.to_string()))?);
+    }
+    if removed == 0 {
+        return Ok(0);
+    }
+    let rows: usize = kept.iter().map(RecordBatch::num_rows).sum();
+    if rows == 0 {
+        std::fs::remove_file(path).map_err(|source| {
+            RawRewriteError::Write(WriteError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        })?;
+        return Ok(removed);
+    }
+    let schema = schema.expect("a file with removed rows had a batch");
+    let batch = concat_batches(&schema, &kept).map_err(|e| read(e.to_string()))?;
+    let bytes = parquet_bytes(&batch, properties(), path)?;
+    replace(staged, path, &bytes)?;
+    Ok(removed)
+}
+
+/// A raw file could not be rewritten.
+#[derive(Debug, thiserror::Error)]
+pub enum RawRewriteError {
+    /// Reading it failed.
+    #[error(transparent)]
+    Read(#[from] RawReadError),
+    /// Writing it failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
 }

@@ -1,0 +1,179 @@
+//! Compliance deletes: the events leave every table and the raw layer, stay gone when an old
+//! source is replayed, a certificate says what changed, and the same request twice is a no-op.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use adsmetrics::delete::{delete, DeleteRequest};
+use adsmetrics::event::Event;
+use adsmetrics::ledger::{Outcome, RunKind};
+use adsmetrics::runtime::{ingest, IngestOptions};
+use adsmetrics::snapshot::TableSnapshot;
+use adsmetrics::warehouse::Warehouse;
+use adsmetrics_dataflows::DedupKey;
+use common::*;
+
+fn options() -> IngestOptions {
+    IngestOptions {
+        workers: 2,
+        ..Default::default()
+    }
+}
+
+/// Every event left in the raw layer.
+fn raw_events(wh: &Warehouse) -> Vec<Event> {
+    adsmetrics::sink::raw::list_raw_files(wh)
+        .iter()
+        .flat_map(|p| decode_dir(p))
+        .collect()
+}
+
+fn keys_where(events: &[Event], pick: impl Fn(&Event) -> bool) -> BTreeSet<DedupKey> {
+    events
+        .iter()
+        .filter(|e| pick(e))
+        .map(Event::dedup_key)
+        .collect()
+}
+
+fn without(events: &[Event], keys: &BTreeSet<DedupKey>) -> Vec<Event> {
+    events
+        .iter()
+        .filter(|e| !keys.contains(&e.dedup_key()))
+        .cloned()
+        .collect()
+}
+
+fn setup(dir: &std::path::Path) -> (Warehouse, Vec<Event>) {
+    let events = sample_events(2500, 40);
+    write_parquet(&dir.join("in/a.parquet"), &events[..1400]);
+    write_jsonl(&dir.join("in/b.jsonl"), &events[1400..]);
+    let wh = Warehouse::new(dir.join("wh"));
+    ingest(&wh, &[dir.join("in")], options()).unwrap();
+    (wh, events)
+}
+
+#[test]
+fn a_delete_by_user_removes_the_events_everywhere_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wh, events) = setup(dir.path());
+    let request = DeleteRequest {
+        request_id: "GDPR-7".into(),
+        reason: "user asked".into(),
+        user_ids: vec![7, 11],
+        event_ids: vec![],
+    };
+    let gone = keys_where(&events, |e| e.user_id == 7 || e.user_id == 11);
+    assert!(gone.len() > 20, "the sample has events of users 7 and 11");
+
+    let first = delete(&wh, &request, options()).unwrap();
+    assert!(!first.already_applied);
+    let c = &first.certificate;
+    assert_eq!(c.events_deleted, gone.len() as u64);
+    assert!(c.raw_rows_removed >= gone.len() as u64);
+    assert!(!c.raw_files_rewritten.is_empty());
+    assert!(!c.partitions.is_empty());
+    assert!(
+        published_tables(&wh) == expected_tables(&without(&events, &gone)),
+        "tables differ from a recompute without the deleted events"
+    );
+    assert!(raw_events(&wh)
+        .iter()
+        .all(|e| e.user_id != 7 && e.user_id != 11));
+    let entries = assert_ledger_accounts_for_tables(&wh);
+    let last = entries.last().unwrap();
+    assert_eq!(
+        (
+            last.body.kind,
+            last.body.outcome,
+            last.body.request.as_deref()
+        ),
+        (RunKind::Delete, Outcome::Changed, Some("GDPR-7"))
+    );
+    assert_eq!(last.body.partitions.len(), c.partitions.len());
+
+    // The same request again: nothing changes, and it says so.
+    let snapshot = TableSnapshot::take(&wh).unwrap();
+    let raw_before = adsmetrics::sink::raw::list_raw_files(&wh);
+    let again = delete(&wh, &request, options()).unwrap();
+    assert!(again.already_applied);
+    assert_eq!(again.certificate, first.certificate);
+    assert!(TableSnapshot::take(&wh).unwrap().untouched_since(&snapshot));
+    assert_eq!(adsmetrics::sink::raw::list_raw_files(&wh), raw_before);
+    let entries = assert_ledger_accounts_for_tables(&wh);
+    assert_eq!(entries.last().unwrap().body.outcome, Outcome::Unchanged);
+}
+
+#[test]
+fn a_delete_by_event_id_survives_a_replay_of_an_old_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wh, events) = setup(dir.path());
+    let ids: Vec<String> = events
+        .iter()
+        .filter_map(|e| e.event_id.as_deref().map(str::to_string))
+        .step_by(97)
+        .take(6)
+        .collect();
+    let gone = keys_where(&events, |e| {
+        e.event_id
+            .as_deref()
+            .is_some_and(|id| ids.iter().any(|i| i == id))
+    });
+    delete(
+        &wh,
+        &DeleteRequest {
+            request_id: "ticket-42".into(),
+            reason: "fraud".into(),
+            user_ids: vec![],
+            event_ids: ids.clone(),
+        },
+        options(),
+    )
+    .unwrap();
+    let expected = expected_tables(&without(&events, &gone));
+    assert!(published_tables(&wh) == expected, "tables after the delete");
+
+    // An old copy of the source, resent under a new name with one new event: the deleted events
+    // stay deleted, the new one counts.
+    let mut old = events[..1400].to_vec();
+    let mut fresh = old[0].clone();
+    fresh.event_id = Some("after-the-delete".into());
+    old.push(fresh.clone());
+    write_parquet(&dir.path().join("replay/a-again.parquet"), &old);
+    let replay = ingest(&wh, &[dir.path().join("replay")], options()).unwrap();
+    assert!(replay.tombstoned > 0, "{replay:?}");
+    let mut all = events.clone();
+    all.push(fresh);
+    assert!(
+        published_tables(&wh) == expected_tables(&without(&all, &gone)),
+        "a replay brought a deleted event back"
+    );
+    assert!(raw_events(&wh)
+        .iter()
+        .all(|e| !gone.contains(&e.dedup_key())));
+    assert_ledger_accounts_for_tables(&wh);
+}
+
+#[test]
+fn bad_requests_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wh, _) = setup(dir.path());
+    for (id, users) in [("../etc", vec![1]), ("", vec![1]), ("ok-id", vec![])] {
+        let err = delete(
+            &wh,
+            &DeleteRequest {
+                request_id: id.into(),
+                reason: "x".into(),
+                user_ids: users,
+                event_ids: vec![],
+            },
+            options(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, adsmetrics::delete::DeleteError::Usage(_)),
+            "{err}"
+        );
+    }
+}
