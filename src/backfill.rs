@@ -155,6 +155,7 @@ pub fn backfill(
         partition_of,
         always: false,
         progress_in_sources: true,
+        extra_days: BTreeSet::new(),
         summary,
     };
     execute(warehouse, opened, plan, options.run)

@@ -195,14 +195,25 @@ pub fn delete(
         }
     };
     let deleted: HashSet<String> = tombstone.keys.iter().cloned().collect();
+    // The raw files still holding them, and so the event days to rebuild.
+    let mut holding = Vec::new();
+    let mut extra_days = BTreeSet::new();
+    for path in &committed {
+        let keys = raw::keys_of(path).map_err(raw::RawRewriteError::from)?;
+        if keys.iter().any(|k| deleted.contains(&key_hex(k))) {
+            extra_days.extend(crate::scope::raw_day(warehouse, path));
+            holding.push(path.clone());
+        }
+    }
 
-    // 2. Rebuild without them: the first epoch publishes what changed.
+    // 2. Rebuild those days without them: the first epoch publishes what changed.
     let plan = Plan {
         run,
         batches: Vec::new(),
         partition_of: Default::default(),
         always: true,
         progress_in_sources: false,
+        extra_days,
         summary: IngestSummary::default(),
     };
     let summary = execute(warehouse, opened, plan, options)?;
@@ -210,14 +221,7 @@ pub fn delete(
     // 3. The raw layer without them.
     let mut raw_rows_removed = 0;
     let mut raw_files_rewritten = Vec::new();
-    for path in &committed {
-        if !path.exists() {
-            continue;
-        }
-        let keys = raw::keys_of(path).map_err(raw::RawRewriteError::from)?;
-        if !keys.iter().any(|k| deleted.contains(&key_hex(k))) {
-            continue;
-        }
+    for path in &holding {
         let staged = warehouse.staging_dir().join(format!(
             "delete-{}-{}",
             request.request_id,

@@ -30,6 +30,7 @@ pub mod ledger;
 pub mod report;
 pub mod runtime;
 pub mod schema;
+pub mod scope;
 pub mod show;
 pub mod sink;
 pub mod snapshot;

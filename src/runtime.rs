@@ -33,6 +33,7 @@ use crate::journal::{
     SourceRecord,
 };
 use crate::ledger::{Ledger, LedgerError, RunKind, RunRecord};
+use crate::scope::{self, ScopeError};
 use crate::sink::files::{sync_filesystem, WriteError};
 use crate::sink::publish::{
     publish_epoch, stage_partition, FailPoint, PublishError, PublishOrigin,
@@ -90,6 +91,10 @@ pub struct IngestSummary {
     pub late_events: u64,
     /// Raw-layer rows read back to rebuild state (epoch 0).
     pub rehydrated_rows: u64,
+    /// Raw files read back to rebuild state: those of the event days the run touches.
+    pub rehydrated_files: u64,
+    /// Raw files committed before the run (the whole history).
+    pub committed_raw_files: u64,
     /// Raw-layer rows retracted because their source partition was replaced (backfill).
     pub retracted_rows: u64,
     /// Records of new sources not accepted because their key was deleted (tombstoned).
@@ -128,6 +133,9 @@ pub enum RunError {
     /// The audit ledger could not be read, verified or appended to.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    /// The part of the raw layer to rebuild could not be determined.
+    #[error(transparent)]
+    Scope(#[from] ScopeError),
     /// The tombstones could not be read or written.
     #[error(transparent)]
     Tombstones(#[from] TombstoneError),
@@ -261,6 +269,8 @@ pub(crate) struct Plan {
     pub(crate) always: bool,
     /// Count progress in sources instead of bytes.
     pub(crate) progress_in_sources: bool,
+    /// Event days to rebuild besides those the run's own changes touch (a delete's).
+    pub(crate) extra_days: BTreeSet<i64>,
     /// Counts decided while planning.
     pub(crate) summary: IngestSummary,
 }
@@ -315,6 +325,7 @@ pub fn ingest(
         partition_of: HashMap::new(),
         always: false,
         progress_in_sources: false,
+        extra_days: BTreeSet::new(),
         summary,
     };
     execute(warehouse, opened, plan, options)
@@ -342,6 +353,7 @@ pub(crate) fn execute(
         partition_of,
         always,
         progress_in_sources,
+        extra_days,
         mut summary,
     } = plan;
     run.sources_skipped = summary.sources_skipped;
@@ -363,6 +375,28 @@ pub(crate) fn execute(
         .into_iter()
         .filter(|p| raw::source_hash_of(p).is_some_and(|h| journal.consumed().contains(h)))
         .collect();
+    let rehydrate = {
+        let new_sources: Vec<&SourceFile> = batches.iter().flat_map(|b| &b.sources).collect();
+        let retract: Vec<PathBuf> = committed_raw
+            .iter()
+            .filter(|p| {
+                raw::source_hash_of(p)
+                    .is_some_and(|h| batches.iter().any(|b| b.retract_hashes.contains(h)))
+            })
+            .cloned()
+            .collect();
+        scope::rehydration_scope(
+            warehouse,
+            &committed_raw,
+            &new_sources,
+            &retract,
+            &extra_days,
+            &tombstones,
+            workers,
+        )?
+    };
+    summary.rehydrated_files = rehydrate.len() as u64;
+    summary.committed_raw_files = committed_raw.len() as u64;
     let epochs: Vec<EpochPlan> = batches
         .into_iter()
         .map(|batch| EpochPlan {
@@ -406,7 +440,7 @@ pub(crate) fn execute(
         started_at_us,
         ledger_anchor: ledger.anchor(),
         tombstones,
-        rehydrate: committed_raw,
+        rehydrate,
         partition_of,
         progress_in_sources,
         epochs,

@@ -6,42 +6,11 @@ mod common;
 use std::path::Path;
 
 use adsmetrics::backfill::{backfill, BackfillOptions};
-use adsmetrics::event::Event;
 use adsmetrics::ledger::RunKind;
 use adsmetrics::runtime::{ingest, IngestOptions, IngestSummary};
 use adsmetrics::snapshot::TableSnapshot;
 use adsmetrics::warehouse::{parse_day, Warehouse};
 use common::*;
-
-const DAY_US: i64 = 86_400_000_000;
-
-/// `n` sample events spread over 30 days (by user, so a resend or a correction stays on its
-/// original's day), written as `logs/dt=<day>/producer=<p>/part-0.parquet`.
-fn thirty_days(dir: &Path, n: usize) -> Vec<Event> {
-    let mut events = sample_events(n, 30);
-    for e in &mut events {
-        e.event_time_us += (e.user_id % 30) * DAY_US;
-    }
-    write_logs(&dir.join("logs"), &events);
-    events
-}
-
-fn write_logs(root: &Path, events: &[Event]) {
-    let mut files: std::collections::BTreeMap<(i64, String), Vec<Event>> = Default::default();
-    for e in events {
-        files
-            .entry((e.event_time_us.div_euclid(DAY_US), e.producer.to_string()))
-            .or_default()
-            .push(e.clone());
-    }
-    for ((day, producer), events) in files {
-        let path = root
-            .join(format!("dt={}", adsmetrics::warehouse::day_string(day)))
-            .join(format!("producer={producer}"))
-            .join("part-0.parquet");
-        write_parquet(&path, &events);
-    }
-}
 
 fn run(wh: &Warehouse, dir: &Path, from: &str, to: &str) -> IngestSummary {
     backfill(

@@ -181,3 +181,34 @@ pub fn assert_ledger_accounts_for_tables(warehouse: &Warehouse) -> Vec<adsmetric
     );
     ledger.entries().to_vec()
 }
+
+/// Microseconds in a day.
+pub const DAY_US: i64 = 86_400_000_000;
+
+/// `n` sample events spread over 30 days (by user, so a resend or a correction stays on its
+/// original's day), written as `logs/dt=<day>/producer=<p>/part-0.parquet`.
+pub fn thirty_days(dir: &Path, n: usize) -> Vec<Event> {
+    let mut events = sample_events(n, 30);
+    for e in &mut events {
+        e.event_time_us += (e.user_id % 30) * DAY_US;
+    }
+    write_logs(&dir.join("logs"), &events);
+    events
+}
+
+pub fn write_logs(root: &Path, events: &[Event]) {
+    let mut files: std::collections::BTreeMap<(i64, String), Vec<Event>> = Default::default();
+    for e in events {
+        files
+            .entry((e.event_time_us.div_euclid(DAY_US), e.producer.to_string()))
+            .or_default()
+            .push(e.clone());
+    }
+    for ((day, producer), events) in files {
+        let path = root
+            .join(format!("dt={}", adsmetrics::warehouse::day_string(day)))
+            .join(format!("producer={producer}"))
+            .join("part-0.parquet");
+        write_parquet(&path, &events);
+    }
+}

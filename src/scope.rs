@@ -1,0 +1,155 @@
+//! Which part of the raw layer a run must read back: the days its changes touch, closed over keys.
+//!
+//! A run's output is exact when, for every dedup key and every (user, day, dims) its changes touch,
+//! the dataflow holds everything the raw layer holds for them. Both live within event days: a
+//! user-day by definition, a key's versions almost always (a correction may move an event to
+//! another day). So a run rebuilds state for whole event days only:
+//!
+//! 1. the days of its new events (a pre-pass decodes its new sources), of the raw files it
+//!    retracts, and any the caller adds (a delete: the days that held the deleted events);
+//! 2. closed over keys: a day holding a version of any key of the days so far, or of the new
+//!    events, is added too, until nothing changes. This reads only the `dedup_key` column of the
+//!    other days' raw files.
+//!
+//! Every curated partition of a touched day (its hours and the day) then has complete state, so
+//! rehydration reproduces it exactly and publishes nothing, and the run's changes come out as
+//! exact differences. Days outside the scope are neither read nor republished. The cost of a run
+//! thus grows with the days it touches, not with the history held.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+
+use adsmetrics_dataflows::{DedupKey, MICROS_PER_DAY};
+
+use crate::backfill::day_of_path;
+use crate::decode::decode_source;
+use crate::sink::raw::{self, RawReadError};
+use crate::source::{SourceError, SourceFile};
+use crate::tombstones::Tombstones;
+use crate::warehouse::Warehouse;
+
+/// Why the scope could not be computed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScopeError {
+    /// A new source could not be read.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// A raw file's keys could not be read.
+    #[error(transparent)]
+    Raw(#[from] RawReadError),
+}
+
+/// The event day of a raw file, from its `dt=` folder.
+pub fn raw_day(warehouse: &Warehouse, path: &Path) -> Option<i64> {
+    let relative = path.strip_prefix(warehouse.raw_dir()).ok()?;
+    day_of_path(&relative.to_string_lossy().replace('\\', "/"))
+}
+
+/// The days and keys of the events in `sources` (decoded once here, again when ingested).
+fn days_and_keys(
+    sources: &[&SourceFile],
+    threads: usize,
+    tombstones: &Tombstones,
+) -> Result<(BTreeSet<i64>, HashSet<DedupKey>), ScopeError> {
+    let threads = threads.max(1).min(sources.len().max(1));
+    let chunk = sources.len().div_ceil(threads).max(1);
+    let parts: Vec<Result<(BTreeSet<i64>, HashSet<DedupKey>), ScopeError>> =
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = sources
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        let mut days = BTreeSet::new();
+                        let mut keys = HashSet::new();
+                        for source in part {
+                            let bytes = std::fs::read(&source.path).map_err(|e| SourceError {
+                                path: source.path.clone(),
+                                source: e,
+                            })?;
+                            for event in decode_source(&source.label, &bytes).events {
+                                let key = event.dedup_key();
+                                if !tombstones.contains(&key) {
+                                    days.insert(event.event_time_us.div_euclid(MICROS_PER_DAY));
+                                    keys.insert(key);
+                                }
+                            }
+                        }
+                        Ok((days, keys))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("scope thread does not panic"))
+                .collect()
+        });
+    let mut days = BTreeSet::new();
+    let mut keys = HashSet::new();
+    for part in parts {
+        let (d, k) = part?;
+        days.extend(d);
+        keys.extend(k);
+    }
+    Ok((days, keys))
+}
+
+/// The raw files a run must rehydrate; see the module doc. `committed` are the committed raw
+/// files, `new_sources` the sources the run will add, `retract` the raw files it withdraws, and
+/// `extra_days` days the caller needs rebuilt.
+pub fn rehydration_scope(
+    warehouse: &Warehouse,
+    committed: &[PathBuf],
+    new_sources: &[&SourceFile],
+    retract: &[PathBuf],
+    extra_days: &BTreeSet<i64>,
+    tombstones: &Tombstones,
+    threads: usize,
+) -> Result<Vec<PathBuf>, ScopeError> {
+    if committed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut by_day: BTreeMap<Option<i64>, Vec<&PathBuf>> = BTreeMap::new();
+    for path in committed {
+        by_day
+            .entry(raw_day(warehouse, path))
+            .or_default()
+            .push(path);
+    }
+    let (mut touched, mut keys) = days_and_keys(new_sources, threads, tombstones)?;
+    touched.extend(retract.iter().filter_map(|p| raw_day(warehouse, p)));
+    touched.extend(extra_days.iter().copied());
+    // A raw file outside any dt= folder cannot be placed: always rebuild it.
+    let mut scope: BTreeSet<Option<i64>> = by_day.keys().filter(|d| d.is_none()).copied().collect();
+    scope.extend(touched.iter().map(|d| Some(*d)));
+
+    let mut read: BTreeSet<Option<i64>> = BTreeSet::new();
+    loop {
+        for day in scope.iter().filter(|d| !read.contains(*d)) {
+            for path in by_day.get(day).into_iter().flatten() {
+                keys.extend(raw::keys_of(path)?);
+            }
+        }
+        read.extend(scope.iter().copied());
+        let mut added = false;
+        for (day, files) in &by_day {
+            if scope.contains(day) {
+                continue;
+            }
+            for path in files {
+                if raw::keys_of(path)?.iter().any(|k| keys.contains(k)) {
+                    scope.insert(*day);
+                    added = true;
+                    break;
+                }
+            }
+        }
+        if !added {
+            break;
+        }
+    }
+    Ok(by_day
+        .into_iter()
+        .filter(|(day, _)| scope.contains(day))
+        .flat_map(|(_, files)| files.into_iter().cloned())
+        .collect())
+}
