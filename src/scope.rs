@@ -45,44 +45,46 @@ pub fn raw_day(warehouse: &Warehouse, path: &Path) -> Option<i64> {
     day_of_path(&relative.to_string_lossy().replace('\\', "/"))
 }
 
+/// Event days and dedup keys of some events.
+type DaysAndKeys = (BTreeSet<i64>, HashSet<DedupKey>);
+
 /// The days and keys of the events in `sources` (decoded once here, again when ingested).
 fn days_and_keys(
     sources: &[&SourceFile],
     threads: usize,
     tombstones: &Tombstones,
-) -> Result<(BTreeSet<i64>, HashSet<DedupKey>), ScopeError> {
+) -> Result<DaysAndKeys, ScopeError> {
     let threads = threads.max(1).min(sources.len().max(1));
     let chunk = sources.len().div_ceil(threads).max(1);
-    let parts: Vec<Result<(BTreeSet<i64>, HashSet<DedupKey>), ScopeError>> =
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = sources
-                .chunks(chunk)
-                .map(|part| {
-                    scope.spawn(move || {
-                        let mut days = BTreeSet::new();
-                        let mut keys = HashSet::new();
-                        for source in part {
-                            let bytes = std::fs::read(&source.path).map_err(|e| SourceError {
-                                path: source.path.clone(),
-                                source: e,
-                            })?;
-                            for event in decode_source(&source.label, &bytes).events {
-                                let key = event.dedup_key();
-                                if !tombstones.contains(&key) {
-                                    days.insert(event.event_time_us.div_euclid(MICROS_PER_DAY));
-                                    keys.insert(key);
-                                }
+    let parts: Vec<Result<DaysAndKeys, ScopeError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = sources
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    let mut days = BTreeSet::new();
+                    let mut keys = HashSet::new();
+                    for source in part {
+                        let bytes = std::fs::read(&source.path).map_err(|e| SourceError {
+                            path: source.path.clone(),
+                            source: e,
+                        })?;
+                        for event in decode_source(&source.label, &bytes).events {
+                            let key = event.dedup_key();
+                            if !tombstones.contains(&key) {
+                                days.insert(event.event_time_us.div_euclid(MICROS_PER_DAY));
+                                keys.insert(key);
                             }
                         }
-                        Ok((days, keys))
-                    })
+                    }
+                    Ok((days, keys))
                 })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("scope thread does not panic"))
-                .collect()
-        });
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("scope thread does not panic"))
+            .collect()
+    });
     let mut days = BTreeSet::new();
     let mut keys = HashSet::new();
     for part in parts {
