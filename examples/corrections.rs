@@ -1,0 +1,222 @@
+//! What corrections cost after a long history, and what memory a day-by-day stream takes.
+//!
+//! 1. **Correction cost.** Loads 30 days of generated events (`--events`, spread over 720 hours)
+//!    into a fresh warehouse, then ingests a correction batch of 1% of that many events — revised
+//!    versions (higher `revision`, new cost) of events of the last day — and prints both times
+//!    and their ratio. The correction rebuilds only the event days it touches.
+//! 2. **Memory over days.** Into another fresh warehouse, ingests the same 30 days one `dt=`
+//!    folder at a time and prints each run's peak RSS and how many raw files it read back: with
+//!    late events, each day's run rebuilds that day and the day before (a 48-hour window of
+//!    state), so memory stays flat however many days came before.
+//!
+//! Every ingest runs in a child process (this program re-executing itself), so each peak RSS
+//! (`VmHWM`) is that run's alone.
+//!
+//! ```text
+//! cargo run --release --example corrections -- --events 3000000
+//! ```
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use adsmetrics::decode::decode_source;
+use adsmetrics::generate::{generate, Format, GenerateConfig};
+use adsmetrics::runtime::{ingest, IngestOptions};
+use adsmetrics::schema::events_to_batch;
+use adsmetrics::warehouse::Warehouse;
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+/// Correction cost and memory over days.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Distinct events over the 30 days.
+    #[arg(long, default_value_t = 3_000_000)]
+    events: u64,
+    /// Workers for every ingest.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Skip the day-by-day memory part.
+    #[arg(long)]
+    no_days: bool,
+    /// Internal: one ingest of `input` into `warehouse` in this process.
+    #[arg(long, hide = true, num_args = 2)]
+    one_ingest: Option<Vec<PathBuf>>,
+}
+
+const DAYS: u32 = 30;
+const START: &str = "2026-10-01";
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(paths) = &args.one_ingest {
+        return one_ingest(&paths[0], &paths[1], args.workers);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
+    let data = root.join(format!("bench-data/corrections-{}", args.events));
+    let events_dir = data.join("events");
+    if !data.join("_COMPLETE").exists() {
+        let _ = fs::remove_dir_all(&data);
+        eprintln!("generating {} events over {DAYS} days ...", args.events);
+        let config = GenerateConfig {
+            events: args.events,
+            hours: DAYS * 24,
+            start: START.to_string(),
+            format: Format::Parquet,
+            ..Default::default()
+        };
+        generate(&config, &events_dir, &|_| {})?;
+        write_correction(&events_dir, &data.join("correction"), args.events / 100)?;
+        fs::write(data.join("_COMPLETE"), "")?;
+    }
+    let runs = root.join("bench-runs");
+    fs::create_dir_all(&runs)?;
+
+    println!(
+        "machine: nproc={} workers={}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.workers
+    );
+    let wh = tempfile::Builder::new()
+        .prefix("adsmetrics-corrections-")
+        .tempdir_in(&runs)?;
+    let load = child(wh.path(), &events_dir, args.workers)?;
+    println!("initial load (30 days): {load}");
+    let fix = child(wh.path(), &data.join("correction"), args.workers)?;
+    println!("correction (1% of events, the newest day): {fix}");
+    let ratio = field(&fix, "seconds")? / field(&load, "seconds")?;
+    println!(
+        "correction / initial load = {:.2}% of the time",
+        100.0 * ratio
+    );
+
+    if !args.no_days {
+        let wh = tempfile::Builder::new()
+            .prefix("adsmetrics-days-")
+            .tempdir_in(&runs)?;
+        let mut days: Vec<PathBuf> = fs::read_dir(&events_dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        days.sort();
+        for (i, day) in days.iter().enumerate() {
+            let line = child(wh.path(), day, args.workers)?;
+            println!(
+                "day {:2} {}: {line}",
+                i + 1,
+                day.file_name().unwrap_or_default().to_string_lossy()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Revised versions of `n` events of the last day, as one Parquet file under `out`.
+fn write_correction(events_dir: &Path, out: &Path, n: u64) -> Result<()> {
+    let mut days: Vec<PathBuf> = fs::read_dir(events_dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    days.sort();
+    // From the newest day folder backwards until there are enough (the newest folder may hold
+    // only the last day's late events).
+    let mut revised = Vec::new();
+    let entries = days
+        .iter()
+        .rev()
+        .flat_map(|day| walkdir::WalkDir::new(day).sort_by_file_name());
+    for entry in entries {
+        let entry = entry?;
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let bytes = fs::read(entry.path())?;
+        for mut e in decode_source(&entry.path().to_string_lossy(), &bytes).events {
+            if revised.len() as u64 == n {
+                break;
+            }
+            if e.event_id.is_some() {
+                e.revision += 1;
+                e.cost_micros = e.cost_micros.map(|c| c / 2 + 1);
+                revised.push(e);
+            }
+        }
+    }
+    if (revised.len() as u64) < n {
+        bail!(
+            "the generated data has only {} events with ids",
+            revised.len()
+        );
+    }
+    fs::create_dir_all(out)?;
+    let batch = events_to_batch(&revised);
+    let mut writer = parquet::arrow::ArrowWriter::try_new(
+        fs::File::create(out.join("revisions.parquet"))?,
+        batch.schema(),
+        None,
+    )?;
+    writer.write(&batch)?;
+    writer.close()?;
+    Ok(())
+}
+
+/// Runs one ingest in a child process; returns its result line.
+fn child(warehouse: &Path, input: &Path, workers: usize) -> Result<String> {
+    let exe = std::env::current_exe()?;
+    let out = Command::new(&exe)
+        .arg("--workers")
+        .arg(workers.to_string())
+        .arg("--one-ingest")
+        .arg(warehouse.join("warehouse"))
+        .arg(input)
+        .output()?;
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("ingest of {} failed ({})", input.display(), out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn one_ingest(warehouse: &Path, input: &Path, workers: usize) -> Result<()> {
+    let started = Instant::now();
+    let s = ingest(
+        &Warehouse::new(warehouse),
+        &[input.to_path_buf()],
+        IngestOptions {
+            workers,
+            ..Default::default()
+        },
+    )?;
+    println!(
+        "seconds={:.3} events_accepted={} partitions_published={} rehydrated_files={} \
+         of committed_raw_files={} rehydrated_rows={} peak_rss_mb={}",
+        started.elapsed().as_secs_f64(),
+        s.events_accepted,
+        s.partitions_published,
+        s.rehydrated_files,
+        s.committed_raw_files,
+        s.rehydrated_rows,
+        peak_rss_mb()
+    );
+    Ok(())
+}
+
+fn field(line: &str, name: &str) -> Result<f64> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {name}= in {line:?}"))
+}
+
+fn peak_rss_mb() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}
