@@ -213,7 +213,7 @@ pub fn delete(
         partition_of: Default::default(),
         always: true,
         progress_in_sources: false,
-        extra_days,
+        extra_days: extra_days.clone(),
         summary: IngestSummary::default(),
     };
     let summary = execute(warehouse, opened, plan, options)?;
@@ -236,6 +236,9 @@ pub fn delete(
                 .to_string_lossy()
                 .into_owned(),
         );
+    }
+    for day in &extra_days {
+        crate::keyindex::invalidate(warehouse, *day);
     }
     let _ = std::fs::remove_dir_all(warehouse.staging_dir());
     sync_filesystem(warehouse.root()).map_err(|source| {

@@ -26,6 +26,7 @@ pub mod demo;
 pub mod event;
 pub mod generate;
 pub mod journal;
+pub mod keyindex;
 pub mod ledger;
 pub mod report;
 pub mod runtime;

@@ -375,6 +375,7 @@ pub(crate) fn execute(
         .into_iter()
         .filter(|p| raw::source_hash_of(p).is_some_and(|h| journal.consumed().contains(h)))
         .collect();
+    let scoping = Instant::now();
     let rehydrate = {
         let new_sources: Vec<&SourceFile> = batches.iter().flat_map(|b| &b.sources).collect();
         let retract: Vec<PathBuf> = committed_raw
@@ -395,6 +396,12 @@ pub(crate) fn execute(
             workers,
         )?
     };
+    tracing::info!(
+        files = rehydrate.len(),
+        of = committed_raw.len(),
+        took = ?scoping.elapsed(),
+        "rehydration scope"
+    );
     summary.rehydrated_files = rehydrate.len() as u64;
     summary.committed_raw_files = committed_raw.len() as u64;
     let epochs: Vec<EpochPlan> = batches

@@ -8,8 +8,8 @@
 //! 1. the days of its new events (a pre-pass decodes its new sources), of the raw files it
 //!    retracts, and any the caller adds (a delete: the days that held the deleted events);
 //! 2. closed over keys: a day holding a version of any key of the days so far, or of the new
-//!    events, is added too, until nothing changes. This reads only the `dedup_key` column of the
-//!    other days' raw files.
+//!    events, is added too, until nothing changes. This reads each day's sorted keys from the
+//!    [`keyindex`], which is rebuilt (from the `dedup_key` column) only for days that changed.
 //!
 //! Every curated partition of a touched day (its hours and the day) then has complete state, so
 //! rehydration reproduces it exactly and publishes nothing, and the run's changes come out as
@@ -23,6 +23,7 @@ use adsmetrics_dataflows::{DedupKey, MICROS_PER_DAY};
 
 use crate::backfill::day_of_path;
 use crate::decode::decode_source;
+use crate::keyindex;
 use crate::sink::raw::{self, RawReadError};
 use crate::source::{SourceError, SourceFile};
 use crate::tombstones::Tombstones;
@@ -117,37 +118,50 @@ pub fn rehydration_scope(
             .or_default()
             .push(path);
     }
-    let (mut touched, mut keys) = days_and_keys(new_sources, threads, tombstones)?;
+    let (mut touched, new_keys) = days_and_keys(new_sources, threads, tombstones)?;
     touched.extend(retract.iter().filter_map(|p| raw_day(warehouse, p)));
     touched.extend(extra_days.iter().copied());
     // A raw file outside any dt= folder cannot be placed: always rebuild it.
     let mut scope: BTreeSet<Option<i64>> = by_day.keys().filter(|d| d.is_none()).copied().collect();
     scope.extend(touched.iter().map(|d| Some(*d)));
 
-    let mut read: BTreeSet<Option<i64>> = BTreeSet::new();
-    loop {
-        for day in scope.iter().filter(|d| !read.contains(*d)) {
-            for path in by_day.get(day).into_iter().flatten() {
-                keys.extend(raw::keys_of(path)?);
-            }
-        }
-        read.extend(scope.iter().copied());
-        let mut added = false;
-        for (day, files) in &by_day {
-            if scope.contains(day) {
-                continue;
-            }
-            for path in files {
-                if raw::keys_of(path)?.iter().any(|k| keys.contains(k)) {
-                    scope.insert(*day);
-                    added = true;
-                    break;
+    // The keys held so far (sorted), from the key index of each day in scope.
+    let mut keys: Vec<u128> = new_keys.iter().map(|k| k.0.get()).collect();
+    let day_keys = |day: &Option<i64>| -> Result<Vec<u128>, ScopeError> {
+        let files = by_day.get(day).map(Vec::as_slice).unwrap_or_default();
+        Ok(match day {
+            Some(day) => keyindex::day_keys(warehouse, *day, files)?,
+            None => {
+                let mut keys = Vec::new();
+                for file in files {
+                    keys.extend(raw::keys_of(file)?.into_iter().map(|k| k.0.get()));
                 }
+                keys
+            }
+        })
+    };
+    for day in &scope {
+        keys.extend(day_keys(day)?);
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    loop {
+        let mut added = Vec::new();
+        for day in by_day.keys().filter(|d| !scope.contains(*d)) {
+            let theirs = day_keys(day)?;
+            if keyindex::intersects(&keys, &theirs) {
+                added.push((*day, theirs));
             }
         }
-        if !added {
+        if added.is_empty() {
             break;
         }
+        for (day, theirs) in added {
+            scope.insert(day);
+            keys.extend(theirs);
+        }
+        keys.sort_unstable();
+        keys.dedup();
     }
     Ok(by_day
         .into_iter()

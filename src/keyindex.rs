@@ -1,0 +1,165 @@
+//! The key index: per event day, the sorted dedup keys its raw files hold — a cache that lets a run
+//! find which days hold versions of its keys without opening every raw file.
+//!
+//! `_adsmetrics/keyindex/dt=YYYY-MM-DD.keys`: the magic line `adsmetrics-keyindex-v1\n`, a 16-byte
+//! fingerprint of the day's raw files (XXH3-128 over their names, in order), the key count as 8 little-endian bytes, then the keys as 16 big-endian bytes
+//! each, ascending and distinct. An index whose fingerprint does not match the day's current raw
+//! files is stale and rebuilt from their `dedup_key` columns (and rewritten); so the index never
+//! needs to take part in the commit protocol, and a run pays only for the days that changed since
+//! the index was last built. It is written to a temporary name and renamed; it is not synced,
+//! since a lost or torn index is only rebuilt.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::sink::raw::{self, RawReadError};
+use crate::warehouse::{day_string, Warehouse};
+
+const MAGIC: &[u8] = b"adsmetrics-keyindex-v1\n";
+
+/// The index file of `day`.
+pub fn index_path(warehouse: &Warehouse, day: i64) -> PathBuf {
+    warehouse
+        .meta_dir()
+        .join("keyindex")
+        .join(format!("dt={}.keys", day_string(day)))
+}
+
+/// A fingerprint of a day's raw files: their names (a raw file's name is its source's content
+/// hash, and a source adds each file once). The one rewrite in place, a compliance delete,
+/// removes the index of every day it rewrites ([`invalidate`]).
+fn fingerprint(files: &[&PathBuf]) -> u128 {
+    let mut names: Vec<String> = files
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .collect();
+    names.sort();
+    let mut hasher = Xxh3::new();
+    for name in names {
+        hasher.update(name.as_bytes());
+        hasher.update(&[0]);
+    }
+    hasher.digest128()
+}
+
+/// Drops the index of `day` (after its raw files were rewritten in place).
+pub fn invalidate(warehouse: &Warehouse, day: i64) {
+    let _ = fs::remove_file(index_path(warehouse, day));
+}
+
+fn read_index(path: &Path, expected: u128) -> Option<Vec<u128>> {
+    let bytes = fs::read(path).ok()?;
+    let rest = bytes.strip_prefix(MAGIC)?;
+    let (print, rest) = rest.split_at_checked(16)?;
+    if u128::from_be_bytes(print.try_into().ok()?) != expected {
+        return None;
+    }
+    let (count, rest) = rest.split_at_checked(8)?;
+    let count = u64::from_le_bytes(count.try_into().ok()?) as usize;
+    if rest.len() != count.checked_mul(16)? {
+        return None;
+    }
+    Some(
+        rest.chunks_exact(16)
+            .map(|c| u128::from_be_bytes(c.try_into().expect("16-byte chunks")))
+            .collect(),
+    )
+}
+
+fn write_index(path: &Path, print: u128, keys: &[u128]) -> io::Result<()> {
+    let mut bytes = Vec::with_capacity(MAGIC.len() + 24 + keys.len() * 16);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&print.to_be_bytes());
+    bytes.extend_from_slice(&(keys.len() as u64).to_le_bytes());
+    for key in keys {
+        bytes.extend_from_slice(&key.to_be_bytes());
+    }
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    fs::write(&tmp, &bytes)?;
+    fs::rename(&tmp, path)
+}
+
+/// The sorted, distinct keys of `day`'s raw `files`, from the index when it is current, else
+/// read from the files (and the index rewritten; failing to write it is only logged).
+pub fn day_keys(
+    warehouse: &Warehouse,
+    day: i64,
+    files: &[&PathBuf],
+) -> Result<Vec<u128>, RawReadError> {
+    let path = index_path(warehouse, day);
+    let print = fingerprint(files);
+    if let Some(keys) = read_index(&path, print) {
+        return Ok(keys);
+    }
+    let mut keys = Vec::new();
+    for file in files {
+        keys.extend(raw::keys_of(file)?.into_iter().map(|k| k.0.get()));
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    if let Err(e) = write_index(&path, print, &keys) {
+        tracing::warn!(path = %path.display(), error = %e, "could not write a key index");
+    }
+    Ok(keys)
+}
+
+/// Whether two ascending slices share an element.
+pub fn intersects(a: &[u128], b: &[u128]) -> bool {
+    let (small, large) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+    if small.is_empty() {
+        return false;
+    }
+    // Few probes into many: binary search; comparable sizes: one merge pass.
+    if small.len() * 16 < large.len() {
+        return small.iter().any(|k| large.binary_search(k).is_ok());
+    }
+    let (mut i, mut j) = (0, 0);
+    while i < small.len() && j < large.len() {
+        match small[i].cmp(&large[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => return true,
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intersection_by_search_and_by_merge() {
+        let large: Vec<u128> = (0..1000).map(|i| i * 3).collect();
+        assert!(intersects(&[4, 5, 6], &large));
+        assert!(!intersects(&[4, 5, 7], &large));
+        let other: Vec<u128> = (0..900).map(|i| i * 3 + 1).collect();
+        assert!(!intersects(&other, &large));
+        let mut with_one = other.clone();
+        with_one.push(2997);
+        with_one.sort_unstable();
+        assert!(intersects(&with_one, &large));
+        assert!(!intersects(&[], &large));
+    }
+
+    #[test]
+    fn an_index_is_used_only_with_its_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dt=2026-11-01.keys");
+        write_index(&path, 7, &[1, 2, 3]).unwrap();
+        assert_eq!(read_index(&path, 7), Some(vec![1, 2, 3]));
+        assert_eq!(read_index(&path, 8), None);
+        fs::write(&path, b"adsmetrics-keyindex-v1\ntorn").unwrap();
+        assert_eq!(read_index(&path, 7), None);
+    }
+}
