@@ -31,7 +31,7 @@ pub fn ingest_report(s: &IngestSummary) -> String {
     ));
     if s.late_events > 0 {
         out.push_str(&format!(
-            "late: {} event-partition arrivals into already published partitions (late_arrivals table)\n",
+            "late: {} event-partition arrivals into already published partitions, resends included (late_arrivals table)\n",
             s.late_events
         ));
     }

@@ -6,7 +6,8 @@
 //! with columns `table`, `dt`, `hr` (null for daily partitions), `late_events`, `arrived_at`,
 //! `source`, `source_hash`. An event is late for a partition when its source is ingested after
 //! an epoch that published the partition; it is counted once per partition it falls in (its
-//! hour's and its day's). The file is written with the source's raw files, named by the source's
+//! hour's and its day's). A resend of an event already counted arrives late too and is counted
+//! here (it changes no metric): the record says what arrived when, the tables what it came to. The file is written with the source's raw files, named by the source's
 //! content hash, so it is committed (or rewritten by a rerun) together with them; readers count
 //! only files of committed sources.
 
