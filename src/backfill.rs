@@ -66,6 +66,17 @@ pub fn backfill(
     options: BackfillOptions,
 ) -> Result<IngestSummary, RunError> {
     let opened = Opened::open(warehouse)?;
+    if let Some(horizon) = opened.horizons.raw_day {
+        if options.from_day < horizon {
+            return Err(RunError::Refused(format!(
+                "--from {} is before the raw retention horizon {}: those days' raw layer was \
+                 dropped, so they cannot be backfilled exactly; start at {} or later",
+                day_string(options.from_day),
+                day_string(horizon),
+                day_string(horizon)
+            )));
+        }
+    }
     let mut run = opened.record(
         RunKind::Backfill,
         format!(

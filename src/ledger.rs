@@ -77,6 +77,8 @@ pub enum RunKind {
     Backfill,
     /// `adsmetrics delete`: a compliance delete.
     Delete,
+    /// `adsmetrics retention apply`: expired partitions dropped.
+    Retention,
     /// Publishes found committed but not yet on the ledger (a run that crashed after its
     /// commit, or a publish that startup recovery finished).
     Recovery,
@@ -139,6 +141,9 @@ pub struct EntryBody {
     /// Sources whose contribution it withdrew (`backfill`), as `partition@content hash`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired: Vec<String>,
+    /// What it dropped besides curated partitions (`retention`: raw-layer days).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<String>,
     /// Journal publishes it committed, in order.
     pub publishes: Vec<u64>,
     /// Sources it consumed, with their content hashes.
@@ -181,6 +186,8 @@ pub struct RunRecord {
     pub error: Option<String>,
     /// The delete request it applies, if it is a delete.
     pub request: Option<String>,
+    /// What it dropped besides curated partitions.
+    pub dropped: Vec<String>,
 }
 
 /// The ledger of one warehouse, opened for appending.
@@ -241,6 +248,7 @@ impl Ledger {
             sources_skipped: 0,
             error: None,
             request: None,
+            dropped: Vec::new(),
         };
         self.append_run(&record, &missing).map(Some)
     }
@@ -281,7 +289,11 @@ impl Ledger {
         }
         let outcome = if run.error.is_some() {
             Outcome::Failed
-        } else if sources.is_empty() && partitions.is_empty() && retired.is_empty() {
+        } else if sources.is_empty()
+            && partitions.is_empty()
+            && retired.is_empty()
+            && run.dropped.is_empty()
+        {
             Outcome::Unchanged
         } else {
             Outcome::Changed
@@ -302,6 +314,7 @@ impl Ledger {
             error: run.error.clone(),
             request: run.request.clone(),
             retired,
+            dropped: run.dropped.clone(),
             publishes: publishes.iter().map(|p| p.seq).collect(),
             sources,
             sources_skipped: run.sources_skipped,
@@ -555,6 +568,9 @@ pub fn render_log(entries: &[Entry], partition: Option<&str>) -> String {
             for r in &b.retired {
                 out.push_str(&format!("    - withdrawn {r}\n"));
             }
+            for d in &b.dropped {
+                out.push_str(&format!("    - dropped {d}\n"));
+            }
             for s in &b.sources {
                 out.push_str(&format!(
                     "    < {} ({}): {} accepted, {} quarantined\n",
@@ -614,6 +630,7 @@ mod tests {
             error: None,
             request: None,
             retired: vec![],
+            dropped: vec![],
             publishes: vec![],
             sources: vec![],
             sources_skipped: 2,

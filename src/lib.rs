@@ -29,6 +29,7 @@ pub mod journal;
 pub mod keyindex;
 pub mod ledger;
 pub mod report;
+pub mod retention;
 pub mod runtime;
 pub mod schema;
 pub mod scope;

@@ -112,6 +112,11 @@ enum Command {
         #[arg(long, short = 'w', default_value_t = 2)]
         workers: usize,
     },
+    /// Retention: drop expired raw-layer days and curated partitions, on the audit ledger.
+    Retention {
+        #[command(subcommand)]
+        command: RetentionCommand,
+    },
     /// The audit ledger: every run, and every partition version it produced, hash-chained.
     Audit {
         #[command(subcommand)]
@@ -136,6 +141,25 @@ enum Command {
         /// Rows to print.
         #[arg(long, default_value_t = 50)]
         limit: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RetentionCommand {
+    /// Drop raw-layer days older than --raw-days and curated partitions older than
+    /// --curated-days (counted back from today, UTC). Never touches anything younger. Events
+    /// older than the raw horizon are quarantined from then on: their day can no longer be
+    /// recomputed exactly.
+    Apply {
+        /// Days of raw layer to keep.
+        #[arg(long)]
+        raw_days: u32,
+        /// Days of curated partitions to keep (at least --raw-days).
+        #[arg(long)]
+        curated_days: u32,
+        /// Count back from this day instead of today (YYYY-MM-DD).
+        #[arg(long)]
+        today: Option<String>,
     },
 }
 
@@ -295,6 +319,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             adsmetrics::demo::run(&warehouse, &data, events, workers)?;
         }
         Command::Audit { command } => audit(&warehouse, command)?,
+        Command::Retention {
+            command:
+                RetentionCommand::Apply {
+                    raw_days,
+                    curated_days,
+                    today,
+                },
+        } => {
+            if curated_days < raw_days {
+                anyhow::bail!(
+                    "--curated-days {curated_days} is less than --raw-days {raw_days}: curated \
+                     partitions are rebuilt from the raw layer, keep them at least as long"
+                );
+            }
+            let today = match today {
+                Some(t) => adsmetrics::warehouse::parse_day(&t)
+                    .ok_or_else(|| anyhow::anyhow!("--today {t:?} is not YYYY-MM-DD"))?,
+                None => chrono::Utc::now()
+                    .timestamp_micros()
+                    .div_euclid(adsmetrics_dataflows::MICROS_PER_DAY),
+            };
+            let report = adsmetrics::retention::apply(&warehouse, raw_days, curated_days, today)?;
+            let day = |d: Option<i64>| d.map_or("-".into(), adsmetrics::warehouse::day_string);
+            println!(
+                "horizons: raw from {}, curated from {}",
+                day(report.horizons.raw_day),
+                day(report.horizons.curated_day)
+            );
+            if report.partitions_removed == 0 && report.raw_days_dropped.is_empty() {
+                println!("nothing expired: nothing dropped (the audit ledger records the run)");
+            } else {
+                println!("curated partitions removed: {}", report.partitions_removed);
+                for (day, files) in &report.raw_days_dropped {
+                    println!("dropped {day} ({files} files)");
+                }
+            }
+        }
         Command::Ddl { location } => {
             let location = match location {
                 Some(l) => l,

@@ -33,6 +33,7 @@ use crate::journal::{
     SourceRecord,
 };
 use crate::ledger::{Ledger, LedgerError, RunKind, RunRecord};
+use crate::retention::Horizons;
 use crate::scope::{self, ScopeError};
 use crate::sink::files::{sync_filesystem, WriteError};
 use crate::sink::publish::{
@@ -139,6 +140,9 @@ pub enum RunError {
     /// The tombstones could not be read or written.
     #[error(transparent)]
     Tombstones(#[from] TombstoneError),
+    /// The run was refused before it changed anything (the reason says why and what to do).
+    #[error("{0}")]
+    Refused(String),
     /// Timely could not start or a worker died.
     #[error("dataflow runtime: {0}")]
     Runtime(String),
@@ -162,6 +166,7 @@ struct Shared {
     started_at_us: i64,
     ledger_anchor: LedgerAnchor,
     tombstones: Tombstones,
+    horizons: Horizons,
     rehydrate: Vec<PathBuf>,
     /// Backfill: the source partition of each new source, by content hash.
     partition_of: HashMap<String, String>,
@@ -190,6 +195,7 @@ pub(crate) struct Opened {
     pub(crate) journal: CommitJournal,
     pub(crate) ledger: Ledger,
     pub(crate) tombstones: Tombstones,
+    pub(crate) horizons: Horizons,
     committed_before: u64,
     started: Instant,
     pub(crate) started_at_us: i64,
@@ -214,7 +220,9 @@ impl Opened {
             );
         }
         let tombstones = Tombstones::open(&warehouse.tombstones_path())?;
+        let horizons = crate::retention::horizons(warehouse)?;
         Ok(Opened {
+            horizons,
             committed_before: journal.committed().last().map_or(0, |p| p.seq),
             journal,
             ledger,
@@ -233,6 +241,7 @@ impl Opened {
             sources_skipped: 0,
             error: None,
             request: None,
+            dropped: Vec::new(),
         }
     }
 }
@@ -343,6 +352,7 @@ pub(crate) fn execute(
         journal,
         mut ledger,
         tombstones,
+        horizons,
         committed_before,
         started,
         started_at_us,
@@ -388,11 +398,14 @@ pub(crate) fn execute(
             .collect();
         scope::rehydration_scope(
             warehouse,
-            &committed_raw,
-            &new_sources,
-            &retract,
-            &extra_days,
-            &tombstones,
+            &scope::Changes {
+                committed: &committed_raw,
+                new_sources: &new_sources,
+                retract: &retract,
+                extra_days: &extra_days,
+                tombstones: &tombstones,
+                horizons: &horizons,
+            },
             workers,
         )?
     };
@@ -447,6 +460,7 @@ pub(crate) fn execute(
         started_at_us,
         ledger_anchor: ledger.anchor(),
         tombstones,
+        horizons,
         rehydrate,
         partition_of,
         progress_in_sources,
@@ -679,7 +693,10 @@ fn ingest_sources(
             path: source.path.clone(),
             source: e,
         })?;
-        let decoded = decode_source(&source.label, &bytes);
+        let mut decoded = decode_source(&source.label, &bytes);
+        if shared.horizons.raw_day.is_some() {
+            refuse_expired(&shared.horizons, &source.label, &mut decoded);
+        }
 
         // A source contributes each key at most once: its greatest version.
         let keyed: Vec<(DedupKey, EventVersion)> =
@@ -772,6 +789,41 @@ fn ingest_sources(
         state.sources.push(record);
     }
     Ok(())
+}
+
+/// Moves events of days past the raw retention horizon to quarantine, with the reason.
+fn refuse_expired(horizons: &Horizons, source: &str, decoded: &mut crate::decode::Decoded) {
+    let events = std::mem::take(&mut decoded.events);
+    for (i, event) in events.into_iter().enumerate() {
+        let day = event
+            .event_time_us
+            .div_euclid(adsmetrics_dataflows::MICROS_PER_DAY);
+        match crate::retention::refusal(horizons, day) {
+            None => decoded.events.push(event),
+            Some(reason) => decoded.quarantined.push(crate::event::Quarantined {
+                source: source.to_string(),
+                position: format!("event {i}"),
+                raw: serde_json::json!({
+                    "event_id": event.event_id.as_deref(),
+                    "event_type": event.event_type.as_str(),
+                    "event_time": event.event_time_us,
+                    "ad_id": event.ad_id,
+                    "campaign_id": event.campaign_id,
+                    "advertiser_id": event.advertiser_id,
+                    "country": event.country.as_str(),
+                    "user_id": event.user_id,
+                    "ip": event.ip.as_str(),
+                    "cost_micros": event.cost_micros,
+                    "revenue_micros": event.revenue_micros,
+                    "producer": event.producer.as_str(),
+                    "revision": event.revision,
+                })
+                .to_string()
+                .into_bytes(),
+                reason,
+            }),
+        }
+    }
 }
 
 /// Per already-published partition, how many of `accepted` fall into it (each event into its

@@ -24,6 +24,7 @@ use adsmetrics_dataflows::{DedupKey, MICROS_PER_DAY};
 use crate::backfill::day_of_path;
 use crate::decode::decode_source;
 use crate::keyindex;
+use crate::retention::Horizons;
 use crate::sink::raw::{self, RawReadError};
 use crate::source::{SourceError, SourceFile};
 use crate::tombstones::Tombstones;
@@ -96,18 +97,36 @@ fn days_and_keys(
     Ok((days, keys))
 }
 
-/// The raw files a run must rehydrate; see the module doc. `committed` are the committed raw
-/// files, `new_sources` the sources the run will add, `retract` the raw files it withdraws, and
-/// `extra_days` days the caller needs rebuilt.
+/// What a run changes, as far as its rebuild scope is concerned.
+pub struct Changes<'a> {
+    /// The committed raw files (the whole history).
+    pub committed: &'a [PathBuf],
+    /// The sources the run will add.
+    pub new_sources: &'a [&'a SourceFile],
+    /// The raw files it withdraws.
+    pub retract: &'a [PathBuf],
+    /// Days the caller needs rebuilt (a delete's).
+    pub extra_days: &'a BTreeSet<i64>,
+    /// Deleted keys (skipped in new sources).
+    pub tombstones: &'a Tombstones,
+    /// Retention horizons (events before the raw one are refused, their days not rebuilt).
+    pub horizons: &'a Horizons,
+}
+
+/// The raw files a run must rehydrate; see the module doc.
 pub fn rehydration_scope(
     warehouse: &Warehouse,
-    committed: &[PathBuf],
-    new_sources: &[&SourceFile],
-    retract: &[PathBuf],
-    extra_days: &BTreeSet<i64>,
-    tombstones: &Tombstones,
+    changes: &Changes<'_>,
     threads: usize,
 ) -> Result<Vec<PathBuf>, ScopeError> {
+    let Changes {
+        committed,
+        new_sources,
+        retract,
+        extra_days,
+        tombstones,
+        horizons,
+    } = *changes;
     if committed.is_empty() {
         return Ok(Vec::new());
     }
@@ -119,6 +138,8 @@ pub fn rehydration_scope(
             .push(path);
     }
     let (mut touched, new_keys) = days_and_keys(new_sources, threads, tombstones)?;
+    // Events past the raw horizon are refused, and their days have nothing to rebuild.
+    touched.retain(|day| horizons.raw_day.is_none_or(|h| *day >= h));
     touched.extend(retract.iter().filter_map(|p| raw_day(warehouse, p)));
     touched.extend(extra_days.iter().copied());
     // A raw file outside any dt= folder cannot be placed: always rebuild it.
