@@ -153,6 +153,13 @@ fn a_delete_by_event_id_survives_a_replay_of_an_old_source() {
         .iter()
         .all(|e| !gone.contains(&e.dedup_key())));
     assert_ledger_accounts_for_tables(&wh);
+
+    // The replay again: no file changes.
+    let snapshot = TableSnapshot::take(&wh).unwrap();
+    let raw_before = adsmetrics::sink::raw::list_raw_files(&wh);
+    ingest(&wh, &[dir.path().join("replay")], options()).unwrap();
+    assert!(TableSnapshot::take(&wh).unwrap().untouched_since(&snapshot));
+    assert_eq!(adsmetrics::sink::raw::list_raw_files(&wh), raw_before);
 }
 
 #[test]
