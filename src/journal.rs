@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use adsmetrics_dataflows::{Dims, MetricRow, PartitionId};
@@ -457,18 +457,7 @@ impl CommitJournal {
     }
 
     fn append(&mut self, record: &JournalRecord) -> Result<(), JournalError> {
-        if let Some(dir) = self.path.parent() {
-            fs::create_dir_all(dir).map_err(io_err(dir))?;
-        }
-        let mut line = serde_json::to_string(record).expect("journal records always serialise");
-        line.push('\n');
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(io_err(&self.path))?;
-        f.write_all(line.as_bytes()).map_err(io_err(&self.path))?;
-        f.sync_all().map_err(io_err(&self.path))?;
+        crate::sink::files::append_json_line(&self.path, record).map_err(io_err(&self.path))?;
         self.apply(record.clone());
         Ok(())
     }

@@ -17,8 +17,8 @@
 //! appends its entry after its publishes committed, and a run that finds committed publishes no
 //! entry covers (a crash between the two) first appends a `recovery` entry for them.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -324,22 +324,12 @@ impl Ledger {
             hash: body_hash(&body),
             body,
         };
-        let err = |source| LedgerError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        if let Some(dir) = self.path.parent() {
-            fs::create_dir_all(dir).map_err(err)?;
-        }
-        let mut line = serde_json::to_string(&entry).expect("ledger entries always serialise");
-        line.push('\n');
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(err)?;
-        f.write_all(line.as_bytes()).map_err(err)?;
-        f.sync_all().map_err(err)?;
+        crate::sink::files::append_json_line(&self.path, &entry).map_err(|source| {
+            LedgerError::Io {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
         self.entries.push(entry);
         Ok(self.entries.last().expect("just pushed"))
     }

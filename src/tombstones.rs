@@ -9,8 +9,8 @@
 //! no return.
 
 use std::collections::HashSet;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use adsmetrics_dataflows::{DedupKey, Hash128};
@@ -128,22 +128,12 @@ impl Tombstones {
 
     /// Appends (and syncs) a request's tombstones.
     pub fn append(&mut self, request: TombstoneRequest) -> Result<(), TombstoneError> {
-        let err = |source| TombstoneError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        if let Some(dir) = self.path.parent() {
-            fs::create_dir_all(dir).map_err(err)?;
-        }
-        let mut line = serde_json::to_string(&request).expect("tombstones always serialise");
-        line.push('\n');
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(err)?;
-        f.write_all(line.as_bytes()).map_err(err)?;
-        f.sync_all().map_err(err)?;
+        crate::sink::files::append_json_line(&self.path, &request).map_err(|source| {
+            TombstoneError::Io {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
         for hex in &request.keys {
             if let Some(key) = parse_key(hex) {
                 self.keys.insert(key);

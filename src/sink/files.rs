@@ -87,6 +87,23 @@ pub fn replace(staged: &Path, dest: &Path, bytes: &[u8]) -> Result<(), WriteErro
     fs::rename(staged, dest).map_err(err)
 }
 
+/// Appends `record` as one JSON line to the file at `path` (created with its directory) and
+/// syncs it: the append-only logs (journal, ledger, tombstones) are written only this way. A
+/// crash inside the append leaves at most a torn last line, which their readers detect.
+pub fn append_json_line(path: &Path, record: &impl serde::Serialize) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let mut line = serde_json::to_string(record).map_err(io::Error::other)?;
+    line.push('\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    f.write_all(line.as_bytes())?;
+    f.sync_all()
+}
+
 /// Makes every write and rename so far on the filesystem holding `dir` durable: one `syncfs`
 /// per publish step instead of an fsync per file and directory (hundreds of files per epoch).
 pub fn sync_filesystem(dir: &Path) -> io::Result<()> {
