@@ -327,12 +327,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     today,
                 },
         } => {
-            if curated_days < raw_days {
-                anyhow::bail!(
-                    "--curated-days {curated_days} is less than --raw-days {raw_days}: curated \
-                     partitions are rebuilt from the raw layer, keep them at least as long"
-                );
-            }
             let today = match today {
                 Some(t) => adsmetrics::warehouse::parse_day(&t)
                     .ok_or_else(|| anyhow::anyhow!("--today {t:?} is not YYYY-MM-DD"))?,

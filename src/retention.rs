@@ -73,6 +73,14 @@ pub fn apply(
     curated_days: u32,
     today: i64,
 ) -> Result<RetentionReport, RunError> {
+    if curated_days < raw_days {
+        // A curated partition dropped while its day's raw layer is kept would be rebuilt (and
+        // come back) by the next run that touches the day.
+        return Err(RunError::Refused(format!(
+            "--curated-days {curated_days} is less than --raw-days {raw_days}: curated \
+             partitions are rebuilt from the raw layer, keep them at least as long"
+        )));
+    }
     let opened = Opened::open(warehouse)?;
     let mut run = opened.record(
         RunKind::Retention,

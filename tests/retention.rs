@@ -68,6 +68,9 @@ fn expired_partitions_go_and_nothing_younger_is_touched() {
     );
     assert_eq!(last_entry.body.dropped.len(), report.raw_days_dropped.len());
 
+    // Curated kept shorter than raw would let a rebuild bring dropped partitions back: refused.
+    assert!(apply(&wh, 20, 10, today).is_err());
+
     // Again: nothing more to drop, and the ledger says so.
     let again = apply(&wh, 10, 20, today).unwrap();
     assert_eq!(
