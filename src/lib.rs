@@ -15,6 +15,11 @@
 //!  ads_metrics_hourly/dt=/hr=/data.parquet    ads_metrics_daily/dt=/data.parquet
 //! ```
 //!
+//! Every run (`ingest`, `backfill`, `delete`, `retention`) rebuilds state only for the event days
+//! it touches ([`scope`]), publishes through the commit journal ([`journal`]) and appends one
+//! hash-chained entry to the audit ledger ([`ledger`]). Deleted keys are remembered as
+//! [`tombstones`]; late arrivals are recorded beside the tables (`sink::late`).
+//!
 //! The library holds every stage; `main.rs` binds them to the command line.
 
 pub mod backfill;
@@ -22,7 +27,6 @@ pub mod ddl;
 pub mod decode;
 pub mod delete;
 pub mod demo;
-
 pub mod event;
 pub mod generate;
 pub mod journal;

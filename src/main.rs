@@ -1,4 +1,5 @@
-//! The `adsmetrics` command line: generate, ingest, demo, ddl, show.
+//! The `adsmetrics` command line: generate, ingest, backfill, delete, retention, audit, demo, ddl,
+//! show.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

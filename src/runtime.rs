@@ -1,14 +1,20 @@
-//! Runtime: an ingest run as epochs on timely workers, from source files to published partitions.
+//! Runtime: a planned run (ingest, backfill, delete) as epochs on timely workers, from source
+//! files to published partitions.
 //!
 //! ```text
-//!  recover journal ─▶ discover + hash sources ─▶ skip consumed ─▶ plan epochs
+//!  open: recover journal, catch the ledger up, read tombstones and retention horizons
+//!  plan (ingest | backfill | delete): batches of new sources, withdrawn sources, adoptions
+//!  scope: the event days the run touches, closed over keys (crate::scope)
 //!                                                                    │
-//!  every worker:  epoch 0  rehydrate: its share of the committed raw layer ──▶ dataflow
-//!                 epoch k  its share of the epoch's sources: decode ─▶ in-source dedup
-//!                            ─▶ raw layer + quarantine files ─▶ dataflow (+1 per key)
+//!  every worker:  epoch 0  rehydrate: its share of the scope's raw files ──▶ dataflow (+1)
+//!                 epoch k  withdrawn sources' raw rows ──▶ dataflow (−1)
+//!                          its share of the epoch's sources: decode ─▶ in-source dedup
+//!                            ─▶ tombstones, retention ─▶ raw, quarantine, late_arrivals files
+//!                            ─▶ dataflow (+1 per key)
 //!                 advance input, step until the probe passes k
 //!                 stage its touched partitions whose version changed
 //!  ── barrier ──  worker 0 publishes the epoch (prepare → renames → commit) ── barrier ──
+//!  the run's ledger entry, whatever happened
 //! ```
 //!
 //! Every worker runs the same sequence of barriers whatever happens, and stops at the same one

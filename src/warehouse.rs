@@ -11,6 +11,8 @@
 //!   _adsmetrics/ledger.jsonl                                 audit ledger (hash-chained)
 //!   _adsmetrics/tombstones.jsonl                             keys of deleted events
 //!   _adsmetrics/deletions/<request id>.json                  deletion certificates
+//!   _adsmetrics/keyindex/dt=YYYY-MM-DD.keys                  each day's sorted keys (a cache)
+//!   _adsmetrics/retention.json                               retention horizons
 //!   _adsmetrics/staging/                                     files on their way into a table
 //! ```
 //! Staging lives outside every table directory: DuckDB's `read_parquet('table/**/*.parquet')`

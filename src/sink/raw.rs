@@ -5,9 +5,10 @@
 //! `raw/dt=…/hr=…/src-<hash>.parquet`. A committed source is never read again (the journal knows
 //! its hash), so its files are written once; a source whose run crashed before its commit rewrites
 //! the same files with the same bytes, which is why they need no fsync of their own: the publish
-//! syncs the filesystem before the journal names the source. The one exception to "written
-//! once" is a compliance delete, which rewrites the files that held deleted events without them
-//! ([`rewrite_without`]). Rows carry their dedup key, the key
+//! syncs the filesystem before the journal names the source. The exceptions to "written
+//! once" are a compliance delete, which rewrites the files that held deleted events without them
+//! ([`rewrite_without`]), a backfill, which removes the files of a source it replaced, and
+//! retention, which removes expired days. Rows carry their dedup key, the key
 //! algorithm (in the file metadata; `dedup_key` is 16 big-endian bytes), the source path and the
 //! source's content hash, in source order (the order the source's winning rows were read in).
 
