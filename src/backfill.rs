@@ -93,7 +93,13 @@ pub fn backfill(
         .into_iter()
         .filter(|p| day_of_path(&identity(&options.source, p)).is_some_and(in_range))
         .collect();
-    let identified = source::identify(&files, options.run.workers)?;
+    let mut identified = source::identify(&files, options.run.workers)?;
+    // Day order, then path: when two source partitions hold the same content, the earlier day's
+    // epoch reads it and later ones adopt it, so no adoption commits before its content does.
+    identified.sort_by_cached_key(|f| {
+        let id = identity(&options.source, &f.path);
+        (day_of_path(&id), id)
+    });
     let mut summary = IngestSummary {
         sources_found: identified.len() as u64,
         ..Default::default()
@@ -125,6 +131,7 @@ pub fn backfill(
             batch.retired.push(RetiredSource {
                 partition: id.clone(),
                 content_hash: old.to_string(),
+                rows_withdrawn: false,
             });
         }
         after.insert(id.clone(), file.content_hash.clone());
@@ -146,18 +153,33 @@ pub fn backfill(
             batches.entry(day).or_default().retired.push(RetiredSource {
                 partition: (*id).clone(),
                 content_hash: (*old).clone(),
+                rows_withdrawn: false,
             });
         }
     }
-    // A withdrawn content's raw rows leave only when no source partition contributes it any more.
+    // A withdrawn content's raw rows leave once, in the last epoch that retires it, and only when
+    // no source partition contributes it after the backfill; that retirement says so in the
+    // journal, which is what takes the content out of the committed set.
     let still: BTreeSet<&String> = after.values().collect();
-    for batch in batches.values_mut() {
-        batch.retract_hashes = batch
-            .retired
-            .iter()
-            .map(|r| r.content_hash.clone())
-            .filter(|h| !still.contains(h) && !planned.contains(h))
-            .collect();
+    let mut last_retiring: BTreeMap<String, i64> = BTreeMap::new();
+    for (day, batch) in &batches {
+        for r in &batch.retired {
+            last_retiring.insert(r.content_hash.clone(), *day);
+        }
+    }
+    for (day, batch) in batches.iter_mut() {
+        let mut withdrawn = BTreeSet::new();
+        for r in batch.retired.iter_mut() {
+            let h = &r.content_hash;
+            if last_retiring.get(h) == Some(day)
+                && !still.contains(h)
+                && !planned.contains(h)
+                && withdrawn.insert(h.clone())
+            {
+                r.rows_withdrawn = true;
+            }
+        }
+        batch.retract_hashes = withdrawn;
     }
 
     let plan = Plan {

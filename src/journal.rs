@@ -102,8 +102,12 @@ fn is_zero(n: &u64) -> bool {
 pub struct RetiredSource {
     /// The source partition.
     pub partition: String,
-    /// The content hash that no longer contributes.
+    /// The content hash the source partition no longer contributes.
     pub content_hash: String,
+    /// Whether the content's raw rows were retracted in this publish (it contributes through no
+    /// other source partition): only then does it leave the committed set.
+    #[serde(default)]
+    pub rows_withdrawn: bool,
 }
 
 /// A partition's metrics added up over its rows: what the audit ledger reports changes of.
@@ -357,10 +361,8 @@ impl CommitJournal {
                                     .insert(partition.clone(), s.content_hash.clone());
                             }
                         }
-                        for r in &retired {
-                            if !self.partitions.values().any(|h| *h == r.content_hash) {
-                                self.consumed.remove(&r.content_hash);
-                            }
+                        for r in retired.iter().filter(|r| r.rows_withdrawn) {
+                            self.consumed.remove(&r.content_hash);
                         }
                         for change in &partitions {
                             match &change.new_version {

@@ -17,7 +17,6 @@
 //! appends its entry after its publishes committed, and a run that finds committed publishes no
 //! entry covers (a crash between the two) first appends a `recovery` entry for them.
 
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -201,7 +200,7 @@ impl Ledger {
     /// Opens the ledger at `path` (empty if absent) and verifies its chain. A broken chain is an
     /// error: nothing may be appended to a ledger that does not verify.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
-        let entries = read_chain(path)?;
+        let entries = read_chain(path, true)?;
         Ok(Ledger {
             path: path.to_path_buf(),
             entries,
@@ -343,10 +342,10 @@ fn actor() -> String {
 
 /// Reads and checks the chain: each line an entry, numbered in order, each `prev` the previous
 /// entry's hash and each `hash` its body's hash.
-fn read_chain(path: &Path) -> Result<Vec<Entry>, LedgerError> {
-    let text = match fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+fn read_chain(path: &Path, repair: bool) -> Result<Vec<Entry>, LedgerError> {
+    let text = match crate::sink::files::read_log(path, repair) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Ok(Vec::new()),
         Err(source) => {
             return Err(LedgerError::Io {
                 path: path.to_path_buf(),
@@ -413,7 +412,7 @@ pub struct VerifyReport {
 /// too; and every publish is covered by an entry, except the newest ones after the last covered
 /// publish, which are reported as pending.
 pub fn verify(path: &Path, committed: &[CommittedPublish]) -> Result<VerifyReport, LedgerError> {
-    let entries = read_chain(path)?;
+    let entries = read_chain(path, false)?;
     for publish in committed {
         let Some(anchor) = &publish.ledger else {
             continue;

@@ -387,9 +387,16 @@ pub(crate) fn execute(
     let source_count = batches.iter().map(|b| b.sources.len() as u64).sum();
 
     let workers = options.workers.max(1);
+    // Committed raw files, of days retention has not dropped (a retention run that stopped
+    // before deleting them must not have them rebuilt into curated partitions it removed).
     let committed_raw: Vec<PathBuf> = raw::list_raw_files(warehouse)
         .into_iter()
         .filter(|p| raw::source_hash_of(p).is_some_and(|h| journal.consumed().contains(h)))
+        .filter(|p| {
+            horizons
+                .raw_day
+                .is_none_or(|horizon| scope::raw_day(warehouse, p).is_none_or(|day| day >= horizon))
+        })
         .collect();
     let scoping = Instant::now();
     let rehydrate = {
@@ -914,6 +921,14 @@ fn publish(shared: &Shared, epoch: u64) {
         return;
     }
     let published = changes.len() as u64;
+    if epoch == 0 && published > 0 {
+        // Rebuilding complete days reproduces what is published, unless something was deleted
+        // (tombstones) since; anything else here is worth a look.
+        tracing::warn!(
+            partitions = published,
+            "rebuilding state changed published partitions (expected only after a delete)"
+        );
+    }
     let fail = state.fail_point.take();
     let Some(journal) = state.journal.as_mut() else {
         return;

@@ -9,7 +9,6 @@
 //! no return.
 
 use std::collections::HashSet;
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -79,9 +78,11 @@ impl Tombstones {
             path: path.to_path_buf(),
             ..Default::default()
         };
-        let text = match fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        // A torn last line is a request whose tombstones never became durable: its delete did
+        // not pass the point of no return, and running it again starts over.
+        let text = match crate::sink::files::read_log(path, true) {
+            Ok(Some(t)) => t,
+            Ok(None) => return Ok(out),
             Err(source) => {
                 return Err(TombstoneError::Io {
                     path: path.to_path_buf(),

@@ -158,3 +158,49 @@ fn a_backfill_over_ingested_logs_adopts_them_and_then_replaces_changes() {
     );
     assert_ledger_accounts_for_tables(&wh);
 }
+
+#[test]
+fn copies_and_moves_across_days_are_counted_once_and_withdrawn_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = thirty_days(dir.path(), 1500);
+    let wh = Warehouse::new(dir.path().join("wh"));
+    let logs = dir.path().join("logs");
+    // The same bytes under two days' folders.
+    let files: Vec<_> = walkdir::WalkDir::new(&logs)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.into_path())
+        .collect();
+    let (a, b) = (&files[2], &files[40]);
+    let copy = logs.join("dt=2026-11-20/producer=copy/part-0.parquet");
+    std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+    std::fs::copy(a, &copy).unwrap();
+    run(&wh, dir.path(), "2026-11-01", "2026-12-31");
+    assert!(
+        published_tables(&wh) == expected_tables(&events),
+        "a copy counted twice"
+    );
+
+    // Both copies change (the shared content is withdrawn once), and another file moves to
+    // another day's folder (its content is kept).
+    let mut changed = decode_dir(a);
+    changed.truncate(changed.len() / 2);
+    write_parquet(a, &changed);
+    let mut other = decode_dir(&copy);
+    other.drain(..other.len() / 3);
+    write_parquet(&copy, &other);
+    let moved = logs.join("dt=2026-11-25/producer=moved/part-0.parquet");
+    std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    std::fs::rename(b, &moved).unwrap();
+    run(&wh, dir.path(), "2026-11-01", "2026-12-31");
+    assert!(
+        published_tables(&wh) == expected_tables(&decode_dir(&logs)),
+        "tables differ from a recompute over the logs"
+    );
+    assert_ledger_accounts_for_tables(&wh);
+    let snapshot = TableSnapshot::take(&wh).unwrap();
+    run(&wh, dir.path(), "2026-11-01", "2026-12-31");
+    assert!(TableSnapshot::take(&wh).unwrap().untouched_since(&snapshot));
+}

@@ -208,3 +208,16 @@ fn a_publish_stopped_at_any_step_ends_up_on_the_ledger_once() {
         assert_eq!(publish_2.len(), 1, "{point:?}: {publish_2:?}");
     }
 }
+
+#[test]
+fn a_torn_last_line_is_cut_and_the_chain_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let wh = three_runs(dir.path());
+    let mut text = std::fs::read(wh.ledger_path()).unwrap();
+    text.extend_from_slice(b"{\"v\":1,\"seq\":4,\"prev\":\"ab");
+    std::fs::write(wh.ledger_path(), &text).unwrap();
+    assert!(verify(&wh).is_ok(), "a torn append is not tampering");
+    ingest(&wh, &[dir.path().join("one")], IngestOptions::default()).unwrap();
+    assert_eq!(lines(&wh).len(), 4);
+    assert_eq!(verify(&wh).unwrap().entries, 4);
+}

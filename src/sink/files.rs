@@ -89,7 +89,7 @@ pub fn replace(staged: &Path, dest: &Path, bytes: &[u8]) -> Result<(), WriteErro
 
 /// Appends `record` as one JSON line to the file at `path` (created with its directory) and
 /// syncs it: the append-only logs (journal, ledger, tombstones) are written only this way. A
-/// crash inside the append leaves at most a torn last line, which their readers detect.
+/// crash inside the append leaves at most a torn last line, which [`read_log`] drops.
 pub fn append_json_line(path: &Path, record: &impl serde::Serialize) -> io::Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
@@ -102,6 +102,30 @@ pub fn append_json_line(path: &Path, record: &impl serde::Serialize) -> io::Resu
         .open(path)?;
     f.write_all(line.as_bytes())?;
     f.sync_all()
+}
+
+/// The complete lines of an append-only log written by [`append_json_line`] (`None` if the file
+/// does not exist). Bytes after the last newline are a torn final append — a crash inside it,
+/// never acknowledged — and are ignored; with `repair` they are also cut off the file (synced),
+/// so the next append starts on a line of its own.
+pub fn read_log(path: &Path, repair: bool) -> io::Result<Option<String>> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    if complete < bytes.len() {
+        tracing::warn!(path = %path.display(), bytes = bytes.len() - complete, "ignoring a torn last line");
+        if repair {
+            let f = std::fs::OpenOptions::new().write(true).open(path)?;
+            f.set_len(complete as u64)?;
+            f.sync_all()?;
+        }
+    }
+    String::from_utf8(bytes[..complete].to_vec())
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Makes every write and rename so far on the filesystem holding `dir` durable: one `syncfs`

@@ -66,6 +66,20 @@ pub fn write_late(
     late: &BTreeMap<PartitionId, u64>,
     arrived_at_us: i64,
 ) -> Result<u64, WriteError> {
+    // A source's record is one file. A run that stopped before its commit and is rerun on a
+    // later day would otherwise leave the source's earlier file beside the new one.
+    let name = format!("src-{source_hash}.parquet");
+    if let Ok(days) = std::fs::read_dir(dir_of(warehouse)) {
+        for day in days.flatten() {
+            let stale = day.path().join(&name);
+            if stale.exists() {
+                std::fs::remove_file(&stale).map_err(|source| WriteError::Io {
+                    path: stale.clone(),
+                    source,
+                })?;
+            }
+        }
+    }
     if late.is_empty() {
         return Ok(0);
     }
@@ -74,7 +88,7 @@ pub fn write_late(
             "dt={}",
             day_string(arrived_at_us.div_euclid(MICROS_PER_DAY))
         ))
-        .join(format!("src-{source_hash}.parquet"));
+        .join(name);
     let n = late.len();
     let day = |id: &PartitionId| match id.grain {
         Grain::Hourly => id.period.div_euclid(24),
