@@ -420,7 +420,8 @@ pub(crate) fn execute(
                 horizons: &horizons,
             },
             workers,
-        )?
+        )
+        .map_err(|e| fail(&mut ledger, &run, e.into()))?
     };
     tracing::info!(
         files = rehydrate.len(),
@@ -490,13 +491,39 @@ pub(crate) fn execute(
     });
 
     let worker_shared = shared.clone();
-    let guards = timely::execute(timely::Config::process(workers), move |worker| {
+    let mut conflicted = 0;
+    let ran = timely::execute(timely::Config::process(workers), move |worker| {
         run_worker(worker, &worker_shared)
     })
-    .map_err(RunError::Runtime)?;
-    let mut conflicted = 0;
-    for result in guards.join() {
-        conflicted += result.map_err(RunError::Runtime)?;
+    .map_err(RunError::Runtime)
+    .and_then(|guards| {
+        for result in guards.join() {
+            conflicted += result.map_err(RunError::Runtime)?;
+        }
+        Ok(())
+    });
+    if let Err(e) = ran {
+        // Workers that died committed nothing after their last publish; what the journal holds
+        // is recorded with the failure.
+        let state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let publishes: Vec<_> = state
+            .journal
+            .as_ref()
+            .map(|j| {
+                j.committed()
+                    .iter()
+                    .filter(|p| p.seq > committed_before)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let _ = ledger.append_run(
+            &RunRecord {
+                error: Some(e.to_string()),
+                ..run
+            },
+            &publishes,
+        );
+        return Err(e);
     }
     shared.progress.finish_and_clear();
 
@@ -542,6 +569,19 @@ pub(crate) fn execute(
     summary.conflicted_keys += conflicted;
     summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+/// Records a run that failed before its workers started (it changed nothing), and hands the
+/// error back.
+fn fail(ledger: &mut Ledger, run: &RunRecord, e: RunError) -> RunError {
+    let failed = RunRecord {
+        error: Some(e.to_string()),
+        ..run.clone()
+    };
+    if let Err(ledger_error) = ledger.append_run(&failed, &[]) {
+        tracing::warn!(error = %ledger_error, "could not record the failed run on the ledger");
+    }
+    e
 }
 
 /// Spreads sources over workers, largest first onto the least-loaded worker (deterministic).

@@ -221,3 +221,22 @@ fn a_torn_last_line_is_cut_and_the_chain_goes_on() {
     assert_eq!(lines(&wh).len(), 4);
     assert_eq!(verify(&wh).unwrap().entries, 4);
 }
+
+#[test]
+fn a_run_that_fails_before_its_workers_start_is_on_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = sample_events(800, 23);
+    write_parquet(&dir.path().join("one/a.parquet"), &events[..400]);
+    write_parquet(&dir.path().join("two/b.parquet"), &events[400..]);
+    let wh = Warehouse::new(dir.path().join("wh"));
+    ingest(&wh, &[dir.path().join("one")], IngestOptions::default()).unwrap();
+    // A damaged raw file: the next run cannot work out what to rebuild.
+    let raw = adsmetrics::sink::raw::list_raw_files(&wh);
+    std::fs::write(&raw[0], b"not parquet").unwrap();
+    let err = ingest(&wh, &[dir.path().join("two")], IngestOptions::default()).unwrap_err();
+    let ledger = adsmetrics::ledger::Ledger::open(&wh.ledger_path()).unwrap();
+    let last = ledger.entries().last().unwrap();
+    assert_eq!(last.body.outcome, Outcome::Failed);
+    assert_eq!(last.body.error.as_deref(), Some(err.to_string().as_str()));
+    assert!(verify(&wh).is_ok());
+}
