@@ -3,8 +3,8 @@
 //! Nothing is dropped for being late — a late event is counted into its event-time partition like
 //! any other, and the partition gets a new version. This table is the lateness record beside it:
 //! `late_arrivals/dt=<arrival date>/src-<source hash>.parquet`, one row per (source, partition)
-//! with columns `table`, `dt`, `hr` (null for daily partitions), `late_events`, `arrived_at`,
-//! `source`, `source_hash`. An event is late for a partition when its source is ingested after
+//! with columns `target_table`, `target_dt`, `target_hr` (null for daily partitions), `late_events`,
+//! `arrived_at`, `source`, `source_hash`. An event is late for a partition when its source is ingested after
 //! an epoch that published the partition; it is counted once per partition it falls in (its
 //! hour's and its day's). A resend of an event already counted arrives late too and is counted
 //! here (it changes no metric): the record says what arrived when, the tables what it came to. The file is written with the source's raw files, named by the source's
@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use adsmetrics_dataflows::{Grain, PartitionId, MICROS_PER_DAY};
 use arrow::array::{
-    Array, ArrayRef, StringArray, TimestampMicrosecondArray, UInt32Array, UInt64Array,
+    Array, ArrayRef, Int32Array, Int64Array, StringArray, TimestampMicrosecondArray,
 };
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
@@ -41,12 +41,14 @@ pub struct Lateness {
     pub last_arrival_us: i64,
 }
 
-fn schema() -> Arc<Schema> {
+/// The table's columns. The curated partition is named by `target_*` columns: the directory's
+/// `dt=` is the arrival date, and Hive allows no data column named like a partition column.
+pub fn schema() -> Arc<Schema> {
     Arc::new(Schema::new(vec![
-        Field::new("table", DataType::Utf8, false),
-        Field::new("dt", DataType::Utf8, false),
-        Field::new("hr", DataType::UInt32, true),
-        Field::new("late_events", DataType::UInt64, false),
+        Field::new("target_table", DataType::Utf8, false),
+        Field::new("target_dt", DataType::Utf8, false),
+        Field::new("target_hr", DataType::Int32, true),
+        Field::new("late_events", DataType::Int64, false),
         Field::new("arrived_at", utc_micros(), false),
         Field::new("source", DataType::Utf8, false),
         Field::new("source_hash", DataType::Utf8, false),
@@ -107,10 +109,10 @@ pub fn write_late(
         ),
         Arc::new(
             late.keys()
-                .map(|id| (id.grain == Grain::Hourly).then(|| id.period.rem_euclid(24) as u32))
-                .collect::<UInt32Array>(),
+                .map(|id| (id.grain == Grain::Hourly).then(|| id.period.rem_euclid(24) as i32))
+                .collect::<Int32Array>(),
         ),
-        Arc::new(late.values().copied().collect::<UInt64Array>()),
+        Arc::new(late.values().map(|n| *n as i64).collect::<Int64Array>()),
         Arc::new(TimestampMicrosecondArray::from(vec![arrived_at_us; n]).with_timezone("UTC")),
         Arc::new(StringArray::from(vec![source; n])),
         Arc::new(StringArray::from(vec![source_hash; n])),
@@ -169,12 +171,12 @@ pub fn read_lateness(
                     .column_by_name(name)
                     .ok_or_else(|| err(format!("no column {name}")))
             };
-            let table = column("table")?.as_any().downcast_ref::<StringArray>();
-            let dt = column("dt")?.as_any().downcast_ref::<StringArray>();
-            let hr = column("hr")?.as_any().downcast_ref::<UInt32Array>();
-            let events = column("late_events")?
+            let table = column("target_table")?
                 .as_any()
-                .downcast_ref::<UInt64Array>();
+                .downcast_ref::<StringArray>();
+            let dt = column("target_dt")?.as_any().downcast_ref::<StringArray>();
+            let hr = column("target_hr")?.as_any().downcast_ref::<Int32Array>();
+            let events = column("late_events")?.as_any().downcast_ref::<Int64Array>();
             let at = column("arrived_at")?
                 .as_any()
                 .downcast_ref::<TimestampMicrosecondArray>();
@@ -194,7 +196,7 @@ pub fn read_lateness(
                     Grain::Daily => day,
                 };
                 let record = out.entry(PartitionId { grain, period }).or_default();
-                record.events += events.value(i);
+                record.events += u64::try_from(events.value(i)).unwrap_or(0);
                 record.sources += 1;
                 record.last_arrival_us = record.last_arrival_us.max(at.value(i));
             }

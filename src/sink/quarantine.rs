@@ -14,6 +14,18 @@ use crate::schema::utc_micros;
 use crate::sink::files::{base_writer_properties, parquet_bytes, replace, WriteError};
 use crate::warehouse::{day_string, Warehouse};
 
+/// The quarantine table's columns.
+pub fn schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("source", DataType::Utf8, false),
+        Field::new("source_hash", DataType::Utf8, false),
+        Field::new("position", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("raw", DataType::Binary, false),
+        Field::new("ingested_at", utc_micros(), false),
+    ]))
+}
+
 /// Writes a source's quarantined records; `ingested_at_us` is the run's wall-clock start.
 /// Returns how many rows were written.
 pub fn write_quarantine(
@@ -30,14 +42,7 @@ pub fn write_quarantine(
         .quarantine_dir()
         .join(format!("dt={}", day_string(day)))
         .join(format!("src-{source_hash}.parquet"));
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("source", DataType::Utf8, false),
-        Field::new("source_hash", DataType::Utf8, false),
-        Field::new("position", DataType::Utf8, false),
-        Field::new("reason", DataType::Utf8, false),
-        Field::new("raw", DataType::Binary, false),
-        Field::new("ingested_at", utc_micros(), false),
-    ]));
+    let schema = schema();
     let n = records.len();
     let columns: Vec<ArrayRef> = vec![
         Arc::new(
