@@ -399,22 +399,28 @@ pub(crate) fn execute(
         })
         .collect();
     let scoping = Instant::now();
+    // Each epoch's raw files to retract, found once: the scope needs them all, the epochs each
+    // their own.
+    let retracts: Vec<Vec<PathBuf>> = batches
+        .iter()
+        .map(|batch| {
+            committed_raw
+                .iter()
+                .filter(|p| {
+                    raw::source_hash_of(p).is_some_and(|h| batch.retract_hashes.contains(h))
+                })
+                .cloned()
+                .collect()
+        })
+        .collect();
     let rehydrate = {
         let new_sources: Vec<&SourceFile> = batches.iter().flat_map(|b| &b.sources).collect();
-        let retract: Vec<PathBuf> = committed_raw
-            .iter()
-            .filter(|p| {
-                raw::source_hash_of(p)
-                    .is_some_and(|h| batches.iter().any(|b| b.retract_hashes.contains(h)))
-            })
-            .cloned()
-            .collect();
         scope::rehydration_scope(
             warehouse,
             &scope::Changes {
                 committed: &committed_raw,
                 new_sources: &new_sources,
-                retract: &retract,
+                retract: &retracts.concat(),
                 extra_days: &extra_days,
                 tombstones: &tombstones,
                 horizons: &horizons,
@@ -433,14 +439,9 @@ pub(crate) fn execute(
     summary.committed_raw_files = committed_raw.len() as u64;
     let epochs: Vec<EpochPlan> = batches
         .into_iter()
-        .map(|batch| EpochPlan {
-            retract: committed_raw
-                .iter()
-                .filter(|p| {
-                    raw::source_hash_of(p).is_some_and(|h| batch.retract_hashes.contains(h))
-                })
-                .cloned()
-                .collect(),
+        .zip(retracts)
+        .map(|(batch, retract)| EpochPlan {
+            retract,
             retired: batch.retired,
             adopt: batch.adopt,
             ..assign(&batch.sources, workers)
