@@ -28,7 +28,7 @@ use crate::runtime::{execute, IngestOptions, IngestSummary, Opened, Plan, RunErr
 use crate::sink::files::{replace, sync_filesystem, WriteError};
 use crate::sink::raw;
 use crate::source::SourceError;
-use crate::tombstones::{key_hex, TombstoneRequest};
+use crate::tombstones::{key_hex, parse_key, TombstoneRequest};
 use crate::warehouse::Warehouse;
 
 /// What to delete.
@@ -194,13 +194,15 @@ pub fn delete(
             tombstone
         }
     };
-    let deleted: HashSet<String> = tombstone.keys.iter().cloned().collect();
+    // Parsed once: the scans below test every key of every committed raw file. The stored keys
+    // were validated when the tombstones were read or written.
+    let deleted: HashSet<DedupKey> = tombstone.keys.iter().filter_map(|h| parse_key(h)).collect();
     // The raw files still holding them, and so the event days to rebuild.
     let mut holding = Vec::new();
     let mut extra_days = BTreeSet::new();
     for path in &committed {
         let keys = raw::keys_of(path).map_err(raw::RawRewriteError::from)?;
-        if keys.iter().any(|k| deleted.contains(&key_hex(k))) {
+        if keys.iter().any(|k| deleted.contains(k)) {
             extra_days.extend(crate::scope::raw_day(warehouse, path));
             holding.push(path.clone());
         }
@@ -229,7 +231,7 @@ pub fn delete(
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         ));
-        raw_rows_removed += raw::rewrite_without(path, &staged, |k| deleted.contains(&key_hex(k)))?;
+        raw_rows_removed += raw::rewrite_without(path, &staged, |k| deleted.contains(k))?;
         raw_files_rewritten.push(
             path.strip_prefix(warehouse.root())
                 .unwrap_or(path)

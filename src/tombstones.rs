@@ -64,7 +64,8 @@ pub fn key_hex(key: &DedupKey) -> String {
     format!("{:x}", key.0)
 }
 
-fn parse_key(hex: &str) -> Option<DedupKey> {
+/// A key from its stored form; `None` unless exactly 32 hex digits.
+pub fn parse_key(hex: &str) -> Option<DedupKey> {
     (hex.len() == 32)
         .then(|| u128::from_str_radix(hex, 16).ok())
         .flatten()
