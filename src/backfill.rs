@@ -22,7 +22,9 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::journal::{RetiredSource, SourceRecord};
 use crate::ledger::RunKind;
-use crate::runtime::{execute, Batch, IngestOptions, IngestSummary, Opened, Plan, RunError};
+use crate::runtime::{
+    execute, Batch, IngestOptions, IngestSummary, Opened, Plan, Rehydration, RunError,
+};
 use crate::source::{self, SourceFile};
 use crate::warehouse::{day_string, parse_day, Warehouse};
 
@@ -186,9 +188,8 @@ pub fn backfill(
         run,
         batches: batches.into_values().collect(),
         partition_of,
-        always: false,
         progress_in_sources: true,
-        extra_days: BTreeSet::new(),
+        rehydration: Rehydration::Keyed,
         summary,
     };
     execute(warehouse, opened, plan, options.run)

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decode::decode_parquet;
 use crate::ledger::{Outcome, RunKind};
-use crate::runtime::{execute, IngestOptions, IngestSummary, Opened, Plan, RunError};
+use crate::runtime::{execute, IngestOptions, IngestSummary, Opened, Plan, Rehydration, RunError};
 use crate::sink::files::{replace, sync_filesystem, WriteError};
 use crate::sink::raw;
 use crate::source::SourceError;
@@ -213,9 +213,8 @@ pub fn delete(
         run,
         batches: Vec::new(),
         partition_of: Default::default(),
-        always: true,
         progress_in_sources: false,
-        extra_days: extra_days.clone(),
+        rehydration: Rehydration::Days(extra_days.clone()),
         summary: IngestSummary::default(),
     };
     let summary = execute(warehouse, opened, plan, options)?;

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use adsmetrics_dataflows::batching::BuildFastHasher;
 use adsmetrics_dataflows::pipeline::{self, Pipeline};
-use adsmetrics_dataflows::{DedupKey, EventVersion, MirrorError, PartitionId};
+use adsmetrics_dataflows::{DedupKey, Dims, EventVersion, MetricRow, MirrorError, PartitionId};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::decode::{decode_parquet, decode_source};
@@ -39,6 +39,7 @@ use crate::journal::{
     SourceRecord,
 };
 use crate::ledger::{Ledger, LedgerError, RunKind, RunRecord};
+use crate::rehydrate;
 use crate::retention::Horizons;
 use crate::scope::{self, ScopeError};
 use crate::sink::files::{sync_filesystem, WriteError};
@@ -146,6 +147,10 @@ pub enum RunError {
     /// The tombstones could not be read or written.
     #[error(transparent)]
     Tombstones(#[from] TombstoneError),
+    /// A published partition could not be read back, or is not the version the journal says
+    /// (the warehouse was changed behind the journal's back).
+    #[error("published partition unreadable: {0}")]
+    Published(String),
     /// The run was refused before it changed anything (the reason says why and what to do).
     #[error("{0}")]
     Refused(String),
@@ -173,7 +178,7 @@ struct Shared {
     ledger_anchor: LedgerAnchor,
     tombstones: Tombstones,
     horizons: Horizons,
-    rehydrate: Vec<PathBuf>,
+    rebuild: Rebuild,
     /// Backfill: the source partition of each new source, by content hash.
     partition_of: HashMap<String, String>,
     /// The progress bar counts sources (backfill) rather than bytes.
@@ -279,15 +284,31 @@ pub(crate) struct Plan {
     pub(crate) batches: Vec<Batch>,
     /// Backfill: the source partition of each new source, by content hash.
     pub(crate) partition_of: HashMap<String, String>,
-    /// Run the dataflow even with nothing new (a delete: rehydration without the deleted keys
-    /// is the change).
-    pub(crate) always: bool,
     /// Count progress in sources instead of bytes.
     pub(crate) progress_in_sources: bool,
-    /// Event days to rebuild besides those the run's own changes touch (a delete's).
-    pub(crate) extra_days: BTreeSet<i64>,
+    /// How it rebuilds the state its changes need.
+    pub(crate) rehydration: Rehydration,
     /// Counts decided while planning.
     pub(crate) summary: IngestSummary,
+}
+
+/// How a run rebuilds, at epoch 0, the state its changes need.
+pub(crate) enum Rehydration {
+    /// The raw rows of the keys and user-days it changes ([`crate::rehydrate`]); partitions are
+    /// seeded from their published rows. Ingest and backfill.
+    Keyed,
+    /// Whole event days, closed over keys ([`crate::scope`]): these days besides those its changes
+    /// touch, and the dataflow runs even with nothing new, since the rebuild itself is the change
+    /// (a delete: the days without the deleted keys).
+    Days(BTreeSet<i64>),
+}
+
+/// What epoch 0 feeds each worker.
+enum Rebuild {
+    /// Every raw row of these files (their share of them).
+    Files(Vec<PathBuf>),
+    /// These rows (their share of them).
+    Rows(Vec<(DedupKey, EventVersion)>),
 }
 
 /// Ingests the files under `inputs` into `warehouse`; rerun-safe.
@@ -338,9 +359,8 @@ pub fn ingest(
             })
             .collect(),
         partition_of: HashMap::new(),
-        always: false,
         progress_in_sources: false,
-        extra_days: BTreeSet::new(),
+        rehydration: Rehydration::Keyed,
         summary,
     };
     execute(warehouse, opened, plan, options)
@@ -367,13 +387,13 @@ pub(crate) fn execute(
         mut run,
         batches,
         partition_of,
-        always,
         progress_in_sources,
-        extra_days,
+        rehydration,
         mut summary,
     } = plan;
     run.sources_skipped = summary.sources_skipped;
     let batches: Vec<Batch> = batches.into_iter().filter(|b| !b.is_empty()).collect();
+    let always = matches!(rehydration, Rehydration::Days(_));
     if batches.is_empty() && !always {
         ledger.append_run(&run, &[])?;
         summary.elapsed = started.elapsed();
@@ -413,29 +433,61 @@ pub(crate) fn execute(
                 .collect()
         })
         .collect();
-    let rehydrate = {
-        let new_sources: Vec<&SourceFile> = batches.iter().flat_map(|b| &b.sources).collect();
-        scope::rehydration_scope(
-            warehouse,
-            &scope::Changes {
-                committed: &committed_raw,
-                new_sources: &new_sources,
-                retract: &retracts.concat(),
-                extra_days: &extra_days,
-                tombstones: &tombstones,
-                horizons: &horizons,
-            },
-            workers,
-        )
-        .map_err(|e| fail(&mut ledger, &run, e.into()))?
+    let no_days = BTreeSet::new();
+    let new_sources: Vec<&SourceFile> = batches.iter().flat_map(|b| &b.sources).collect();
+    let all_retracts = retracts.concat();
+    let changes = scope::Changes {
+        committed: &committed_raw,
+        new_sources: &new_sources,
+        retract: &all_retracts,
+        extra_days: match &rehydration {
+            Rehydration::Days(days) => days,
+            Rehydration::Keyed => &no_days,
+        },
+        tombstones: &tombstones,
+        horizons: &horizons,
     };
-    tracing::info!(
-        files = rehydrate.len(),
-        of = committed_raw.len(),
-        took = ?scoping.elapsed(),
-        "rehydration scope"
-    );
-    summary.rehydrated_files = rehydrate.len() as u64;
+    let rebuild = match &rehydration {
+        Rehydration::Days(_) => {
+            let files = scope::rehydration_scope(warehouse, &changes, workers)
+                .map_err(|e| fail(&mut ledger, &run, e.into()))?;
+            tracing::info!(
+                files = files.len(),
+                of = committed_raw.len(),
+                took = ?scoping.elapsed(),
+                "rehydration scope (whole days)"
+            );
+            summary.rehydrated_files = files.len() as u64;
+            Rebuild::Files(files)
+        }
+        Rehydration::Keyed => {
+            if let Some(pending) = unfinished_delete(warehouse, &tombstones) {
+                return Err(fail(
+                    &mut ledger,
+                    &run,
+                    RunError::Refused(format!(
+                        "delete request {pending:?} is not finished (its tombstones are written, \
+                         its certificate is not): run the same `adsmetrics delete --request-id \
+                         {pending} ...` again first, then this command"
+                    )),
+                ));
+            }
+            let state = rehydrate::keyed_state(warehouse, &changes, workers)
+                .map_err(|e| fail(&mut ledger, &run, e.into()))?;
+            tracing::info!(
+                rows = state.rows.len(),
+                files_scanned = state.files_scanned,
+                files_decoded = state.files_decoded,
+                rounds = state.rounds,
+                of = committed_raw.len(),
+                took = ?scoping.elapsed(),
+                "rehydration by key"
+            );
+            summary.rehydrated_files = state.files_decoded;
+            Rebuild::Rows(state.rows)
+        }
+    };
+    drop(new_sources);
     summary.committed_raw_files = committed_raw.len() as u64;
     let epochs: Vec<EpochPlan> = batches
         .into_iter()
@@ -476,7 +528,7 @@ pub(crate) fn execute(
         ledger_anchor: ledger.anchor(),
         tombstones,
         horizons,
-        rehydrate,
+        rebuild,
         partition_of,
         progress_in_sources,
         epochs,
@@ -572,6 +624,18 @@ pub(crate) fn execute(
     Ok(summary)
 }
 
+/// The request id of a delete whose tombstones are written but whose certificate is not: the
+/// published partitions may still count its events, so a keyed run (which starts from them) must
+/// wait for it to finish.
+fn unfinished_delete(warehouse: &Warehouse, tombstones: &Tombstones) -> Option<String> {
+    tombstones
+        .requests()
+        .iter()
+        .map(|r| &r.request_id)
+        .find(|id| !crate::delete::certificate_path(warehouse, id).exists())
+        .cloned()
+}
+
 /// Records a run that failed before its workers started (it changed nothing), and hands the
 /// error back.
 fn fail(ledger: &mut Ledger, run: &RunRecord, e: RunError) -> RunError {
@@ -609,19 +673,18 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
     let index = worker.index();
     let peers = worker.peers();
     let mut pipeline = pipeline::build(worker);
+    // Keyed rehydration: the partitions given their published rows so far.
+    let mut seeded = matches!(shared.rebuild, Rebuild::Rows(_)).then(BTreeSet::new);
 
     for epoch in 0..=shared.epochs.len() as u64 {
         let started = Instant::now();
         let local = if epoch == 0 {
-            read_raw(
-                shared,
-                &shared.rehydrate,
-                1,
-                index,
-                peers,
-                worker,
-                &mut pipeline,
-            )
+            match &shared.rebuild {
+                Rebuild::Files(files) => {
+                    read_raw(shared, files, 1, index, peers, worker, &mut pipeline)
+                }
+                Rebuild::Rows(rows) => Ok(feed_rows(rows, index, peers, worker, &mut pipeline)),
+            }
             .map(|rows| shared.state.lock().expect("lock").summary.rehydrated_rows += rows)
         } else {
             // Withdrawn sources leave in the same epoch as their replacements arrive, so the
@@ -669,7 +732,15 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
             }
         }
         let computed = started.elapsed();
-        let staged = local.and_then(|()| stage_touched(shared, &pipeline));
+        if epoch == 0 {
+            if let Some(seeded) = &mut seeded {
+                // A keyed rebuild holds only part of each partition: what the mirror made of it is
+                // not the published state, which later epochs start from instead.
+                pipeline.mirror.borrow_mut().clear();
+                seeded.clear();
+            }
+        }
+        let staged = local.and_then(|()| stage_touched(shared, &pipeline, seeded.as_mut()));
         tracing::info!(worker = index, epoch, ?fed, ?computed, staged = ?started.elapsed(), "epoch done on worker");
         {
             let mut state = shared.state.lock().expect("lock");
@@ -688,6 +759,26 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
         }
     }
     pipeline.conflicted_keys.get()
+}
+
+/// Feeds this worker's share of `rows` to the dataflow (+1 each). Returns the rows fed.
+fn feed_rows(
+    rows: &[(DedupKey, EventVersion)],
+    index: usize,
+    peers: usize,
+    worker: &mut timely::worker::Worker,
+    pipeline: &mut Pipeline,
+) -> u64 {
+    let mut fed = 0u64;
+    for row in rows.iter().skip(index).step_by(peers) {
+        pipeline.input.update(*row, 1);
+        fed += 1;
+        if fed.is_multiple_of(1 << 16) {
+            drain_input(worker, pipeline);
+        }
+    }
+    drain_input(worker, pipeline);
+    fed
 }
 
 /// Hands what was just fed to the dataflow, so input does not pile up in channel buffers (a
@@ -913,13 +1004,26 @@ fn late_events(
 }
 
 /// Stages every partition this worker's mirror saw change whose version differs from the
-/// published one.
-fn stage_touched(shared: &Shared, pipeline: &Pipeline) -> Result<Vec<PartitionChange>, RunError> {
+/// published one. With `seeded` (a keyed run), a partition touched for the first time first gets
+/// its published rows.
+fn stage_touched(
+    shared: &Shared,
+    pipeline: &Pipeline,
+    mut seeded: Option<&mut BTreeSet<PartitionId>>,
+) -> Result<Vec<PartitionChange>, RunError> {
     let published = shared.state.lock().expect("lock").published.clone();
     let touched = pipeline.mirror.borrow_mut().take_touched();
     let mut changes = Vec::new();
     let mut unchanged = 0;
     for id in touched {
+        if let Some(seeded) = seeded.as_deref_mut() {
+            if seeded.insert(id) {
+                if let Some(current) = published.get(&id) {
+                    let rows = read_published(&shared.warehouse, &id, current)?;
+                    pipeline.mirror.borrow_mut().seed(&id, &rows);
+                }
+            }
+        }
         let rows = pipeline.mirror.borrow().rows(&id)?;
         match stage_partition(&shared.warehouse, &id, &rows, published.get(&id))? {
             Some(change) => changes.push(change),
@@ -933,6 +1037,26 @@ fn stage_touched(shared: &Shared, pipeline: &Pipeline) -> Result<Vec<PartitionCh
         .summary
         .partitions_unchanged += unchanged;
     Ok(changes)
+}
+
+/// The rows of a published partition, checked against the version the journal has for it.
+fn read_published(
+    warehouse: &Warehouse,
+    id: &PartitionId,
+    current: &Published,
+) -> Result<Vec<(Dims, MetricRow)>, RunError> {
+    let path = warehouse.partition_file(id);
+    let rows = crate::sink::curated::read_partition(&path)
+        .map_err(|e| RunError::Published(format!("{}: {e}", path.display())))?;
+    let version = crate::sink::curated::content_version(id, &rows);
+    if version != current.version {
+        return Err(RunError::Published(format!(
+            "{}: its rows are version {version}, the journal published {}",
+            path.display(),
+            current.version
+        )));
+    }
+    Ok(rows)
 }
 
 /// Worker 0, between the barriers: publishes what all workers staged for `epoch`, with the

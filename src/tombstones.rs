@@ -123,6 +123,11 @@ impl Tombstones {
         self.keys.is_empty()
     }
 
+    /// Every request, in the order applied.
+    pub fn requests(&self) -> &[TombstoneRequest] {
+        &self.requests
+    }
+
     /// The request with this id, if it was applied before.
     pub fn request(&self, request_id: &str) -> Option<&TombstoneRequest> {
         self.requests.iter().find(|r| r.request_id == request_id)

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batching::{fold_and_pass_per_time, fold_per_time, FastMap, RunBatcher};
 use crate::dedup::Deduped;
-use crate::model::{Cell, Country, Dims, Epoch, EventType, EventVersion, Grain};
+use crate::model::{Cell, Country, Dims, Epoch, EventType, EventVersion, Grain, MetricRow};
 use crate::reduce_total::reduce_total;
 
 /// The additive part of an event's metrics, used as a differential difference type.
@@ -113,6 +113,23 @@ pub struct CellDelta {
     pub users: i64,
 }
 
+impl CellDelta {
+    /// A published row as the state that produced it (its events are its three counts).
+    pub fn of_row(row: &MetricRow) -> Self {
+        CellDelta {
+            sums: Sums {
+                events: row.impressions + row.clicks + row.conversions,
+                impressions: row.impressions,
+                clicks: row.clicks,
+                conversions: row.conversions,
+                cost_micros: row.cost_micros,
+                revenue_micros: row.revenue_micros,
+            },
+            users: row.unique_users,
+        }
+    }
+}
+
 impl IsZero for CellDelta {
     fn is_zero(&self) -> bool {
         self.sums.is_zero() && self.users == 0
@@ -189,6 +206,16 @@ impl UserDay {
             user_id: event.user_id,
         };
         (key, (event.hour() - day * 24) as u8)
+    }
+
+    /// Its day, since the Unix epoch.
+    pub fn day(&self) -> i64 {
+        i64::from(self.day)
+    }
+
+    /// Its user.
+    pub fn user_id(&self) -> i64 {
+        self.user_id
     }
 
     fn cell(&self, grain: Grain, hour_of_day: u8) -> Cell {

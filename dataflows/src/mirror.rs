@@ -109,6 +109,31 @@ impl PartitionMirror {
         self.touched.insert(id);
     }
 
+    /// Adds a partition's published `rows` to whatever changes it already holds, without marking
+    /// it touched: after a keyed rehydration, the mirror holds only the changes since the
+    /// published state, and a partition gets its published rows when first touched.
+    pub fn seed(&mut self, id: &PartitionId, rows: &[(Dims, MetricRow)]) {
+        for (dims, row) in rows {
+            let cell = Cell {
+                grain: id.grain,
+                period: id.period,
+                dims: *dims,
+            };
+            let touched = self.touched.contains(id);
+            self.apply(&cell, &CellDelta::of_row(row));
+            if !touched {
+                self.touched.remove(id);
+            }
+        }
+    }
+
+    /// Forgets every partition and every touch (the state rebuilt for a keyed rehydration
+    /// holds only part of each partition: its cells are not the published ones).
+    pub fn clear(&mut self) {
+        self.partitions.clear();
+        self.touched.clear();
+    }
+
     /// The partitions touched since the last call, in order; clears the set.
     pub fn take_touched(&mut self) -> Vec<PartitionId> {
         std::mem::take(&mut self.touched).into_iter().collect()

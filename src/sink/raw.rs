@@ -18,7 +18,8 @@ use std::sync::Arc;
 
 use adsmetrics_dataflows::DedupKey;
 use arrow::array::{
-    ArrayRef, BooleanArray, DictionaryArray, FixedSizeBinaryArray, Int32Array, StringArray,
+    ArrayRef, BooleanArray, DictionaryArray, FixedSizeBinaryArray, Int32Array, Int64Array,
+    StringArray,
 };
 use arrow::compute::{concat_batches, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Schema};
@@ -187,6 +188,57 @@ pub fn keys_of(path: &Path) -> Result<Vec<DedupKey>, RawReadError> {
         }
     }
     Ok(keys)
+}
+
+/// The `dedup_key` (as `u128`) and `user_id` columns of a raw file, row by row, read from those
+/// two columns only: enough to tell which rows a keyed rehydration wants.
+pub fn key_user_columns(path: &Path) -> Result<(Vec<u128>, Vec<i64>), RawReadError> {
+    let err = |detail: String| RawReadError {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.to_string()))?;
+    let position = |name: &str| {
+        builder
+            .parquet_schema()
+            .columns()
+            .iter()
+            .position(|c| c.name() == name)
+            .ok_or_else(|| err(format!("no {name} column")))
+    };
+    let (key_column, user_column) = (position("dedup_key")?, position("user_id")?);
+    let mask = ProjectionMask::leaves(builder.parquet_schema(), [key_column, user_column]);
+    let reader = builder
+        .with_projection(mask)
+        .with_batch_size(1 << 20)
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    let (mut keys, mut users) = (Vec::new(), Vec::new());
+    for batch in reader {
+        let batch = batch.map_err(|e| err(e.to_string()))?;
+        let key_array = batch
+            .column_by_name("dedup_key")
+            .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
+            .ok_or_else(|| err("dedup_key is not 16-byte binary".into()))?;
+        let user_array = batch
+            .column_by_name("user_id")
+            .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+            .ok_or_else(|| err("user_id is not a 64-bit integer".into()))?;
+        if arrow::array::Array::null_count(key_array) > 0
+            || arrow::array::Array::null_count(user_array) > 0
+        {
+            return Err(err("a dedup_key or user_id is missing".into()));
+        }
+        for bytes in key_array.iter().flatten() {
+            let bytes: [u8; 16] = bytes
+                .try_into()
+                .map_err(|_| err("a dedup_key is not 16 bytes".into()))?;
+            keys.push(u128::from_be_bytes(bytes));
+        }
+        users.extend(user_array.values().iter().copied());
+    }
+    Ok((keys, users))
 }
 
 /// A raw file could not be read.

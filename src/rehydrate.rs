@@ -1,0 +1,277 @@
+//! Keyed rehydration: the raw rows a run's changes need in the dataflow's state, found by dedup key
+//! and by user-day, so that a correction costs what it changes, not the days it lands in.
+//!
+//! The published partitions already hold the metrics of everything committed. A run's changes
+//! (new events, withdrawn raw rows) come out of the dataflow as exact differences as long as the
+//! state holds, complete:
+//!
+//! - every version of every dedup key the run changes, so `dedup` knows the winner before and
+//!   after (the greatest version across all of a key's raw rows, whichever day they are in);
+//! - every row of every user-day ([`UserDay`]: a user in a daily cell) whose winners change, so
+//!   the distinct-user count knows the user's hours before and after;
+//! - and, for the keys of those user-day rows, their other versions too, so their winners (which
+//!   the run does not change) are the real ones.
+//!
+//! Found as a closure: start from the keys and user-days of the new events and the withdrawn
+//! rows; look up which days hold those keys (the per-day [`keyindex`]) and scan the `dedup_key` and
+//! `user_id` columns of those days' raw files (and of the user-days' days); decode only the files
+//! with candidate rows and take the rows whose key or user-day is wanted; their keys and user-days
+//! join the wanted sets; repeat until nothing new turns up (in practice: one round, a second for the
+//! few revisions that moved an event to another user-day). Taking more rows than needed is
+//! harmless (they are rebuilt as they are published), taking fewer is not, so every test errs on
+//! the side of more.
+//!
+//! The runtime feeds these rows at epoch 0, throws away what the mirror made of them, and seeds each
+//! partition with its published rows when a later epoch first touches it
+//! ([`adsmetrics_dataflows::PartitionMirror::seed`]). A compliance delete does not use this: it
+//! rebuilds whole days without the deleted keys ([`crate::scope`]), which is right whatever state a
+//! crashed earlier attempt left.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+
+use adsmetrics_dataflows::aggregate::UserDay;
+use adsmetrics_dataflows::batching::BuildFastHasher;
+use adsmetrics_dataflows::{DedupKey, EventVersion, MICROS_PER_DAY};
+
+use crate::decode::{decode_parquet, decode_source};
+use crate::keyindex;
+use crate::scope::{raw_day, Changes, ScopeError};
+use crate::sink::raw::{self, RawReadError};
+use crate::source::SourceError;
+use crate::warehouse::Warehouse;
+
+/// The state a keyed run rebuilds at epoch 0.
+#[derive(Debug, Default)]
+pub struct KeyedState {
+    /// One `(key, version)` per raw row that holds it (the dataflow counts a key's version once
+    /// per source partition that contains it).
+    pub rows: Vec<(DedupKey, EventVersion)>,
+    /// Raw files decoded to find them.
+    pub files_decoded: u64,
+    /// Raw files whose key and user columns were scanned.
+    pub files_scanned: u64,
+    /// Rounds of the closure.
+    pub rounds: u32,
+}
+
+type Keyed = Vec<(DedupKey, EventVersion)>;
+
+/// Runs `f` over `items` on up to `threads` threads; results in the items' order.
+fn par_map<T: Sync, R: Send, E: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> Result<R, E> + Sync,
+) -> Result<Vec<R>, E> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let threads = threads.clamp(1, items.len());
+    let chunk = items.len().div_ceil(threads);
+    let f = &f;
+    let parts: Vec<Result<Vec<R>, E>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(f).collect()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rehydration threads do not panic"))
+            .collect()
+    });
+    let mut out = Vec::with_capacity(items.len());
+    for part in parts {
+        out.extend(part?);
+    }
+    Ok(out)
+}
+
+/// A raw file decoded to `(key, version)` per row, in row order.
+fn decode_raw(path: &PathBuf) -> Result<Keyed, ScopeError> {
+    let bytes = std::fs::read(path).map_err(|source| SourceError {
+        path: path.clone(),
+        source,
+    })?;
+    let decoded = decode_parquet(&path.to_string_lossy(), bytes::Bytes::from(bytes));
+    if let Some(bad) = decoded.quarantined.first() {
+        return Err(ScopeError::Raw(RawReadError {
+            path: path.clone(),
+            detail: format!("raw layer file is damaged: {}", bad.reason),
+        }));
+    }
+    Ok(decoded.events.iter().map(|e| e.keyed_version()).collect())
+}
+
+/// The keyed state of a run; see the module doc.
+pub fn keyed_state(
+    warehouse: &Warehouse,
+    changes: &Changes<'_>,
+    threads: usize,
+) -> Result<KeyedState, ScopeError> {
+    let Changes {
+        committed,
+        new_sources,
+        retract,
+        tombstones,
+        horizons,
+        ..
+    } = *changes;
+    let started = std::time::Instant::now();
+    let mut out = KeyedState::default();
+    if committed.is_empty() {
+        return Ok(out);
+    }
+    let mut by_day: BTreeMap<Option<i64>, Vec<usize>> = BTreeMap::new();
+    for (i, path) in committed.iter().enumerate() {
+        by_day.entry(raw_day(warehouse, path)).or_default().push(i);
+    }
+
+    // The seeds: new events (those the run will accept) and withdrawn raw rows.
+    let new_events = par_map(new_sources, threads, |source| {
+        let bytes = std::fs::read(&source.path).map_err(|e| SourceError {
+            path: source.path.clone(),
+            source: e,
+        })?;
+        Ok::<_, ScopeError>(
+            decode_source(&source.label, &bytes)
+                .events
+                .iter()
+                .filter(|e| {
+                    let day = e.event_time_us.div_euclid(MICROS_PER_DAY);
+                    horizons.raw_day.is_none_or(|h| day >= h)
+                })
+                .map(|e| e.keyed_version())
+                .collect::<Keyed>(),
+        )
+    })?;
+    let withdrawn = par_map(retract, threads, decode_raw)?;
+    let mut keys: HashSet<DedupKey, BuildFastHasher> = HashSet::default();
+    let mut user_days: HashSet<UserDay, BuildFastHasher> = HashSet::default();
+    let mut pending_keys: Vec<DedupKey> = Vec::new();
+    let mut pending_user_days: Vec<UserDay> = Vec::new();
+    for (key, version) in new_events.iter().chain(&withdrawn).flatten() {
+        if tombstones.contains(key) {
+            continue;
+        }
+        if keys.insert(*key) {
+            pending_keys.push(*key);
+        }
+        let user_day = UserDay::of(version).0;
+        if user_days.insert(user_day) {
+            pending_user_days.push(user_day);
+        }
+    }
+    drop((new_events, withdrawn));
+    tracing::debug!(took = ?started.elapsed(), keys = keys.len(), user_days = user_days.len(), "rehydration seeds");
+
+    let mut day_keys: HashMap<Option<i64>, Vec<u128>> = HashMap::new();
+    let mut columns: HashMap<usize, (Vec<u128>, Vec<i64>)> = HashMap::new();
+    let mut decoded: HashMap<usize, Keyed> = HashMap::new();
+    let mut taken: HashSet<(usize, usize), BuildFastHasher> = HashSet::default();
+    while !pending_keys.is_empty() || !pending_user_days.is_empty() {
+        out.rounds += 1;
+        let mut sorted: Vec<u128> = pending_keys.iter().map(|k| k.0.get()).collect();
+        sorted.sort_unstable();
+        let wanted_keys: HashSet<u128, BuildFastHasher> = sorted.iter().copied().collect();
+        let wanted_users: HashSet<i64, BuildFastHasher> =
+            pending_user_days.iter().map(UserDay::user_id).collect();
+
+        // The days to look in: those holding a pending key, the pending user-days' days, and raw
+        // files outside any dt= folder (which cannot be placed).
+        let mut days: BTreeSet<Option<i64>> = pending_user_days
+            .iter()
+            .map(|u| Some(u.day()))
+            .filter(|d| by_day.contains_key(d))
+            .collect();
+        days.extend(by_day.keys().filter(|d| d.is_none()).copied());
+        if !sorted.is_empty() {
+            let unread: Vec<Option<i64>> = by_day
+                .keys()
+                .filter(|d| d.is_some() && !day_keys.contains_key(*d))
+                .copied()
+                .collect();
+            let read = par_map(&unread, threads, |day| {
+                let files: Vec<&PathBuf> = by_day[day].iter().map(|&i| &committed[i]).collect();
+                let day = day.expect("only dated days have a key index");
+                keyindex::day_keys(warehouse, day, &files)
+            })?;
+            day_keys.extend(unread.into_iter().zip(read));
+            days.extend(
+                day_keys
+                    .iter()
+                    .filter(|(_, theirs)| keyindex::intersects(&sorted, theirs))
+                    .map(|(day, _)| *day),
+            );
+        }
+
+        tracing::debug!(took = ?started.elapsed(), days = days.len(), "rehydration days");
+        // Their files' key and user columns (each file read once per run).
+        let files: Vec<usize> = days.iter().flat_map(|d| by_day[d].clone()).collect();
+        let unscanned: Vec<usize> = files
+            .iter()
+            .filter(|i| !columns.contains_key(i))
+            .copied()
+            .collect();
+        let scanned = par_map(&unscanned, threads, |&i| {
+            raw::key_user_columns(&committed[i])
+        })?;
+        out.files_scanned += unscanned.len() as u64;
+        columns.extend(unscanned.into_iter().zip(scanned));
+
+        tracing::debug!(took = ?started.elapsed(), "rehydration columns");
+        // Candidate rows: a pending key, or a pending user (the user-day is checked once decoded).
+        let mut candidates: Vec<(usize, Vec<usize>)> = Vec::new();
+        for &i in &files {
+            let (file_keys, file_users) = &columns[&i];
+            let rows: Vec<usize> = (0..file_keys.len())
+                .filter(|&row| {
+                    !taken.contains(&(i, row))
+                        && (wanted_keys.contains(&file_keys[row])
+                            || wanted_users.contains(&file_users[row]))
+                })
+                .collect();
+            if !rows.is_empty() {
+                candidates.push((i, rows));
+            }
+        }
+        let undecoded: Vec<usize> = candidates
+            .iter()
+            .map(|(i, _)| *i)
+            .filter(|i| !decoded.contains_key(i))
+            .collect();
+        let read = par_map(&undecoded, threads, |&i| decode_raw(&committed[i]))?;
+        out.files_decoded += undecoded.len() as u64;
+        decoded.extend(undecoded.into_iter().zip(read));
+
+        tracing::debug!(took = ?started.elapsed(), "rehydration decoded");
+        pending_keys.clear();
+        pending_user_days.clear();
+        for (i, rows) in candidates {
+            let file = &decoded[&i];
+            for row in rows {
+                let Some((key, version)) = file.get(row) else {
+                    return Err(ScopeError::Raw(RawReadError {
+                        path: committed[i].clone(),
+                        detail: "its columns and its rows disagree in number".into(),
+                    }));
+                };
+                if tombstones.contains(key) {
+                    continue;
+                }
+                let user_day = UserDay::of(version).0;
+                if !keys.contains(key) && !user_days.contains(&user_day) {
+                    continue;
+                }
+                taken.insert((i, row));
+                out.rows.push((*key, *version));
+                if keys.insert(*key) {
+                    pending_keys.push(*key);
+                }
+                if user_days.insert(user_day) {
+                    pending_user_days.push(user_day);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
