@@ -1,9 +1,15 @@
-//! The key index: per event day, the sorted dedup keys its raw files hold — a cache that lets a run
-//! find which days hold versions of its keys without opening every raw file.
+//! The key index: per event day, the sorted 64-bit prefixes of the dedup keys its raw files hold — a
+//! cache that lets a run find which days may hold versions of its keys without opening every raw
+//! file.
 //!
-//! `_adsmetrics/keyindex/dt=YYYY-MM-DD.keys`: the magic line `adsmetrics-keyindex-v1\n`, a 16-byte
-//! fingerprint of the day's raw files (XXH3-128 over their names, in order), the key count as 8 little-endian bytes, then the keys as 16 big-endian bytes
-//! each, ascending and distinct. An index whose fingerprint does not match the day's current raw
+//! It is a filter, not a map: a day whose prefixes meet a run's *may* hold its keys, and the run
+//! then reads that day's key column to know. Keys are uniform 128-bit hashes, so a false match
+//! between two given keys has odds of 2^-64; it would cost a needless read, never a wrong answer.
+//! Half the bytes of whole keys, and a day is one read.
+//!
+//! `_adsmetrics/keyindex/dt=YYYY-MM-DD.keys`: the magic line `adsmetrics-keyindex-v2\n`, a 16-byte
+//! fingerprint of the day's raw files (XXH3-128 over their names, in order), the prefix count as 8
+//! little-endian bytes, then the prefixes as 8 little-endian bytes each, ascending and distinct. An index whose fingerprint does not match the day's current raw
 //! files is stale and rebuilt from their `dedup_key` columns (and rewritten); so the index never
 //! needs to take part in the commit protocol, and a run pays only for the days that changed since
 //! the index was last built. It is written to a temporary name and renamed; it is not synced,
@@ -18,7 +24,12 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::sink::raw::{self, RawReadError};
 use crate::warehouse::{day_string, Warehouse};
 
-const MAGIC: &[u8] = b"adsmetrics-keyindex-v1\n";
+const MAGIC: &[u8] = b"adsmetrics-keyindex-v2\n";
+
+/// The part of a dedup key the index holds.
+pub fn prefix(key: u128) -> u64 {
+    (key >> 64) as u64
+}
 
 /// The index file of `day`.
 pub fn index_path(warehouse: &Warehouse, day: i64) -> PathBuf {
@@ -54,7 +65,7 @@ pub fn invalidate(warehouse: &Warehouse, day: i64) {
     let _ = fs::remove_file(index_path(warehouse, day));
 }
 
-fn read_index(path: &Path, expected: u128) -> Option<Vec<u128>> {
+fn read_index(path: &Path, expected: u128) -> Option<Vec<u64>> {
     let bytes = fs::read(path).ok()?;
     let rest = bytes.strip_prefix(MAGIC)?;
     let (print, rest) = rest.split_at_checked(16)?;
@@ -63,23 +74,23 @@ fn read_index(path: &Path, expected: u128) -> Option<Vec<u128>> {
     }
     let (count, rest) = rest.split_at_checked(8)?;
     let count = u64::from_le_bytes(count.try_into().ok()?) as usize;
-    if rest.len() != count.checked_mul(16)? {
+    if rest.len() != count.checked_mul(8)? {
         return None;
     }
     Some(
-        rest.chunks_exact(16)
-            .map(|c| u128::from_be_bytes(c.try_into().expect("16-byte chunks")))
+        rest.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8-byte chunks")))
             .collect(),
     )
 }
 
-fn write_index(path: &Path, print: u128, keys: &[u128]) -> io::Result<()> {
-    let mut bytes = Vec::with_capacity(MAGIC.len() + 24 + keys.len() * 16);
+fn write_index(path: &Path, print: u128, keys: &[u64]) -> io::Result<()> {
+    let mut bytes = Vec::with_capacity(MAGIC.len() + 24 + keys.len() * 8);
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&print.to_be_bytes());
     bytes.extend_from_slice(&(keys.len() as u64).to_le_bytes());
     for key in keys {
-        bytes.extend_from_slice(&key.to_be_bytes());
+        bytes.extend_from_slice(&key.to_le_bytes());
     }
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
@@ -89,13 +100,13 @@ fn write_index(path: &Path, print: u128, keys: &[u128]) -> io::Result<()> {
     fs::rename(&tmp, path)
 }
 
-/// The sorted, distinct keys of `day`'s raw `files`, from the index when it is current, else
-/// read from the files (and the index rewritten; failing to write it is only logged).
-pub fn day_keys(
+/// The sorted, distinct key prefixes of `day`'s raw `files`, from the index when it is current,
+/// else read from the files (and the index rewritten; failing to write it is only logged).
+pub fn day_prefixes(
     warehouse: &Warehouse,
     day: i64,
     files: &[&PathBuf],
-) -> Result<Vec<u128>, RawReadError> {
+) -> Result<Vec<u64>, RawReadError> {
     let path = index_path(warehouse, day);
     let print = fingerprint(files);
     if let Some(keys) = read_index(&path, print) {
@@ -103,7 +114,7 @@ pub fn day_keys(
     }
     let mut keys = Vec::new();
     for file in files {
-        keys.extend(raw::keys_of(file)?.into_iter().map(|k| k.0.get()));
+        keys.extend(raw::keys_of(file)?.into_iter().map(|k| prefix(k.0.get())));
     }
     keys.sort_unstable();
     keys.dedup();
@@ -114,7 +125,7 @@ pub fn day_keys(
 }
 
 /// Whether two ascending slices share an element.
-pub fn intersects(a: &[u128], b: &[u128]) -> bool {
+pub fn intersects<T: Ord>(a: &[T], b: &[T]) -> bool {
     let (small, large) = if a.len() <= b.len() { (a, b) } else { (b, a) };
     if small.is_empty() {
         return false;
@@ -140,10 +151,10 @@ mod tests {
 
     #[test]
     fn intersection_by_search_and_by_merge() {
-        let large: Vec<u128> = (0..1000).map(|i| i * 3).collect();
+        let large: Vec<u64> = (0..1000).map(|i| i * 3).collect();
         assert!(intersects(&[4, 5, 6], &large));
         assert!(!intersects(&[4, 5, 7], &large));
-        let other: Vec<u128> = (0..900).map(|i| i * 3 + 1).collect();
+        let other: Vec<u64> = (0..900).map(|i| i * 3 + 1).collect();
         assert!(!intersects(&other, &large));
         let mut with_one = other.clone();
         with_one.push(2997);
@@ -159,7 +170,7 @@ mod tests {
         write_index(&path, 7, &[1, 2, 3]).unwrap();
         assert_eq!(read_index(&path, 7), Some(vec![1, 2, 3]));
         assert_eq!(read_index(&path, 8), None);
-        fs::write(&path, b"adsmetrics-keyindex-v1\ntorn").unwrap();
+        fs::write(&path, b"adsmetrics-keyindex-v2\ntorn").unwrap();
         assert_eq!(read_index(&path, 7), None);
     }
 }

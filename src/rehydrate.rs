@@ -34,7 +34,7 @@ use adsmetrics_dataflows::aggregate::UserDay;
 use adsmetrics_dataflows::batching::BuildFastHasher;
 use adsmetrics_dataflows::{DedupKey, EventVersion, MICROS_PER_DAY};
 
-use crate::decode::{decode_parquet, decode_source};
+use crate::decode::{decode_parquet_rows, decode_source};
 use crate::keyindex;
 use crate::scope::{raw_day, Changes, ScopeError};
 use crate::sink::raw::{self, RawReadError};
@@ -86,18 +86,25 @@ fn par_map<T: Sync, R: Send, E: Send>(
     Ok(out)
 }
 
-/// A raw file decoded to `(key, version)` per row, in row order.
-fn decode_raw(path: &PathBuf) -> Result<Keyed, ScopeError> {
+/// A raw file's rows (those at the ascending indices `rows`, or all) as `(key, version)`, in row
+/// order.
+fn decode_raw(path: &PathBuf, rows: Option<&[usize]>) -> Result<Keyed, ScopeError> {
     let bytes = std::fs::read(path).map_err(|source| SourceError {
         path: path.clone(),
         source,
     })?;
-    let decoded = decode_parquet(&path.to_string_lossy(), bytes::Bytes::from(bytes));
-    if let Some(bad) = decoded.quarantined.first() {
-        return Err(ScopeError::Raw(RawReadError {
+    let decoded = decode_parquet_rows(&path.to_string_lossy(), bytes::Bytes::from(bytes), rows);
+    let damaged = |detail: String| {
+        ScopeError::Raw(RawReadError {
             path: path.clone(),
-            detail: format!("raw layer file is damaged: {}", bad.reason),
-        }));
+            detail: format!("raw layer file is damaged: {detail}"),
+        })
+    };
+    if let Some(bad) = decoded.quarantined.first() {
+        return Err(damaged(bad.reason.clone()));
+    }
+    if rows.is_some_and(|rows| rows.len() != decoded.events.len()) {
+        return Err(damaged("fewer rows than its key column".into()));
     }
     Ok(decoded.events.iter().map(|e| e.keyed_version()).collect())
 }
@@ -144,7 +151,7 @@ pub fn keyed_state(
                 .collect::<Keyed>(),
         )
     })?;
-    let withdrawn = par_map(retract, threads, decode_raw)?;
+    let withdrawn = par_map(retract, threads, |path| decode_raw(path, None))?;
     let mut keys: HashSet<DedupKey, BuildFastHasher> = HashSet::default();
     let mut user_days: HashSet<UserDay, BuildFastHasher> = HashSet::default();
     let mut pending_keys: Vec<DedupKey> = Vec::new();
@@ -164,15 +171,16 @@ pub fn keyed_state(
     drop((new_events, withdrawn));
     tracing::debug!(took = ?started.elapsed(), keys = keys.len(), user_days = user_days.len(), "rehydration seeds");
 
-    let mut day_keys: HashMap<Option<i64>, Vec<u128>> = HashMap::new();
+    let mut day_prefixes: HashMap<Option<i64>, Vec<u64>> = HashMap::new();
     let mut columns: HashMap<usize, (Vec<u128>, Vec<i64>)> = HashMap::new();
-    let mut decoded: HashMap<usize, Keyed> = HashMap::new();
     let mut taken: HashSet<(usize, usize), BuildFastHasher> = HashSet::default();
     while !pending_keys.is_empty() || !pending_user_days.is_empty() {
         out.rounds += 1;
-        let mut sorted: Vec<u128> = pending_keys.iter().map(|k| k.0.get()).collect();
-        sorted.sort_unstable();
-        let wanted_keys: HashSet<u128, BuildFastHasher> = sorted.iter().copied().collect();
+        let wanted_keys: HashSet<u128, BuildFastHasher> =
+            pending_keys.iter().map(|k| k.0.get()).collect();
+        let mut prefixes: Vec<u64> = wanted_keys.iter().map(|&k| keyindex::prefix(k)).collect();
+        prefixes.sort_unstable();
+        prefixes.dedup();
         let wanted_users: HashSet<i64, BuildFastHasher> =
             pending_user_days.iter().map(UserDay::user_id).collect();
 
@@ -184,24 +192,23 @@ pub fn keyed_state(
             .filter(|d| by_day.contains_key(d))
             .collect();
         days.extend(by_day.keys().filter(|d| d.is_none()).copied());
-        if !sorted.is_empty() {
+        if !prefixes.is_empty() {
             let unread: Vec<Option<i64>> = by_day
                 .keys()
-                .filter(|d| d.is_some() && !day_keys.contains_key(*d))
+                .filter(|d| d.is_some() && !day_prefixes.contains_key(*d))
                 .copied()
                 .collect();
             let read = par_map(&unread, threads, |day| {
                 let files: Vec<&PathBuf> = by_day[day].iter().map(|&i| &committed[i]).collect();
                 let day = day.expect("only dated days have a key index");
-                keyindex::day_keys(warehouse, day, &files)
+                keyindex::day_prefixes(warehouse, day, &files)
             })?;
-            day_keys.extend(unread.into_iter().zip(read));
-            days.extend(
-                day_keys
-                    .iter()
-                    .filter(|(_, theirs)| keyindex::intersects(&sorted, theirs))
-                    .map(|(day, _)| *day),
-            );
+            day_prefixes.extend(unread.into_iter().zip(read));
+            let indexed: Vec<(&Option<i64>, &Vec<u64>)> = day_prefixes.iter().collect();
+            let hits = par_map(&indexed, threads, |(day, theirs)| {
+                Ok::<_, ScopeError>(keyindex::intersects(&prefixes, theirs).then_some(**day))
+            })?;
+            days.extend(hits.into_iter().flatten());
         }
 
         tracing::debug!(took = ?started.elapsed(), days = days.len(), "rehydration days");
@@ -234,27 +241,18 @@ pub fn keyed_state(
                 candidates.push((i, rows));
             }
         }
-        let undecoded: Vec<usize> = candidates
-            .iter()
-            .map(|(i, _)| *i)
-            .filter(|i| !decoded.contains_key(i))
-            .collect();
-        let read = par_map(&undecoded, threads, |&i| decode_raw(&committed[i]))?;
-        out.files_decoded += undecoded.len() as u64;
-        decoded.extend(undecoded.into_iter().zip(read));
+        // Only those rows are decoded (most of a file's cost is per row: checks, strings, the
+        // key's hash).
+        let decoded = par_map(&candidates, threads, |(i, rows)| {
+            decode_raw(&committed[*i], Some(rows))
+        })?;
+        out.files_decoded += candidates.len() as u64;
 
         tracing::debug!(took = ?started.elapsed(), "rehydration decoded");
         pending_keys.clear();
         pending_user_days.clear();
-        for (i, rows) in candidates {
-            let file = &decoded[&i];
-            for row in rows {
-                let Some((key, version)) = file.get(row) else {
-                    return Err(ScopeError::Raw(RawReadError {
-                        path: committed[i].clone(),
-                        detail: "its columns and its rows disagree in number".into(),
-                    }));
-                };
+        for ((i, rows), file) in candidates.into_iter().zip(&decoded) {
+            for (row, (key, version)) in rows.into_iter().zip(file) {
                 if tombstones.contains(key) {
                     continue;
                 }

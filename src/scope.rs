@@ -147,15 +147,22 @@ pub fn rehydration_scope(
     scope.extend(touched.iter().map(|d| Some(*d)));
 
     // The keys held so far (sorted), from the key index of each day in scope.
-    let mut keys: Vec<u128> = new_keys.iter().map(|k| k.0.get()).collect();
-    let day_keys = |day: &Option<i64>| -> Result<Vec<u128>, ScopeError> {
+    let mut keys: Vec<u64> = new_keys
+        .iter()
+        .map(|k| keyindex::prefix(k.0.get()))
+        .collect();
+    let day_keys = |day: &Option<i64>| -> Result<Vec<u64>, ScopeError> {
         let files = by_day.get(day).map(Vec::as_slice).unwrap_or_default();
         Ok(match day {
-            Some(day) => keyindex::day_keys(warehouse, *day, files)?,
+            Some(day) => keyindex::day_prefixes(warehouse, *day, files)?,
             None => {
                 let mut keys = Vec::new();
                 for file in files {
-                    keys.extend(raw::keys_of(file)?.into_iter().map(|k| k.0.get()));
+                    keys.extend(
+                        raw::keys_of(file)?
+                            .into_iter()
+                            .map(|k| keyindex::prefix(k.0.get())),
+                    );
                 }
                 keys
             }

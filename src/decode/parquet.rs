@@ -71,9 +71,15 @@ const COLUMNS: [(&str, Want, bool); 13] = [
 /// Takes [`Bytes`] so a caller that already holds the file as `Bytes` (or a `Vec<u8>`, via
 /// `Bytes::from`) hands it over without a copy; the reader slices it without copying.
 pub fn decode_parquet(source: &str, bytes: Bytes) -> Decoded {
+    decode_parquet_rows(source, bytes, None)
+}
+
+/// Like [`decode_parquet`], but only the rows at the ascending indices `rows` (all rows when
+/// `None`) are validated and decoded; the others are skipped, neither events nor quarantined.
+pub fn decode_parquet_rows(source: &str, bytes: Bytes, rows: Option<&[usize]>) -> Decoded {
     // The reader is a third-party library decoding untrusted bytes: a panic in it is one more way
     // for a file to be unreadable. Nothing decoded before the panic is kept.
-    match catch_unwind(AssertUnwindSafe(|| read(source, bytes.clone()))) {
+    match catch_unwind(AssertUnwindSafe(|| read(source, bytes.clone(), rows))) {
         Ok(Ok(decoded)) => decoded,
         Ok(Err(reason)) => file_quarantine(source, &bytes, reason),
         Err(panic) => {
@@ -96,7 +102,7 @@ fn unreadable(e: impl std::fmt::Display) -> String {
 }
 
 /// The file's decoded rows, or why the whole file is rejected.
-fn read(source: &str, bytes: Bytes) -> Result<Decoded, String> {
+fn read(source: &str, bytes: Bytes, wanted: Option<&[usize]>) -> Result<Decoded, String> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(unreadable)?;
     let roots = plan(builder.schema())?;
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
@@ -111,6 +117,7 @@ fn read(source: &str, bytes: Bytes) -> Result<Decoded, String> {
 
     let mut out = Decoded::default();
     let mut row: u64 = 0;
+    let mut wanted = wanted.map(|rows| rows.iter().map(|&r| r as u64).peekable());
     for batch in reader {
         let batch = batch.map_err(unreadable)?;
         let mut cols: [Col; 13] = Default::default();
@@ -126,6 +133,12 @@ fn read(source: &str, bytes: Bytes) -> Result<Decoded, String> {
         let [event_id, event_type, event_time, ad_id, campaign_id, advertiser_id, country, user_id, ip, cost_micros, revenue_micros, producer, revision] =
             &cols;
         for i in 0..batch.num_rows() {
+            if let Some(wanted) = wanted.as_mut() {
+                if wanted.next_if_eq(&row).is_none() {
+                    row = row.saturating_add(1);
+                    continue;
+                }
+            }
             let raw = RawEvent {
                 event_id: event_id.get(i),
                 event_type: event_type.get(i),
