@@ -34,11 +34,12 @@ use adsmetrics_dataflows::aggregate::UserDay;
 use adsmetrics_dataflows::batching::BuildFastHasher;
 use adsmetrics_dataflows::{DedupKey, EventVersion, MICROS_PER_DAY};
 
-use crate::decode::{decode_parquet_rows, decode_source};
+use crate::decode::{decode_parquet_rows, decode_source, Decoded};
 use crate::keyindex;
+use crate::retention::Horizons;
 use crate::scope::{raw_day, Changes, ScopeError};
 use crate::sink::raw::{self, RawReadError};
-use crate::source::SourceError;
+use crate::source::{SourceError, SourceFile};
 use crate::warehouse::Warehouse;
 
 /// The state a keyed run rebuilds at epoch 0.
@@ -53,7 +54,13 @@ pub struct KeyedState {
     pub files_scanned: u64,
     /// Rounds of the closure.
     pub rounds: u32,
+    /// The new sources decoded here, by content hash, for the epochs to use instead of decoding
+    /// them again (up to [`KEEP_DECODED_EVENTS`] events in all; the rest are decoded again).
+    pub decoded: HashMap<String, Decoded>,
 }
+
+/// How many decoded events of new sources a run keeps for its epochs (about 200 bytes each).
+pub const KEEP_DECODED_EVENTS: usize = 1 << 20;
 
 type Keyed = Vec<(DedupKey, EventVersion)>;
 
@@ -109,6 +116,49 @@ fn decode_raw(path: &PathBuf, rows: Option<&[usize]>) -> Result<Keyed, ScopeErro
     Ok(decoded.events.iter().map(|e| e.keyed_version()).collect())
 }
 
+/// The new sources' and the withdrawn raw files' `(key, version)`s, and the new sources decoded
+/// (up to [`KEEP_DECODED_EVENTS`] events).
+#[allow(clippy::type_complexity)]
+fn seeds(
+    new_sources: &[&SourceFile],
+    retract: &[PathBuf],
+    horizons: &Horizons,
+    threads: usize,
+) -> Result<(Vec<Keyed>, Vec<Keyed>, HashMap<String, Decoded>), ScopeError> {
+    let new_events = par_map(new_sources, threads, |source| {
+        let bytes = std::fs::read(&source.path).map_err(|e| SourceError {
+            path: source.path.clone(),
+            source: e,
+        })?;
+        let decoded = decode_source(&source.label, &bytes);
+        let keyed: Keyed = decoded
+            .events
+            .iter()
+            .filter(|e| {
+                let day = e.event_time_us.div_euclid(MICROS_PER_DAY);
+                horizons.raw_day.is_none_or(|h| day >= h)
+            })
+            .map(|e| e.keyed_version())
+            .collect();
+        Ok::<_, ScopeError>((keyed, decoded))
+    })?;
+    let mut kept = 0;
+    let mut kept_decoded = HashMap::new();
+    let new_events: Vec<Keyed> = new_events
+        .into_iter()
+        .zip(new_sources)
+        .map(|((keyed, decoded), source)| {
+            kept += decoded.events.len();
+            if kept <= KEEP_DECODED_EVENTS {
+                kept_decoded.insert(source.content_hash.clone(), decoded);
+            }
+            keyed
+        })
+        .collect();
+    let withdrawn = par_map(retract, threads, |path| decode_raw(path, None))?;
+    Ok((new_events, withdrawn, kept_decoded))
+}
+
 /// The keyed state of a run; see the module doc.
 pub fn keyed_state(
     warehouse: &Warehouse,
@@ -133,25 +183,23 @@ pub fn keyed_state(
         by_day.entry(raw_day(warehouse, path)).or_default().push(i);
     }
 
-    // The seeds: new events (those the run will accept) and withdrawn raw rows.
-    let new_events = par_map(new_sources, threads, |source| {
-        let bytes = std::fs::read(&source.path).map_err(|e| SourceError {
-            path: source.path.clone(),
-            source: e,
-        })?;
-        Ok::<_, ScopeError>(
-            decode_source(&source.label, &bytes)
-                .events
-                .iter()
-                .filter(|e| {
-                    let day = e.event_time_us.div_euclid(MICROS_PER_DAY);
-                    horizons.raw_day.is_none_or(|h| day >= h)
-                })
-                .map(|e| e.keyed_version())
-                .collect::<Keyed>(),
-        )
-    })?;
-    let withdrawn = par_map(retract, threads, |path| decode_raw(path, None))?;
+    // Every day's key prefixes, read while the seeds are decoded (any key may be anywhere).
+    let read_prefixes = |day: &Option<i64>| {
+        let files: Vec<&PathBuf> = by_day[day].iter().map(|&i| &committed[i]).collect();
+        let day = day.expect("only dated days have a key index");
+        keyindex::day_prefixes(warehouse, day, &files)
+    };
+    let dated: Vec<Option<i64>> = by_day.keys().filter(|d| d.is_some()).copied().collect();
+    let (seeded, prefetched) = std::thread::scope(|scope| {
+        let prefetch = scope.spawn(|| par_map(&dated, threads, read_prefixes));
+        let seeded = seeds(new_sources, retract, horizons, threads);
+        let prefetched = prefetch.join().expect("key index threads do not panic");
+        (seeded, prefetched)
+    });
+    let (new_events, withdrawn, decoded) = seeded?;
+    out.decoded = decoded;
+    let mut day_prefixes: HashMap<Option<i64>, Vec<u64>> =
+        dated.into_iter().zip(prefetched?).collect();
     let mut keys: HashSet<DedupKey, BuildFastHasher> = HashSet::default();
     let mut user_days: HashSet<UserDay, BuildFastHasher> = HashSet::default();
     let mut pending_keys: Vec<DedupKey> = Vec::new();
@@ -171,7 +219,6 @@ pub fn keyed_state(
     drop((new_events, withdrawn));
     tracing::debug!(took = ?started.elapsed(), keys = keys.len(), user_days = user_days.len(), "rehydration seeds");
 
-    let mut day_prefixes: HashMap<Option<i64>, Vec<u64>> = HashMap::new();
     let mut columns: HashMap<usize, (Vec<u128>, Vec<i64>)> = HashMap::new();
     let mut taken: HashSet<(usize, usize), BuildFastHasher> = HashSet::default();
     while !pending_keys.is_empty() || !pending_user_days.is_empty() {

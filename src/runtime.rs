@@ -32,7 +32,7 @@ use adsmetrics_dataflows::pipeline::{self, Pipeline};
 use adsmetrics_dataflows::{DedupKey, Dims, EventVersion, MetricRow, MirrorError, PartitionId};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::decode::{decode_parquet, decode_source};
+use crate::decode::{decode_parquet, decode_source, Decoded};
 use crate::event::Event;
 use crate::journal::{
     CommitJournal, JournalError, LedgerAnchor, PartitionChange, Published, RetiredSource,
@@ -179,6 +179,9 @@ struct Shared {
     tombstones: Tombstones,
     horizons: Horizons,
     rebuild: Rebuild,
+    /// New sources already decoded while planning, by content hash (taken by the epoch that
+    /// ingests them).
+    predecoded: Mutex<HashMap<String, Decoded>>,
     /// Backfill: the source partition of each new source, by content hash.
     partition_of: HashMap<String, String>,
     /// The progress bar counts sources (backfill) rather than bytes.
@@ -447,6 +450,7 @@ pub(crate) fn execute(
         tombstones: &tombstones,
         horizons: &horizons,
     };
+    let mut predecoded = HashMap::new();
     let rebuild = match &rehydration {
         Rehydration::Days(_) => {
             let files = scope::rehydration_scope(warehouse, &changes, workers)
@@ -484,6 +488,7 @@ pub(crate) fn execute(
                 "rehydration by key"
             );
             summary.rehydrated_files = state.files_decoded;
+            predecoded = state.decoded;
             Rebuild::Rows(state.rows)
         }
     };
@@ -529,6 +534,7 @@ pub(crate) fn execute(
         tombstones,
         horizons,
         rebuild,
+        predecoded: Mutex::new(predecoded),
         partition_of,
         progress_in_sources,
         epochs,
@@ -834,11 +840,21 @@ fn ingest_sources(
     // What earlier epochs published: events into these partitions arrive late.
     let published = shared.state.lock().expect("lock").published.clone();
     for source in sources {
-        let bytes = std::fs::read(&source.path).map_err(|e| SourceError {
-            path: source.path.clone(),
-            source: e,
-        })?;
-        let mut decoded = decode_source(&source.label, &bytes);
+        let predecoded = shared
+            .predecoded
+            .lock()
+            .expect("lock")
+            .remove(&source.content_hash);
+        let mut decoded = match predecoded {
+            Some(decoded) => decoded,
+            None => {
+                let bytes = std::fs::read(&source.path).map_err(|e| SourceError {
+                    path: source.path.clone(),
+                    source: e,
+                })?;
+                decode_source(&source.label, &bytes)
+            }
+        };
         if shared.horizons.raw_day.is_some() {
             refuse_expired(&shared.horizons, &source.label, &mut decoded);
         }
