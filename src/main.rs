@@ -190,6 +190,7 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    tracing::debug!("started");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -333,8 +333,10 @@ pub fn ingest(
                 .join(" ")
         ),
     );
+    tracing::debug!("opened");
     let files = source::discover(inputs)?;
     let identified = source::identify(&files, options.workers)?;
+    tracing::debug!("identified");
     let mut summary = IngestSummary {
         sources_found: identified.len() as u64,
         ..Default::default()
@@ -421,6 +423,7 @@ pub(crate) fn execute(
                 .is_none_or(|horizon| scope::raw_day(warehouse, p).is_none_or(|day| day >= horizon))
         })
         .collect();
+    tracing::debug!("listed raw files");
     let scoping = Instant::now();
     // Each epoch's raw files to retract, found once: the scope needs them all, the epochs each
     // their own.
@@ -681,17 +684,32 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
     let mut pipeline = pipeline::build(worker);
     // Keyed rehydration: the partitions given their published rows so far.
     let mut seeded = matches!(shared.rebuild, Rebuild::Rows(_)).then(BTreeSet::new);
+    if seeded.is_some() {
+        pipeline.mirror.borrow_mut().ignore_before(1);
+    }
 
     for epoch in 0..=shared.epochs.len() as u64 {
         let started = Instant::now();
-        let local = if epoch == 0 {
-            match &shared.rebuild {
-                Rebuild::Files(files) => {
-                    read_raw(shared, files, 1, index, peers, worker, &mut pipeline)
-                }
-                Rebuild::Rows(rows) => Ok(feed_rows(rows, index, peers, worker, &mut pipeline)),
+        if let (0, Rebuild::Rows(rows)) = (epoch, &shared.rebuild) {
+            // A keyed rebuild publishes nothing (the mirror ignores epoch 0), so epoch 1 starts
+            // at once: the dataflow digests the rebuilt state while the first sources are read.
+            let fed = feed_rows(rows, index, peers, worker, &mut pipeline);
+            pipeline.input.advance_to(1);
+            pipeline.input.flush();
+            let mut state = shared.state.lock().expect("lock");
+            state.summary.rehydrated_rows += fed;
+            if index == 0 {
+                state.summary.epochs += 1;
             }
-            .map(|rows| shared.state.lock().expect("lock").summary.rehydrated_rows += rows)
+            continue;
+        }
+        let local = if epoch == 0 {
+            let files = match &shared.rebuild {
+                Rebuild::Files(files) => files.as_slice(),
+                Rebuild::Rows(_) => &[],
+            };
+            read_raw(shared, files, 1, index, peers, worker, &mut pipeline)
+                .map(|rows| shared.state.lock().expect("lock").summary.rehydrated_rows += rows)
         } else {
             // Withdrawn sources leave in the same epoch as their replacements arrive, so the
             // dataflow sees (and publishes) only the difference.
@@ -738,14 +756,6 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
             }
         }
         let computed = started.elapsed();
-        if epoch == 0 {
-            if let Some(seeded) = &mut seeded {
-                // A keyed rebuild holds only part of each partition: what the mirror made of it is
-                // not the published state, which later epochs start from instead.
-                pipeline.mirror.borrow_mut().clear();
-                seeded.clear();
-            }
-        }
         let staged = local.and_then(|()| stage_touched(shared, &pipeline, seeded.as_mut()));
         tracing::info!(worker = index, epoch, ?fed, ?computed, staged = ?started.elapsed(), "epoch done on worker");
         {
@@ -891,12 +901,14 @@ fn ingest_sources(
             .iter()
             .map(|&i| (keyed[i].0, &decoded.events[i]))
             .collect();
+        tracing::debug!("decoded");
         let written = raw::write_source(
             &shared.warehouse,
             &source.label,
             &source.content_hash,
             &accepted,
         )?;
+        tracing::debug!("raw written");
         let late = late_events(&published, &accepted);
         let late_written = late::write_late(
             &shared.warehouse,
@@ -911,6 +923,7 @@ fn ingest_sources(
             &decoded.quarantined,
             shared.started_at_us,
         )?;
+        tracing::debug!("late and quarantine written");
         for &i in &winners {
             pipeline.input.update(keyed[i], 1);
         }

@@ -14,7 +14,7 @@ use differential_dataflow::difference::{IsZero, Semigroup};
 
 use crate::aggregate::CellDelta;
 use crate::batching::BuildFastHasher;
-use crate::model::{Cell, Dims, Grain, MetricRow};
+use crate::model::{Cell, Dims, Epoch, Grain, MetricRow};
 
 /// One curated partition: a grain and a period (an hour or a day).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
@@ -91,6 +91,7 @@ pub struct PartitionMirror {
     // and an epoch applies millions of changes but reads each touched partition once.
     partitions: BTreeMap<PartitionId, HashMap<Dims, CellDelta, BuildFastHasher>>,
     touched: BTreeSet<PartitionId>,
+    floor: Epoch,
 }
 
 impl PartitionMirror {
@@ -127,11 +128,17 @@ impl PartitionMirror {
         }
     }
 
-    /// Forgets every partition and every touch (the state rebuilt for a keyed rehydration
-    /// holds only part of each partition: its cells are not the published ones).
-    pub fn clear(&mut self) {
-        self.partitions.clear();
-        self.touched.clear();
+    /// Ignores changes at epochs before `epoch` from now on: a keyed rehydration feeds only part
+    /// of each partition's state at epoch 0, and what that makes of the cells is not theirs.
+    pub fn ignore_before(&mut self, epoch: Epoch) {
+        self.floor = epoch;
+    }
+
+    /// Adds one change at `epoch` to a cell, unless the epoch is ignored.
+    pub fn apply_at(&mut self, cell: &Cell, epoch: Epoch, delta: &CellDelta) {
+        if epoch >= self.floor {
+            self.apply(cell, delta);
+        }
     }
 
     /// The partitions touched since the last call, in order; clears the set.

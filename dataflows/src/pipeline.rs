@@ -45,7 +45,7 @@ pub fn build(worker: &mut Worker) -> Pipeline {
             .inner
             .exchange(|(cell, _time, _delta)| PartitionId::of(cell).route())
             .as_collection()
-            .inspect(move |(cell, _time, delta)| sink.borrow_mut().apply(cell, delta))
+            .inspect(move |(cell, time, delta)| sink.borrow_mut().apply_at(cell, *time, delta))
             .probe_with(&probe);
 
         input
