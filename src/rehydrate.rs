@@ -34,6 +34,8 @@ use adsmetrics_dataflows::aggregate::UserDay;
 use adsmetrics_dataflows::batching::BuildFastHasher;
 use adsmetrics_dataflows::{DedupKey, EventVersion, MICROS_PER_DAY};
 
+use bytes::Bytes;
+
 use crate::decode::{decode_parquet_rows, decode_source, Decoded};
 use crate::keyindex;
 use crate::retention::Horizons;
@@ -93,14 +95,18 @@ fn par_map<T: Sync, R: Send, E: Send>(
     Ok(out)
 }
 
-/// A raw file's rows (those at the ascending indices `rows`, or all) as `(key, version)`, in row
-/// order.
-fn decode_raw(path: &PathBuf, rows: Option<&[usize]>) -> Result<Keyed, ScopeError> {
+fn read_bytes(path: &PathBuf) -> Result<Bytes, ScopeError> {
     let bytes = std::fs::read(path).map_err(|source| SourceError {
         path: path.clone(),
         source,
     })?;
-    let decoded = decode_parquet_rows(&path.to_string_lossy(), bytes::Bytes::from(bytes), rows);
+    Ok(Bytes::from(bytes))
+}
+
+/// A raw file's rows (those at the ascending indices `rows`, or all) as `(key, version)`, in row
+/// order.
+fn decode_raw(path: &PathBuf, bytes: Bytes, rows: Option<&[usize]>) -> Result<Keyed, ScopeError> {
+    let decoded = decode_parquet_rows(&path.to_string_lossy(), bytes, rows);
     let damaged = |detail: String| {
         ScopeError::Raw(RawReadError {
             path: path.clone(),
@@ -155,7 +161,9 @@ fn seeds(
             keyed
         })
         .collect();
-    let withdrawn = par_map(retract, threads, |path| decode_raw(path, None))?;
+    let withdrawn = par_map(retract, threads, |path| {
+        decode_raw(path, read_bytes(path)?, None)
+    })?;
     Ok((new_events, withdrawn, kept_decoded))
 }
 
@@ -258,48 +266,57 @@ pub fn keyed_state(
             days.extend(hits.into_iter().flatten());
         }
 
-        tracing::debug!(took = ?started.elapsed(), days = days.len(), "rehydration days");
-        // Their files' key and user columns (each file read once per run).
+        tracing::debug!(took = ?started.elapsed(), days = days.len(), keys = pending_keys.len(), user_days = pending_user_days.len(), "rehydration days");
+        // Each file of those days: its key and user columns (read once per run), the candidate
+        // rows (a pending key, or a pending user: the user-day is checked once decoded), and
+        // those rows decoded, from one read of the file.
         let files: Vec<usize> = days.iter().flat_map(|d| by_day[d].clone()).collect();
-        let unscanned: Vec<usize> = files
-            .iter()
-            .filter(|i| !columns.contains_key(i))
-            .copied()
-            .collect();
-        let scanned = par_map(&unscanned, threads, |&i| {
-            raw::key_user_columns(&committed[i])
-        })?;
-        out.files_scanned += unscanned.len() as u64;
-        columns.extend(unscanned.into_iter().zip(scanned));
-
-        tracing::debug!(took = ?started.elapsed(), "rehydration columns");
-        // Candidate rows: a pending key, or a pending user (the user-day is checked once decoded).
-        let mut candidates: Vec<(usize, Vec<usize>)> = Vec::new();
-        for &i in &files {
-            let (file_keys, file_users) = &columns[&i];
+        let (columns_now, taken_now) = (&columns, &taken);
+        let (wanted_keys, wanted_users) = (&wanted_keys, &wanted_users);
+        let scanned = par_map(&files, threads, |&i| {
+            let path = &committed[i];
+            let mut bytes = None;
+            let fresh = match columns_now.get(&i) {
+                Some(_) => None,
+                None => {
+                    let read = read_bytes(path)?;
+                    let fresh = raw::key_user_columns(path, read.clone())?;
+                    bytes = Some(read);
+                    Some(fresh)
+                }
+            };
+            let (file_keys, file_users) = fresh.as_ref().unwrap_or_else(|| &columns_now[&i]);
             let rows: Vec<usize> = (0..file_keys.len())
                 .filter(|&row| {
-                    !taken.contains(&(i, row))
+                    !taken_now.contains(&(i, row))
                         && (wanted_keys.contains(&file_keys[row])
                             || wanted_users.contains(&file_users[row]))
                 })
                 .collect();
-            if !rows.is_empty() {
-                candidates.push((i, rows));
-            }
-        }
-        // Only those rows are decoded (most of a file's cost is per row: checks, strings, the
-        // key's hash).
-        let decoded = par_map(&candidates, threads, |(i, rows)| {
-            decode_raw(&committed[*i], Some(rows))
+            let decoded = if rows.is_empty() {
+                Vec::new()
+            } else {
+                let bytes = match bytes {
+                    Some(bytes) => bytes,
+                    None => read_bytes(path)?,
+                };
+                decode_raw(path, bytes, Some(&rows))?
+            };
+            Ok::<_, ScopeError>((i, fresh, rows, decoded))
         })?;
-        out.files_decoded += candidates.len() as u64;
 
         tracing::debug!(took = ?started.elapsed(), "rehydration decoded");
         pending_keys.clear();
         pending_user_days.clear();
-        for ((i, rows), file) in candidates.into_iter().zip(&decoded) {
-            for (row, (key, version)) in rows.into_iter().zip(file) {
+        for (i, fresh, rows, file) in scanned {
+            if let Some(fresh) = fresh {
+                out.files_scanned += 1;
+                columns.insert(i, fresh);
+            }
+            if !rows.is_empty() {
+                out.files_decoded += 1;
+            }
+            for (row, (key, version)) in rows.into_iter().zip(&file) {
                 if tombstones.contains(key) {
                     continue;
                 }

@@ -414,7 +414,9 @@ pub(crate) fn execute(
     let workers = options.workers.max(1);
     // Committed raw files, of days retention has not dropped (a retention run that stopped
     // before deleting them must not have them rebuilt into curated partitions it removed).
-    let committed_raw: Vec<PathBuf> = raw::list_raw_files(warehouse)
+    let listed = raw::list_raw_files(warehouse);
+    tracing::debug!(files = listed.len(), "walked the raw layer");
+    let committed_raw: Vec<PathBuf> = listed
         .into_iter()
         .filter(|p| raw::source_hash_of(p).is_some_and(|h| journal.consumed().contains(h)))
         .filter(|p| {
@@ -901,7 +903,14 @@ fn ingest_sources(
             .iter()
             .map(|&i| (keyed[i].0, &decoded.events[i]))
             .collect();
-        tracing::debug!("decoded");
+        // Into the dataflow first: the other workers get their share of the keys at this step
+        // and work on it while this one writes the files. (Nothing is published before the
+        // files are written and synced.)
+        for &i in &winners {
+            pipeline.input.update(keyed[i], 1);
+        }
+        drain_input(worker, pipeline);
+        tracing::debug!("decoded and fed");
         let written = raw::write_source(
             &shared.warehouse,
             &source.label,
@@ -924,10 +933,6 @@ fn ingest_sources(
             shared.started_at_us,
         )?;
         tracing::debug!("late and quarantine written");
-        for &i in &winners {
-            pipeline.input.update(keyed[i], 1);
-        }
-        drain_input(worker, pipeline);
 
         let record = SourceRecord {
             source: source.label.clone(),

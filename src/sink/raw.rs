@@ -141,15 +141,39 @@ fn constant_column(value: &str, rows: usize) -> ArrayRef {
     ))
 }
 
-/// Every raw file in the warehouse, sorted by path.
+/// Every raw file in the warehouse, sorted by path (as bytes).
+///
+/// The top-level folders (`dt=…`) are walked on a few threads: a month of history is some ten
+/// thousand files, and every run lists them.
 pub fn list_raw_files(warehouse: &Warehouse) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = walkdir::WalkDir::new(warehouse.raw_dir())
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file() && source_hash_of(e.path()).is_some())
-        .map(|e| e.into_path())
-        .collect();
-    files.sort();
+    let walk = |root: &Path| -> Vec<PathBuf> {
+        walkdir::WalkDir::new(root)
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_file() && source_hash_of(e.path()).is_some())
+            .map(|e| e.into_path())
+            .collect()
+    };
+    let roots: Vec<PathBuf> = match std::fs::read_dir(warehouse.raw_dir()) {
+        Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+        Err(_) => return Vec::new(),
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+        .min(roots.len().max(1));
+    let chunk = roots.len().div_ceil(threads).max(1);
+    let mut files: Vec<PathBuf> = std::thread::scope(|scope| {
+        let handles: Vec<_> = roots
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().flat_map(|r| walk(r)).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("listing threads do not panic"))
+            .collect()
+    });
+    files.sort_unstable_by(|a, b| a.as_os_str().cmp(b.as_os_str()));
     files
 }
 
@@ -190,15 +214,19 @@ pub fn keys_of(path: &Path) -> Result<Vec<DedupKey>, RawReadError> {
     Ok(keys)
 }
 
-/// The `dedup_key` (as `u128`) and `user_id` columns of a raw file, row by row, read from those
-/// two columns only: enough to tell which rows a keyed rehydration wants.
-pub fn key_user_columns(path: &Path) -> Result<(Vec<u128>, Vec<i64>), RawReadError> {
+/// The `dedup_key` (as `u128`) and `user_id` columns of the raw file at `path`, whose contents are
+/// `bytes`, row by row, decoded from those two columns only: enough to tell which rows a keyed
+/// rehydration wants.
+pub fn key_user_columns(
+    path: &Path,
+    bytes: bytes::Bytes,
+) -> Result<(Vec<u128>, Vec<i64>), RawReadError> {
     let err = |detail: String| RawReadError {
         path: path.to_path_buf(),
         detail,
     };
-    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(e.to_string()))?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| err(e.to_string()))?;
     let position = |name: &str| {
         builder
             .parquet_schema()
