@@ -28,7 +28,7 @@
 //! crashed earlier attempt left.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use adsmetrics_dataflows::aggregate::UserDay;
 use adsmetrics_dataflows::batching::BuildFastHasher;
@@ -95,9 +95,9 @@ fn par_map<T: Sync, R: Send, E: Send>(
     Ok(out)
 }
 
-fn read_bytes(path: &PathBuf) -> Result<Bytes, ScopeError> {
+fn read_bytes(path: &Path) -> Result<Bytes, ScopeError> {
     let bytes = std::fs::read(path).map_err(|source| SourceError {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     })?;
     Ok(Bytes::from(bytes))
@@ -105,11 +105,11 @@ fn read_bytes(path: &PathBuf) -> Result<Bytes, ScopeError> {
 
 /// A raw file's rows (those at the ascending indices `rows`, or all) as `(key, version)`, in row
 /// order.
-fn decode_raw(path: &PathBuf, bytes: Bytes, rows: Option<&[usize]>) -> Result<Keyed, ScopeError> {
+fn decode_raw(path: &Path, bytes: Bytes, rows: Option<&[usize]>) -> Result<Keyed, ScopeError> {
     let decoded = decode_parquet_rows(&path.to_string_lossy(), bytes, rows);
     let damaged = |detail: String| {
         ScopeError::Raw(RawReadError {
-            path: path.clone(),
+            path: path.to_path_buf(),
             detail: format!("raw layer file is damaged: {detail}"),
         })
     };
