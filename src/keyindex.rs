@@ -124,6 +124,47 @@ pub fn day_prefixes(
     Ok(keys)
 }
 
+/// Brings `day`'s index up to date after a run that wrote the raw files `written` holding keys
+/// with `prefixes` (any order) and removed the files `removed`: when the index matched the day's
+/// files `before` the run (or the day had none), it becomes the union of both, under the
+/// fingerprint of the files now. Prefixes of removed files stay: the index may only ever hold
+/// more than the day's keys, never less. A stale index is left to be rebuilt when needed;
+/// failing to write is only logged.
+pub fn extend(
+    warehouse: &Warehouse,
+    day: i64,
+    before: &[&PathBuf],
+    removed: &std::collections::BTreeSet<&PathBuf>,
+    written: &[PathBuf],
+    mut prefixes: Vec<u64>,
+) {
+    let path = index_path(warehouse, day);
+    let old = if before.is_empty() {
+        Some(Vec::new())
+    } else {
+        read_index(&path, fingerprint(before))
+    };
+    let Some(old) = old else {
+        return;
+    };
+    let mut after: Vec<&PathBuf> = before
+        .iter()
+        .copied()
+        .filter(|p| !removed.contains(p))
+        .collect();
+    for file in written {
+        if !after.contains(&file) {
+            after.push(file);
+        }
+    }
+    prefixes.extend(old);
+    prefixes.sort_unstable();
+    prefixes.dedup();
+    if let Err(e) = write_index(&path, fingerprint(&after), &prefixes) {
+        tracing::warn!(path = %path.display(), error = %e, "could not write a key index");
+    }
+}
+
 /// Whether two ascending slices share an element.
 pub fn intersects<T: Ord>(a: &[T], b: &[T]) -> bool {
     let (small, large) = if a.len() <= b.len() { (a, b) } else { (b, a) };
@@ -161,6 +202,48 @@ mod tests {
         with_one.sort_unstable();
         assert!(intersects(&with_one, &large));
         assert!(!intersects(&[], &large));
+    }
+
+    #[test]
+    fn a_run_extends_a_current_index_and_leaves_a_stale_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let wh = Warehouse::new(dir.path());
+        let (a, b, c) = (
+            PathBuf::from("raw/dt=2026-11-01/hr=01/src-a.parquet"),
+            PathBuf::from("raw/dt=2026-11-01/hr=02/src-b.parquet"),
+            PathBuf::from("raw/dt=2026-11-01/hr=03/src-c.parquet"),
+        );
+        let none = std::collections::BTreeSet::new();
+        let path = index_path(&wh, 7);
+        // A new day: the index is what the run wrote.
+        extend(&wh, 7, &[], &none, std::slice::from_ref(&a), vec![3, 1, 3]);
+        assert_eq!(read_index(&path, fingerprint(&[&a])), Some(vec![1, 3]));
+        // A current index: the union, under the new files' fingerprint.
+        extend(&wh, 7, &[&a], &none, std::slice::from_ref(&b), vec![2]);
+        assert_eq!(
+            read_index(&path, fingerprint(&[&a, &b])),
+            Some(vec![1, 2, 3])
+        );
+        // A removed file's keys stay (more is harmless), its name leaves the fingerprint.
+        let removed = std::collections::BTreeSet::from([&a]);
+        extend(
+            &wh,
+            7,
+            &[&a, &b],
+            &removed,
+            std::slice::from_ref(&c),
+            vec![9],
+        );
+        assert_eq!(
+            read_index(&path, fingerprint(&[&b, &c])),
+            Some(vec![1, 2, 3, 9])
+        );
+        // A stale index (the files before the run are not the ones it was built for): untouched.
+        extend(&wh, 7, &[&a], &none, std::slice::from_ref(&b), vec![5]);
+        assert_eq!(
+            read_index(&path, fingerprint(&[&b, &c])),
+            Some(vec![1, 2, 3, 9])
+        );
     }
 
     #[test]

@@ -15,8 +15,8 @@
 //!  ads_metrics_hourly/dt=/hr=/data.parquet    ads_metrics_daily/dt=/data.parquet
 //! ```
 //!
-//! Every run (`ingest`, `backfill`, `delete`, `retention`) rebuilds state only for the event days
-//! it touches ([`scope`]), publishes through the commit journal ([`journal`]) and appends one
+//! Every run (`ingest`, `backfill`, `delete`) rebuilds only the state its changes need — by key
+//! and user-day ([`rehydrate`]), or whole event days for a delete ([`scope`]) — publishes through the commit journal ([`journal`]) and appends one
 //! hash-chained entry to the audit ledger ([`ledger`]). Deleted keys are remembered as
 //! [`tombstones`]; late arrivals are recorded beside the tables (`sink::late`).
 //!

@@ -4,9 +4,12 @@
 //! ```text
 //!  open: recover journal, catch the ledger up, read tombstones and retention horizons
 //!  plan (ingest | backfill | delete): batches of new sources, withdrawn sources, adoptions
-//!  scope: the event days the run touches, closed over keys (crate::scope)
+//!  rebuild: the raw rows of the keys and user-days the run changes (crate::rehydrate),
+//!           or, for a delete, the event days it touches (crate::scope)
 //!                                                                    │
-//!  every worker:  epoch 0  rehydrate: its share of the scope's raw files ──▶ dataflow (+1)
+//!  every worker:  epoch 0  its share of the rebuilt rows ──▶ dataflow (+1); keyed: the mirror
+//!                          ignores epoch 0 and seeds a partition from its published rows
+//!                          when a later epoch first touches it
 //!                 epoch k  withdrawn sources' raw rows ──▶ dataflow (−1)
 //!                          its share of the epoch's sources: decode ─▶ in-source dedup
 //!                            ─▶ tombstones, retention ─▶ raw, quarantine, late_arrivals files
@@ -201,6 +204,9 @@ struct SharedState {
     errors: Vec<RunError>,
     summary: IngestSummary,
     fail_point: Option<FailPoint>,
+    /// Per event day: the raw files this run wrote and their keys' index prefixes, to bring the
+    /// day's key index up to date at the end of the run.
+    written: BTreeMap<i64, (Vec<PathBuf>, Vec<u64>)>,
 }
 
 /// A warehouse opened for a run: the journal recovered, the ledger verified and caught up, the
@@ -629,6 +635,23 @@ pub(crate) fn execute(
             tracing::warn!(path = %path.display(), error = %e, "could not remove a retired raw file");
         }
     }
+    // The key index of every day this run wrote to, brought up to date now rather than by the
+    // next run that needs it (from the keys just written, when the day's index was current).
+    let retracted: BTreeSet<&PathBuf> = shared.epochs.iter().flat_map(|e| &e.retract).collect();
+    let mut before: BTreeMap<Option<i64>, Vec<&PathBuf>> = BTreeMap::new();
+    for path in &committed_raw {
+        before
+            .entry(scope::raw_day(warehouse, path))
+            .or_default()
+            .push(path);
+    }
+    for (day, (written, prefixes)) in std::mem::take(&mut state.written) {
+        let before = before
+            .get(&Some(day))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        crate::keyindex::extend(warehouse, day, before, &retracted, &written, prefixes);
+    }
     let mut summary = std::mem::take(&mut state.summary);
     summary.conflicted_keys += conflicted;
     summary.elapsed = started.elapsed();
@@ -933,6 +956,22 @@ fn ingest_sources(
             shared.started_at_us,
         )?;
         tracing::debug!("late and quarantine written");
+        let mut written_days: BTreeMap<i64, (Vec<PathBuf>, Vec<u64>)> = BTreeMap::new();
+        let mut last_hour = None;
+        for (key, event) in &accepted {
+            let hour = event
+                .event_time_us
+                .div_euclid(adsmetrics_dataflows::MICROS_PER_HOUR);
+            let entry = written_days.entry(hour.div_euclid(24)).or_default();
+            if last_hour != Some(hour) {
+                let path = raw::raw_file(&shared.warehouse, hour, &source.content_hash);
+                if !entry.0.contains(&path) {
+                    entry.0.push(path);
+                }
+                last_hour = Some(hour);
+            }
+            entry.1.push(crate::keyindex::prefix(key.0.get()));
+        }
 
         let record = SourceRecord {
             source: source.label.clone(),
@@ -966,6 +1005,11 @@ fn ingest_sources(
             events as f64 / secs
         ));
         state.sources.push(record);
+        for (day, (paths, prefixes)) in written_days {
+            let entry = state.written.entry(day).or_default();
+            entry.0.extend(paths);
+            entry.1.extend(prefixes);
+        }
     }
     Ok(())
 }

@@ -1,4 +1,9 @@
-//! Which part of the raw layer a run must read back: the days its changes touch, closed over keys.
+//! Which part of the raw layer a delete reads back: the days its changes touch, closed over keys.
+//!
+//! Ingest and backfill rebuild less, by key and user-day ([`crate::rehydrate`]), starting every
+//! partition from its published rows. A delete cannot: a crashed earlier attempt may have
+//! published some of its partitions and rewritten some of its raw files, so it rebuilds whole days
+//! from the raw layer (without the deleted keys), which is right whatever it finds.
 //!
 //! A run's output is exact when, for every dedup key and every (user, day, dims) its changes touch,
 //! the dataflow holds everything the raw layer holds for them. Both live within event days: a
