@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 
 use adsmetrics_dataflows::aggregate::UserDay;
 use adsmetrics_dataflows::batching::BuildFastHasher;
-use adsmetrics_dataflows::{DedupKey, EventVersion, MICROS_PER_DAY};
+use adsmetrics_dataflows::{DedupKey, EventVersion};
 
 use bytes::Bytes;
 
@@ -58,8 +58,11 @@ pub struct KeyedState {
     pub rounds: u32,
     /// The new sources decoded here, by content hash, for the epochs to use instead of decoding
     /// them again (up to [`KEEP_DECODED_EVENTS`] events in all; the rest are decoded again).
-    pub decoded: HashMap<String, Decoded>,
+    pub decoded: HashMap<String, Predecoded>,
 }
+
+/// A new source decoded while planning: what it decoded to, and its events' `(key, version)`s.
+pub type Predecoded = (Decoded, Vec<(DedupKey, EventVersion)>);
 
 /// How many decoded events of new sources a run keeps for its epochs (about 200 bytes each).
 pub const KEEP_DECODED_EVENTS: usize = 1 << 20;
@@ -130,23 +133,21 @@ fn seeds(
     retract: &[PathBuf],
     horizons: &Horizons,
     threads: usize,
-) -> Result<(Vec<Keyed>, Vec<Keyed>, HashMap<String, Decoded>), ScopeError> {
+) -> Result<(Vec<Keyed>, Vec<Keyed>, HashMap<String, Predecoded>), ScopeError> {
     let new_events = par_map(new_sources, threads, |source| {
         let bytes = std::fs::read(&source.path).map_err(|e| SourceError {
             path: source.path.clone(),
             source: e,
         })?;
         let decoded = decode_source(&source.label, &bytes);
-        let keyed: Keyed = decoded
-            .events
+        let all: Keyed = decoded.events.iter().map(|e| e.keyed_version()).collect();
+        // Events past the raw horizon will be refused: they change nothing.
+        let keyed: Keyed = all
             .iter()
-            .filter(|e| {
-                let day = e.event_time_us.div_euclid(MICROS_PER_DAY);
-                horizons.raw_day.is_none_or(|h| day >= h)
-            })
-            .map(|e| e.keyed_version())
+            .filter(|(_, v)| horizons.raw_day.is_none_or(|h| v.day() >= h))
+            .copied()
             .collect();
-        Ok::<_, ScopeError>((keyed, decoded))
+        Ok::<_, ScopeError>((keyed, (decoded, all)))
     })?;
     let mut kept = 0;
     let mut kept_decoded = HashMap::new();
@@ -154,7 +155,7 @@ fn seeds(
         .into_iter()
         .zip(new_sources)
         .map(|((keyed, decoded), source)| {
-            kept += decoded.events.len();
+            kept += decoded.0.events.len();
             if kept <= KEEP_DECODED_EVENTS {
                 kept_decoded.insert(source.content_hash.clone(), decoded);
             }
@@ -213,7 +214,7 @@ pub fn keyed_state(
     let mut pending_keys: Vec<DedupKey> = Vec::new();
     let mut pending_user_days: Vec<UserDay> = Vec::new();
     for (key, version) in new_events.iter().chain(&withdrawn).flatten() {
-        if tombstones.contains(key) {
+        if !tombstones.is_empty() && tombstones.contains(key) {
             continue;
         }
         if keys.insert(*key) {
@@ -228,9 +229,11 @@ pub fn keyed_state(
     tracing::debug!(took = ?started.elapsed(), keys = keys.len(), user_days = user_days.len(), "rehydration seeds");
 
     let mut columns: HashMap<usize, (Vec<u128>, Vec<i64>)> = HashMap::new();
-    let mut taken: HashSet<(usize, usize), BuildFastHasher> = HashSet::default();
+    // Per file, the rows already taken (so a later round does not take them twice).
+    let mut taken: HashMap<usize, Vec<bool>> = HashMap::new();
     while !pending_keys.is_empty() || !pending_user_days.is_empty() {
         out.rounds += 1;
+        tracing::debug!(took = ?started.elapsed(), "rehydration round");
         let wanted_keys: HashSet<u128, BuildFastHasher> =
             pending_keys.iter().map(|k| k.0.get()).collect();
         let mut prefixes: Vec<u64> = wanted_keys.iter().map(|&k| keyindex::prefix(k)).collect();
@@ -286,9 +289,10 @@ pub fn keyed_state(
                 }
             };
             let (file_keys, file_users) = fresh.as_ref().unwrap_or_else(|| &columns_now[&i]);
+            let taken_here = taken_now.get(&i);
             let rows: Vec<usize> = (0..file_keys.len())
                 .filter(|&row| {
-                    !taken_now.contains(&(i, row))
+                    !taken_here.is_some_and(|t| t[row])
                         && (wanted_keys.contains(&file_keys[row])
                             || wanted_users.contains(&file_users[row]))
                 })
@@ -316,20 +320,25 @@ pub fn keyed_state(
             if !rows.is_empty() {
                 out.files_decoded += 1;
             }
+            let rows_in_file = columns.get(&i).map_or(0, |(k, _)| k.len());
             for (row, (key, version)) in rows.into_iter().zip(&file) {
-                if tombstones.contains(key) {
+                if !tombstones.is_empty() && tombstones.contains(key) {
                     continue;
                 }
                 let user_day = UserDay::of(version).0;
-                if !keys.contains(key) && !user_days.contains(&user_day) {
+                let (key_known, user_day_known) =
+                    (keys.contains(key), user_days.contains(&user_day));
+                if !key_known && !user_day_known {
                     continue;
                 }
-                taken.insert((i, row));
+                taken.entry(i).or_insert_with(|| vec![false; rows_in_file])[row] = true;
                 out.rows.push((*key, *version));
-                if keys.insert(*key) {
+                if !key_known {
+                    keys.insert(*key);
                     pending_keys.push(*key);
                 }
-                if user_days.insert(user_day) {
+                if !user_day_known {
+                    user_days.insert(user_day);
                     pending_user_days.push(user_day);
                 }
             }

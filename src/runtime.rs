@@ -35,7 +35,7 @@ use adsmetrics_dataflows::pipeline::{self, Pipeline};
 use adsmetrics_dataflows::{DedupKey, Dims, EventVersion, MetricRow, MirrorError, PartitionId};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::decode::{decode_parquet, decode_source, Decoded};
+use crate::decode::{decode_parquet, decode_source};
 use crate::event::Event;
 use crate::journal::{
     CommitJournal, JournalError, LedgerAnchor, PartitionChange, Published, RetiredSource,
@@ -184,7 +184,7 @@ struct Shared {
     rebuild: Rebuild,
     /// New sources already decoded while planning, by content hash (taken by the epoch that
     /// ingests them).
-    predecoded: Mutex<HashMap<String, Decoded>>,
+    predecoded: Mutex<HashMap<String, rehydrate::Predecoded>>,
     /// Backfill: the source partition of each new source, by content hash.
     partition_of: HashMap<String, String>,
     /// The progress bar counts sources (backfill) rather than bytes.
@@ -219,6 +219,8 @@ pub(crate) struct Opened {
     committed_before: u64,
     started: Instant,
     pub(crate) started_at_us: i64,
+    /// The raw layer's files, listed on another thread while the journal and ledger are read.
+    raw_listing: std::thread::JoinHandle<Vec<PathBuf>>,
 }
 
 impl Opened {
@@ -226,6 +228,11 @@ impl Opened {
     /// publish an earlier run committed without recording it.
     pub(crate) fn open(warehouse: &Warehouse) -> Result<Self, RunError> {
         let started = Instant::now();
+        // Nothing below writes raw files (recovery renames curated partitions only).
+        let raw_listing = {
+            let warehouse = warehouse.clone();
+            std::thread::spawn(move || raw::list_raw_files(&warehouse))
+        };
         let mut journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
         if let Some(seq) =
             journal.recover(&warehouse.staging_dir(), |id| warehouse.partition_file(id))?
@@ -249,6 +256,7 @@ impl Opened {
             tombstones,
             started,
             started_at_us: chrono::Utc::now().timestamp_micros(),
+            raw_listing,
         })
     }
 
@@ -393,6 +401,7 @@ pub(crate) fn execute(
         committed_before,
         started,
         started_at_us,
+        raw_listing,
     } = opened;
     let Plan {
         mut run,
@@ -420,7 +429,9 @@ pub(crate) fn execute(
     let workers = options.workers.max(1);
     // Committed raw files, of days retention has not dropped (a retention run that stopped
     // before deleting them must not have them rebuilt into curated partitions it removed).
-    let listed = raw::list_raw_files(warehouse);
+    let listed = raw_listing
+        .join()
+        .unwrap_or_else(|_| raw::list_raw_files(warehouse));
     tracing::debug!(files = listed.len(), "walked the raw layer");
     let committed_raw: Vec<PathBuf> = listed
         .into_iter()
@@ -880,23 +891,25 @@ fn ingest_sources(
             .lock()
             .expect("lock")
             .remove(&source.content_hash);
-        let mut decoded = match predecoded {
+        let (mut decoded, mut keyed) = match predecoded {
             Some(decoded) => decoded,
             None => {
                 let bytes = std::fs::read(&source.path).map_err(|e| SourceError {
                     path: source.path.clone(),
                     source: e,
                 })?;
-                decode_source(&source.label, &bytes)
+                (decode_source(&source.label, &bytes), Vec::new())
             }
         };
         if shared.horizons.raw_day.is_some() {
             refuse_expired(&shared.horizons, &source.label, &mut decoded);
+            keyed.clear();
+        }
+        if keyed.len() != decoded.events.len() {
+            keyed = decoded.events.iter().map(Event::keyed_version).collect();
         }
 
         // A source contributes each key at most once: its greatest version.
-        let keyed: Vec<(DedupKey, EventVersion)> =
-            decoded.events.iter().map(Event::keyed_version).collect();
         let mut best: HashMap<DedupKey, usize, BuildFastHasher> =
             HashMap::with_capacity_and_hasher(keyed.len(), BuildFastHasher::default());
         let mut duplicates = 0u64;
