@@ -8,7 +8,8 @@
 //!    every run skips tombstoned keys when it reads the raw layer or a source;
 //! 2. a run rebuilds the state from the raw layer without them, so its first epoch publishes
 //!    exactly the partitions that held them (journal, atomic renames, ledger entry `delete`);
-//! 3. the raw files that held them are rewritten without them;
+//! 3. the raw files that held them are rewritten without them, and so are the quarantine files
+//!    holding invalid records that name a requested user or event id;
 //! 4. the certificate `_adsmetrics/deletions/<request id>.json` records what was done.
 //!
 //! A crash anywhere before the certificate is finished by running the same request again (the
@@ -26,7 +27,7 @@ use crate::decode::decode_parquet;
 use crate::ledger::{Outcome, RunKind};
 use crate::runtime::{execute, IngestOptions, IngestSummary, Opened, Plan, Rehydration, RunError};
 use crate::sink::files::{replace, sync_filesystem, WriteError};
-use crate::sink::raw;
+use crate::sink::{quarantine, raw};
 use crate::source::SourceError;
 use crate::tombstones::{key_hex, parse_key, TombstoneRequest};
 use crate::warehouse::Warehouse;
@@ -74,6 +75,12 @@ pub struct Certificate {
     pub raw_rows_removed: u64,
     /// Raw files rewritten or removed, relative to the warehouse.
     pub raw_files_rewritten: Vec<String>,
+    /// Quarantine rows removed (invalid records that named a requested user or event id).
+    #[serde(default)]
+    pub quarantine_rows_removed: u64,
+    /// Quarantine files rewritten or removed, relative to the warehouse.
+    #[serde(default)]
+    pub quarantine_files_rewritten: Vec<String>,
     /// Curated partitions the delete changed, with old and new versions.
     pub partitions: Vec<CertifiedPartition>,
     /// Ledger entries of the runs that applied it.
@@ -103,6 +110,9 @@ pub enum DeleteError {
     /// The raw layer could not be searched or rewritten; run the same request again.
     #[error(transparent)]
     Raw(#[from] raw::RawRewriteError),
+    /// The quarantine could not be searched or rewritten; run the same request again.
+    #[error(transparent)]
+    Quarantine(#[from] quarantine::ScrubError),
     /// A certificate could not be read or written.
     #[error("deletion certificate {path}: {detail}")]
     Certificate {
@@ -241,6 +251,14 @@ pub fn delete(
     for day in &extra_days {
         crate::keyindex::invalidate(warehouse, *day);
     }
+    // 3b. Invalid records that name them: they never reached a table, but they hold the data.
+    let scrubbed = quarantine::scrub(
+        warehouse,
+        &quarantine::Scrub {
+            user_ids: &request.user_ids,
+            event_ids: &request.event_ids,
+        },
+    )?;
     let _ = std::fs::remove_dir_all(warehouse.staging_dir());
     sync_filesystem(warehouse.root()).map_err(|source| {
         raw::RawRewriteError::Write(WriteError::Io {
@@ -283,6 +301,8 @@ pub fn delete(
         events_deleted: deleted.len() as u64,
         raw_rows_removed,
         raw_files_rewritten,
+        quarantine_rows_removed: scrubbed.rows_removed,
+        quarantine_files_rewritten: scrubbed.files,
         partitions: partitions.into_values().collect(),
         ledger_entries,
     };

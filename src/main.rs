@@ -300,11 +300,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             } else {
                 println!(
-                    "request {}: {} events deleted, {} raw rows removed from {} files, {} partitions changed",
+                    "request {}: {} events deleted, {} raw rows removed from {} files, {} quarantine rows \
+                     removed, {} partitions changed",
                     c.request_id,
                     c.events_deleted,
                     c.raw_rows_removed,
                     c.raw_files_rewritten.len(),
+                    c.quarantine_rows_removed,
                     c.partitions.len()
                 );
             }

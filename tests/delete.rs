@@ -184,3 +184,76 @@ fn bad_requests_are_refused_with_a_reason() {
         );
     }
 }
+
+/// The `raw` bytes of every quarantine row in the warehouse.
+fn quarantine_rows(wh: &Warehouse) -> Vec<String> {
+    let mut rows = Vec::new();
+    for entry in walkdir::WalkDir::new(wh.quarantine_dir()).sort_by_file_name() {
+        let entry = entry.unwrap();
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let file = std::fs::File::open(entry.path()).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let raw = batch
+                .column_by_name("raw")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<arrow::array::BinaryArray>()
+                .unwrap()
+                .clone();
+            rows.extend(
+                raw.iter()
+                    .map(|r| String::from_utf8_lossy(r.unwrap()).into_owned()),
+            );
+        }
+    }
+    rows
+}
+
+#[test]
+fn a_delete_also_removes_the_quarantined_records_that_name_the_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wh, _) = setup(dir.path());
+    // Invalid records: two of user 7 (one JSON with a bad country, one broken line), one of
+    // user 70 and one of nobody in particular.
+    std::fs::create_dir_all(dir.path().join("bad")).unwrap();
+    let lines = [
+        r#"{"event_id":"x1","event_type":"click","event_time":1793750400000000,"ad_id":1,"campaign_id":1,"advertiser_id":1,"country":"??","user_id":7,"ip":"10.0.0.1","producer":"web","revision":0}"#,
+        r#"{"event_id":"x2","user_id": 7, "country": "DE", "#,
+        r#"{"event_id":"x3","event_type":"click","event_time":1793750400000000,"ad_id":1,"campaign_id":1,"advertiser_id":1,"country":"??","user_id":70,"ip":"10.0.0.1","producer":"web","revision":0}"#,
+        "not json",
+    ];
+    std::fs::write(dir.path().join("bad/c.jsonl"), lines.join("\n")).unwrap();
+    ingest(&wh, &[dir.path().join("bad")], options()).unwrap();
+    let before = quarantine_rows(&wh);
+    assert!(
+        before.iter().filter(|r| r.contains("\"x")).count() == 3,
+        "{before:?}"
+    );
+
+    let request = DeleteRequest {
+        request_id: "GDPR-q".into(),
+        reason: "user asked".into(),
+        user_ids: vec![7],
+        event_ids: vec![],
+    };
+    let outcome = delete(&wh, &request, options()).unwrap();
+    assert_eq!(outcome.certificate.quarantine_rows_removed, 2);
+    assert_eq!(outcome.certificate.quarantine_files_rewritten.len(), 1);
+    let after = quarantine_rows(&wh);
+    assert_eq!(after.len(), before.len() - 2);
+    assert!(after
+        .iter()
+        .all(|r| !r.contains("\"x1\"") && !r.contains("\"x2\"")));
+    assert!(
+        after.iter().any(|r| r.contains("\"x3\"")),
+        "user 70 is not user 7"
+    );
+    assert!(after.iter().any(|r| r == "not json"));
+}
