@@ -65,8 +65,9 @@ pub fn invalidate(warehouse: &Warehouse, day: i64) {
     let _ = fs::remove_file(index_path(warehouse, day));
 }
 
-fn read_index(path: &Path, expected: u128) -> Option<Vec<u64>> {
-    let bytes = fs::read(path).ok()?;
+/// The prefixes of an index file's `bytes` (8 little-endian bytes each), when the file is whole
+/// and was built for the files with fingerprint `expected`.
+fn index_body(bytes: &[u8], expected: u128) -> Option<&[u8]> {
     let rest = bytes.strip_prefix(MAGIC)?;
     let (print, rest) = rest.split_at_checked(16)?;
     if u128::from_be_bytes(print.try_into().ok()?) != expected {
@@ -74,14 +75,83 @@ fn read_index(path: &Path, expected: u128) -> Option<Vec<u64>> {
     }
     let (count, rest) = rest.split_at_checked(8)?;
     let count = u64::from_le_bytes(count.try_into().ok()?) as usize;
-    if rest.len() != count.checked_mul(8)? {
-        return None;
-    }
+    (rest.len() == count.checked_mul(8)?).then_some(rest)
+}
+
+fn read_index(path: &Path, expected: u128) -> Option<Vec<u64>> {
+    let bytes = fs::read(path).ok()?;
     Some(
-        rest.chunks_exact(8)
+        index_body(&bytes, expected)?
+            .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().expect("8-byte chunks")))
             .collect(),
     )
+}
+
+thread_local! {
+    /// The bytes of the index file a thread last read, kept for its next one: a run reads every
+    /// day's index, and fresh buffers cost a page fault per 4 KiB.
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether `day`'s raw `files` may hold a key whose prefix is among the ascending `prefixes`: from
+/// the day's index, compared as it lies in the file, when the index is current; else from
+/// [`day_prefixes`] (which rebuilds it).
+pub fn day_may_hold(
+    warehouse: &Warehouse,
+    day: i64,
+    files: &[&PathBuf],
+    prefixes: &[u64],
+) -> Result<bool, RawReadError> {
+    let path = index_path(warehouse, day);
+    let print = fingerprint(files);
+    let from_index = READ_BUFFER.with_borrow_mut(|buffer| {
+        use std::io::Read;
+        buffer.clear();
+        fs::File::open(&path).ok()?.read_to_end(buffer).ok()?;
+        Some(intersects_encoded(prefixes, index_body(buffer, print)?))
+    });
+    match from_index {
+        Some(found) => Ok(found),
+        None => Ok(intersects(prefixes, &day_prefixes(warehouse, day, files)?)),
+    }
+}
+
+/// Whether the ascending `wanted` and the ascending 8-byte little-endian values `encoded` share a
+/// value.
+fn intersects_encoded(wanted: &[u64], encoded: &[u8]) -> bool {
+    let n = encoded.len() / 8;
+    let at =
+        |i: usize| u64::from_le_bytes(encoded[i * 8..i * 8 + 8].try_into().expect("8-byte slices"));
+    if wanted.is_empty() || n == 0 {
+        return false;
+    }
+    if wanted.len() * 16 < n {
+        // Few probes into many: binary search.
+        return wanted.iter().any(|&w| {
+            let (mut lo, mut hi) = (0, n);
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                match at(mid).cmp(&w) {
+                    std::cmp::Ordering::Less => lo = mid + 1,
+                    std::cmp::Ordering::Greater => hi = mid,
+                    std::cmp::Ordering::Equal => return true,
+                }
+            }
+            false
+        });
+    }
+    // One merge pass, its steps without branches to mispredict.
+    let (mut i, mut j) = (0, 0);
+    while i < wanted.len() && j < n {
+        let (a, b) = (wanted[i], at(j));
+        if a == b {
+            return true;
+        }
+        i += usize::from(a < b);
+        j += usize::from(a > b);
+    }
+    false
 }
 
 fn write_index(path: &Path, print: u128, keys: &[u64]) -> io::Result<()> {
@@ -202,6 +272,44 @@ mod tests {
         with_one.sort_unstable();
         assert!(intersects(&with_one, &large));
         assert!(!intersects(&[], &large));
+    }
+
+    #[test]
+    fn encoded_intersection_agrees_with_the_plain_one() {
+        let encode = |v: &[u64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let large: Vec<u64> = (0..1000).map(|i| i * 3 + (1 << 40)).collect();
+        let cases: [Vec<u64>; 6] = [
+            vec![],
+            vec![(1 << 40) + 4, (1 << 40) + 6],
+            vec![(1 << 40) + 4, (1 << 40) + 5],
+            (0..900).map(|i| i * 3 + 1 + (1 << 40)).collect(),
+            (0..900)
+                .map(|i| i * 3 + 1 + (1 << 40))
+                .chain([(1 << 40) + 2997])
+                .collect(),
+            vec![u64::MAX],
+        ];
+        for wanted in cases {
+            assert_eq!(
+                intersects_encoded(&wanted, &encode(&large)),
+                intersects(&wanted, &large),
+                "{wanted:?}"
+            );
+            assert!(!intersects_encoded(&wanted, &[]));
+        }
+    }
+
+    #[test]
+    fn a_day_may_hold_what_its_index_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let wh = Warehouse::new(dir.path());
+        let a = PathBuf::from("raw/dt=2026-11-01/hr=01/src-a.parquet");
+        write_index(&index_path(&wh, 7), fingerprint(&[&a]), &[1, 5, 9]).unwrap();
+        assert!(day_may_hold(&wh, 7, &[&a], &[2, 5]).unwrap());
+        assert!(!day_may_hold(&wh, 7, &[&a], &[2, 6, 10]).unwrap());
+        // A stale index is not used: the day's files are read (here: missing, an error).
+        let b = PathBuf::from("raw/dt=2026-11-01/hr=02/src-b.parquet");
+        assert!(day_may_hold(&wh, 7, &[&a, &b], &[5]).is_err());
     }
 
     #[test]

@@ -192,25 +192,14 @@ pub fn keyed_state(
         by_day.entry(raw_day(warehouse, path)).or_default().push(i);
     }
 
-    // Every day's key prefixes, read while the seeds are decoded (any key may be anywhere).
-    let read_prefixes = |day: &Option<i64>| {
-        let files: Vec<&PathBuf> = by_day[day].iter().map(|&i| &committed[i]).collect();
-        let day = day.expect("only dated days have a key index");
-        keyindex::day_prefixes(warehouse, day, &files)
-    };
     let dated: Vec<Option<i64>> = by_day.keys().filter(|d| d.is_some()).copied().collect();
-    let (seeded, prefetched) = std::thread::scope(|scope| {
-        let prefetch = scope.spawn(|| par_map(&dated, threads, read_prefixes));
-        let seeded = seeds(new_sources, retract, horizons, threads);
-        let prefetched = prefetch.join().expect("key index threads do not panic");
-        (seeded, prefetched)
-    });
-    let (new_events, withdrawn, decoded) = seeded?;
+    let (new_events, withdrawn, decoded) = seeds(new_sources, retract, horizons, threads)?;
     out.decoded = decoded;
-    let mut day_prefixes: HashMap<Option<i64>, Vec<u64>> =
-        dated.into_iter().zip(prefetched?).collect();
-    let mut keys: HashSet<DedupKey, BuildFastHasher> = HashSet::default();
-    let mut user_days: HashSet<UserDay, BuildFastHasher> = HashSet::default();
+    let seed_rows = new_events.iter().chain(&withdrawn).map(Vec::len).sum();
+    let mut keys: HashSet<DedupKey, BuildFastHasher> =
+        HashSet::with_capacity_and_hasher(seed_rows, BuildFastHasher::default());
+    let mut user_days: HashSet<UserDay, BuildFastHasher> =
+        HashSet::with_capacity_and_hasher(seed_rows, BuildFastHasher::default());
     let mut pending_keys: Vec<DedupKey> = Vec::new();
     let mut pending_user_days: Vec<UserDay> = Vec::new();
     for (key, version) in new_events.iter().chain(&withdrawn).flatten() {
@@ -251,20 +240,13 @@ pub fn keyed_state(
             .collect();
         days.extend(by_day.keys().filter(|d| d.is_none()).copied());
         if !prefixes.is_empty() {
-            let unread: Vec<Option<i64>> = by_day
-                .keys()
-                .filter(|d| d.is_some() && !day_prefixes.contains_key(*d))
-                .copied()
-                .collect();
-            let read = par_map(&unread, threads, |day| {
+            // Any key may be in any day: every day's index is read, each into a buffer its
+            // thread reuses and compared as it lies.
+            let hits = par_map(&dated, threads, |day| {
                 let files: Vec<&PathBuf> = by_day[day].iter().map(|&i| &committed[i]).collect();
                 let day = day.expect("only dated days have a key index");
-                keyindex::day_prefixes(warehouse, day, &files)
-            })?;
-            day_prefixes.extend(unread.into_iter().zip(read));
-            let indexed: Vec<(&Option<i64>, &Vec<u64>)> = day_prefixes.iter().collect();
-            let hits = par_map(&indexed, threads, |(day, theirs)| {
-                Ok::<_, ScopeError>(keyindex::intersects(&prefixes, theirs).then_some(**day))
+                let found = keyindex::day_may_hold(warehouse, day, &files, &prefixes)?;
+                Ok::<_, ScopeError>(found.then_some(Some(day)))
             })?;
             days.extend(hits.into_iter().flatten());
         }

@@ -12,10 +12,10 @@
 //!                          when a later epoch first touches it
 //!                 epoch k  withdrawn sources' raw rows ──▶ dataflow (−1)
 //!                          its share of the epoch's sources: decode ─▶ in-source dedup
-//!                            ─▶ tombstones, retention ─▶ raw, quarantine, late_arrivals files
-//!                            ─▶ dataflow (+1 per key)
+//!                            ─▶ tombstones, retention ─▶ dataflow (+1 per key), while a
+//!                            helper thread writes its raw, quarantine, late_arrivals files
 //!                 advance input, step until the probe passes k
-//!                 stage its touched partitions whose version changed
+//!                 stage its touched partitions whose version changed; join the writer
 //!  ── barrier ──  worker 0 publishes the epoch (prepare → renames → commit) ── barrier ──
 //!  the run's ledger entry, whatever happened
 //! ```
@@ -233,13 +233,22 @@ impl Opened {
             let warehouse = warehouse.clone();
             std::thread::spawn(move || raw::list_raw_files(&warehouse))
         };
-        let mut journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
+        // The ledger is read (and its chain checked) while the journal is.
+        let (journal, ledger) = std::thread::scope(|scope| {
+            let ledger = scope.spawn(|| Ledger::open(&warehouse.ledger_path()));
+            let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path());
+            let ledger = ledger
+                .join()
+                .unwrap_or_else(|_| Ledger::open(&warehouse.ledger_path()));
+            (journal, ledger)
+        });
+        let mut journal = journal?;
         if let Some(seq) =
             journal.recover(&warehouse.staging_dir(), |id| warehouse.partition_file(id))?
         {
             tracing::warn!(seq, "finished a publish interrupted by an earlier crash");
         }
-        let mut ledger = Ledger::open(&warehouse.ledger_path())?;
+        let mut ledger = ledger?;
         if let Some(entry) = ledger.cover(journal.committed())? {
             tracing::warn!(
                 publishes = ?entry.body.publishes,
@@ -739,60 +748,52 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
             }
             continue;
         }
-        let local = if epoch == 0 {
-            let files = match &shared.rebuild {
-                Rebuild::Files(files) => files.as_slice(),
-                Rebuild::Rows(_) => &[],
-            };
-            read_raw(shared, files, 1, index, peers, worker, &mut pipeline)
-                .map(|rows| shared.state.lock().expect("lock").summary.rehydrated_rows += rows)
-        } else {
-            // Withdrawn sources leave in the same epoch as their replacements arrive, so the
-            // dataflow sees (and publishes) only the difference.
-            let plan = &shared.epochs[epoch as usize - 1];
-            let retracted = if !plan.retract.is_empty() {
-                read_raw(
-                    shared,
-                    &plan.retract,
-                    -1,
-                    index,
-                    peers,
-                    worker,
-                    &mut pipeline,
-                )
+        let (fed, computed, staged) = std::thread::scope(|scope| {
+            let (local, writing) = if epoch == 0 {
+                let files = match &shared.rebuild {
+                    Rebuild::Files(files) => files.as_slice(),
+                    Rebuild::Rows(_) => &[],
+                };
+                let read = read_raw(shared, files, 1, index, peers, worker, &mut pipeline)
+                    .map(|rows| shared.state.lock().expect("lock").summary.rehydrated_rows += rows);
+                (read, None)
             } else {
-                Ok(0)
+                // Withdrawn sources leave in the same epoch as their replacements arrive, so the
+                // dataflow sees (and publishes) only the difference.
+                let plan = &shared.epochs[epoch as usize - 1];
+                let retracted = if !plan.retract.is_empty() {
+                    read_raw(
+                        shared,
+                        &plan.retract,
+                        -1,
+                        index,
+                        peers,
+                        worker,
+                        &mut pipeline,
+                    )
+                } else {
+                    Ok(0)
+                };
+                match retracted.and_then(|rows| {
+                    shared.state.lock().expect("lock").summary.retracted_rows += rows;
+                    ingest_sources(shared, &plan.by_worker[index], worker, &mut pipeline, scope)
+                }) {
+                    Ok(writing) => (Ok(()), writing),
+                    Err(e) => (Err(e), None),
+                }
             };
-            retracted.and_then(|rows| {
-                shared.state.lock().expect("lock").summary.retracted_rows += rows;
-                ingest_sources(
-                    shared,
-                    &shared.epochs[epoch as usize - 1].by_worker[index],
-                    worker,
-                    &mut pipeline,
-                )
-            })
-        };
-        pipeline.input.advance_to(epoch + 1);
-        pipeline.input.flush();
-        let fed = started.elapsed();
-        // The raw files this worker just wrote must be on disk before the publish names their
-        // source, and the publish syncs the filesystem to make sure. Starting that flush now, while
-        // the dataflow computes, overlaps the disk writes with the CPU work.
-        let early_flush = (epoch > 0).then(|| {
-            let root = shared.warehouse.root().to_path_buf();
-            std::thread::spawn(move || sync_filesystem(&root))
+            pipeline.input.advance_to(epoch + 1);
+            pipeline.input.flush();
+            let fed = started.elapsed();
+            let probe = pipeline.probe.clone();
+            worker.step_or_park_while(None, || probe.less_than(&(epoch + 1)));
+            let computed = started.elapsed();
+            // The last source's files are written meanwhile; they must be on disk before the
+            // publish names their source (and the publish syncs the filesystem to make sure).
+            let staged = local.and_then(|()| stage_touched(shared, &pipeline, seeded.as_mut()));
+            let staged = join_writing(writing).and(staged);
+            (fed, computed, staged)
         });
-        let probe = pipeline.probe.clone();
-        worker.step_or_park_while(None, || probe.less_than(&(epoch + 1)));
-        if let Some(flush) = early_flush {
-            // Only a head start: a failure here is the publish's sync's to report.
-            if let Ok(Err(e)) = flush.join() {
-                tracing::warn!(error = %e, "early flush of the raw layer failed");
-            }
-        }
-        let computed = started.elapsed();
-        let staged = local.and_then(|()| stage_touched(shared, &pipeline, seeded.as_mut()));
         tracing::info!(worker = index, epoch, ?fed, ?computed, staged = ?started.elapsed(), "epoch done on worker");
         {
             let mut state = shared.state.lock().expect("lock");
@@ -877,14 +878,32 @@ fn read_raw(
     Ok(rows)
 }
 
-fn ingest_sources(
-    shared: &Shared,
-    sources: &[SourceFile],
+/// A source's files being written on a helper thread while its worker steps the dataflow.
+type Writing<'scope> = std::thread::ScopedJoinHandle<'scope, Result<(), RunError>>;
+
+/// Waits for a source's files to be written.
+fn join_writing(writing: Option<Writing<'_>>) -> Result<(), RunError> {
+    match writing {
+        Some(handle) => handle
+            .join()
+            .unwrap_or_else(|_| Err(RunError::Runtime("a raw-layer writer panicked".into()))),
+        None => Ok(()),
+    }
+}
+
+/// Decodes this worker's `sources` and feeds them to the dataflow. Each one's raw, late-arrival
+/// and quarantine files are written on a thread of `scope` while the worker goes on, one source at
+/// a time; the last one's writer is returned, to be joined once the dataflow has the epoch.
+fn ingest_sources<'scope, 'env>(
+    shared: &'env Shared,
+    sources: &'env [SourceFile],
     worker: &mut timely::worker::Worker,
     pipeline: &mut Pipeline,
-) -> Result<(), RunError> {
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+) -> Result<Option<Writing<'scope>>, RunError> {
     // What earlier epochs published: events into these partitions arrive late.
     let published = shared.state.lock().expect("lock").published.clone();
+    let mut writing = None;
     for source in sources {
         let predecoded = shared
             .predecoded
@@ -935,94 +954,137 @@ fn ingest_sources(
         }
         let tombstoned = (before_tombstones - winners.len()) as u64;
         winners.sort_unstable();
-        let accepted: Vec<(DedupKey, &Event)> = winners
-            .iter()
-            .map(|&i| (keyed[i].0, &decoded.events[i]))
-            .collect();
         // Into the dataflow first: the other workers get their share of the keys at this step
-        // and work on it while this one writes the files. (Nothing is published before the
-        // files are written and synced.)
+        // and work on it while the files are written. (Nothing is published before the files
+        // are written and synced.)
         for &i in &winners {
             pipeline.input.update(keyed[i], 1);
         }
         drain_input(worker, pipeline);
         tracing::debug!("decoded and fed");
-        let written = raw::write_source(
-            &shared.warehouse,
-            &source.label,
-            &source.content_hash,
-            &accepted,
-        )?;
-        tracing::debug!("raw written");
-        let late = late_events(&published, &accepted);
-        let late_written = late::write_late(
-            &shared.warehouse,
-            &source.label,
-            &source.content_hash,
-            &late,
-            shared.started_at_us,
-        )?;
-        quarantine::write_quarantine(
-            &shared.warehouse,
-            &source.content_hash,
-            &decoded.quarantined,
-            shared.started_at_us,
-        )?;
-        tracing::debug!("late and quarantine written");
-        let mut written_days: BTreeMap<i64, (Vec<PathBuf>, Vec<u64>)> = BTreeMap::new();
-        let mut last_hour = None;
-        for (key, event) in &accepted {
-            let hour = event
-                .event_time_us
-                .div_euclid(adsmetrics_dataflows::MICROS_PER_HOUR);
-            let entry = written_days.entry(hour.div_euclid(24)).or_default();
-            if last_hour != Some(hour) {
-                let path = raw::raw_file(&shared.warehouse, hour, &source.content_hash);
-                if !entry.0.contains(&path) {
-                    entry.0.push(path);
+        join_writing(writing.take())?;
+        let published = published.clone();
+        let last = std::ptr::eq(source, sources.last().expect("in the loop over them"));
+        writing = Some(scope.spawn(move || {
+            let accepted: Vec<(DedupKey, &Event)> = winners
+                .iter()
+                .map(|&i| (keyed[i].0, &decoded.events[i]))
+                .collect();
+            let counts = SourceCounts {
+                quarantined: &decoded.quarantined,
+                duplicates,
+                tombstoned,
+            };
+            write_source(shared, source, &published, &accepted, counts)?;
+            if last {
+                // A head start for the publish's sync, while the dataflow computes (a failure
+                // here is that sync's to report).
+                if let Err(e) = sync_filesystem(shared.warehouse.root()) {
+                    tracing::warn!(error = %e, "early flush of the raw layer failed");
                 }
-                last_hour = Some(hour);
             }
-            entry.1.push(crate::keyindex::prefix(key.0.get()));
-        }
+            Ok(())
+        }));
+    }
+    Ok(writing)
+}
 
-        let record = SourceRecord {
-            source: source.label.clone(),
-            content_hash: source.content_hash.clone(),
-            accepted: accepted.len() as u64,
-            quarantined: decoded.quarantined.len() as u64,
-            in_source_duplicates: duplicates,
-            tombstoned,
-            partition: shared.partition_of.get(&source.content_hash).cloned(),
-        };
-        shared.progress.inc(if shared.progress_in_sources {
-            1
-        } else {
-            source.bytes
-        });
-        let mut state = shared.state.lock().expect("lock");
-        let s = &mut state.summary;
-        s.sources_ingested += 1;
-        s.events_accepted += record.accepted;
-        s.in_source_duplicates += duplicates;
-        s.quarantined += record.quarantined;
-        s.raw_rows_written += written;
-        s.late_events += late_written;
-        s.tombstoned += tombstoned;
-        let (events, secs) = (
-            s.events_accepted,
-            shared.progress.elapsed().as_secs_f64().max(1e-3),
-        );
-        shared.progress.set_message(format!(
-            "{events} events, {:.0} events/s",
-            events as f64 / secs
-        ));
-        state.sources.push(record);
-        for (day, (paths, prefixes)) in written_days {
-            let entry = state.written.entry(day).or_default();
-            entry.0.extend(paths);
-            entry.1.extend(prefixes);
+/// What a source's in-source dedup and tombstones left out.
+struct SourceCounts<'a> {
+    quarantined: &'a [crate::event::Quarantined],
+    duplicates: u64,
+    tombstoned: u64,
+}
+
+/// Writes a source's accepted events to the raw layer, its late arrivals and its quarantine, and
+/// counts it in the run's summary.
+fn write_source(
+    shared: &Shared,
+    source: &SourceFile,
+    published: &BTreeMap<PartitionId, Published>,
+    accepted: &[(DedupKey, &Event)],
+    counts: SourceCounts<'_>,
+) -> Result<(), RunError> {
+    let SourceCounts {
+        quarantined,
+        duplicates,
+        tombstoned,
+    } = counts;
+    let written = raw::write_source(
+        &shared.warehouse,
+        &source.label,
+        &source.content_hash,
+        accepted,
+    )?;
+    tracing::debug!("raw written");
+    let late = late_events(published, accepted);
+    let late_written = late::write_late(
+        &shared.warehouse,
+        &source.label,
+        &source.content_hash,
+        &late,
+        shared.started_at_us,
+    )?;
+    quarantine::write_quarantine(
+        &shared.warehouse,
+        &source.content_hash,
+        quarantined,
+        shared.started_at_us,
+    )?;
+    tracing::debug!("late and quarantine written");
+    let mut written_days: BTreeMap<i64, (Vec<PathBuf>, Vec<u64>)> = BTreeMap::new();
+    let mut last_hour = None;
+    for (key, event) in accepted {
+        let hour = event
+            .event_time_us
+            .div_euclid(adsmetrics_dataflows::MICROS_PER_HOUR);
+        let entry = written_days.entry(hour.div_euclid(24)).or_default();
+        if last_hour != Some(hour) {
+            let path = raw::raw_file(&shared.warehouse, hour, &source.content_hash);
+            if !entry.0.contains(&path) {
+                entry.0.push(path);
+            }
+            last_hour = Some(hour);
         }
+        entry.1.push(crate::keyindex::prefix(key.0.get()));
+    }
+
+    let record = SourceRecord {
+        source: source.label.clone(),
+        content_hash: source.content_hash.clone(),
+        accepted: accepted.len() as u64,
+        quarantined: quarantined.len() as u64,
+        in_source_duplicates: duplicates,
+        tombstoned,
+        partition: shared.partition_of.get(&source.content_hash).cloned(),
+    };
+    shared.progress.inc(if shared.progress_in_sources {
+        1
+    } else {
+        source.bytes
+    });
+    let mut state = shared.state.lock().expect("lock");
+    let s = &mut state.summary;
+    s.sources_ingested += 1;
+    s.events_accepted += record.accepted;
+    s.in_source_duplicates += duplicates;
+    s.quarantined += record.quarantined;
+    s.raw_rows_written += written;
+    s.late_events += late_written;
+    s.tombstoned += tombstoned;
+    let (events, secs) = (
+        s.events_accepted,
+        shared.progress.elapsed().as_secs_f64().max(1e-3),
+    );
+    shared.progress.set_message(format!(
+        "{events} events, {:.0} events/s",
+        events as f64 / secs
+    ));
+    state.sources.push(record);
+    for (day, (paths, prefixes)) in written_days {
+        let entry = state.written.entry(day).or_default();
+        entry.0.extend(paths);
+        entry.1.extend(prefixes);
     }
     Ok(())
 }

@@ -26,14 +26,13 @@ use std::path::{Path, PathBuf};
 
 use adsmetrics_dataflows::{DedupKey, MICROS_PER_DAY};
 
-use crate::backfill::day_of_path;
 use crate::decode::decode_source;
 use crate::keyindex;
 use crate::retention::Horizons;
 use crate::sink::raw::{self, RawReadError};
 use crate::source::{SourceError, SourceFile};
 use crate::tombstones::Tombstones;
-use crate::warehouse::Warehouse;
+use crate::warehouse::{parse_day, Warehouse};
 
 /// Why the scope could not be computed.
 #[derive(Debug, thiserror::Error)]
@@ -48,8 +47,16 @@ pub enum ScopeError {
 
 /// The event day of a raw file, from its `dt=` folder.
 pub fn raw_day(warehouse: &Warehouse, path: &Path) -> Option<i64> {
-    let relative = path.strip_prefix(warehouse.raw_dir()).ok()?;
-    day_of_path(&relative.to_string_lossy().replace('\\', "/"))
+    let mut parts = path.strip_prefix(warehouse.root()).ok()?.components();
+    if parts.next()?.as_os_str() != "raw" {
+        return None;
+    }
+    parts.find_map(|part| {
+        part.as_os_str()
+            .to_str()?
+            .strip_prefix("dt=")
+            .and_then(parse_day)
+    })
 }
 
 /// Event days and dedup keys of some events.

@@ -41,7 +41,24 @@ pub fn day_string(day: i64) -> String {
 
 /// Day index of a `YYYY-MM-DD` string.
 pub fn parse_day(s: &str) -> Option<i64> {
-    let date = NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+    // The canonical `YYYY-MM-DD` (every path this program writes) without a format parser: raw
+    // file paths are parsed by the ten thousand per run.
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| -> Option<u32> {
+        b[r].iter().try_fold(0u32, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    };
+    let canonical = || match (b.len(), b.get(4), b.get(7)) {
+        (10, Some(b'-'), Some(b'-')) => {
+            NaiveDate::from_ymd_opt(digits(0..4)? as i32, digits(5..7)?, digits(8..10)?)
+        }
+        _ => None,
+    };
+    let date = match canonical() {
+        Some(date) => date,
+        None => NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?,
+    };
     let epoch = NaiveDate::from_ymd_opt(1970, 1, 1)?;
     Some((date - epoch).num_days())
 }
@@ -172,5 +189,35 @@ mod tests {
             "dt=2026-11-01"
         );
         assert_eq!(day_string(0), "1970-01-01");
+    }
+
+    #[test]
+    fn parse_day_agrees_with_the_format_parser() {
+        let chrono_day = |s: &str| {
+            let date = NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+            Some((date - NaiveDate::from_ymd_opt(1970, 1, 1)?).num_days())
+        };
+        for s in [
+            "2026-11-01",
+            "1970-01-01",
+            "2024-02-29",
+            "2023-02-29",
+            "2026-13-01",
+            "2026-00-10",
+            "2026-11-31",
+            "0000-01-01",
+            "9999-12-31",
+            "2026-1-01",
+            "2026-01-1",
+            "2026/01/01",
+            "2026-0a-01",
+            "+026-01-01",
+            "2026-01-01x",
+            "",
+            "20260101xx",
+        ] {
+            assert_eq!(parse_day(s), chrono_day(s), "{s:?}");
+        }
+        assert_eq!(parse_day("1970-01-02"), Some(1));
     }
 }
