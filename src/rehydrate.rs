@@ -36,7 +36,8 @@ use adsmetrics_dataflows::{DedupKey, EventVersion};
 
 use bytes::Bytes;
 
-use crate::decode::{decode_parquet_rows, decode_source, Decoded};
+use crate::decode::{decode_parquet_rows, decode_source_parallel, Decoded};
+use crate::event::Event;
 use crate::keyindex;
 use crate::retention::Horizons;
 use crate::scope::{raw_day, Changes, ScopeError};
@@ -134,13 +135,20 @@ fn seeds(
     horizons: &Horizons,
     threads: usize,
 ) -> Result<(Vec<Keyed>, Vec<Keyed>, HashMap<String, Predecoded>), ScopeError> {
+    // Fewer sources than threads (a correction is often one file): each is split among them.
+    let parts = (threads / new_sources.len().max(1)).max(1);
     let new_events = par_map(new_sources, threads, |source| {
         let bytes = std::fs::read(&source.path).map_err(|e| SourceError {
             path: source.path.clone(),
             source: e,
         })?;
-        let decoded = decode_source(&source.label, &bytes);
-        let all: Keyed = decoded.events.iter().map(|e| e.keyed_version()).collect();
+        let decoded = decode_source_parallel(&source.label, Bytes::from(bytes), parts);
+        let chunk = decoded.events.len().div_ceil(parts).max(1);
+        let chunks: Vec<&[Event]> = decoded.events.chunks(chunk).collect();
+        let all: Keyed = par_map(&chunks, parts, |events| {
+            Ok::<_, ScopeError>(events.iter().map(Event::keyed_version).collect::<Keyed>())
+        })?
+        .concat();
         // Events past the raw horizon will be refused: they change nothing.
         let keyed: Keyed = all
             .iter()
@@ -195,25 +203,42 @@ pub fn keyed_state(
     let dated: Vec<Option<i64>> = by_day.keys().filter(|d| d.is_some()).copied().collect();
     let (new_events, withdrawn, decoded) = seeds(new_sources, retract, horizons, threads)?;
     out.decoded = decoded;
-    let seed_rows = new_events.iter().chain(&withdrawn).map(Vec::len).sum();
-    let mut keys: HashSet<DedupKey, BuildFastHasher> =
-        HashSet::with_capacity_and_hasher(seed_rows, BuildFastHasher::default());
-    let mut user_days: HashSet<UserDay, BuildFastHasher> =
-        HashSet::with_capacity_and_hasher(seed_rows, BuildFastHasher::default());
-    let mut pending_keys: Vec<DedupKey> = Vec::new();
-    let mut pending_user_days: Vec<UserDay> = Vec::new();
-    for (key, version) in new_events.iter().chain(&withdrawn).flatten() {
-        if !tombstones.is_empty() && tombstones.contains(key) {
-            continue;
-        }
-        if keys.insert(*key) {
-            pending_keys.push(*key);
-        }
-        let user_day = UserDay::of(version).0;
-        if user_days.insert(user_day) {
-            pending_user_days.push(user_day);
-        }
-    }
+    // The two sets are built on two threads: each insert is a cache miss in a table of megabytes.
+    let seed_rows: usize = new_events.iter().chain(&withdrawn).map(Vec::len).sum();
+    let live = || {
+        new_events
+            .iter()
+            .chain(&withdrawn)
+            .flatten()
+            .filter(|(key, _)| tombstones.is_empty() || !tombstones.contains(key))
+    };
+    let ((mut keys, mut pending_keys), (mut user_days, mut pending_user_days)) =
+        std::thread::scope(|scope| {
+            let user_days = scope.spawn(|| {
+                let mut set: HashSet<UserDay, BuildFastHasher> =
+                    HashSet::with_capacity_and_hasher(seed_rows, BuildFastHasher::default());
+                let mut pending = Vec::new();
+                for (_, version) in live() {
+                    let user_day = UserDay::of(version).0;
+                    if set.insert(user_day) {
+                        pending.push(user_day);
+                    }
+                }
+                (set, pending)
+            });
+            let mut set: HashSet<DedupKey, BuildFastHasher> =
+                HashSet::with_capacity_and_hasher(seed_rows, BuildFastHasher::default());
+            let mut pending = Vec::new();
+            for (key, _) in live() {
+                if set.insert(*key) {
+                    pending.push(*key);
+                }
+            }
+            let user_days = user_days
+                .join()
+                .expect("the user-day thread does not panic");
+            ((set, pending), user_days)
+        });
     drop((new_events, withdrawn));
     tracing::debug!(took = ?started.elapsed(), keys = keys.len(), user_days = user_days.len(), "rehydration seeds");
 
@@ -223,9 +248,18 @@ pub fn keyed_state(
     while !pending_keys.is_empty() || !pending_user_days.is_empty() {
         out.rounds += 1;
         tracing::debug!(took = ?started.elapsed(), "rehydration round");
-        let wanted_keys: HashSet<u128, BuildFastHasher> =
-            pending_keys.iter().map(|k| k.0.get()).collect();
-        let mut prefixes: Vec<u64> = wanted_keys.iter().map(|&k| keyindex::prefix(k)).collect();
+        // In the first round every known key is pending: the set of them is the one to test.
+        let pending_set: HashSet<DedupKey, BuildFastHasher>;
+        let wanted_keys = if pending_keys.len() == keys.len() {
+            &keys
+        } else {
+            pending_set = pending_keys.iter().copied().collect();
+            &pending_set
+        };
+        let mut prefixes: Vec<u64> = pending_keys
+            .iter()
+            .map(|k| keyindex::prefix(k.0.get()))
+            .collect();
         prefixes.sort_unstable();
         prefixes.dedup();
         let wanted_users: HashSet<i64, BuildFastHasher> =
@@ -275,7 +309,7 @@ pub fn keyed_state(
             let rows: Vec<usize> = (0..file_keys.len())
                 .filter(|&row| {
                     !taken_here.is_some_and(|t| t[row])
-                        && (wanted_keys.contains(&file_keys[row])
+                        && (wanted_keys.contains(&DedupKey(file_keys[row].into()))
                             || wanted_users.contains(&file_users[row]))
                 })
                 .collect();

@@ -634,3 +634,34 @@ fn command_line_defaults_are_the_documented_defaults() {
         (5, Format::Jsonl, 0.5, 3)
     );
 }
+
+#[test]
+fn a_large_parquet_file_decodes_the_same_split_among_threads() {
+    let mut cfg = config(17, Format::Parquet);
+    cfg.events = 400_000;
+    cfg.hours = 1;
+    cfg.files_per_hour = 1;
+    cfg.bad_rate = 0.01;
+    let (dir, _) = run(&cfg, 0);
+    let root = dir.path().join("out");
+    let (rel, _) = delivery_order(&root)
+        .into_iter()
+        .max_by_key(|(rel, _)| fs::metadata(root.join(rel)).unwrap().len())
+        .unwrap();
+    let label = rel.to_str().unwrap();
+    let bytes = fs::read(root.join(&rel)).unwrap();
+    let whole = adsmetrics::decode::decode_source(label, &bytes);
+    // Enough rows for three parts of at least 32k rows each.
+    assert!(whole.events.len() > 3 * 32_768 && !whole.quarantined.is_empty());
+    for parts in [2, 3, 8] {
+        let split = adsmetrics::decode::decode_source_parallel(label, bytes.clone().into(), parts);
+        assert!(split.events == whole.events, "{parts} parts: other events");
+        assert!(split.quarantined == whole.quarantined, "{parts} parts");
+    }
+    // A damaged file is one quarantine record either way.
+    let cut = &bytes[..bytes.len() / 2];
+    let whole = adsmetrics::decode::decode_source(label, cut);
+    let split = adsmetrics::decode::decode_source_parallel(label, cut.to_vec().into(), 2);
+    assert_eq!(whole.quarantined.len(), 1);
+    assert!(split.quarantined == whole.quarantined && split.events.is_empty());
+}

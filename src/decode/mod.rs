@@ -49,7 +49,7 @@ mod json;
 mod parquet;
 
 pub use self::json::decode_json_lines;
-pub use self::parquet::{decode_parquet, decode_parquet_rows};
+pub use self::parquet::{decode_parquet, decode_parquet_parallel, decode_parquet_rows};
 
 /// What one source decoded to. Every input record ends up in exactly one of the two vectors
 /// (or the whole source is one quarantine record).
@@ -86,25 +86,53 @@ pub const MAX_RAW_FILE_BYTES: usize = 1 << 20;
 ///
 /// `source` is only a label: it is copied into every quarantine record and never opened.
 pub fn decode_source(source: &str, bytes: &[u8]) -> Decoded {
+    match format_of(source, bytes) {
+        Some(Format::Parquet) => decode_parquet(source, bytes::Bytes::copy_from_slice(bytes)),
+        Some(Format::JsonLines) => decode_json_lines(source, bytes),
+        None => unknown_format(source, bytes),
+    }
+}
+
+/// Like [`decode_source`], taking the bytes without a copy; a Parquet file is decoded on up to
+/// `parts` threads ([`decode_parquet_parallel`]), with the same result.
+pub fn decode_source_parallel(source: &str, bytes: bytes::Bytes, parts: usize) -> Decoded {
+    match format_of(source, &bytes) {
+        Some(Format::Parquet) => decode_parquet_parallel(source, bytes, parts),
+        Some(Format::JsonLines) => decode_json_lines(source, &bytes),
+        None => unknown_format(source, &bytes),
+    }
+}
+
+enum Format {
+    Parquet,
+    JsonLines,
+}
+
+/// The format of `source`, by its file name, else (Parquet only) by content.
+fn format_of(source: &str, bytes: &[u8]) -> Option<Format> {
     let name = source.rsplit(['/', '\\']).next().unwrap_or(source);
     let ext = name.rsplit_once('.').map(|(_, ext)| ext).unwrap_or("");
     let is = |e: &str| ext.eq_ignore_ascii_case(e);
     if is("parquet") {
-        decode_parquet(source, bytes::Bytes::copy_from_slice(bytes))
+        Some(Format::Parquet)
     } else if is("jsonl") || is("json") || is("ndjson") {
-        decode_json_lines(source, bytes)
+        Some(Format::JsonLines)
     } else if bytes.starts_with(b"PAR1") {
-        decode_parquet(source, bytes::Bytes::copy_from_slice(bytes))
+        Some(Format::Parquet)
     } else {
-        file_quarantine(
-            source,
-            bytes,
-            format!(
-                "{source:?} is neither Parquet (a .parquet name or PAR1 magic) nor JSON lines \
-                 (a .jsonl, .json or .ndjson name)"
-            ),
-        )
+        None
     }
+}
+
+fn unknown_format(source: &str, bytes: &[u8]) -> Decoded {
+    file_quarantine(
+        source,
+        bytes,
+        format!(
+            "{source:?} is neither Parquet (a .parquet name or PAR1 magic) nor JSON lines \
+             (a .jsonl, .json or .ndjson name)"
+        ),
+    )
 }
 
 /// The whole of `source` as one quarantine record with position `file`, keeping at most

@@ -22,7 +22,9 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use ::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use ::parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
+};
 use ::parquet::arrow::ProjectionMask;
 use arrow::array::{
     Array, ArrayRef, AsArray, Int64Array, LargeStringArray, StringArray, StringViewArray,
@@ -77,35 +79,107 @@ pub fn decode_parquet(source: &str, bytes: Bytes) -> Decoded {
 /// Like [`decode_parquet`], but only the rows at the ascending indices `rows` (all rows when
 /// `None`) are validated and decoded; the others are skipped, neither events nor quarantined.
 pub fn decode_parquet_rows(source: &str, bytes: Bytes, rows: Option<&[usize]>) -> Decoded {
-    // The reader is a third-party library decoding untrusted bytes: a panic in it is one more way
-    // for a file to be unreadable. Nothing decoded before the panic is kept.
-    match catch_unwind(AssertUnwindSafe(|| read(source, bytes.clone(), rows))) {
-        Ok(Ok(decoded)) => decoded,
-        Ok(Err(reason)) => file_quarantine(source, &bytes, reason),
+    match guarded(|| read(source, bytes.clone(), rows, None)) {
+        Ok(decoded) => decoded,
+        Err(reason) => file_quarantine(source, &bytes, reason),
+    }
+}
+
+/// Runs a read of untrusted bytes. The reader is a third-party library: a panic in it is one more
+/// way for a file to be unreadable (nothing decoded before the panic is kept).
+fn guarded(read: impl FnOnce() -> Result<Decoded, String>) -> Result<Decoded, String> {
+    match catch_unwind(AssertUnwindSafe(read)) {
+        Ok(result) => result,
         Err(panic) => {
             let message = panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "no message".to_owned());
-            file_quarantine(
-                source,
-                &bytes,
-                format!("not a readable Parquet file: the Parquet reader panicked ({message})"),
-            )
+            Err(format!(
+                "not a readable Parquet file: the Parquet reader panicked ({message})"
+            ))
         }
     }
+}
+
+/// Rows below which a file is decoded on one thread whatever [`decode_parquet_parallel`] is asked.
+const MIN_ROWS_PER_PART: usize = 4 * BATCH_ROWS;
+
+/// Like [`decode_parquet`], with the file's rows split into up to `parts` consecutive ranges
+/// decoded on as many threads: the same result (events and quarantine records in file order,
+/// positions counted over the whole file), sooner when one large file is all there is to decode.
+/// A file that any part finds unreadable is decoded again whole, on this thread, so its one
+/// quarantine record is exactly [`decode_parquet`]'s.
+pub fn decode_parquet_parallel(source: &str, bytes: Bytes, parts: usize) -> Decoded {
+    let rows = declared_rows(&bytes);
+    let parts = parts.min(rows.unwrap_or(0) / MIN_ROWS_PER_PART).max(1);
+    let (Some(rows), true) = (rows, parts > 1) else {
+        return decode_parquet(source, bytes);
+    };
+    let ranges: Vec<(usize, usize)> = (0..parts)
+        .map(|k| (k * rows / parts, (k + 1) * rows / parts))
+        .collect();
+    let decoded: Vec<Result<Decoded, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ranges
+            .iter()
+            .map(|&range| {
+                let bytes = bytes.clone();
+                scope.spawn(move || guarded(|| read(source, bytes, None, Some(range))))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a decoding thread panicked".into()))
+            })
+            .collect()
+    });
+    let mut out = Decoded::default();
+    for part in decoded {
+        match part {
+            Ok(part) => {
+                out.events.extend(part.events);
+                out.quarantined.extend(part.quarantined);
+            }
+            Err(_) => return decode_parquet(source, bytes),
+        }
+    }
+    out
+}
+
+/// The row count a Parquet file's footer declares, if the footer reads.
+fn declared_rows(bytes: &Bytes) -> Option<usize> {
+    catch_unwind(AssertUnwindSafe(|| {
+        let meta = ArrowReaderMetadata::load(bytes, Default::default()).ok()?;
+        usize::try_from(meta.metadata().file_metadata().num_rows()).ok()
+    }))
+    .ok()
+    .flatten()
 }
 
 fn unreadable(e: impl std::fmt::Display) -> String {
     format!("not a readable Parquet file: {e}")
 }
 
-/// The file's decoded rows, or why the whole file is rejected.
-fn read(source: &str, bytes: Bytes, wanted: Option<&[usize]>) -> Result<Decoded, String> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(unreadable)?;
+/// The file's decoded rows (those at the ascending indices `wanted`, or, with `range`, the rows
+/// `range.0..range.1`, or all), or why the whole file is rejected.
+fn read(
+    source: &str,
+    bytes: Bytes,
+    wanted: Option<&[usize]>,
+    range: Option<(usize, usize)>,
+) -> Result<Decoded, String> {
+    let mut builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(unreadable)?;
     let roots = plan(builder.schema())?;
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+    if let Some((start, end)) = range {
+        builder = builder.with_row_selection(RowSelection::from(vec![
+            RowSelector::skip(start),
+            RowSelector::select(end - start),
+        ]));
+    }
     let reader = builder
         .with_projection(mask)
         .with_batch_size(BATCH_ROWS)
@@ -116,7 +190,7 @@ fn read(source: &str, bytes: Bytes, wanted: Option<&[usize]>) -> Result<Decoded,
     let positions = COLUMNS.map(|(name, _, _)| schema.index_of(name).ok());
 
     let mut out = Decoded::default();
-    let mut row: u64 = 0;
+    let mut row: u64 = range.map_or(0, |(start, _)| start as u64);
     let mut wanted = wanted.map(|rows| rows.iter().map(|&r| r as u64).peekable());
     for batch in reader {
         let batch = batch.map_err(unreadable)?;
