@@ -110,9 +110,41 @@ impl Canonical<'_> {
     }
 }
 
-impl Event {
+/// An event's fields, borrowed: what its keys and version are computed from, by [`Event`] and by
+/// readers that never build one (rehydration reads the raw layer's columns straight into this).
+#[derive(Clone, Copy, Debug)]
+pub struct EventView<'a> {
+    /// See [`Event::event_id`].
+    pub event_id: Option<&'a str>,
+    /// See [`Event::event_type`].
+    pub event_type: EventType,
+    /// See [`Event::event_time_us`].
+    pub event_time_us: i64,
+    /// See [`Event::ad_id`].
+    pub ad_id: i64,
+    /// See [`Event::campaign_id`].
+    pub campaign_id: i64,
+    /// See [`Event::advertiser_id`].
+    pub advertiser_id: i64,
+    /// See [`Event::country`].
+    pub country: Country,
+    /// See [`Event::user_id`].
+    pub user_id: i64,
+    /// See [`Event::ip`].
+    pub ip: &'a str,
+    /// See [`Event::cost_micros`].
+    pub cost_micros: Option<i64>,
+    /// See [`Event::revenue_micros`].
+    pub revenue_micros: Option<i64>,
+    /// See [`Event::producer`].
+    pub producer: &'a str,
+    /// See [`Event::revision`].
+    pub revision: u32,
+}
+
+impl EventView<'_> {
     fn content(&self, c: &mut Canonical) {
-        c.opt_str(self.event_id.as_deref());
+        c.opt_str(self.event_id);
         c.str(self.event_type.as_str());
         c.i64(self.event_time_us);
         c.i64(self.ad_id);
@@ -120,18 +152,18 @@ impl Event {
         c.i64(self.advertiser_id);
         c.str(self.country.as_str());
         c.i64(self.user_id);
-        c.str(&self.ip);
+        c.str(self.ip);
         c.opt_i64(self.cost_micros);
         c.opt_i64(self.revenue_micros);
-        c.str(&self.producer);
+        c.str(self.producer);
         c.i64(self.revision as i64);
     }
 
     /// The stable dedup key (`adsmetrics-key-v1`).
     pub fn dedup_key(&self) -> DedupKey {
-        let hash = match &self.event_id {
+        let hash = match self.event_id {
             Some(id) => canonical_hash("adsmetrics/key/v1/id", |c| {
-                c.str(&self.producer);
+                c.str(self.producer);
                 c.str(self.event_type.as_str());
                 c.str(id);
             }),
@@ -145,9 +177,9 @@ impl Event {
         ContentHash(canonical_hash("adsmetrics/content/v1", |c| self.content(c)).into())
     }
 
-    /// What the dataflow needs of this event: its key and its compact version.
-    pub fn keyed_version(&self) -> (DedupKey, EventVersion) {
-        let version = EventVersion {
+    /// What the dataflow needs of this event besides its key: its compact version.
+    pub fn version(&self) -> EventVersion {
+        EventVersion {
             revision: self.revision,
             content_hash: self.content_hash(),
             event_type: self.event_type,
@@ -159,8 +191,44 @@ impl Event {
             user_id: self.user_id,
             cost_micros: self.cost_micros.unwrap_or(0),
             revenue_micros: self.revenue_micros.unwrap_or(0),
-        };
-        (self.dedup_key(), version)
+        }
+    }
+}
+
+impl Event {
+    /// Its fields, borrowed.
+    pub fn view(&self) -> EventView<'_> {
+        EventView {
+            event_id: self.event_id.as_deref(),
+            event_type: self.event_type,
+            event_time_us: self.event_time_us,
+            ad_id: self.ad_id,
+            campaign_id: self.campaign_id,
+            advertiser_id: self.advertiser_id,
+            country: self.country,
+            user_id: self.user_id,
+            ip: &self.ip,
+            cost_micros: self.cost_micros,
+            revenue_micros: self.revenue_micros,
+            producer: &self.producer,
+            revision: self.revision,
+        }
+    }
+
+    /// The stable dedup key (`adsmetrics-key-v1`).
+    pub fn dedup_key(&self) -> DedupKey {
+        self.view().dedup_key()
+    }
+
+    /// The stable hash of every field (`adsmetrics-key-v1`).
+    pub fn content_hash(&self) -> ContentHash {
+        self.view().content_hash()
+    }
+
+    /// What the dataflow needs of this event: its key and its compact version.
+    pub fn keyed_version(&self) -> (DedupKey, EventVersion) {
+        let view = self.view();
+        (view.dedup_key(), view.version())
     }
 }
 

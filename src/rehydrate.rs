@@ -294,13 +294,13 @@ pub fn keyed_state(
         let (wanted_keys, wanted_users) = (&wanted_keys, &wanted_users);
         let scanned = par_map(&files, threads, |&i| {
             let path = &committed[i];
-            let mut bytes = None;
+            let mut opened = None;
             let fresh = match columns_now.get(&i) {
                 Some(_) => None,
                 None => {
-                    let read = read_bytes(path)?;
-                    let fresh = raw::key_user_columns(path, read.clone())?;
-                    bytes = Some(read);
+                    let file = raw::RawFile::open(path, read_bytes(path)?)?;
+                    let fresh = file.key_user_columns()?;
+                    opened = Some(file);
                     Some(fresh)
                 }
             };
@@ -316,11 +316,11 @@ pub fn keyed_state(
             let decoded = if rows.is_empty() {
                 Vec::new()
             } else {
-                let bytes = match bytes {
-                    Some(bytes) => bytes,
-                    None => read_bytes(path)?,
+                let file = match opened {
+                    Some(file) => file,
+                    None => raw::RawFile::open(path, read_bytes(path)?)?,
                 };
-                decode_raw(path, bytes, Some(&rows))?
+                file.versions(&rows)?
             };
             Ok::<_, ScopeError>((i, fresh, rows, decoded))
         })?;

@@ -185,3 +185,33 @@ fn an_unfinished_delete_stops_a_keyed_run_until_it_is_finished() {
     all.extend(late);
     assert!(published_tables(&wh) == expected_tables(&all));
 }
+
+#[test]
+fn raw_rows_read_for_rehydration_are_the_versions_ingested() {
+    // Missing event ids, missing amounts, revisions, long ids: every shape of row.
+    let dir = tempfile::tempdir().unwrap();
+    let mut events = sample_events(3000, 5);
+    events[0].event_id = Some("an-event-id-longer-than-twenty-four-bytes".into());
+    write_parquet(&dir.path().join("in/a.parquet"), &events);
+    let wh = Warehouse::new(dir.path().join("wh"));
+    ingest(&wh, &[dir.path().join("in")], options()).unwrap();
+    let files = adsmetrics::sink::raw::list_raw_files(&wh);
+    assert!(files.len() > 2);
+    for path in &files {
+        let bytes = bytes::Bytes::from(std::fs::read(path).unwrap());
+        let expected: Vec<_> =
+            adsmetrics::decode::decode_parquet(&path.to_string_lossy(), bytes.clone())
+                .events
+                .iter()
+                .map(Event::keyed_version)
+                .collect();
+        let file = adsmetrics::sink::raw::RawFile::open(path, bytes).unwrap();
+        let all: Vec<usize> = (0..expected.len()).collect();
+        assert!(file.versions(&all).unwrap() == expected, "{path:?}");
+        let some: Vec<usize> = all.iter().copied().filter(|i| i % 3 != 1).collect();
+        let picked: Vec<_> = some.iter().map(|&i| expected[i]).collect();
+        assert!(file.versions(&some).unwrap() == picked, "{path:?}");
+        assert!(file.versions(&[]).unwrap().is_empty());
+        assert!(file.versions(&[expected.len()]).is_err());
+    }
+}

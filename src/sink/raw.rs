@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use adsmetrics_dataflows::DedupKey;
+use adsmetrics_dataflows::{Country, DedupKey, EventType, EventVersion};
 use arrow::array::{
     ArrayRef, BooleanArray, DictionaryArray, FixedSizeBinaryArray, Int32Array, Int64Array,
     StringArray,
@@ -24,12 +24,17 @@ use arrow::array::{
 use arrow::compute::{concat_batches, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{Int64Type, TimestampMicrosecondType, UInt32Type};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowSelection,
+    RowSelector,
+};
 use parquet::arrow::ProjectionMask;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
-use crate::event::{Event, KEY_ALGORITHM};
+use crate::event::{Event, EventView, KEY_ALGORITHM};
 use crate::schema::{event_columns, event_fields};
 use crate::sink::files::{base_writer_properties, parquet_bytes, replace, WriteError};
 use crate::warehouse::{hour_path, Warehouse};
@@ -214,59 +219,209 @@ pub fn keys_of(path: &Path) -> Result<Vec<DedupKey>, RawReadError> {
     Ok(keys)
 }
 
-/// The `dedup_key` (as `u128`) and `user_id` columns of the raw file at `path`, whose contents are
-/// `bytes`, row by row, decoded from those two columns only: enough to tell which rows a keyed
-/// rehydration wants.
-pub fn key_user_columns(
-    path: &Path,
+/// A raw file opened for a keyed rehydration: its bytes and its parsed footer, shared by the pass
+/// over its key and user columns and the read of the rows that pass wants.
+pub struct RawFile<'a> {
+    path: &'a Path,
     bytes: bytes::Bytes,
-) -> Result<(Vec<u128>, Vec<i64>), RawReadError> {
-    let err = |detail: String| RawReadError {
-        path: path.to_path_buf(),
-        detail,
-    };
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| err(e.to_string()))?;
-    let position = |name: &str| {
-        builder
-            .parquet_schema()
-            .columns()
-            .iter()
-            .position(|c| c.name() == name)
-            .ok_or_else(|| err(format!("no {name} column")))
-    };
-    let (key_column, user_column) = (position("dedup_key")?, position("user_id")?);
-    let mask = ProjectionMask::leaves(builder.parquet_schema(), [key_column, user_column]);
-    let reader = builder
-        .with_projection(mask)
-        .with_batch_size(1 << 20)
-        .build()
-        .map_err(|e| err(e.to_string()))?;
-    let (mut keys, mut users) = (Vec::new(), Vec::new());
-    for batch in reader {
-        let batch = batch.map_err(|e| err(e.to_string()))?;
-        let key_array = batch
-            .column_by_name("dedup_key")
-            .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
-            .ok_or_else(|| err("dedup_key is not 16-byte binary".into()))?;
-        let user_array = batch
-            .column_by_name("user_id")
-            .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
-            .ok_or_else(|| err("user_id is not a 64-bit integer".into()))?;
-        if arrow::array::Array::null_count(key_array) > 0
-            || arrow::array::Array::null_count(user_array) > 0
-        {
-            return Err(err("a dedup_key or user_id is missing".into()));
-        }
-        for bytes in key_array.iter().flatten() {
-            let bytes: [u8; 16] = bytes
-                .try_into()
-                .map_err(|_| err("a dedup_key is not 16 bytes".into()))?;
-            keys.push(u128::from_be_bytes(bytes));
-        }
-        users.extend(user_array.values().iter().copied());
+    meta: ArrowReaderMetadata,
+}
+
+impl<'a> RawFile<'a> {
+    /// Parses the footer of the raw file at `path`, whose contents are `bytes`.
+    pub fn open(path: &'a Path, bytes: bytes::Bytes) -> Result<Self, RawReadError> {
+        let meta = ArrowReaderMetadata::load(&bytes, Default::default()).map_err(|e| RawReadError {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        Ok(RawFile { path, bytes, meta })
     }
-    Ok((keys, users))
+
+    fn err(&self, detail: String) -> RawReadError {
+        RawReadError {
+            path: self.path.to_path_buf(),
+            detail,
+        }
+    }
+
+    /// A reader of the columns `names`, in batches of `batch` rows, of the rows `selection` (all
+    /// when `None`).
+    fn reader(
+        &self,
+        names: &[&str],
+        selection: Option<RowSelection>,
+        batch: usize,
+    ) -> Result<ParquetRecordBatchReader, RawReadError> {
+        let builder =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(self.bytes.clone(), self.meta.clone());
+        let leaves = names
+            .iter()
+            .map(|name| {
+                builder
+                    .parquet_schema()
+                    .columns()
+                    .iter()
+                    .position(|c| c.name() == *name)
+                    .ok_or_else(|| self.err(format!("no {name} column")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mask = ProjectionMask::leaves(builder.parquet_schema(), leaves);
+        let builder = builder.with_projection(mask).with_batch_size(batch);
+        let builder = match selection {
+            Some(selection) => builder.with_row_selection(selection),
+            None => builder,
+        };
+        builder.build().map_err(|e| self.err(e.to_string()))
+    }
+
+    /// The `dedup_key` (as `u128`) and `user_id` columns, row by row: enough to tell which rows a
+    /// keyed rehydration wants.
+    pub fn key_user_columns(&self) -> Result<(Vec<u128>, Vec<i64>), RawReadError> {
+        let reader = self.reader(&["dedup_key", "user_id"], None, 1 << 20)?;
+        let (mut keys, mut users) = (Vec::new(), Vec::new());
+        for batch in reader {
+            let batch = batch.map_err(|e| self.err(e.to_string()))?;
+            let key_array = batch
+                .column_by_name("dedup_key")
+                .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
+                .ok_or_else(|| self.err("dedup_key is not 16-byte binary".into()))?;
+            let user_array = batch
+                .column_by_name("user_id")
+                .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+                .ok_or_else(|| self.err("user_id is not a 64-bit integer".into()))?;
+            if key_array.null_count() > 0 || user_array.null_count() > 0 {
+                return Err(self.err("a dedup_key or user_id is missing".into()));
+            }
+            for bytes in key_array.iter().flatten() {
+                let bytes: [u8; 16] = bytes
+                    .try_into()
+                    .map_err(|_| self.err("a dedup_key is not 16 bytes".into()))?;
+                keys.push(u128::from_be_bytes(bytes));
+            }
+            users.extend(user_array.values().iter().copied());
+        }
+        Ok((keys, users))
+    }
+
+    /// The `(key, version)` of the rows at the ascending, distinct indices `rows`, in order: the
+    /// stored key, and the version computed from the columns ([`EventView::version`], as for the
+    /// event the row was written from). Rows are not validated again (the raw layer holds only
+    /// events that were), but a row that is not one (a missing value, an unknown event type) is
+    /// damage and an error.
+    pub fn versions(&self, rows: &[usize]) -> Result<Vec<(DedupKey, EventVersion)>, RawReadError> {
+        let mut selectors = Vec::new();
+        let mut next = 0;
+        for &row in rows {
+            if row < next {
+                return Err(self.err("rows wanted out of order".into()));
+            }
+            if row > next {
+                selectors.push(RowSelector::skip(row - next));
+            }
+            match selectors.last_mut() {
+                Some(last) if !last.skip => last.row_count += 1,
+                _ => selectors.push(RowSelector::select(1)),
+            }
+            next = row + 1;
+        }
+        if selectors.is_empty() {
+            return Ok(Vec::new());
+        }
+        const NAMES: [&str; 14] = [
+            "event_id",
+            "event_type",
+            "event_time",
+            "ad_id",
+            "campaign_id",
+            "advertiser_id",
+            "country",
+            "user_id",
+            "ip",
+            "cost_micros",
+            "revenue_micros",
+            "producer",
+            "revision",
+            "dedup_key",
+        ];
+        let reader = self.reader(&NAMES, Some(selectors.into()), 8192)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for batch in reader {
+            let batch = batch.map_err(|e| self.err(e.to_string()))?;
+            let column = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .ok_or_else(|| self.err(format!("no {name} column")))
+            };
+            let strings = |name: &str| {
+                column(name)?
+                    .as_string_opt::<i32>()
+                    .ok_or_else(|| self.err(format!("{name} is not a string column")))
+            };
+            let ints = |name: &str| {
+                column(name)?
+                    .as_primitive_opt::<Int64Type>()
+                    .ok_or_else(|| self.err(format!("{name} is not a 64-bit integer column")))
+            };
+            let (event_id, event_type, country, ip, producer) = (
+                strings("event_id")?,
+                strings("event_type")?,
+                strings("country")?,
+                strings("ip")?,
+                strings("producer")?,
+            );
+            let (ad, campaign, advertiser, user, cost, revenue) = (
+                ints("ad_id")?,
+                ints("campaign_id")?,
+                ints("advertiser_id")?,
+                ints("user_id")?,
+                ints("cost_micros")?,
+                ints("revenue_micros")?,
+            );
+            let time = column("event_time")?
+                .as_primitive_opt::<TimestampMicrosecondType>()
+                .ok_or_else(|| self.err("event_time is not a microsecond timestamp".into()))?;
+            let revision = column("revision")?
+                .as_primitive_opt::<UInt32Type>()
+                .ok_or_else(|| self.err("revision is not a 32-bit unsigned integer".into()))?;
+            let key = column("dedup_key")?
+                .as_fixed_size_binary_opt()
+                .filter(|k| k.value_length() == 16)
+                .ok_or_else(|| self.err("dedup_key is not 16-byte binary".into()))?;
+            let required: [&dyn Array; 12] = [
+                event_type, country, ip, producer, ad, campaign, advertiser, user, time, revision,
+                key, key,
+            ];
+            if required.iter().any(|c| c.null_count() > 0) {
+                return Err(self.err("a required value is missing".into()));
+            }
+            let optional = |a: &arrow::array::Int64Array, i: usize| a.is_valid(i).then(|| a.value(i));
+            for i in 0..batch.num_rows() {
+                let view = EventView {
+                    event_id: event_id.is_valid(i).then(|| event_id.value(i)),
+                    event_type: EventType::parse(event_type.value(i))
+                        .ok_or_else(|| self.err("an event_type is unknown".into()))?,
+                    event_time_us: time.value(i),
+                    ad_id: ad.value(i),
+                    campaign_id: campaign.value(i),
+                    advertiser_id: advertiser.value(i),
+                    country: Country::parse(country.value(i))
+                        .ok_or_else(|| self.err("a country is not a country code".into()))?,
+                    user_id: user.value(i),
+                    ip: ip.value(i),
+                    cost_micros: optional(cost, i),
+                    revenue_micros: optional(revenue, i),
+                    producer: producer.value(i),
+                    revision: revision.value(i),
+                };
+                let stored: [u8; 16] = key.value(i).try_into().expect("16-byte keys, checked");
+                out.push((DedupKey(u128::from_be_bytes(stored).into()), view.version()));
+            }
+        }
+        if out.len() != rows.len() {
+            return Err(self.err("fewer rows than its key column".into()));
+        }
+        Ok(out)
+    }
 }
 
 /// A raw file could not be read.
