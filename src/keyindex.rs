@@ -212,10 +212,18 @@ pub fn extend(
     let old = if before.is_empty() {
         Some(Vec::new())
     } else {
-        read_index(&path, fingerprint(before))
+        fs::read(&path).ok()
     };
     let Some(old) = old else {
         return;
+    };
+    let old = if before.is_empty() {
+        &[][..]
+    } else {
+        match index_body(&old, fingerprint(before)) {
+            Some(body) => body,
+            None => return,
+        }
     };
     let mut after: Vec<&PathBuf> = before
         .iter()
@@ -227,10 +235,24 @@ pub fn extend(
             after.push(file);
         }
     }
-    prefixes.extend(old);
     prefixes.sort_unstable();
     prefixes.dedup();
-    if let Err(e) = write_index(&path, fingerprint(&after), &prefixes) {
+    // The union of two ascending lists, in one pass (sorting the whole day again was most of a
+    // correction's last step).
+    let (mut merged, mut i) = (Vec::with_capacity(old.len() / 8 + prefixes.len()), 0);
+    for chunk in old.chunks_exact(8) {
+        let value = u64::from_le_bytes(chunk.try_into().expect("8-byte chunks"));
+        while i < prefixes.len() && prefixes[i] < value {
+            merged.push(prefixes[i]);
+            i += 1;
+        }
+        if i < prefixes.len() && prefixes[i] == value {
+            i += 1;
+        }
+        merged.push(value);
+    }
+    merged.extend_from_slice(&prefixes[i..]);
+    if let Err(e) = write_index(&path, fingerprint(&after), &merged) {
         tracing::warn!(path = %path.display(), error = %e, "could not write a key index");
     }
 }
@@ -351,6 +373,23 @@ mod tests {
         assert_eq!(
             read_index(&path, fingerprint(&[&b, &c])),
             Some(vec![1, 2, 3, 9])
+        );
+    }
+
+    #[test]
+    fn extending_merges_overlapping_prefixes_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let wh = Warehouse::new(dir.path());
+        let (a, b) = (
+            PathBuf::from("raw/dt=2026-11-01/hr=01/src-a.parquet"),
+            PathBuf::from("raw/dt=2026-11-01/hr=02/src-b.parquet"),
+        );
+        let none = std::collections::BTreeSet::new();
+        extend(&wh, 7, &[], &none, std::slice::from_ref(&a), vec![5, 10, 20]);
+        extend(&wh, 7, &[&a], &none, std::slice::from_ref(&b), vec![25, 1, 10, 20, 10, 7]);
+        assert_eq!(
+            read_index(&index_path(&wh, 7), fingerprint(&[&a, &b])),
+            Some(vec![1, 5, 7, 10, 20, 25])
         );
     }
 
