@@ -385,8 +385,22 @@ mod tests {
             PathBuf::from("raw/dt=2026-11-01/hr=02/src-b.parquet"),
         );
         let none = std::collections::BTreeSet::new();
-        extend(&wh, 7, &[], &none, std::slice::from_ref(&a), vec![5, 10, 20]);
-        extend(&wh, 7, &[&a], &none, std::slice::from_ref(&b), vec![25, 1, 10, 20, 10, 7]);
+        extend(
+            &wh,
+            7,
+            &[],
+            &none,
+            std::slice::from_ref(&a),
+            vec![5, 10, 20],
+        );
+        extend(
+            &wh,
+            7,
+            &[&a],
+            &none,
+            std::slice::from_ref(&b),
+            vec![25, 1, 10, 20, 10, 7],
+        );
         assert_eq!(
             read_index(&index_path(&wh, 7), fingerprint(&[&a, &b])),
             Some(vec![1, 5, 7, 10, 20, 25])

@@ -87,24 +87,36 @@ impl std::error::Error for MirrorError {}
 /// Current rows of the partitions one worker owns, and the partitions changed since last taken.
 #[derive(Default, Debug)]
 pub struct PartitionMirror {
-    // Cells in a hash map, sorted when a partition is read: a busy hour holds a million cells,
-    // and an epoch applies millions of changes but reads each touched partition once.
-    partitions: BTreeMap<PartitionId, HashMap<Dims, CellDelta, BuildFastHasher>>,
+    partitions: BTreeMap<PartitionId, Partition>,
     touched: BTreeSet<PartitionId>,
     floor: Epoch,
+}
+
+/// One partition's cells: a sorted base (a seeded partition's published rows, else nothing) and
+/// the changes since, by cell.
+///
+/// Changes go to a hash map, sorted when the partition is read: a busy hour holds a million
+/// cells, and an epoch applies millions of changes but reads each touched partition once. A
+/// seeded partition keeps its published rows as they were read (already sorted) and merges the
+/// changes into them when read, so a correction that touches a few cells of a large partition
+/// neither hashes nor sorts the rest.
+#[derive(Default, Debug)]
+struct Partition {
+    base: Vec<(Dims, CellDelta)>,
+    changes: HashMap<Dims, CellDelta, BuildFastHasher>,
 }
 
 impl PartitionMirror {
     /// Adds one change to a cell.
     pub fn apply(&mut self, cell: &Cell, delta: &CellDelta) {
         let id = PartitionId::of(cell);
-        let cells = self.partitions.entry(id).or_default();
-        let state = cells.entry(cell.dims).or_default();
+        let partition = self.partitions.entry(id).or_default();
+        let state = partition.changes.entry(cell.dims).or_default();
         state.plus_equals(delta);
         if state.is_zero() {
-            cells.remove(&cell.dims);
+            partition.changes.remove(&cell.dims);
         }
-        if cells.is_empty() {
+        if partition.changes.is_empty() && partition.base.is_empty() {
             self.partitions.remove(&id);
         }
         self.touched.insert(id);
@@ -114,17 +126,28 @@ impl PartitionMirror {
     /// it touched: after a keyed rehydration, the mirror holds only the changes since the
     /// published state, and a partition gets its published rows when first touched.
     pub fn seed(&mut self, id: &PartitionId, rows: &[(Dims, MetricRow)]) {
-        for (dims, row) in rows {
-            let cell = Cell {
-                grain: id.grain,
-                period: id.period,
-                dims: *dims,
-            };
-            let touched = self.touched.contains(id);
-            self.apply(&cell, &CellDelta::of_row(row));
-            if !touched {
-                self.touched.remove(id);
+        let partition = self.partitions.entry(*id).or_default();
+        let mut base: Vec<(Dims, CellDelta)> = rows
+            .iter()
+            .map(|(dims, row)| (*dims, CellDelta::of_row(row)))
+            .collect();
+        if !base.is_sorted_by_key(|(dims, _)| *dims) {
+            base.sort_by_key(|(dims, _)| *dims);
+        }
+        if partition.base.is_empty() {
+            partition.base = base;
+        } else {
+            // Seeded twice: the second rows count as changes.
+            for (dims, delta) in base {
+                let state = partition.changes.entry(dims).or_default();
+                state.plus_equals(&delta);
+                if state.is_zero() {
+                    partition.changes.remove(&dims);
+                }
             }
+        }
+        if partition.changes.is_empty() && partition.base.is_empty() {
+            self.partitions.remove(id);
         }
     }
 
@@ -149,13 +172,17 @@ impl PartitionMirror {
     /// The partition's rows sorted by dims; empty if the partition has no rows (any more). Only
     /// meaningful once the frontier has passed every change applied.
     pub fn rows(&self, id: &PartitionId) -> Result<Vec<(Dims, MetricRow)>, MirrorError> {
-        let Some(cells) = self.partitions.get(id) else {
+        let Some(partition) = self.partitions.get(id) else {
             return Ok(Vec::new());
         };
-        let mut sorted: Vec<(&Dims, &CellDelta)> = cells.iter().collect();
-        sorted.sort_unstable_by_key(|(dims, _)| **dims);
-        let mut out = Vec::with_capacity(cells.len());
-        for (dims, state) in sorted {
+        let mut changes: Vec<(Dims, CellDelta)> =
+            partition.changes.iter().map(|(d, c)| (*d, *c)).collect();
+        changes.sort_unstable_by_key(|(dims, _)| *dims);
+        let mut out = Vec::with_capacity(partition.base.len() + changes.len());
+        let mut push = |dims: Dims, state: CellDelta| -> Result<(), MirrorError> {
+            if state.is_zero() {
+                return Ok(());
+            }
             let s = &state.sums;
             // A cell with events has users and a cell with users has events; anything else is a
             // half-applied epoch or a bug upstream.
@@ -168,15 +195,33 @@ impl PartitionMirror {
                     detail: format!("cell {dims:?} is inconsistent: {state:?}"),
                 });
             }
-            let row = MetricRow {
-                impressions: s.impressions,
-                clicks: s.clicks,
-                conversions: s.conversions,
-                cost_micros: s.cost_micros,
-                revenue_micros: s.revenue_micros,
-                unique_users: state.users,
-            };
-            out.push((*dims, row));
+            out.push((
+                dims,
+                MetricRow {
+                    impressions: s.impressions,
+                    clicks: s.clicks,
+                    conversions: s.conversions,
+                    cost_micros: s.cost_micros,
+                    revenue_micros: s.revenue_micros,
+                    unique_users: state.users,
+                },
+            ));
+            Ok(())
+        };
+        // Merge the sorted base and the sorted changes.
+        let mut changes = changes.into_iter().peekable();
+        for &(dims, base) in &partition.base {
+            while let Some((d, c)) = changes.next_if(|(d, _)| *d < dims) {
+                push(d, c)?;
+            }
+            let mut state = base;
+            if let Some((_, c)) = changes.next_if(|(d, _)| *d == dims) {
+                state.plus_equals(&c);
+            }
+            push(dims, state)?;
+        }
+        for (d, c) in changes {
+            push(d, c)?;
         }
         Ok(out)
     }
@@ -267,6 +312,37 @@ mod tests {
         };
         assert!(mirror.rows(&id).unwrap().is_empty());
         assert_eq!(mirror.partitions().count(), 0);
+    }
+
+    #[test]
+    fn a_seeded_partition_merges_its_changes_into_its_published_rows() {
+        let mut mirror = PartitionMirror::default();
+        let id = PartitionId {
+            grain: Grain::Hourly,
+            period: 5,
+        };
+        let row = |impressions: i64, users: i64| MetricRow {
+            impressions,
+            cost_micros: 10 * impressions,
+            unique_users: users,
+            ..Default::default()
+        };
+        // A change that arrives before the seed counts too.
+        mirror.apply(&cell(5, 4), &impression(1));
+        mirror.seed(
+            &id,
+            &[(cell(5, 1).dims, row(2, 1)), (cell(5, 3).dims, row(1, 1))],
+        );
+        mirror.apply(&cell(5, 2), &impression(1));
+        mirror.apply(&cell(5, 3), &impression(1));
+        let mut minus = CellDelta::of_row(&row(2, 1));
+        differential_dataflow::difference::Abelian::negate(&mut minus);
+        mirror.apply(&cell(5, 1), &minus);
+        let rows = mirror.rows(&id).unwrap();
+        let ads: Vec<i64> = rows.iter().map(|(d, _)| d.ad_id).collect();
+        assert_eq!(ads, vec![2, 3, 4]);
+        assert_eq!(rows[1].1, row(2, 2));
+        assert_eq!(rows[0].1, row(1, 1));
     }
 
     #[test]

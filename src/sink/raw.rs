@@ -17,15 +17,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use adsmetrics_dataflows::{Country, DedupKey, EventType, EventVersion};
+use arrow::array::{Array, AsArray};
 use arrow::array::{
     ArrayRef, BooleanArray, DictionaryArray, FixedSizeBinaryArray, Int32Array, Int64Array,
     StringArray,
 };
 use arrow::compute::{concat_batches, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Schema};
-use arrow::record_batch::RecordBatch;
-use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Int64Type, TimestampMicrosecondType, UInt32Type};
+use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowSelection,
     RowSelector,
@@ -230,10 +230,11 @@ pub struct RawFile<'a> {
 impl<'a> RawFile<'a> {
     /// Parses the footer of the raw file at `path`, whose contents are `bytes`.
     pub fn open(path: &'a Path, bytes: bytes::Bytes) -> Result<Self, RawReadError> {
-        let meta = ArrowReaderMetadata::load(&bytes, Default::default()).map_err(|e| RawReadError {
-            path: path.to_path_buf(),
-            detail: e.to_string(),
-        })?;
+        let meta =
+            ArrowReaderMetadata::load(&bytes, Default::default()).map_err(|e| RawReadError {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })?;
         Ok(RawFile { path, bytes, meta })
     }
 
@@ -252,8 +253,10 @@ impl<'a> RawFile<'a> {
         selection: Option<RowSelection>,
         batch: usize,
     ) -> Result<ParquetRecordBatchReader, RawReadError> {
-        let builder =
-            ParquetRecordBatchReaderBuilder::new_with_metadata(self.bytes.clone(), self.meta.clone());
+        let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(
+            self.bytes.clone(),
+            self.meta.clone(),
+        );
         let leaves = names
             .iter()
             .map(|name| {
@@ -394,7 +397,8 @@ impl<'a> RawFile<'a> {
             if required.iter().any(|c| c.null_count() > 0) {
                 return Err(self.err("a required value is missing".into()));
             }
-            let optional = |a: &arrow::array::Int64Array, i: usize| a.is_valid(i).then(|| a.value(i));
+            let optional =
+                |a: &arrow::array::Int64Array, i: usize| a.is_valid(i).then(|| a.value(i));
             for i in 0..batch.num_rows() {
                 let view = EventView {
                     event_id: event_id.is_valid(i).then(|| event_id.value(i)),
