@@ -70,33 +70,46 @@ pub const KEEP_DECODED_EVENTS: usize = 1 << 20;
 
 type Keyed = Vec<(DedupKey, EventVersion)>;
 
-/// Runs `f` over `items` on up to `threads` threads; results in the items' order.
-fn par_map<T: Sync, R: Send, E: Send>(
+/// Runs `f` over `items` on up to `threads` threads, each taking the next item as it is free (the
+/// items may differ a lot in cost); results in the items' order, or the error of the first item
+/// that failed (items after a failure may be skipped).
+pub(crate) fn par_map<T: Sync, R: Send, E: Send>(
     items: &[T],
     threads: usize,
     f: impl Fn(&T) -> Result<R, E> + Sync,
 ) -> Result<Vec<R>, E> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     if items.is_empty() {
         return Ok(Vec::new());
     }
     let threads = threads.clamp(1, items.len());
-    let chunk = items.len().div_ceil(threads);
-    let f = &f;
-    let parts: Vec<Result<Vec<R>, E>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = items
-            .chunks(chunk)
-            .map(|part| scope.spawn(move || part.iter().map(f).collect()))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rehydration threads do not panic"))
-            .collect()
-    });
-    let mut out = Vec::with_capacity(items.len());
-    for part in parts {
-        out.extend(part?);
-    }
-    Ok(out)
+    let (next, failed, f) = (AtomicUsize::new(0), AtomicBool::new(false), &f);
+    let work = || {
+        let mut done = Vec::new();
+        while !failed.load(Ordering::Relaxed) {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(item) = items.get(i) else { break };
+            let result = f(item);
+            if result.is_err() {
+                failed.store(true, Ordering::Relaxed);
+            }
+            done.push((i, result));
+        }
+        done
+    };
+    let mut done: Vec<(usize, Result<R, E>)> = if threads == 1 {
+        work()
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads).map(|_| scope.spawn(work)).collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("par_map threads do not panic"))
+                .collect()
+        })
+    };
+    done.sort_unstable_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, result)| result).collect()
 }
 
 fn read_bytes(path: &Path) -> Result<Bytes, ScopeError> {

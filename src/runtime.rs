@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 
 use adsmetrics_dataflows::batching::BuildFastHasher;
 use adsmetrics_dataflows::pipeline::{self, Pipeline};
-use adsmetrics_dataflows::{DedupKey, Dims, EventVersion, MetricRow, MirrorError, PartitionId};
+use adsmetrics_dataflows::{
+    DedupKey, Dims, EventVersion, Grain, MetricRow, MirrorError, PartitionId,
+};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::decode::{decode_parquet, decode_source};
@@ -790,7 +792,8 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
             let computed = started.elapsed();
             // The last source's files are written meanwhile; they must be on disk before the
             // publish names their source (and the publish syncs the filesystem to make sure).
-            let staged = local.and_then(|()| stage_touched(shared, &pipeline, seeded.as_mut()));
+            let staged =
+                local.and_then(|()| stage_touched(shared, &pipeline, seeded.as_mut(), peers));
             let staged = join_writing(writing).and(staged);
             (fed, computed, staged)
         });
@@ -1163,24 +1166,43 @@ fn stage_touched(
     shared: &Shared,
     pipeline: &Pipeline,
     mut seeded: Option<&mut BTreeSet<PartitionId>>,
+    threads: usize,
 ) -> Result<Vec<PartitionChange>, RunError> {
     let published = shared.state.lock().expect("lock").published.clone();
     let touched = pipeline.mirror.borrow_mut().take_touched();
     let mut changes = Vec::new();
     let mut unchanged = 0;
-    for id in touched {
-        if let Some(seeded) = seeded.as_deref_mut() {
-            if seeded.insert(id) {
-                if let Some(current) = published.get(&id) {
-                    let rows = read_published(&shared.warehouse, &id, current)?;
-                    pipeline.mirror.borrow_mut().seed(&id, &rows);
-                }
-            }
+    // A few partitions at a time, read back and written on `threads` threads, largest first (the
+    // daily ones): one worker may own a correction's daily partitions while the others are done.
+    let mut touched = touched;
+    touched.sort_by_key(|id| (id.grain != Grain::Daily, *id));
+    for chunk in touched.chunks(4 * threads.max(1)) {
+        let to_seed: Vec<(PartitionId, &Published)> = match seeded.as_deref_mut() {
+            Some(seeded) => chunk
+                .iter()
+                .filter(|id| seeded.insert(**id))
+                .filter_map(|id| published.get(id).map(|current| (*id, current)))
+                .collect(),
+            None => Vec::new(),
+        };
+        let seeds = rehydrate::par_map(&to_seed, threads, |(id, current)| {
+            read_published(&shared.warehouse, id, current)
+        })?;
+        for ((id, _), rows) in to_seed.iter().zip(seeds) {
+            pipeline.mirror.borrow_mut().seed(id, &rows);
         }
-        let rows = pipeline.mirror.borrow().rows(&id)?;
-        match stage_partition(&shared.warehouse, &id, &rows, published.get(&id))? {
-            Some(change) => changes.push(change),
-            None => unchanged += 1,
+        let rows = chunk
+            .iter()
+            .map(|id| Ok((*id, pipeline.mirror.borrow().rows(id)?)))
+            .collect::<Result<Vec<_>, RunError>>()?;
+        let staged = rehydrate::par_map(&rows, threads, |(id, rows)| {
+            stage_partition(&shared.warehouse, id, rows, published.get(id)).map_err(RunError::from)
+        })?;
+        for change in staged {
+            match change {
+                Some(change) => changes.push(change),
+                None => unchanged += 1,
+            }
         }
     }
     shared
