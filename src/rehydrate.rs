@@ -39,7 +39,6 @@ use bytes::Bytes;
 use crate::decode::{decode_parquet_rows, decode_source_parallel, Decoded};
 use crate::event::Event;
 use crate::keyindex;
-use crate::retention::Horizons;
 use crate::scope::{raw_day, Changes, ScopeError};
 use crate::sink::raw::{self, RawReadError};
 use crate::source::{SourceError, SourceFile};
@@ -139,15 +138,13 @@ fn decode_raw(path: &Path, bytes: Bytes, rows: Option<&[usize]>) -> Result<Keyed
     Ok(decoded.events.iter().map(|e| e.keyed_version()).collect())
 }
 
-/// The new sources' and the withdrawn raw files' `(key, version)`s, and the new sources decoded
-/// (up to [`KEEP_DECODED_EVENTS`] events).
-#[allow(clippy::type_complexity)]
+/// The new sources decoded, with their events' `(key, version)`s, and the withdrawn raw files'
+/// `(key, version)`s.
 fn seeds(
     new_sources: &[&SourceFile],
     retract: &[PathBuf],
-    horizons: &Horizons,
     threads: usize,
-) -> Result<(Vec<Keyed>, Vec<Keyed>, HashMap<String, Predecoded>), ScopeError> {
+) -> Result<(Vec<Predecoded>, Vec<Keyed>), ScopeError> {
     // Fewer sources than threads (a correction is often one file): each is split among them.
     let parts = (threads / new_sources.len().max(1)).max(1);
     let new_events = par_map(new_sources, threads, |source| {
@@ -158,35 +155,16 @@ fn seeds(
         let decoded = decode_source_parallel(&source.label, Bytes::from(bytes), parts);
         let chunk = decoded.events.len().div_ceil(parts).max(1);
         let chunks: Vec<&[Event]> = decoded.events.chunks(chunk).collect();
-        let all: Keyed = par_map(&chunks, parts, |events| {
+        let keyed: Keyed = par_map(&chunks, parts, |events| {
             Ok::<_, ScopeError>(events.iter().map(Event::keyed_version).collect::<Keyed>())
         })?
         .concat();
-        // Events past the raw horizon will be refused: they change nothing.
-        let keyed: Keyed = all
-            .iter()
-            .filter(|(_, v)| horizons.raw_day.is_none_or(|h| v.day() >= h))
-            .copied()
-            .collect();
-        Ok::<_, ScopeError>((keyed, (decoded, all)))
+        Ok::<_, ScopeError>((decoded, keyed))
     })?;
-    let mut kept = 0;
-    let mut kept_decoded = HashMap::new();
-    let new_events: Vec<Keyed> = new_events
-        .into_iter()
-        .zip(new_sources)
-        .map(|((keyed, decoded), source)| {
-            kept += decoded.0.events.len();
-            if kept <= KEEP_DECODED_EVENTS {
-                kept_decoded.insert(source.content_hash.clone(), decoded);
-            }
-            keyed
-        })
-        .collect();
     let withdrawn = par_map(retract, threads, |path| {
         decode_raw(path, read_bytes(path)?, None)
     })?;
-    Ok((new_events, withdrawn, kept_decoded))
+    Ok((new_events, withdrawn))
 }
 
 /// The keyed state of a run; see the module doc.
@@ -214,15 +192,20 @@ pub fn keyed_state(
     }
 
     let dated: Vec<Option<i64>> = by_day.keys().filter(|d| d.is_some()).copied().collect();
-    let (new_events, withdrawn, decoded) = seeds(new_sources, retract, horizons, threads)?;
-    out.decoded = decoded;
+    let (new_events, withdrawn) = seeds(new_sources, retract, threads)?;
     // The two sets are built on two threads: each insert is a cache miss in a table of megabytes.
-    let seed_rows: usize = new_events.iter().chain(&withdrawn).map(Vec::len).sum();
+    let seed_rows: usize = new_events
+        .iter()
+        .map(|(_, keyed)| keyed.len())
+        .sum::<usize>()
+        + withdrawn.iter().map(Vec::len).sum::<usize>();
     let live = || {
         new_events
             .iter()
-            .chain(&withdrawn)
-            .flatten()
+            .flat_map(|(_, keyed)| keyed)
+            // Events past the raw horizon will be refused: they change nothing.
+            .filter(|(_, v)| horizons.raw_day.is_none_or(|h| v.day() >= h))
+            .chain(withdrawn.iter().flatten())
             .filter(|(key, _)| tombstones.is_empty() || !tombstones.contains(key))
     };
     let ((mut keys, mut pending_keys), (mut user_days, mut pending_user_days)) =
@@ -252,7 +235,14 @@ pub fn keyed_state(
                 .expect("the user-day thread does not panic");
             ((set, pending), user_days)
         });
-    drop((new_events, withdrawn));
+    drop(withdrawn);
+    let mut kept = 0;
+    for (predecoded, source) in new_events.into_iter().zip(new_sources) {
+        kept += predecoded.0.events.len();
+        if kept <= KEEP_DECODED_EVENTS {
+            out.decoded.insert(source.content_hash.clone(), predecoded);
+        }
+    }
     tracing::debug!(took = ?started.elapsed(), keys = keys.len(), user_days = user_days.len(), "rehydration seeds");
 
     let mut columns: HashMap<usize, (Vec<u128>, Vec<i64>)> = HashMap::new();
