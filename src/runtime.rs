@@ -894,9 +894,9 @@ fn join_writing(writing: Option<Writing<'_>>) -> Result<(), RunError> {
     }
 }
 
-/// Decodes this worker's `sources` and feeds them to the dataflow. Each one's raw, late-arrival
-/// and quarantine files are written on a thread of `scope` while the worker goes on, one source at
-/// a time; the last one's writer is returned, to be joined once the dataflow has the epoch.
+/// Decodes this worker's `sources` and feeds them to the dataflow, and writes each one's raw,
+/// late-arrival and quarantine files: the last one's on a thread of `scope`, returned to be joined
+/// once the dataflow has the epoch.
 fn ingest_sources<'scope, 'env>(
     shared: &'env Shared,
     sources: &'env [SourceFile],
@@ -965,10 +965,9 @@ fn ingest_sources<'scope, 'env>(
         }
         drain_input(worker, pipeline);
         tracing::debug!("decoded and fed");
-        join_writing(writing.take())?;
         let published = published.clone();
         let last = std::ptr::eq(source, sources.last().expect("in the loop over them"));
-        writing = Some(scope.spawn(move || {
+        let write = move || {
             let accepted: Vec<(DedupKey, &Event)> = winners
                 .iter()
                 .map(|&i| (keyed[i].0, &decoded.events[i]))
@@ -987,7 +986,15 @@ fn ingest_sources<'scope, 'env>(
                 }
             }
             Ok(())
-        }));
+        };
+        // The last source's files are written beside the dataflow's work on the epoch; the
+        // others here, between sources (the workers are busy then, and more threads than cores
+        // only made a long load slower).
+        if last {
+            writing = Some(scope.spawn(write));
+        } else {
+            write()?;
+        }
     }
     Ok(writing)
 }
