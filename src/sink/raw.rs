@@ -330,23 +330,14 @@ impl<'a> RawFile<'a> {
         if selectors.is_empty() {
             return Ok(Vec::new());
         }
-        const NAMES: [&str; 14] = [
-            "event_id",
-            "event_type",
-            "event_time",
-            "ad_id",
-            "campaign_id",
-            "advertiser_id",
-            "country",
-            "user_id",
-            "ip",
-            "cost_micros",
-            "revenue_micros",
-            "producer",
-            "revision",
-            "dedup_key",
-        ];
-        let reader = self.reader(&NAMES, Some(selectors.into()), 8192)?;
+        // The event's columns and the stored key.
+        let fields = event_fields();
+        let names: Vec<&str> = fields
+            .iter()
+            .map(|f| f.name().as_str())
+            .chain(["dedup_key"])
+            .collect();
+        let reader = self.reader(&names, Some(selectors.into()), 8192)?;
         let mut out = Vec::with_capacity(rows.len());
         for batch in reader {
             let batch = batch.map_err(|e| self.err(e.to_string()))?;
