@@ -70,8 +70,8 @@ pub const KEEP_DECODED_EVENTS: usize = 1 << 20;
 type Keyed = Vec<(DedupKey, EventVersion)>;
 
 /// Runs `f` over `items` on up to `threads` threads, each taking the next item as it is free (the
-/// items may differ a lot in cost); results in the items' order, or the error of the first item
-/// that failed (items after a failure may be skipped).
+/// items may differ a lot in cost); results in the items' order, or the error of a failed item
+/// (once one fails, the items not yet taken are skipped).
 pub(crate) fn par_map<T: Sync, R: Send, E: Send>(
     items: &[T],
     threads: usize,
