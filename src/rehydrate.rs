@@ -36,11 +36,11 @@ use adsmetrics_dataflows::{DedupKey, EventVersion};
 
 use bytes::Bytes;
 
-use crate::decode::{decode_parquet_rows, decode_source_parallel, Decoded};
+use crate::decode::{decode_source_parallel, Decoded};
 use crate::event::Event;
 use crate::keyindex;
 use crate::scope::{raw_day, Changes, ScopeError};
-use crate::sink::raw::{self, RawReadError};
+use crate::sink::raw;
 use crate::source::{SourceError, SourceFile};
 use crate::warehouse::Warehouse;
 
@@ -119,25 +119,6 @@ fn read_bytes(path: &Path) -> Result<Bytes, ScopeError> {
     Ok(Bytes::from(bytes))
 }
 
-/// A raw file's rows (those at the ascending indices `rows`, or all) as `(key, version)`, in row
-/// order.
-fn decode_raw(path: &Path, bytes: Bytes, rows: Option<&[usize]>) -> Result<Keyed, ScopeError> {
-    let decoded = decode_parquet_rows(&path.to_string_lossy(), bytes, rows);
-    let damaged = |detail: String| {
-        ScopeError::Raw(RawReadError {
-            path: path.to_path_buf(),
-            detail: format!("raw layer file is damaged: {detail}"),
-        })
-    };
-    if let Some(bad) = decoded.quarantined.first() {
-        return Err(damaged(bad.reason.clone()));
-    }
-    if rows.is_some_and(|rows| rows.len() != decoded.events.len()) {
-        return Err(damaged("fewer rows than its key column".into()));
-    }
-    Ok(decoded.events.iter().map(|e| e.keyed_version()).collect())
-}
-
 /// The new sources decoded, with their events' `(key, version)`s, and the withdrawn raw files'
 /// `(key, version)`s.
 fn seeds(
@@ -162,7 +143,7 @@ fn seeds(
         Ok::<_, ScopeError>((decoded, keyed))
     })?;
     let withdrawn = par_map(retract, threads, |path| {
-        decode_raw(path, read_bytes(path)?, None)
+        Ok::<_, ScopeError>(raw::RawFile::open(path, read_bytes(path)?)?.all_versions()?)
     })?;
     Ok((new_events, withdrawn))
 }

@@ -37,7 +37,7 @@ use adsmetrics_dataflows::{
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::decode::{decode_parquet, decode_source};
+use crate::decode::decode_source;
 use crate::event::Event;
 use crate::journal::{
     CommitJournal, JournalError, LedgerAnchor, PartitionChange, Published, RetiredSource,
@@ -861,16 +861,10 @@ fn read_raw(
             path: path.clone(),
             source,
         })?;
-        let decoded = decode_parquet(&path.to_string_lossy(), bytes::Bytes::from(bytes));
-        if let Some(bad) = decoded.quarantined.first() {
-            // The raw layer is ours and was valid when written: a bad row means damage.
-            return Err(RunError::Source(SourceError {
-                path: path.clone(),
-                source: std::io::Error::other(format!("raw layer file is damaged: {}", bad.reason)),
-            }));
-        }
-        for event in &decoded.events {
-            let keyed = event.keyed_version();
+        let versions = raw::RawFile::open(path, bytes::Bytes::from(bytes))
+            .and_then(|file| file.all_versions())
+            .map_err(ScopeError::from)?;
+        for keyed in versions {
             if !shared.tombstones.contains(&keyed.0) {
                 pipeline.input.update(keyed, diff);
                 rows += 1;

@@ -208,6 +208,7 @@ fn raw_rows_read_for_rehydration_are_the_versions_ingested() {
         let file = adsmetrics::sink::raw::RawFile::open(path, bytes).unwrap();
         let all: Vec<usize> = (0..expected.len()).collect();
         assert!(file.versions(&all).unwrap() == expected, "{path:?}");
+        assert!(file.all_versions().unwrap() == expected, "{path:?}");
         let some: Vec<usize> = all.iter().copied().filter(|i| i % 3 != 1).collect();
         let picked: Vec<_> = some.iter().map(|&i| expected[i]).collect();
         assert!(file.versions(&some).unwrap() == picked, "{path:?}");

@@ -49,7 +49,7 @@ mod json;
 mod parquet;
 
 pub use self::json::decode_json_lines;
-pub use self::parquet::{decode_parquet, decode_parquet_parallel, decode_parquet_rows};
+pub use self::parquet::{decode_parquet, decode_parquet_parallel};
 
 /// What one source decoded to. Every input record ends up in exactly one of the two vectors
 /// (or the whole source is one quarantine record).

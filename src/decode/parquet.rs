@@ -73,13 +73,7 @@ const COLUMNS: [(&str, Want, bool); 13] = [
 /// Takes [`Bytes`] so a caller that already holds the file as `Bytes` (or a `Vec<u8>`, via
 /// `Bytes::from`) hands it over without a copy; the reader slices it without copying.
 pub fn decode_parquet(source: &str, bytes: Bytes) -> Decoded {
-    decode_parquet_rows(source, bytes, None)
-}
-
-/// Like [`decode_parquet`], but only the rows at the ascending indices `rows` (all rows when
-/// `None`) are validated and decoded; the others are skipped, neither events nor quarantined.
-pub fn decode_parquet_rows(source: &str, bytes: Bytes, rows: Option<&[usize]>) -> Decoded {
-    match guarded(|| read(source, bytes.clone(), rows, None)) {
+    match guarded(|| read(source, bytes.clone(), None)) {
         Ok(decoded) => decoded,
         Err(reason) => file_quarantine(source, &bytes, reason),
     }
@@ -125,7 +119,7 @@ pub fn decode_parquet_parallel(source: &str, bytes: Bytes, parts: usize) -> Deco
             .iter()
             .map(|&range| {
                 let bytes = bytes.clone();
-                scope.spawn(move || guarded(|| read(source, bytes, None, Some(range))))
+                scope.spawn(move || guarded(|| read(source, bytes, Some(range))))
             })
             .collect();
         handles
@@ -163,14 +157,9 @@ fn unreadable(e: impl std::fmt::Display) -> String {
     format!("not a readable Parquet file: {e}")
 }
 
-/// The file's decoded rows (those at the ascending indices `wanted`, or, with `range`, the rows
-/// `range.0..range.1`, or all), or why the whole file is rejected.
-fn read(
-    source: &str,
-    bytes: Bytes,
-    wanted: Option<&[usize]>,
-    range: Option<(usize, usize)>,
-) -> Result<Decoded, String> {
+/// The file's decoded rows (with `range`, the rows `range.0..range.1`; else all), or why the whole
+/// file is rejected.
+fn read(source: &str, bytes: Bytes, range: Option<(usize, usize)>) -> Result<Decoded, String> {
     let mut builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(unreadable)?;
     let roots = plan(builder.schema())?;
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
@@ -191,7 +180,6 @@ fn read(
 
     let mut out = Decoded::default();
     let mut row: u64 = range.map_or(0, |(start, _)| start as u64);
-    let mut wanted = wanted.map(|rows| rows.iter().map(|&r| r as u64).peekable());
     for batch in reader {
         let batch = batch.map_err(unreadable)?;
         let mut cols: [Col; 13] = Default::default();
@@ -207,12 +195,6 @@ fn read(
         let [event_id, event_type, event_time, ad_id, campaign_id, advertiser_id, country, user_id, ip, cost_micros, revenue_micros, producer, revision] =
             &cols;
         for i in 0..batch.num_rows() {
-            if let Some(wanted) = wanted.as_mut() {
-                if wanted.next_if_eq(&row).is_none() {
-                    row = row.saturating_add(1);
-                    continue;
-                }
-            }
             let raw = RawEvent {
                 event_id: event_id.get(i),
                 event_type: event_type.get(i),

@@ -330,6 +330,22 @@ impl<'a> RawFile<'a> {
         if selectors.is_empty() {
             return Ok(Vec::new());
         }
+        self.read_versions(Some(selectors.into()), rows.len())
+    }
+
+    /// The `(key, version)` of every row, in order (see [`RawFile::versions`]).
+    pub fn all_versions(&self) -> Result<Vec<(DedupKey, EventVersion)>, RawReadError> {
+        let rows = usize::try_from(self.meta.metadata().file_metadata().num_rows())
+            .map_err(|_| self.err("a negative row count".into()))?;
+        self.read_versions(None, rows)
+    }
+
+    /// The versions of the rows `selection` selects (all when `None`), which must be `expected`.
+    fn read_versions(
+        &self,
+        selection: Option<RowSelection>,
+        expected: usize,
+    ) -> Result<Vec<(DedupKey, EventVersion)>, RawReadError> {
         // The event's columns and the stored key.
         let fields = event_fields();
         let names: Vec<&str> = fields
@@ -337,8 +353,8 @@ impl<'a> RawFile<'a> {
             .map(|f| f.name().as_str())
             .chain(["dedup_key"])
             .collect();
-        let reader = self.reader(&names, Some(selectors.into()), 8192)?;
-        let mut out = Vec::with_capacity(rows.len());
+        let reader = self.reader(&names, selection, 8192)?;
+        let mut out = Vec::with_capacity(expected);
         for batch in reader {
             let batch = batch.map_err(|e| self.err(e.to_string()))?;
             let column = |name: &str| {
@@ -412,7 +428,7 @@ impl<'a> RawFile<'a> {
                 out.push((DedupKey(u128::from_be_bytes(stored).into()), view.version()));
             }
         }
-        if out.len() != rows.len() {
+        if out.len() != expected {
             return Err(self.err("fewer rows than its key column".into()));
         }
         Ok(out)
