@@ -106,9 +106,22 @@ const MIN_ROWS_PER_PART: usize = 4 * BATCH_ROWS;
 /// A file that any part finds unreadable is decoded again whole, on this thread, so its one
 /// quarantine record is exactly [`decode_parquet`]'s.
 pub fn decode_parquet_parallel(source: &str, bytes: Bytes, parts: usize) -> Decoded {
-    let rows = declared_rows(&bytes);
-    let parts = parts.min(rows.unwrap_or(0) / MIN_ROWS_PER_PART).max(1);
-    let (Some(rows), true) = (rows, parts > 1) else {
+    // The footer, parsed once for every part.
+    let footer = catch_unwind(AssertUnwindSafe(|| {
+        let meta = ArrowReaderMetadata::load(&bytes, Default::default()).ok()?;
+        let rows = usize::try_from(meta.metadata().file_metadata().num_rows()).ok()?;
+        Some((meta, rows))
+    }))
+    .ok()
+    .flatten();
+    let parts = parts
+        .min(
+            footer
+                .as_ref()
+                .map_or(0, |(_, rows)| rows / MIN_ROWS_PER_PART),
+        )
+        .max(1);
+    let (Some((meta, rows)), true) = (footer, parts > 1) else {
         return decode_parquet(source, bytes);
     };
     let ranges: Vec<(usize, usize)> = (0..parts)
@@ -118,8 +131,8 @@ pub fn decode_parquet_parallel(source: &str, bytes: Bytes, parts: usize) -> Deco
         let handles: Vec<_> = ranges
             .iter()
             .map(|&range| {
-                let bytes = bytes.clone();
-                scope.spawn(move || guarded(|| read(source, bytes, Some(range))))
+                let (bytes, meta) = (bytes.clone(), &meta);
+                scope.spawn(move || guarded(|| read(source, bytes, Some((meta, range)))))
             })
             .collect();
         handles
@@ -143,26 +156,24 @@ pub fn decode_parquet_parallel(source: &str, bytes: Bytes, parts: usize) -> Deco
     out
 }
 
-/// The row count a Parquet file's footer declares, if the footer reads.
-fn declared_rows(bytes: &Bytes) -> Option<usize> {
-    catch_unwind(AssertUnwindSafe(|| {
-        let meta = ArrowReaderMetadata::load(bytes, Default::default()).ok()?;
-        usize::try_from(meta.metadata().file_metadata().num_rows()).ok()
-    }))
-    .ok()
-    .flatten()
-}
-
 fn unreadable(e: impl std::fmt::Display) -> String {
     format!("not a readable Parquet file: {e}")
 }
 
-/// The file's decoded rows (with `range`, the rows `range.0..range.1`; else all), or why the whole
-/// file is rejected.
-fn read(source: &str, bytes: Bytes, range: Option<(usize, usize)>) -> Result<Decoded, String> {
-    let mut builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(unreadable)?;
+/// The file's decoded rows (with `part`, its footer already parsed and the rows `start..end`;
+/// else all), or why the whole file is rejected.
+fn read(
+    source: &str,
+    bytes: Bytes,
+    part: Option<(&ArrowReaderMetadata, (usize, usize))>,
+) -> Result<Decoded, String> {
+    let mut builder = match part {
+        Some((meta, _)) => ParquetRecordBatchReaderBuilder::new_with_metadata(bytes, meta.clone()),
+        None => ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(unreadable)?,
+    };
     let roots = plan(builder.schema())?;
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+    let range = part.map(|(_, range)| range);
     if let Some((start, end)) = range {
         builder = builder.with_row_selection(RowSelection::from(vec![
             RowSelector::skip(start),
