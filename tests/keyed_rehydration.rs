@@ -215,4 +215,15 @@ fn raw_rows_read_for_rehydration_are_the_versions_ingested() {
         assert!(file.versions(&[]).unwrap().is_empty());
         assert!(file.versions(&[expected.len()]).is_err());
     }
+    // A torn or garbled raw file is an error, never a panic.
+    let bytes = std::fs::read(&files[0]).unwrap();
+    let torn = bytes::Bytes::copy_from_slice(&bytes[..bytes.len() / 2]);
+    assert!(adsmetrics::sink::raw::RawFile::open(&files[0], torn).is_err());
+    let mut garbled = bytes.clone();
+    for b in garbled.iter_mut().skip(8).take(bytes.len() / 2) {
+        *b ^= 0x5a;
+    }
+    if let Ok(file) = adsmetrics::sink::raw::RawFile::open(&files[0], garbled.into()) {
+        assert!(file.all_versions().is_err() || file.key_user_columns().is_err());
+    }
 }

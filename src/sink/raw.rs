@@ -230,11 +230,12 @@ pub struct RawFile<'a> {
 impl<'a> RawFile<'a> {
     /// Parses the footer of the raw file at `path`, whose contents are `bytes`.
     pub fn open(path: &'a Path, bytes: bytes::Bytes) -> Result<Self, RawReadError> {
-        let meta =
+        let meta = guarded(path, || {
             ArrowReaderMetadata::load(&bytes, Default::default()).map_err(|e| RawReadError {
                 path: path.to_path_buf(),
                 detail: e.to_string(),
-            })?;
+            })
+        })?;
         Ok(RawFile { path, bytes, meta })
     }
 
@@ -280,6 +281,10 @@ impl<'a> RawFile<'a> {
     /// The `dedup_key` (as `u128`) and `user_id` columns, row by row: enough to tell which rows a
     /// keyed rehydration wants.
     pub fn key_user_columns(&self) -> Result<(Vec<u128>, Vec<i64>), RawReadError> {
+        guarded(self.path, || self.scan_key_user())
+    }
+
+    fn scan_key_user(&self) -> Result<(Vec<u128>, Vec<i64>), RawReadError> {
         let reader = self.reader(&["dedup_key", "user_id"], None, 1 << 20)?;
         let (mut keys, mut users) = (Vec::new(), Vec::new());
         for batch in reader {
@@ -342,6 +347,14 @@ impl<'a> RawFile<'a> {
 
     /// The versions of the rows `selection` selects (all when `None`), which must be `expected`.
     fn read_versions(
+        &self,
+        selection: Option<RowSelection>,
+        expected: usize,
+    ) -> Result<Vec<(DedupKey, EventVersion)>, RawReadError> {
+        guarded(self.path, || self.decode_versions(selection, expected))
+    }
+
+    fn decode_versions(
         &self,
         selection: Option<RowSelection>,
         expected: usize,
@@ -433,6 +446,21 @@ impl<'a> RawFile<'a> {
         }
         Ok(out)
     }
+}
+
+/// Runs a read of the raw file at `path`. The Parquet reader is a third-party library, and a
+/// raw file is not synced on its own (a crash can tear it): a panic in the reader is reported as
+/// the file being damaged, not carried into the run's threads.
+fn guarded<T>(
+    path: &Path,
+    read: impl FnOnce() -> Result<T, RawReadError>,
+) -> Result<T, RawReadError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|_| {
+        Err(RawReadError {
+            path: path.to_path_buf(),
+            detail: "raw layer file is damaged: the Parquet reader panicked".into(),
+        })
+    })
 }
 
 /// A raw file could not be read.
