@@ -10,6 +10,12 @@
 //!    state of its late events' keys and user-days): both stay flat however many days came
 //!    before.
 //!
+//! 3. **The hot window.** Into fresh warehouses, ingests the first 2, 5, 10, 20 and 30 days in
+//!    *one* process each, with the hot window off and at 48 h, and prints each run's peak RSS:
+//!    without a window memory grows with the days loaded, with it it stays at one window's
+//!    worth (the run is cut into dataflow generations of two source days); then the 48 h run
+//!    over 30 days again with the resident set after every generation.
+//!
 //! Every ingest runs in a child process (this program re-executing itself), so each peak RSS
 //! (`VmHWM`) is that run's alone.
 //!
@@ -39,11 +45,14 @@ struct Args {
     /// Workers for every ingest.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// Skip the day-by-day memory part.
+    /// Skip the day-by-day and hot-window memory parts.
     #[arg(long)]
     no_days: bool,
-    /// Internal: one ingest of `input` into `warehouse` in this process.
-    #[arg(long, hide = true, num_args = 2)]
+    /// Hot window of the initial load and the corrections, in days (0 = off).
+    #[arg(long, default_value_t = adsmetrics::runtime::DEFAULT_HOT_WINDOW_DAYS)]
+    hot_window: u32,
+    /// Internal: one ingest of the inputs (after the first path, the warehouse) in this process.
+    #[arg(long, hide = true, num_args = 2..)]
     one_ingest: Option<Vec<PathBuf>>,
 }
 
@@ -53,7 +62,7 @@ const START: &str = "2026-10-01";
 fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(paths) = &args.one_ingest {
-        return one_ingest(&paths[0], &paths[1], args.workers);
+        return one_ingest(&paths[0], &paths[1..], args.workers, args.hot_window);
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
     let data = root.join(format!("bench-data/corrections-{}", args.events));
@@ -85,13 +94,22 @@ fn main() -> Result<()> {
     let wh = tempfile::Builder::new()
         .prefix("adsmetrics-corrections-")
         .tempdir_in(&runs)?;
-    let load = child(wh.path(), &events_dir, args.workers)?;
+    let window = args.hot_window;
+    println!(
+        "hot window: {}",
+        match window {
+            0 => "off".to_string(),
+            d => format!("{d} days"),
+        }
+    );
+    let load = child(wh.path(), &[events_dir.as_path()], args.workers, window)?;
     println!("initial load (30 days): {load}");
     for (i, what) in ["first correction", "second correction"].iter().enumerate() {
         let fix = child(
             wh.path(),
-            &data.join(format!("correction-{}", i + 1)),
+            &[data.join(format!("correction-{}", i + 1)).as_path()],
             args.workers,
+            window,
         )?;
         println!("{what}, 1% of the events: {fix}");
         let ratio = field(&fix, "seconds")? / field(&load, "seconds")?;
@@ -108,12 +126,44 @@ fn main() -> Result<()> {
             .collect();
         days.sort();
         for (i, day) in days.iter().enumerate() {
-            let line = child(wh.path(), day, args.workers)?;
+            let line = child(wh.path(), &[day.as_path()], args.workers, window)?;
             println!(
                 "day {:2} {}: {line}",
                 i + 1,
                 day.file_name().unwrap_or_default().to_string_lossy()
             );
+        }
+
+        println!("\none process loading the first N days, peak RSS (MB):");
+        println!("{:>6} {:>12} {:>12}", "days", "window off", "window 48h");
+        for n in [2usize, 5, 10, 20, days.len()] {
+            let inputs: Vec<&Path> = days.iter().take(n).map(PathBuf::as_path).collect();
+            let mut peaks = Vec::new();
+            for w in [0, 2] {
+                let wh = tempfile::Builder::new()
+                    .prefix("adsmetrics-window-")
+                    .tempdir_in(&runs)?;
+                peaks.push(field(
+                    &child(wh.path(), &inputs, args.workers, w)?,
+                    "peak_rss_mb",
+                )?);
+            }
+            println!("{n:>6} {:>12} {:>12}", peaks[0], peaks[1]);
+        }
+        let wh = tempfile::Builder::new()
+            .prefix("adsmetrics-window-")
+            .tempdir_in(&runs)?;
+        let inputs: Vec<&Path> = days.iter().map(PathBuf::as_path).collect();
+        let line = child(wh.path(), &inputs, args.workers, 2)?;
+        println!(
+            "\n48h window over all {} days, after each generation:",
+            days.len()
+        );
+        for part in line
+            .split_whitespace()
+            .filter(|p| p.starts_with("generation="))
+        {
+            println!("  {part}");
         }
     }
     Ok(())
@@ -173,42 +223,61 @@ fn write_correction(events_dir: &Path, out: &Path, skip: u64, n: u64) -> Result<
 }
 
 /// Runs one ingest in a child process; returns its result line.
-fn child(warehouse: &Path, input: &Path, workers: usize) -> Result<String> {
+fn child(warehouse: &Path, inputs: &[&Path], workers: usize, window: u32) -> Result<String> {
     let exe = std::env::current_exe()?;
     let out = Command::new(&exe)
         .arg("--workers")
         .arg(workers.to_string())
+        .arg("--hot-window")
+        .arg(window.to_string())
         .arg("--one-ingest")
         .arg(warehouse.join("warehouse"))
-        .arg(input)
+        .args(inputs)
         .output()?;
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
     if !out.status.success() {
-        bail!("ingest of {} failed ({})", input.display(), out.status);
+        bail!("ingest of {inputs:?} failed ({})", out.status);
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn one_ingest(warehouse: &Path, input: &Path, workers: usize) -> Result<()> {
+fn one_ingest(warehouse: &Path, inputs: &[PathBuf], workers: usize, window: u32) -> Result<()> {
     let started = Instant::now();
     let s = ingest(
         &Warehouse::new(warehouse),
-        &[input.to_path_buf()],
+        inputs,
         IngestOptions {
             workers,
+            hot_window_days: (window > 0).then_some(window),
             ..Default::default()
         },
     )?;
+    let generations: Vec<String> = s
+        .memory
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            format!(
+                "generation={}:days_done={}:rss_mb={}:peak_rss_mb={}",
+                i + 1,
+                m.days_done,
+                m.rss_bytes >> 20,
+                m.peak_rss_bytes >> 20
+            )
+        })
+        .collect();
     println!(
         "seconds={:.3} events_accepted={} partitions_published={} rehydrated_files={} \
-         of committed_raw_files={} rehydrated_rows={} peak_rss_mb={}",
+         of committed_raw_files={} rehydrated_rows={} generations={} peak_rss_mb={} {}",
         started.elapsed().as_secs_f64(),
         s.events_accepted,
         s.partitions_published,
         s.rehydrated_files,
         s.committed_raw_files,
         s.rehydrated_rows,
-        peak_rss_mb()
+        s.generations,
+        peak_rss_mb(),
+        generations.join(" ")
     );
     Ok(())
 }

@@ -170,6 +170,7 @@ pub fn backfill(
         }
     }
     for (day, batch) in batches.iter_mut() {
+        batch.day = Some(*day);
         let mut withdrawn = BTreeSet::new();
         for r in batch.retired.iter_mut() {
             let h = &r.content_hash;

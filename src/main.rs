@@ -50,9 +50,16 @@ enum Command {
         /// Timely worker threads (outputs are identical for any number).
         #[arg(long, short = 'w', default_value_t = 1)]
         workers: usize,
-        /// New sources per epoch (each epoch publishes its changed partitions); 0 = one epoch.
+        /// New sources per epoch (each epoch publishes its changed partitions); 0 = one epoch
+        /// per hot-window generation.
         #[arg(long, default_value_t = 0)]
         epoch_sources: usize,
+        /// Hot window: the dataflow holds the state of at most this many source days (`dt=`
+        /// folders) at once, e.g. 48h or 2d; a run over more days is cut into generations at day
+        /// boundaries, each rebuilding from the raw layer only the keys and user-days it touches,
+        /// so memory stays flat however many days are loaded. `off`: one dataflow for the run.
+        #[arg(long, default_value = "48h", value_parser = parse_hot_window)]
+        hot_window: HotWindow,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -72,6 +79,12 @@ enum Command {
         /// Last day, YYYY-MM-DD (inclusive).
         #[arg(long)]
         to: String,
+        /// Hot window: the dataflow holds the state of at most this many source days (`dt=`
+        /// folders) at once, e.g. 48h or 2d; a run over more days is cut into generations at day
+        /// boundaries, each rebuilding from the raw layer only the keys and user-days it touches,
+        /// so memory stays flat however many days are loaded. `off`: one dataflow for the run.
+        #[arg(long, default_value = "48h", value_parser = parse_hot_window)]
+        hot_window: HotWindow,
         /// Timely worker threads (outputs are identical for any number).
         #[arg(long, short = 'w', default_value_t = 1)]
         workers: usize,
@@ -182,6 +195,32 @@ enum AuditCommand {
     Verify,
 }
 
+/// A hot window in whole source days; `None` is off.
+#[derive(Clone, Copy, Debug)]
+struct HotWindow(Option<u32>);
+
+/// `48h`, `2d`, `72` (hours) or `off`; hours round up to whole days, since the window is cut at
+/// `dt=` folder boundaries.
+fn parse_hot_window(s: &str) -> Result<HotWindow, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("off") || s.eq_ignore_ascii_case("none") {
+        return Ok(HotWindow(None));
+    }
+    let (number, hours_per) = if let Some(d) = s.strip_suffix('d') {
+        (d, 24)
+    } else {
+        (s.strip_suffix('h').unwrap_or(s), 1)
+    };
+    let hours = number
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .and_then(|n| n.checked_mul(hours_per))
+        .filter(|h| *h > 0)
+        .ok_or_else(|| format!("{s:?} is not a window: use e.g. 48h, 2d or off"))?;
+    Ok(HotWindow(Some(hours.div_ceil(24))))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -220,6 +259,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             inputs,
             workers,
             epoch_sources,
+            hot_window,
             quiet,
         } => {
             let options = IngestOptions {
@@ -227,6 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 epoch_sources,
                 progress: !quiet,
                 fail_point: None,
+                hot_window_days: hot_window.0,
             };
             let summary = ingest(&warehouse, &inputs, options)?;
             print!("{}", adsmetrics::report::ingest_report(&summary));
@@ -235,6 +276,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             source,
             from,
             to,
+            hot_window,
             workers,
             quiet,
         } => {
@@ -257,6 +299,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         epoch_sources: 0,
                         progress: !quiet,
                         fail_point: None,
+                        hot_window_days: hot_window.0,
                     },
                 },
             )?;

@@ -35,6 +35,14 @@ pub fn ingest_report(s: &IngestSummary) -> String {
             s.late_events
         ));
     }
+    if s.generations > 1 {
+        let peak = s.memory.iter().map(|m| m.peak_rss_bytes).max().unwrap_or(0);
+        out.push_str(&format!(
+            "hot window: {} generations, each a fresh dataflow; peak RSS {} MB\n",
+            s.generations,
+            peak >> 20
+        ));
+    }
     out.push_str(&format!(
         "time: {:.2} s, {:.0} events/s, {:.1} MB/s\n",
         secs,

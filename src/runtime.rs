@@ -67,7 +67,15 @@ pub struct IngestOptions {
     pub progress: bool,
     /// Tests only: stop the publish of the first epoch that publishes, at this step.
     pub fail_point: Option<FailPoint>,
+    /// The hot window, in days of source partitions (`dt=` folders): a run's dataflow holds the
+    /// state of at most this many consecutive source days; a run over more is cut into
+    /// generations at day boundaries, each a fresh dataflow that rebuilds from the raw layer
+    /// only the keys and user-days its own sources touch. `None`: one dataflow for the run.
+    pub hot_window_days: Option<u32>,
 }
+
+/// The default hot window: 48 hours of source days.
+pub const DEFAULT_HOT_WINDOW_DAYS: u32 = 2;
 
 impl Default for IngestOptions {
     fn default() -> Self {
@@ -76,8 +84,23 @@ impl Default for IngestOptions {
             epoch_sources: 0,
             progress: false,
             fail_point: None,
+            hot_window_days: Some(DEFAULT_HOT_WINDOW_DAYS),
         }
     }
+}
+
+/// What one generation of a run (see [`IngestOptions::hot_window_days`]) left in memory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GenerationMemory {
+    /// The newest source day the generation ingested (days since the Unix epoch), if its
+    /// sources have one.
+    pub last_day: Option<i64>,
+    /// Source days the run had covered when the generation ended.
+    pub days_done: u32,
+    /// The process's resident set when the generation's dataflow had been dropped, bytes.
+    pub rss_bytes: u64,
+    /// The process's peak resident set so far, bytes.
+    pub peak_rss_bytes: u64,
 }
 
 /// What an ingest run did.
@@ -112,8 +135,12 @@ pub struct IngestSummary {
     pub retracted_rows: u64,
     /// Records of new sources not accepted because their key was deleted (tombstoned).
     pub tombstoned: u64,
-    /// Epochs run (including the rehydration epoch).
+    /// Epochs run (including each generation's rehydration epoch).
     pub epochs: u64,
+    /// Dataflow generations the run was cut into by the hot window (1 for a run within it).
+    pub generations: u64,
+    /// Memory after each generation, when the run had more than one.
+    pub memory: Vec<GenerationMemory>,
     /// Partition versions published (including removals).
     pub partitions_published: u64,
     /// Partitions touched by an epoch whose contents came out unchanged.
@@ -191,6 +218,8 @@ struct Shared {
     partition_of: HashMap<String, String>,
     /// The progress bar counts sources (backfill) rather than bytes.
     progress_in_sources: bool,
+    /// Events accepted by the run's earlier generations (for the bar's events/s).
+    progress_events_before: u64,
     epochs: Vec<EpochPlan>,
     barrier: Barrier,
     progress: ProgressBar,
@@ -296,6 +325,9 @@ pub(crate) struct Batch {
     pub(crate) retract_hashes: BTreeSet<String>,
     /// Sources recorded without being read (their content already contributes).
     pub(crate) adopt: Vec<SourceRecord>,
+    /// The source day (`dt=` folder) of its sources, where they have one: where the hot window
+    /// may cut the run.
+    pub(crate) day: Option<i64>,
 }
 
 impl Batch {
@@ -375,19 +407,46 @@ pub fn ingest(
             summary.sources_skipped += 1;
         }
     }
-    let per_epoch = match options.epoch_sources {
-        0 => new_sources.len().max(1),
-        n => n,
+    // Under a hot window the sources go in source-day order (a source with no `dt=` folder in
+    // its path first), cut into groups of at most the window's days; each group is its epochs.
+    let groups: Vec<(Option<i64>, Vec<SourceFile>)> = match options.hot_window_days {
+        None => vec![(None, new_sources)],
+        Some(window) => {
+            let mut dated: Vec<(Option<i64>, SourceFile)> = new_sources
+                .into_iter()
+                .map(|s| (crate::backfill::day_of_path(&s.path.to_string_lossy()), s))
+                .collect();
+            dated.sort_by_key(|(day, _)| *day);
+            let mut groups: Vec<(Option<i64>, Vec<SourceFile>)> = Vec::new();
+            for (day, source) in dated {
+                match groups.last_mut() {
+                    Some((first, sources)) if !window_cut(window, *first, day) => {
+                        if first.is_none() {
+                            *first = day;
+                        }
+                        sources.push(source);
+                    }
+                    _ => groups.push((day, vec![source])),
+                }
+            }
+            groups
+        }
     };
+    let mut batches = Vec::new();
+    for (day, sources) in groups {
+        let per_epoch = match options.epoch_sources {
+            0 => sources.len().max(1),
+            n => n,
+        };
+        batches.extend(sources.chunks(per_epoch).map(|chunk| Batch {
+            sources: chunk.to_vec(),
+            day,
+            ..Default::default()
+        }));
+    }
     let plan = Plan {
         run,
-        batches: new_sources
-            .chunks(per_epoch)
-            .map(|chunk| Batch {
-                sources: chunk.to_vec(),
-                ..Default::default()
-            })
-            .collect(),
+        batches,
         partition_of: HashMap::new(),
         progress_in_sources: false,
         rehydration: Rehydration::Keyed,
@@ -396,13 +455,227 @@ pub fn ingest(
     execute(warehouse, opened, plan, options)
 }
 
-/// Runs a planned run: rehydrate (epoch 0), then the new sources in epochs, publishing each;
-/// records the run on the ledger whatever happens.
+/// Whether a hot window of `window` days that starts at source day `first` must end before a
+/// batch of source day `day`. Undated batches never cut.
+fn window_cut(window: u32, first: Option<i64>, day: Option<i64>) -> bool {
+    match (first, day) {
+        (Some(first), Some(day)) => day - first >= i64::from(window.max(1)),
+        _ => false,
+    }
+}
+
+/// Cuts a run's batches into generations of at most `window` source days each (see
+/// [`IngestOptions::hot_window_days`]), keeping their order.
+fn generations(batches: Vec<Batch>, window: Option<u32>) -> Vec<Vec<Batch>> {
+    let mut out: Vec<(Option<i64>, Vec<Batch>)> = Vec::new();
+    for batch in batches {
+        match out.last_mut() {
+            Some((first, group)) if !window.is_some_and(|w| window_cut(w, *first, batch.day)) => {
+                if first.is_none() {
+                    *first = batch.day;
+                }
+                group.push(batch);
+            }
+            _ => out.push((batch.day, vec![batch])),
+        }
+    }
+    out.into_iter().map(|(_, group)| group).collect()
+}
+
+/// Runs a planned run, cut into generations by the hot window: each generation is a whole run
+/// of its own batches (a fresh dataflow, rebuilt by key from the raw layer the generations
+/// before it wrote), so the state in memory is that of at most one window of source days,
+/// however many days the run covers. The generations share the run's id on the ledger, one
+/// entry each; a failure stops the run after the generation it happened in, and the same
+/// command again finishes it (each generation's sources are then already committed).
 pub(crate) fn execute(
     warehouse: &Warehouse,
     opened: Opened,
     plan: Plan,
     options: IngestOptions,
+) -> Result<IngestSummary, RunError> {
+    let Plan {
+        run,
+        batches,
+        partition_of,
+        progress_in_sources,
+        rehydration,
+        summary,
+    } = plan;
+    let batches: Vec<Batch> = batches.into_iter().filter(|b| !b.is_empty()).collect();
+    let mut generations = match rehydration {
+        Rehydration::Keyed => generations(batches, options.hot_window_days),
+        Rehydration::Days(_) => vec![batches],
+    };
+    if generations.len() <= 1 {
+        let plan = Plan {
+            run,
+            batches: generations.pop().unwrap_or_default(),
+            partition_of,
+            progress_in_sources,
+            rehydration,
+            summary,
+        };
+        let mut summary = execute_generation(warehouse, opened, plan, options, None)?;
+        summary.generations = 1;
+        return Ok(summary);
+    }
+    let started = opened.started;
+    let count = generations.len();
+    let total_work = generations
+        .iter()
+        .flatten()
+        .flat_map(|b| &b.sources)
+        .map(|s| if progress_in_sources { 1 } else { s.bytes })
+        .sum();
+    let bar = progress_bar(options.progress, progress_in_sources, total_work);
+    let mut total = summary;
+    let mut opened = Some(opened);
+    let mut days = BTreeSet::new();
+    for (i, batches) in generations.into_iter().enumerate() {
+        let opened = match opened.take() {
+            Some(opened) => opened,
+            None => Opened::open(warehouse)?,
+        };
+        let first = batches.iter().find_map(|b| b.day);
+        let last = batches.iter().rev().find_map(|b| b.day);
+        for b in &batches {
+            days.extend(b.day);
+            days.extend(
+                b.sources
+                    .iter()
+                    .filter_map(|s| crate::backfill::day_of_path(&s.path.to_string_lossy())),
+            );
+        }
+        let mut run = run.clone();
+        run.command = format!(
+            "{} [hot window generation {}/{count}{}]",
+            run.command,
+            i + 1,
+            match (first, last) {
+                (Some(f), Some(l)) => format!(
+                    ", source days {}..{}",
+                    crate::warehouse::day_string(f),
+                    crate::warehouse::day_string(l)
+                ),
+                _ => String::new(),
+            }
+        );
+        let plan = Plan {
+            run,
+            batches,
+            partition_of: partition_of.clone(),
+            progress_in_sources,
+            rehydration: Rehydration::Keyed,
+            summary: IngestSummary::default(),
+        };
+        let generation = execute_generation(
+            warehouse,
+            opened,
+            plan,
+            options.clone(),
+            Some((bar.clone(), total.events_accepted)),
+        );
+        let generation = match generation {
+            Ok(summary) => summary,
+            Err(e) => {
+                bar.abandon();
+                return Err(e);
+            }
+        };
+        total.absorb(&generation);
+        let (rss_bytes, peak_rss_bytes) = process_memory();
+        tracing::info!(
+            generation = i + 1,
+            of = count,
+            last_day = ?last.map(crate::warehouse::day_string),
+            rss_mb = rss_bytes >> 20,
+            peak_rss_mb = peak_rss_bytes >> 20,
+            "hot window generation done, its state dropped"
+        );
+        total.memory.push(GenerationMemory {
+            last_day: last,
+            days_done: days.len() as u32,
+            rss_bytes,
+            peak_rss_bytes,
+        });
+    }
+    bar.finish_and_clear();
+    total.generations = count as u64;
+    total.elapsed = started.elapsed();
+    Ok(total)
+}
+
+impl IngestSummary {
+    /// Adds the counts of a later generation of the same run.
+    fn absorb(&mut self, g: &IngestSummary) {
+        self.sources_found += g.sources_found;
+        self.sources_skipped += g.sources_skipped;
+        self.sources_ingested += g.sources_ingested;
+        self.source_bytes += g.source_bytes;
+        self.events_accepted += g.events_accepted;
+        self.in_source_duplicates += g.in_source_duplicates;
+        self.quarantined += g.quarantined;
+        self.raw_rows_written += g.raw_rows_written;
+        self.late_events += g.late_events;
+        self.rehydrated_rows += g.rehydrated_rows;
+        self.rehydrated_files += g.rehydrated_files;
+        self.committed_raw_files = g.committed_raw_files.max(self.committed_raw_files);
+        self.retracted_rows += g.retracted_rows;
+        self.tombstoned += g.tombstoned;
+        self.epochs += g.epochs;
+        self.partitions_published += g.partitions_published;
+        self.partitions_unchanged += g.partitions_unchanged;
+        self.conflicted_keys += g.conflicted_keys;
+    }
+}
+
+/// The process's resident set and its peak so far (`VmRSS`, `VmHWM`), bytes; zeros where
+/// `/proc/self/status` cannot be read.
+pub fn process_memory() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// A progress bar over `total` sources or bytes, or a hidden one.
+fn progress_bar(show: bool, in_sources: bool, total: u64) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let template = if in_sources {
+        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} source partitions {msg}"
+    } else {
+        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}"
+    };
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// Runs one generation of a planned run: rehydrate (epoch 0), then the new sources in epochs,
+/// publishing each; records it on the ledger whatever happens. `progress`: the run's bar and the
+/// events its earlier generations accepted, when it has more than one generation.
+fn execute_generation(
+    warehouse: &Warehouse,
+    opened: Opened,
+    plan: Plan,
+    options: IngestOptions,
+    progress: Option<(ProgressBar, u64)>,
 ) -> Result<IngestSummary, RunError> {
     let Opened {
         journal,
@@ -538,26 +811,18 @@ pub(crate) fn execute(
         })
         .collect();
 
-    let progress = if options.progress {
-        let (total, template) = if progress_in_sources {
-            (
-                source_count,
-                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} source partitions {msg}",
-            )
+    let owns_progress = progress.is_none();
+    let (progress, progress_events_before) = progress.unwrap_or_else(|| {
+        let total = if progress_in_sources {
+            source_count
         } else {
-            (
-                summary.source_bytes,
-                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
-            )
+            summary.source_bytes
         };
-        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
+        (
+            progress_bar(options.progress, progress_in_sources, total),
+            0,
+        )
+    });
 
     let shared = Arc::new(Shared {
         warehouse: warehouse.clone(),
@@ -573,6 +838,7 @@ pub(crate) fn execute(
         epochs,
         barrier: Barrier::new(workers),
         progress,
+        progress_events_before,
         state: Mutex::new(SharedState {
             published: Arc::new(journal.published().clone()),
             journal: Some(journal),
@@ -617,7 +883,9 @@ pub(crate) fn execute(
         );
         return Err(e);
     }
-    shared.progress.finish_and_clear();
+    if owns_progress {
+        shared.progress.finish_and_clear();
+    }
 
     let mut state = shared
         .state
@@ -1077,7 +1345,7 @@ fn write_source(
     s.late_events += late_written;
     s.tombstoned += tombstoned;
     let (events, secs) = (
-        s.events_accepted,
+        s.events_accepted + shared.progress_events_before,
         shared.progress.elapsed().as_secs_f64().max(1e-3),
     );
     shared.progress.set_message(format!(
