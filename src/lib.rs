@@ -32,6 +32,7 @@ pub mod generate;
 pub mod journal;
 pub mod keyindex;
 pub mod ledger;
+pub mod memory;
 pub mod rehydrate;
 pub mod report;
 pub mod retention;

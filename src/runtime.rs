@@ -529,6 +529,9 @@ pub(crate) fn execute(
         .map(|s| if progress_in_sources { 1 } else { s.bytes })
         .sum();
     let bar = progress_bar(options.progress, progress_in_sources, total_work);
+    // Measured on 2 cores, 2 workers, 30 days in 16 generations: peak RSS 333 MB creeping up
+    // with trimming alone, 238 MB flat from the second generation with two arenas.
+    crate::memory::limit_arenas(options.workers.max(2));
     let mut total = summary;
     let mut opened = Some(opened);
     let mut days = BTreeSet::new();
@@ -584,7 +587,11 @@ pub(crate) fn execute(
             }
         };
         total.absorb(&generation);
-        let (rss_bytes, peak_rss_bytes) = process_memory();
+        // The generation's threads have exited; what they freed stays in glibc's per-thread
+        // arenas (resident) unless handed back, and the next generation's threads may take
+        // other arenas, so without this the resident set creeps up generation by generation.
+        crate::memory::release_free_memory();
+        let (rss_bytes, peak_rss_bytes) = crate::memory::process_memory();
         tracing::info!(
             generation = i + 1,
             of = count,
@@ -628,26 +635,6 @@ impl IngestSummary {
         self.partitions_unchanged += g.partitions_unchanged;
         self.conflicted_keys += g.conflicted_keys;
     }
-}
-
-/// The process's resident set and its peak so far (`VmRSS`, `VmHWM`), bytes; zeros where
-/// `/proc/self/status` cannot be read.
-pub fn process_memory() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| {
-                rest.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .map_or(0, |kb| kb * 1024)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 /// A progress bar over `total` sources or bytes, or a hidden one.
