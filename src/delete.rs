@@ -132,6 +132,9 @@ fn valid_request_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// Joins a delete run's id and its request id (a `+` is never in a request id).
+const DELETE_RUN_MARK: &str = "+delete+";
+
 /// The certificate file of a request.
 pub fn certificate_path(warehouse: &Warehouse, request_id: &str) -> PathBuf {
     warehouse.deletions_dir().join(format!("{request_id}.json"))
@@ -167,6 +170,10 @@ pub fn delete(
         ),
     );
     run.request = Some(request.request_id.clone());
+    // The request is in the run id too, which the journal records with every publish: a publish
+    // whose run crashed before its ledger entry is recorded by the next run as `recovery` under
+    // this id, and the certificate still finds it.
+    run.run_id = format!("{}{DELETE_RUN_MARK}{}", run.run_id, request.request_id);
 
     if cert_path.exists() {
         let certificate = read_certificate(&cert_path)?;
@@ -273,9 +280,16 @@ pub fn delete(
     let mut partitions: BTreeMap<String, CertifiedPartition> = BTreeMap::new();
     let mut ledger_entries = Vec::new();
     for entry in ledger.entries() {
-        if entry.body.kind != RunKind::Delete
-            || entry.body.request.as_deref() != Some(request.request_id.as_str())
-            || entry.body.outcome == Outcome::Failed && entry.body.publishes.is_empty()
+        let this_request = match entry.body.kind {
+            RunKind::Delete => entry.body.request.as_deref() == Some(request.request_id.as_str()),
+            RunKind::Recovery => entry
+                .body
+                .run_id
+                .split_once(DELETE_RUN_MARK)
+                .is_some_and(|(_, id)| id == request.request_id),
+            _ => false,
+        };
+        if !this_request || entry.body.outcome == Outcome::Failed && entry.body.publishes.is_empty()
         {
             continue;
         }
