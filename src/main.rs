@@ -460,3 +460,22 @@ fn audit(warehouse: &Warehouse, command: AuditCommand) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_hot_window;
+
+    #[test]
+    fn hot_windows_are_whole_source_days() {
+        let days = |s: &str| parse_hot_window(s).map(|w| w.0);
+        assert_eq!(days("48h"), Ok(Some(2)));
+        assert_eq!(days("49h"), Ok(Some(3)));
+        assert_eq!(days("1h"), Ok(Some(1)));
+        assert_eq!(days("3d"), Ok(Some(3)));
+        assert_eq!(days("72"), Ok(Some(3)));
+        assert_eq!(days("off"), Ok(None));
+        assert!(days("0h").is_err());
+        assert!(days("two days").is_err());
+        assert!(days("-5d").is_err());
+    }
+}
