@@ -20,6 +20,12 @@
 //!  the run's ledger entry, whatever happened
 //! ```
 //!
+//! A run over more source days (`dt=` folders) than the hot window is cut, at day boundaries,
+//! into generations that each go through all of the above with a fresh dataflow and a fresh
+//! open of the warehouse ([`IngestOptions::hot_window_days`]); dropping a generation's dataflow
+//! is the eviction, and the next generation's keyed rebuild is the rehydration of whatever cold
+//! keys and user-days its sources touch.
+//!
 //! Every worker runs the same sequence of barriers whatever happens, and stops at the same one
 //! when any worker failed, so an error never leaves a worker waiting alone. Which worker handles
 //! which source changes nothing in the output: the dataflow's result depends only on the set of
