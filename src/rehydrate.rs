@@ -111,6 +111,48 @@ pub(crate) fn par_map<T: Sync, R: Send, E: Send>(
     done.into_iter().map(|(_, result)| result).collect()
 }
 
+/// A bitmap over a hash of the values of a set: most values not in it miss with one read of a
+/// small table, where a lookup in the set itself hashes and probes a larger one. The scan tests
+/// every row of every file of the days it reads (some hundred thousand) and few are wanted. It
+/// only answers "maybe" or "no": the set decides.
+struct Prefilter {
+    bits: Vec<u64>,
+    shift: u32,
+}
+
+impl Prefilter {
+    fn new(hashes: impl ExactSizeIterator<Item = u64>) -> Self {
+        // About 32 bits per value: a few percent of misses pass on to the set.
+        let bits = (hashes.len().saturating_mul(32))
+            .next_power_of_two()
+            .clamp(1 << 12, 1 << 26);
+        let mut filter = Prefilter {
+            bits: vec![0; bits / 64],
+            shift: 64 - bits.trailing_zeros(),
+        };
+        for hash in hashes {
+            let bit = hash >> filter.shift;
+            filter.bits[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+        filter
+    }
+
+    fn may_hold(&self, hash: u64) -> bool {
+        let bit = hash >> self.shift;
+        self.bits[(bit / 64) as usize] & (1 << (bit % 64)) != 0
+    }
+}
+
+/// Keys are uniform hashes already: their top bits will do.
+fn key_hash(key: u128) -> u64 {
+    (key >> 64) as u64
+}
+
+/// User ids are not uniform (often small and dense): spread them before their top bits are taken.
+fn user_hash(user: i64) -> u64 {
+    (user as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 fn read_bytes(path: &Path) -> Result<Bytes, ScopeError> {
     let bytes = std::fs::read(path).map_err(|source| SourceError {
         path: path.to_path_buf(),
@@ -248,6 +290,8 @@ pub fn keyed_state(
         prefixes.dedup();
         let wanted_users: HashSet<i64, BuildFastHasher> =
             pending_user_days.iter().map(UserDay::user_id).collect();
+        let key_filter = Prefilter::new(wanted_keys.iter().map(|k| key_hash(k.0.get())));
+        let user_filter = Prefilter::new(wanted_users.iter().map(|&u| user_hash(u)));
 
         // The days to look in: those holding a pending key, the pending user-days' days, and raw
         // files outside any dt= folder (which cannot be placed).
@@ -276,6 +320,7 @@ pub fn keyed_state(
         let files: Vec<usize> = days.iter().flat_map(|d| by_day[d].clone()).collect();
         let (columns_now, taken_now) = (&columns, &taken);
         let (wanted_keys, wanted_users) = (&wanted_keys, &wanted_users);
+        let (key_filter, user_filter) = (&key_filter, &user_filter);
         let scanned = par_map(&files, threads, |&i| {
             let path = &committed[i];
             let mut opened = None;
@@ -292,9 +337,12 @@ pub fn keyed_state(
             let taken_here = taken_now.get(&i);
             let rows: Vec<usize> = (0..file_keys.len())
                 .filter(|&row| {
+                    let (key, user) = (file_keys[row], file_users[row]);
                     !taken_here.is_some_and(|t| t[row])
-                        && (wanted_keys.contains(&DedupKey(file_keys[row].into()))
-                            || wanted_users.contains(&file_users[row]))
+                        && ((key_filter.may_hold(key_hash(key))
+                            && wanted_keys.contains(&DedupKey(key.into())))
+                            || (user_filter.may_hold(user_hash(user))
+                                && wanted_users.contains(&user)))
                 })
                 .collect();
             let decoded = if rows.is_empty() {
