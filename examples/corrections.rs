@@ -290,12 +290,5 @@ fn field(line: &str, name: &str) -> Result<f64> {
 }
 
 fn peak_rss_mb() -> u64 {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb / 1024)
+    adsmetrics::memory::process_memory().1 >> 20
 }

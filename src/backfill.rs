@@ -82,10 +82,11 @@ pub fn backfill(
     let mut run = opened.record(
         RunKind::Backfill,
         format!(
-            "backfill --source {} --from {} --to {}",
+            "backfill --source {} --from {} --to {} --hot-window {}",
             options.source.display(),
             day_string(options.from_day),
-            day_string(options.to_day)
+            day_string(options.to_day),
+            crate::runtime::hot_window_flag(options.run.hot_window_days)
         ),
     );
     run.sources_skipped = 0;

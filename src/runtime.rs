@@ -387,8 +387,9 @@ pub fn ingest(
     let run = opened.record(
         RunKind::Ingest,
         format!(
-            "ingest --workers {} {}",
+            "ingest --workers {} --hot-window {} {}",
             options.workers,
+            hot_window_flag(options.hot_window_days),
             inputs
                 .iter()
                 .map(|p| p.display().to_string())
@@ -459,6 +460,11 @@ pub fn ingest(
         summary,
     };
     execute(warehouse, opened, plan, options)
+}
+
+/// The `--hot-window` value a run was given, as the ledger records its command.
+pub(crate) fn hot_window_flag(days: Option<u32>) -> String {
+    days.map_or_else(|| "off".to_string(), |d| format!("{d}d"))
 }
 
 /// Whether a hot window of `window` days that starts at source day `first` must end before a

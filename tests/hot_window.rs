@@ -148,6 +148,9 @@ fn a_windowed_backfill_equals_the_reference_and_reruns_change_nothing() {
     assert!(entries
         .iter()
         .any(|e| e.body.command.contains("hot window generation 15/")));
+    assert!(entries
+        .iter()
+        .all(|e| e.body.command.contains("--hot-window 2d")));
 }
 
 #[test]
