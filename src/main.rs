@@ -54,12 +54,8 @@ enum Command {
         /// per hot-window generation.
         #[arg(long, default_value_t = 0)]
         epoch_sources: usize,
-        /// Hot window: the dataflow holds the state of at most this many source days (`dt=`
-        /// folders) at once, e.g. 48h or 2d; a run over more days is cut into generations at day
-        /// boundaries, each rebuilding from the raw layer only the keys and user-days it touches,
-        /// so memory stays flat however many days are loaded. `off`: one dataflow for the run.
-        #[arg(long, default_value = "48h", value_parser = parse_hot_window)]
-        hot_window: HotWindow,
+        #[command(flatten)]
+        hot_window: HotWindowArg,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -79,12 +75,8 @@ enum Command {
         /// Last day, YYYY-MM-DD (inclusive).
         #[arg(long)]
         to: String,
-        /// Hot window: the dataflow holds the state of at most this many source days (`dt=`
-        /// folders) at once, e.g. 48h or 2d; a run over more days is cut into generations at day
-        /// boundaries, each rebuilding from the raw layer only the keys and user-days it touches,
-        /// so memory stays flat however many days are loaded. `off`: one dataflow for the run.
-        #[arg(long, default_value = "48h", value_parser = parse_hot_window)]
-        hot_window: HotWindow,
+        #[command(flatten)]
+        hot_window: HotWindowArg,
         /// Timely worker threads (outputs are identical for any number).
         #[arg(long, short = 'w', default_value_t = 1)]
         workers: usize,
@@ -195,6 +187,17 @@ enum AuditCommand {
     Verify,
 }
 
+/// `--hot-window`, shared by the commands that take it.
+#[derive(clap::Args, Debug)]
+struct HotWindowArg {
+    /// Hot window: the dataflow holds the state of at most this many source days (`dt=`
+    /// folders) at once, e.g. 48h or 2d; a run over more days is cut into generations at day
+    /// boundaries, each rebuilding from the raw layer only the keys and user-days it touches,
+    /// so memory stays flat however many days are loaded. `off`: one dataflow for the run.
+    #[arg(long = "hot-window", value_name = "WINDOW", default_value = "48h", value_parser = parse_hot_window)]
+    days: HotWindow,
+}
+
 /// A hot window in whole source days; `None` is off.
 #[derive(Clone, Copy, Debug)]
 struct HotWindow(Option<u32>);
@@ -267,7 +270,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 epoch_sources,
                 progress: !quiet,
                 fail_point: None,
-                hot_window_days: hot_window.0,
+                hot_window_days: hot_window.days.0,
             };
             let summary = ingest(&warehouse, &inputs, options)?;
             print!("{}", adsmetrics::report::ingest_report(&summary));
@@ -299,7 +302,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         epoch_sources: 0,
                         progress: !quiet,
                         fail_point: None,
-                        hot_window_days: hot_window.0,
+                        hot_window_days: hot_window.days.0,
                     },
                 },
             )?;

@@ -424,19 +424,10 @@ pub fn ingest(
                 .map(|s| (crate::backfill::day_of_path(&s.path.to_string_lossy()), s))
                 .collect();
             dated.sort_by_key(|(day, _)| *day);
-            let mut groups: Vec<(Option<i64>, Vec<SourceFile>)> = Vec::new();
-            for (day, source) in dated {
-                match groups.last_mut() {
-                    Some((first, sources)) if !window_cut(window, *first, day) => {
-                        if first.is_none() {
-                            *first = day;
-                        }
-                        sources.push(source);
-                    }
-                    _ => groups.push((day, vec![source])),
-                }
-            }
-            groups
+            cut_by_window(dated, Some(window), |(day, _)| *day)
+                .into_iter()
+                .map(|(first, group)| (first, group.into_iter().map(|(_, s)| s).collect()))
+                .collect()
         }
     };
     let mut batches = Vec::new();
@@ -476,22 +467,29 @@ fn window_cut(window: u32, first: Option<i64>, day: Option<i64>) -> bool {
     }
 }
 
-/// Cuts a run's batches into generations of at most `window` source days each (see
-/// [`IngestOptions::hot_window_days`]), keeping their order.
-fn generations(batches: Vec<Batch>, window: Option<u32>) -> Vec<Vec<Batch>> {
-    let mut out: Vec<(Option<i64>, Vec<Batch>)> = Vec::new();
-    for batch in batches {
+/// Cuts `items` (in order) into runs of at most `window` source days each, a new one starting at
+/// the first dated item `window` days or more after its run's first dated day; each run comes
+/// with that first day. The same cut serves an ingest's sources and a run's batches, so the
+/// generations fall exactly on the ingest's groups. `None` keeps everything in one run.
+fn cut_by_window<T>(
+    items: Vec<T>,
+    window: Option<u32>,
+    day_of: impl Fn(&T) -> Option<i64>,
+) -> Vec<(Option<i64>, Vec<T>)> {
+    let mut out: Vec<(Option<i64>, Vec<T>)> = Vec::new();
+    for item in items {
+        let day = day_of(&item);
         match out.last_mut() {
-            Some((first, group)) if !window.is_some_and(|w| window_cut(w, *first, batch.day)) => {
+            Some((first, group)) if !window.is_some_and(|w| window_cut(w, *first, day)) => {
                 if first.is_none() {
-                    *first = batch.day;
+                    *first = day;
                 }
-                group.push(batch);
+                group.push(item);
             }
-            _ => out.push((batch.day, vec![batch])),
+            _ => out.push((day, vec![item])),
         }
     }
-    out.into_iter().map(|(_, group)| group).collect()
+    out
 }
 
 /// Runs a planned run, cut into generations by the hot window: each generation is a whole run
@@ -516,7 +514,10 @@ pub(crate) fn execute(
     } = plan;
     let batches: Vec<Batch> = batches.into_iter().filter(|b| !b.is_empty()).collect();
     let mut generations = match rehydration {
-        Rehydration::Keyed => generations(batches, options.hot_window_days),
+        Rehydration::Keyed => cut_by_window(batches, options.hot_window_days, |b| b.day)
+            .into_iter()
+            .map(|(_, group)| group)
+            .collect(),
         Rehydration::Days(_) => vec![batches],
     };
     if generations.len() <= 1 {
