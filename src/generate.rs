@@ -1035,6 +1035,15 @@ fn push_key_int(buf: &mut Vec<u8>, key: &str, value: Option<i64>) {
     }
 }
 
+/// One event as a JSON object (no newline), as the JSON-lines files write it with an integer
+/// `event_time`: a Kafka message's value for `generate --to-kafka`.
+pub fn event_json(e: &Event) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(256);
+    json_line(&mut buf, e, false, &mut (i64::MIN, Vec::new()), None);
+    buf.pop();
+    buf
+}
+
 /// One JSON line (with its newline). Every string written is plain ASCII without quotes or
 /// backslashes (ids, codes, addresses, names), so no escaping is needed.
 fn json_line(

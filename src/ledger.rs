@@ -74,6 +74,8 @@ pub enum RunKind {
     Ingest,
     /// `adsmetrics backfill`: source partitions replaced by their current contents.
     Backfill,
+    /// One epoch of `adsmetrics stream`: ranges of Kafka partitions.
+    Stream,
     /// `adsmetrics delete`: a compliance delete.
     Delete,
     /// `adsmetrics retention apply`: expired partitions dropped.

@@ -23,6 +23,7 @@
 //! The library holds every stage; `main.rs` binds them to the command line.
 
 pub mod backfill;
+pub mod broker;
 pub mod ddl;
 pub mod decode;
 pub mod delete;
@@ -43,5 +44,6 @@ pub mod show;
 pub mod sink;
 pub mod snapshot;
 pub mod source;
+pub mod stream;
 pub mod tombstones;
 pub mod warehouse;

@@ -1,5 +1,5 @@
-//! The `adsmetrics` command line: generate, ingest, backfill, delete, retention, audit, demo, ddl,
-//! show.
+//! The `adsmetrics` command line: generate, ingest, stream, dev-broker, backfill, delete,
+//! retention, audit, demo, ddl, show.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,8 +38,65 @@ enum Command {
         /// Directory to write into (created).
         #[arg(long, default_value = "./data/events")]
         out: PathBuf,
+        /// Instead of files, send the events (the valid records the files would hold, in
+        /// delivery order: resends, corrections and late events included) as JSON messages to
+        /// this Kafka cluster (`host:port,…`).
+        #[arg(long, value_name = "BROKERS")]
+        to_kafka: Option<String>,
+        /// The topic for --to-kafka; `{type}` in it becomes the event type (one topic per type).
+        #[arg(long, default_value = "ads-events")]
+        topic: String,
+        /// Messages per second for --to-kafka (0: as fast as the broker takes them).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
         #[command(flatten)]
         config: adsmetrics::generate::GenerateConfig,
+    },
+    /// Read Kafka topics into the warehouse, exactly once: epochs cut by time or size, each
+    /// landing in the raw layer under its (topic, partition, offset range), run through the
+    /// dataflow and published with its offsets in the commit journal. Safe to kill at any
+    /// moment; run it again and it resumes from the journal (consumer-group offsets are
+    /// committed for lag monitoring only, never read).
+    Stream {
+        /// Bootstrap servers, `host:port,…`.
+        #[arg(long, env = "ADSMETRICS_BROKERS")]
+        brokers: String,
+        /// Topics, comma-separated; every partition of each is read.
+        #[arg(long, value_delimiter = ',', required = true)]
+        topics: Vec<String>,
+        /// Consumer group (offset commits for lag monitoring).
+        #[arg(long, default_value = "adsmetrics")]
+        group: String,
+        /// An epoch closes this many milliseconds after its first message…
+        #[arg(long, default_value_t = 1000)]
+        epoch_ms: u64,
+        /// …or at this many messages.
+        #[arg(long, default_value_t = 1_000_000)]
+        epoch_events: usize,
+        /// Stop after this many seconds without a message (default: run until killed).
+        #[arg(long, value_name = "SECS")]
+        until_idle: Option<f64>,
+        /// A librdkafka setting for a real cluster (security, timeouts), `key=value`; repeatable.
+        #[arg(long = "kafka-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        kafka_config: Vec<(String, String)>,
+        /// Timely worker threads (outputs are identical for any number).
+        #[arg(long, short = 'w', default_value_t = 2)]
+        workers: usize,
+        #[command(flatten)]
+        hot_window: HotWindowArg,
+        /// Print one line per epoch.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// A Kafka-protocol broker for demos and tests (librdkafka's mock cluster, in memory):
+    /// prints its bootstrap address on the first line of stdout and serves until killed.
+    DevBroker {
+        /// Topics to create, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "ads-events")]
+        topics: Vec<String>,
+        /// Partitions per topic.
+        #[arg(long, default_value_t = 8)]
+        partitions: i32,
     },
     /// Ingest Parquet / JSON-lines files or directories (walked, `dt=/hr=` folders included).
     /// Rerun-safe: sources already ingested are skipped, duplicates are counted once.
@@ -187,6 +244,14 @@ enum AuditCommand {
     Verify,
 }
 
+/// `key=value`.
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
 /// `--hot-window`, shared by the commands that take it.
 #[derive(clap::Args, Debug)]
 struct HotWindowArg {
@@ -245,7 +310,36 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let warehouse = Warehouse::new(&cli.warehouse);
     match cli.command {
-        Command::Generate { out, config } => {
+        Command::Generate {
+            to_kafka: Some(brokers),
+            topic,
+            rate,
+            config,
+            ..
+        } => {
+            let events = adsmetrics::generate::generate_events(&config);
+            let bar = indicatif::ProgressBar::new(events.len() as u64);
+            let bad_every = (config.bad_rate > 0.0).then(|| (1.0 / config.bad_rate).round() as u64);
+            let summary = adsmetrics::broker::produce(
+                &adsmetrics::broker::ProduceOptions {
+                    brokers: brokers.clone(),
+                    topic: topic.clone(),
+                    rate: (rate > 0.0).then_some(rate),
+                    bad_every,
+                },
+                &events,
+                &|n| bar.set_position(n),
+            )?;
+            bar.finish_and_clear();
+            println!(
+                "sent {} messages ({} malformed) to {topic} on {brokers} in {:.1} s ({:.0} messages/s)",
+                summary.messages,
+                summary.bad,
+                summary.elapsed.as_secs_f64(),
+                summary.messages as f64 / summary.elapsed.as_secs_f64().max(1e-9)
+            );
+        }
+        Command::Generate { out, config, .. } => {
             let bar = indicatif::ProgressBar::new(config.events);
             let summary = adsmetrics::generate::generate(&config, &out, &|n| bar.set_position(n))?;
             bar.finish_and_clear();
@@ -360,6 +454,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "certificate: {}",
                 adsmetrics::delete::certificate_path(&warehouse, &c.request_id).display()
             );
+        }
+        Command::Stream {
+            brokers,
+            topics,
+            group,
+            epoch_ms,
+            epoch_events,
+            until_idle,
+            kafka_config,
+            workers,
+            hot_window,
+            verbose,
+        } => {
+            let mut options = adsmetrics::stream::StreamOptions::new(brokers, topics);
+            options.group_id = group;
+            options.epoch = std::time::Duration::from_millis(epoch_ms.max(1));
+            options.epoch_events = epoch_events.max(1);
+            options.until_idle = until_idle.map(|s| std::time::Duration::from_secs_f64(s.max(0.0)));
+            options.kafka_config = kafka_config;
+            options.ingest.workers = workers;
+            options.ingest.hot_window_days = hot_window.days.0;
+            options.verbose = verbose;
+            let summary = adsmetrics::stream::stream(&warehouse, &options)?;
+            print!("{}", adsmetrics::stream::report(&summary));
+        }
+        Command::DevBroker { topics, partitions } => {
+            let broker = adsmetrics::broker::DevBroker::start(&topics, partitions)?;
+            println!("{}", broker.bootstrap_servers());
+            use std::io::Write as _;
+            std::io::stdout().flush()?;
+            eprintln!(
+                "dev broker (in memory) serving topics {} with {partitions} partitions each; \
+                 stop it with Ctrl-C (its log goes with it)",
+                topics.join(",")
+            );
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
         }
         Command::Demo {
             data,

@@ -453,6 +453,57 @@ pub fn ingest(
     execute(warehouse, opened, plan, options)
 }
 
+/// Ingests sources that are not files (ranges of Kafka partitions, decoded by the caller) as one
+/// run of one epoch, recorded on the ledger as `kind` with `command`; sources already consumed
+/// (by their content hash) are skipped. The stream's unit of work: its epochs are these runs.
+pub fn ingest_inline(
+    warehouse: &Warehouse,
+    sources: Vec<SourceFile>,
+    kind: RunKind,
+    command: String,
+    options: IngestOptions,
+) -> Result<IngestSummary, RunError> {
+    let opened = Opened::open(warehouse)?;
+    let run = opened.record(kind, command);
+    let mut summary = IngestSummary {
+        sources_found: sources.len() as u64,
+        ..Default::default()
+    };
+    let mut seen = opened.journal.consumed().clone();
+    let mut new_sources = Vec::new();
+    for s in sources {
+        if seen.insert(s.content_hash.clone()) {
+            new_sources.push(s);
+        } else {
+            summary.sources_skipped += 1;
+        }
+    }
+    let plan = Plan {
+        run,
+        batches: vec![Batch {
+            sources: new_sources,
+            ..Default::default()
+        }],
+        partition_of: HashMap::new(),
+        progress_in_sources: false,
+        rehydration: Rehydration::Keyed,
+        summary,
+    };
+    execute(warehouse, opened, plan, options)
+}
+
+/// Every source the warehouse's journal has committed, after finishing any interrupted publish
+/// (so what a crashed run prepared counts as consumed).
+pub fn committed_sources(warehouse: &Warehouse) -> Result<Vec<SourceRecord>, RunError> {
+    let opened = Opened::open(warehouse)?;
+    Ok(opened
+        .journal
+        .committed()
+        .iter()
+        .flat_map(|p| p.sources.iter().cloned())
+        .collect())
+}
+
 /// The `--hot-window` value a run was given, as the ledger records its command.
 pub(crate) fn hot_window_flag(days: Option<u32>) -> String {
     days.map_or_else(|| "off".to_string(), |d| format!("{d}d"))
@@ -1177,13 +1228,16 @@ fn ingest_sources<'scope, 'env>(
             .remove(&source.content_hash);
         let (mut decoded, mut keyed) = match predecoded {
             Some(decoded) => decoded,
-            None => {
-                let bytes = std::fs::read(&source.path).map_err(|e| SourceError {
-                    path: source.path.clone(),
-                    source: e,
-                })?;
-                (decode_source(&source.label, &bytes), Vec::new())
-            }
+            None => match &source.inline {
+                Some(decoded) => (decoded.as_ref().clone(), Vec::new()),
+                None => {
+                    let bytes = std::fs::read(&source.path).map_err(|e| SourceError {
+                        path: source.path.clone(),
+                        source: e,
+                    })?;
+                    (decode_source(&source.label, &bytes), Vec::new())
+                }
+            },
         };
         if shared.horizons.raw_day.is_some() {
             refuse_expired(&shared.horizons, &source.label, &mut decoded);

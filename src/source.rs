@@ -5,12 +5,17 @@
 //! Directories are walked recursively (Hive `dt=/hr=` folders included), in sorted order; names
 //! starting with `_` or `.` are skipped as Hadoop/Hive markers (`_SUCCESS`, `.crc`). Every other
 //! file is a source: one that is not Parquet or JSON lines is quarantined whole by the decoder.
+//! A range of a Kafka partition is a source too ([`crate::stream`]): it comes decoded
+//! ([`SourceFile::inline`]), named and hashed by its topic, partition, offsets and messages.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use xxhash_rust::xxh3::xxh3_128;
+
+use crate::decode::Decoded;
 
 /// A source file with its identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,6 +28,9 @@ pub struct SourceFile {
     pub content_hash: String,
     /// Its size in bytes.
     pub bytes: u64,
+    /// A source that is not a file (a range of a Kafka partition): its records, already decoded
+    /// (and `path` is only its label). `None` for a file, which is read from `path`.
+    pub inline: Option<Arc<Decoded>>,
 }
 
 /// A source could not be listed or read.
@@ -96,6 +104,7 @@ pub fn identify(files: &[PathBuf], threads: usize) -> Result<Vec<SourceFile>, So
                                 label: path.to_string_lossy().into_owned(),
                                 content_hash: format!("{:032x}", xxh3_128(&bytes)),
                                 bytes: bytes.len() as u64,
+                                inline: None,
                             })
                         })
                         .collect()

@@ -5,53 +5,7 @@ mod common;
 
 use adsmetrics::runtime::{ingest, IngestOptions};
 use adsmetrics::warehouse::Warehouse;
-use arrow::array::{Array, BinaryArray, StringArray};
 use common::*;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-
-fn quarantine_rows(wh: &Warehouse) -> Vec<(String, String, String, Vec<u8>)> {
-    let mut rows = Vec::new();
-    for entry in walkdir::WalkDir::new(wh.quarantine_dir()).sort_by_file_name() {
-        let entry = entry.unwrap();
-        if !entry.file_type().is_file() {
-            continue;
-        }
-        let reader =
-            ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(entry.path()).unwrap())
-                .unwrap()
-                .build()
-                .unwrap();
-        for batch in reader {
-            let batch = batch.unwrap();
-            let s = |n: &str| {
-                batch
-                    .column_by_name(n)
-                    .unwrap()
-                    .as_any()
-                    .downcast_ref::<StringArray>()
-                    .unwrap()
-                    .clone()
-            };
-            let raw = batch
-                .column_by_name("raw")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<BinaryArray>()
-                .unwrap()
-                .clone();
-            let (source, position, reason) = (s("source"), s("position"), s("reason"));
-            for i in 0..batch.num_rows() {
-                rows.push((
-                    source.value(i).to_string(),
-                    position.value(i).to_string(),
-                    reason.value(i).to_string(),
-                    raw.value(i).to_vec(),
-                ));
-            }
-        }
-    }
-    rows
-}
 
 #[test]
 fn bad_records_and_files_are_quarantined_with_reasons_and_nothing_is_lost() {

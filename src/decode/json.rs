@@ -85,7 +85,29 @@ fn find_newline(s: &[u8]) -> Option<usize> {
         .map(|i| offset + i)
 }
 
+/// Decodes one message of a message queue (a Kafka record value): the same rules as one line of
+/// JSON lines, except that the message may span lines and that a message without a `producer`
+/// field takes `producer` (from the message's key or headers) when one is given. The caller
+/// quarantines an `Err` with the message's position (topic, partition, offset).
+pub fn decode_json_message(
+    bytes: &[u8],
+    producer: Option<&str>,
+) -> Result<crate::event::Event, String> {
+    let bytes = bytes
+        .strip_prefix(b"\xEF\xBB\xBF")
+        .unwrap_or(bytes)
+        .trim_ascii();
+    if bytes.is_empty() {
+        return Err("message is empty".to_string());
+    }
+    decode_record(bytes, producer)
+}
+
 fn decode_line(line: &[u8]) -> Result<crate::event::Event, String> {
+    decode_record(line, None)
+}
+
+fn decode_record(line: &[u8], producer: Option<&str>) -> Result<crate::event::Event, String> {
     let text = std::str::from_utf8(line).map_err(|e| {
         format!(
             "line is not valid UTF-8 (invalid byte at offset {})",
@@ -101,7 +123,11 @@ fn decode_line(line: &[u8]) -> Result<crate::event::Event, String> {
     }
     let record: Record<'_> =
         serde_json::from_str(text).map_err(|e| format!("line is not a valid JSON object: {e}"))?;
-    validate(&record.raw())
+    let mut raw = record.raw();
+    if let (Raw::Absent, Some(producer)) = (raw.producer, producer) {
+        raw.producer = Raw::Str(producer);
+    }
+    validate(&raw)
 }
 
 /// What a valid JSON text that is not an object is, for the reason.

@@ -48,7 +48,7 @@ use crate::event::{Event, Quarantined, MAX_AMOUNT_MICROS};
 mod json;
 mod parquet;
 
-pub use self::json::decode_json_lines;
+pub use self::json::{decode_json_lines, decode_json_message};
 pub use self::parquet::{decode_parquet, decode_parquet_parallel};
 
 /// What one source decoded to. Every input record ends up in exactly one of the two vectors

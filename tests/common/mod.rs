@@ -212,3 +212,49 @@ pub fn write_logs(root: &Path, events: &[Event]) {
         write_parquet(&path, &events);
     }
 }
+
+/// Every quarantine row: (source, position, reason, raw bytes), in file order.
+pub fn quarantine_rows(wh: &Warehouse) -> Vec<(String, String, String, Vec<u8>)> {
+    let mut rows = Vec::new();
+    for entry in walkdir::WalkDir::new(wh.quarantine_dir()).sort_by_file_name() {
+        let entry = entry.unwrap();
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(entry.path()).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let s = |n: &str| {
+                batch
+                    .column_by_name(n)
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<arrow::array::StringArray>()
+                    .unwrap()
+                    .clone()
+            };
+            let raw = batch
+                .column_by_name("raw")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<arrow::array::BinaryArray>()
+                .unwrap()
+                .clone();
+            let (source, position, reason) = (s("source"), s("position"), s("reason"));
+            for i in 0..batch.num_rows() {
+                rows.push((
+                    source.value(i).to_string(),
+                    position.value(i).to_string(),
+                    reason.value(i).to_string(),
+                    raw.value(i).to_vec(),
+                ));
+            }
+        }
+    }
+    rows
+}

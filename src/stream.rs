@@ -1,0 +1,781 @@
+//! Streaming from Kafka: epochs of ranges of Kafka partitions, each ingested and published as one
+//! run, with the offsets it consumed committed in the same publish.
+//!
+//! ```text
+//!  start:  journal ─▶ next offset of every (topic, partition) it committed
+//!          intent  ─▶ the ranges of an epoch that was cut but not committed (a crash)
+//!          assign every partition of the topics, seek each to its next offset
+//!  epoch:  poll until --epoch-ms since its first message or --epoch-events messages
+//!          (a recovering epoch: until each intended range is complete, exactly those ranges)
+//!          drop what lies below the next offset (a broker re-delivering, a seek back)
+//!          per (topic, partition): one source `kafka:<topic>/<partition>/<first>-<last>`,
+//!            its content hash over the label and every message, its messages decoded
+//!          write the intent (the ranges)
+//!          ingest the sources as one run (crate::runtime::ingest_inline): raw layer, dataflow,
+//!            publish; the journal's publish names the sources, so the offsets commit with it
+//!          next offset = last + 1; commit to the consumer group too (lag monitoring only)
+//! ```
+//!
+//! Exactly-once without Kafka transactions: the journal is the only record of what was consumed.
+//! A crash before the publish's commit leaves the ranges uncommitted, and the restart cuts the
+//! same ranges again from the intent (same messages, same hash, same raw file names: the raw
+//! layer's files of the crashed attempt are rewritten with the same bytes); a crash after it
+//! leaves them committed, and the restart seeks past them. A message re-delivered below the
+//! next offset is dropped before it is decoded; a producer's resend (the same event at another
+//! offset) is a new record with an old dedup key, which the dataflow counts once. Which
+//! partition's messages a worker decodes and how the epochs are cut change nothing in the tables:
+//! they depend only on the set of events.
+//!
+//! A message's value is one JSON object in the event schema (it may span lines); a message
+//! without a `producer` field takes its producer from the `producer` header, else from its key.
+//! A message that does not decode is quarantined with its topic, partition and offset (the
+//! source label and `offset N`) and the reason.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::decode::{decode_json_message, Decoded};
+use crate::event::Quarantined;
+use crate::journal::SourceRecord;
+use crate::ledger::RunKind;
+use crate::runtime::{self, IngestOptions, IngestSummary, RunError};
+use crate::sink::files::WriteError;
+use crate::source::SourceFile;
+use crate::warehouse::Warehouse;
+
+/// How a Kafka source is labelled in the journal, raw layer and quarantine.
+pub const SOURCE_PREFIX: &str = "kafka:";
+
+/// A Kafka partition of a topic.
+pub type TopicPartition = (String, i32);
+
+/// A range of one Kafka partition: the messages with offsets `first..=last` that were read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Range {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The first offset.
+    pub first: i64,
+    /// The last offset (inclusive).
+    pub last: i64,
+}
+
+impl Range {
+    /// The source label: `kafka:<topic>/<partition>/<first>-<last>`.
+    pub fn label(&self) -> String {
+        format!(
+            "{SOURCE_PREFIX}{}/{}/{}-{}",
+            self.topic, self.partition, self.first, self.last
+        )
+    }
+
+    /// The range a source label names, if it is a Kafka source's.
+    pub fn parse(label: &str) -> Option<Range> {
+        let rest = label.strip_prefix(SOURCE_PREFIX)?;
+        let (rest, offsets) = rest.rsplit_once('/')?;
+        let (topic, partition) = rest.rsplit_once('/')?;
+        let (first, last) = offsets.split_once('-')?;
+        Some(Range {
+            topic: topic.to_string(),
+            partition: partition.parse().ok()?,
+            first: first.parse().ok()?,
+            last: last.parse().ok()?,
+        })
+    }
+}
+
+/// The next offset to read of every partition the committed sources cover: one past the
+/// greatest committed offset.
+pub fn committed_positions(sources: &[SourceRecord]) -> BTreeMap<TopicPartition, i64> {
+    let mut next = BTreeMap::new();
+    for range in sources.iter().filter_map(|s| Range::parse(&s.source)) {
+        let at = next.entry((range.topic, range.partition)).or_insert(0);
+        *at = (*at).max(range.last + 1);
+    }
+    next
+}
+
+/// How to run `adsmetrics stream`.
+#[derive(Clone, Debug)]
+pub struct StreamOptions {
+    /// Bootstrap servers, `host:port,…`.
+    pub brokers: String,
+    /// Topics to read, every partition of each.
+    pub topics: Vec<String>,
+    /// Consumer group, for offset commits that monitor lag (never read back for correctness).
+    pub group_id: String,
+    /// An epoch closes this long after its first message…
+    pub epoch: Duration,
+    /// …or at this many messages, whichever comes first.
+    pub epoch_events: usize,
+    /// Stop once no message arrived for this long and everything read is published.
+    pub until_idle: Option<Duration>,
+    /// Further librdkafka settings (security, timeouts) for a real cluster.
+    pub kafka_config: Vec<(String, String)>,
+    /// Seek every partition to its start instead of the journal's offsets, as a broker
+    /// re-delivering does: what the journal holds is then dropped as re-delivered.
+    pub rewind: bool,
+    /// Tests only: stop after this many epochs.
+    pub max_epochs: Option<u64>,
+    /// A line on stderr per epoch (otherwise one every 10 s).
+    pub verbose: bool,
+    /// The ingest of each epoch (workers, hot window; progress is off).
+    pub ingest: IngestOptions,
+}
+
+impl StreamOptions {
+    /// Defaults for `brokers` and `topics`: 1 s or 1M-message epochs, group `adsmetrics`.
+    pub fn new(brokers: impl Into<String>, topics: Vec<String>) -> Self {
+        StreamOptions {
+            brokers: brokers.into(),
+            topics,
+            group_id: "adsmetrics".to_string(),
+            epoch: Duration::from_millis(1000),
+            epoch_events: 1_000_000,
+            until_idle: None,
+            kafka_config: Vec::new(),
+            rewind: false,
+            max_epochs: None,
+            verbose: false,
+            ingest: IngestOptions {
+                progress: false,
+                ..IngestOptions::default()
+            },
+        }
+    }
+}
+
+/// What a stream did.
+#[derive(Clone, Debug, Default)]
+pub struct StreamSummary {
+    /// Epochs published.
+    pub epochs: u64,
+    /// Messages read and ingested.
+    pub messages: u64,
+    /// Messages dropped because the journal already holds their offsets (re-delivered).
+    pub redelivered: u64,
+    /// The epochs' ingests, summed.
+    pub ingest: IngestSummary,
+    /// Ingest→visible latency of every message: its Kafka timestamp to its epoch's publish.
+    pub latency: Latency,
+    /// The next offset of every partition, as committed.
+    pub positions: BTreeMap<TopicPartition, i64>,
+    /// How long it ran.
+    pub elapsed: Duration,
+}
+
+/// A histogram of latencies in milliseconds (1 ms buckets up to a minute, then one bucket).
+#[derive(Clone, Debug)]
+pub struct Latency {
+    buckets: Vec<u64>,
+    count: u64,
+    max_ms: u64,
+}
+
+const LATENCY_BUCKETS: usize = 60_001;
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency {
+            buckets: vec![0; LATENCY_BUCKETS],
+            count: 0,
+            max_ms: 0,
+        }
+    }
+}
+
+impl Latency {
+    /// Records one latency.
+    pub fn record(&mut self, ms: u64) {
+        let i = (ms as usize).min(LATENCY_BUCKETS - 1);
+        self.buckets[i] += 1;
+        self.count += 1;
+        self.max_ms = self.max_ms.max(ms);
+    }
+
+    /// How many were recorded.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The `q`-quantile (0 to 1) in ms; `None` if nothing was recorded. Above a minute: the max.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (ms, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(if ms == LATENCY_BUCKETS - 1 {
+                    self.max_ms
+                } else {
+                    ms as u64
+                });
+            }
+        }
+        Some(self.max_ms)
+    }
+
+    /// The largest latency recorded, ms.
+    pub fn max(&self) -> u64 {
+        self.max_ms
+    }
+}
+
+/// Why a stream stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The Kafka client failed in a way that retrying inside the stream cannot fix.
+    #[error("kafka ({context}): {source}")]
+    Kafka {
+        /// What was being done.
+        context: String,
+        /// The client's error.
+        source: KafkaError,
+    },
+    /// A topic is not on the cluster.
+    #[error("topic {topic:?} does not exist on {brokers} (create it first; `adsmetrics dev-broker --topics` does for the mock)")]
+    NoTopic {
+        /// The topic.
+        topic: String,
+        /// The bootstrap servers.
+        brokers: String,
+    },
+    /// Messages the journal has not consumed are gone from the broker: events were lost upstream.
+    #[error("offsets {from}..{to} of {topic}/{partition} are no longer on the broker (retention removed them before this warehouse read them): those events are lost upstream; the journal's position is {from}")]
+    Gone {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// The journal's next offset.
+        from: i64,
+        /// The broker's log start.
+        to: i64,
+    },
+    /// An epoch's run failed; running `stream` again resumes from what the journal holds.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// The intent file could not be written or read.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+fn kafka(context: impl Into<String>) -> impl FnOnce(KafkaError) -> StreamError {
+    let context = context.into();
+    move |source| StreamError::Kafka { context, source }
+}
+
+/// One message as read: what the source's identity and decode need.
+struct Record {
+    offset: i64,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    producer: Option<String>,
+    timestamp_ms: Option<i64>,
+}
+
+/// The ranges of the epoch being published, written before its run starts and read at the next
+/// start: a range not committed by then is cut again exactly.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Intent {
+    ranges: Vec<Range>,
+}
+
+fn intent_path(warehouse: &Warehouse) -> PathBuf {
+    warehouse.meta_dir().join("stream-intent.json")
+}
+
+fn read_intent(warehouse: &Warehouse) -> Intent {
+    let path = intent_path(warehouse);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            // Written by rename, so never torn; unreadable means edited: start without it.
+            tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable stream intent");
+            Intent::default()
+        }),
+        Err(_) => Intent::default(),
+    }
+}
+
+/// Not synced by itself: the epoch's publish syncs the filesystem before its journal record, and
+/// an intent lost with a crash before that costs only raw files that no commit names (ignored).
+fn write_intent(warehouse: &Warehouse, intent: &Intent) -> Result<(), WriteError> {
+    let path = intent_path(warehouse);
+    let bytes = serde_json::to_vec(intent).expect("an intent serializes");
+    crate::sink::files::replace(&path.with_extension("json.tmp"), &path, &bytes)
+}
+
+/// The source of one range: its label, its hash over the label and every message (offset, key,
+/// value, producer header), and its messages decoded.
+fn range_source(range: &Range, records: &[Record]) -> SourceFile {
+    let label = range.label();
+    let mut hash = Xxh3::new();
+    hash.update(label.as_bytes());
+    let mut put = |bytes: Option<&[u8]>| match bytes {
+        Some(b) => {
+            hash.update(&(b.len() as u64).to_le_bytes());
+            hash.update(b);
+        }
+        None => hash.update(&u64::MAX.to_le_bytes()),
+    };
+    let mut decoded = Decoded::default();
+    let mut bytes = 0u64;
+    for r in records {
+        put(Some(&r.offset.to_le_bytes()));
+        put(r.key.as_deref());
+        put(r.value.as_deref());
+        put(r.producer.as_deref().map(str::as_bytes));
+        let from_key = r.key.as_deref().and_then(|k| std::str::from_utf8(k).ok());
+        let producer = r.producer.as_deref().or(from_key);
+        let result = match &r.value {
+            None => Err("message has no value".to_string()),
+            Some(value) => {
+                bytes += value.len() as u64;
+                decode_json_message(value, producer)
+            }
+        };
+        match result {
+            Ok(event) => decoded.events.push(event),
+            Err(reason) => decoded.quarantined.push(Quarantined {
+                source: label.clone(),
+                position: format!("offset {}", r.offset),
+                raw: r.value.clone().unwrap_or_default(),
+                reason,
+            }),
+        }
+    }
+    SourceFile {
+        path: PathBuf::from(&label),
+        label,
+        content_hash: format!("{:032x}", hash.digest128()),
+        bytes,
+        inline: Some(Arc::new(decoded)),
+    }
+}
+
+/// A Kafka client configuration for `options`.
+fn client_config(options: &StreamOptions) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &options.brokers)
+        .set("group.id", &options.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // A position the broker no longer has is an error, never a silent jump.
+        .set("auto.offset.reset", "error")
+        .set("fetch.wait.max.ms", "50");
+    for (k, v) in &options.kafka_config {
+        config.set(k, v);
+    }
+    config
+}
+
+/// Reads the topics of `options` into `warehouse`, epoch by epoch, until idle (or forever).
+/// Safe to kill at any moment: run it again and it resumes from the journal.
+pub fn stream(
+    warehouse: &Warehouse,
+    options: &StreamOptions,
+) -> Result<StreamSummary, StreamError> {
+    let started = Instant::now();
+    let committed = runtime::committed_sources(warehouse)?;
+    let mut next = committed_positions(&committed);
+    drop(committed);
+    // An epoch cut before a crash and not committed: its ranges are cut again, exactly.
+    let mut recovering: BTreeMap<TopicPartition, i64> = read_intent(warehouse)
+        .ranges
+        .into_iter()
+        .filter(|r| {
+            r.first
+                >= next
+                    .get(&(r.topic.clone(), r.partition))
+                    .copied()
+                    .unwrap_or(0)
+        })
+        .map(|r| ((r.topic, r.partition), r.last))
+        .collect();
+    if !recovering.is_empty() {
+        tracing::warn!(
+            ranges = recovering.len(),
+            "re-cutting the uncommitted epoch of an earlier run"
+        );
+    }
+
+    let consumer: BaseConsumer = client_config(options)
+        .create()
+        .map_err(kafka("creating the consumer"))?;
+    let mut assignment = TopicPartitionList::new();
+    let mut partitions: Vec<TopicPartition> = Vec::new();
+    for topic in &options.topics {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(30))
+            .map_err(kafka(format!("metadata of topic {topic}")))?;
+        let found = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .filter(|t| t.error().is_none() && !t.partitions().is_empty());
+        let Some(found) = found else {
+            return Err(StreamError::NoTopic {
+                topic: topic.clone(),
+                brokers: options.brokers.clone(),
+            });
+        };
+        for p in found.partitions() {
+            partitions.push((topic.clone(), p.id()));
+        }
+    }
+    partitions.sort();
+    for (topic, partition) in &partitions {
+        let (low, _) = consumer
+            .fetch_watermarks(topic, *partition, Duration::from_secs(30))
+            .map_err(kafka(format!("watermarks of {topic}/{partition}")))?;
+        let at = next.get(&(topic.clone(), *partition)).copied();
+        if let Some(at) = at.filter(|at| *at < low) {
+            return Err(StreamError::Gone {
+                topic: topic.clone(),
+                partition: *partition,
+                from: at,
+                to: low,
+            });
+        }
+        if at.is_none() && low > 0 {
+            tracing::warn!(
+                topic, partition, low,
+                "the partition's log starts at offset {low}: earlier messages were removed by the broker's retention before this warehouse read them"
+            );
+        }
+        let offset = match (options.rewind, at) {
+            (false, Some(at)) => Offset::Offset(at),
+            _ => Offset::Beginning,
+        };
+        assignment
+            .add_partition_offset(topic, *partition, offset)
+            .map_err(kafka("assigning partitions"))?;
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(kafka("assigning partitions"))?;
+    tracing::info!(
+        partitions = partitions.len(),
+        resumed = next.len(),
+        "stream assigned"
+    );
+
+    let mut summary = StreamSummary::default();
+    let mut buffered: BTreeMap<TopicPartition, Vec<Record>> = BTreeMap::new();
+    let mut buffered_count = 0usize;
+    // Per partition, the next offset wanted: past what is committed and what is buffered.
+    let mut wanted = next.clone();
+    let mut epoch_started: Option<Instant> = None;
+    let mut last_message = Instant::now();
+    let mut recovery_started = Instant::now();
+    let mut last_error: Option<Instant> = None;
+    let mut last_status = Instant::now();
+    loop {
+        let timeout = match epoch_started {
+            Some(at) => options.epoch.saturating_sub(at.elapsed()),
+            None => Duration::from_millis(100),
+        };
+        match consumer.poll(timeout.max(Duration::from_millis(1))) {
+            None => {}
+            Some(Ok(m)) => {
+                last_message = Instant::now();
+                let tp = (m.topic().to_string(), m.partition());
+                let want = wanted.get(&tp).copied().unwrap_or(0);
+                if m.offset() < want {
+                    summary.redelivered += 1;
+                } else {
+                    wanted.insert(tp.clone(), m.offset() + 1);
+                    let producer = m.headers().and_then(|h| {
+                        h.iter()
+                            .find(|h| h.key == "producer")
+                            .and_then(|h| h.value)
+                            .and_then(|v| std::str::from_utf8(v).ok())
+                            .map(str::to_string)
+                    });
+                    buffered.entry(tp).or_default().push(Record {
+                        offset: m.offset(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        value: m.payload().map(<[u8]>::to_vec),
+                        producer,
+                        timestamp_ms: m.timestamp().to_millis(),
+                    });
+                    buffered_count += 1;
+                    epoch_started.get_or_insert_with(Instant::now);
+                }
+            }
+            Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                return Err(StreamError::Kafka {
+                    context: "reading at the journal's offsets: the broker no longer has them \
+                              (retention removed messages this warehouse had not read)"
+                        .to_string(),
+                    source: KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset),
+                });
+            }
+            // Broker trouble is retried by the client; say so now and then.
+            Some(Err(e)) if last_error.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) => {
+                tracing::warn!(error = %e, "kafka consumer error (retrying)");
+                last_error = Some(Instant::now());
+            }
+            Some(Err(_)) => {}
+        }
+        let full = buffered_count >= options.epoch_events.max(1);
+        let timed_out = epoch_started.is_some_and(|at| at.elapsed() >= options.epoch);
+        let ready = if recovering.is_empty() {
+            buffered_count > 0 && (full || timed_out)
+        } else {
+            let complete = recovering.iter().all(|(tp, last)| {
+                buffered
+                    .get(tp)
+                    .and_then(|r| r.last())
+                    .is_some_and(|r| r.offset >= *last)
+            });
+            // A range the broker no longer has in full (retention, a lost mock broker) cannot
+            // be cut again: go on with what there is; the crashed attempt's raw files are then
+            // never committed, and every reader ignores them.
+            let given_up = recovery_started.elapsed() > Duration::from_secs(30);
+            if given_up && !complete {
+                tracing::warn!("an uncommitted epoch's ranges are no longer on the broker in full");
+            }
+            complete || given_up
+        };
+        if ready {
+            let limits = std::mem::take(&mut recovering);
+            let epoch = take_epoch(&mut buffered, &limits);
+            buffered_count = buffered.values().map(Vec::len).sum();
+            publish_epoch(
+                warehouse,
+                options,
+                &consumer,
+                epoch,
+                &mut next,
+                &mut summary,
+            )?;
+            if options.verbose || last_status.elapsed() >= Duration::from_secs(10) {
+                eprintln!("{}", status_line(&summary, started.elapsed()));
+                last_status = Instant::now();
+            }
+            epoch_started = (buffered_count > 0).then(Instant::now);
+            recovery_started = Instant::now();
+            if options.max_epochs.is_some_and(|m| summary.epochs >= m) {
+                break;
+            }
+        }
+        if buffered_count == 0
+            && options
+                .until_idle
+                .is_some_and(|idle| last_message.elapsed() >= idle)
+        {
+            break;
+        }
+    }
+    summary.positions = next;
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+/// The buffered records of the epoch to publish: all of them, or (recovering) exactly the
+/// intended ranges of the partitions that have one and nothing of the others.
+fn take_epoch(
+    buffered: &mut BTreeMap<TopicPartition, Vec<Record>>,
+    limits: &BTreeMap<TopicPartition, i64>,
+) -> Vec<(TopicPartition, Vec<Record>)> {
+    if limits.is_empty() {
+        return std::mem::take(buffered)
+            .into_iter()
+            .filter(|(_, r)| !r.is_empty())
+            .collect();
+    }
+    let mut epoch = Vec::new();
+    for (tp, last) in limits {
+        if let Some(records) = buffered.get_mut(tp) {
+            let cut = records.partition_point(|r| r.offset <= *last);
+            let rest = records.split_off(cut);
+            let taken = std::mem::replace(records, rest);
+            if !taken.is_empty() {
+                epoch.push((tp.clone(), taken));
+            }
+        }
+    }
+    buffered.retain(|_, r| !r.is_empty());
+    epoch
+}
+
+/// Ingests one epoch's ranges as one run and advances the positions.
+fn publish_epoch(
+    warehouse: &Warehouse,
+    options: &StreamOptions,
+    consumer: &BaseConsumer,
+    epoch: Vec<(TopicPartition, Vec<Record>)>,
+    next: &mut BTreeMap<TopicPartition, i64>,
+    summary: &mut StreamSummary,
+) -> Result<(), StreamError> {
+    let ranges: Vec<Range> = epoch
+        .iter()
+        .map(|((topic, partition), records)| Range {
+            topic: topic.clone(),
+            partition: *partition,
+            first: records.first().map_or(0, |r| r.offset),
+            last: records.last().map_or(0, |r| r.offset),
+        })
+        .collect();
+    write_intent(
+        warehouse,
+        &Intent {
+            ranges: ranges.clone(),
+        },
+    )?;
+    let sources: Vec<SourceFile> = ranges
+        .iter()
+        .zip(&epoch)
+        .map(|(range, (_, records))| range_source(range, records))
+        .collect();
+    let messages: u64 = epoch.iter().map(|(_, r)| r.len() as u64).sum();
+    let command = format!(
+        "stream epoch {}: {}",
+        summary.epochs + 1,
+        ranges
+            .iter()
+            .map(Range::label)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let ingested = runtime::ingest_inline(
+        warehouse,
+        sources,
+        RunKind::Stream,
+        command,
+        options.ingest.clone(),
+    )?;
+    let visible_ms = chrono::Utc::now().timestamp_millis();
+    for (_, records) in &epoch {
+        for ts in records.iter().filter_map(|r| r.timestamp_ms) {
+            summary
+                .latency
+                .record(visible_ms.saturating_sub(ts).max(0) as u64);
+        }
+    }
+    let mut commit = TopicPartitionList::new();
+    for range in &ranges {
+        next.insert((range.topic.clone(), range.partition), range.last + 1);
+    }
+    for ((topic, partition), at) in next.iter() {
+        let _ = commit.add_partition_offset(topic, *partition, Offset::Offset(*at));
+    }
+    if let Err(e) = consumer.commit(&commit, CommitMode::Async) {
+        tracing::debug!(error = %e, "consumer group commit (lag monitoring only) failed");
+    }
+    summary.epochs += 1;
+    summary.messages += messages;
+    absorb(&mut summary.ingest, &ingested);
+    tracing::info!(
+        epoch = summary.epochs,
+        messages,
+        published = ingested.partitions_published,
+        "stream epoch published"
+    );
+    Ok(())
+}
+
+/// One line of progress: epochs, messages, rate, latency so far.
+fn status_line(s: &StreamSummary, elapsed: Duration) -> String {
+    format!(
+        "stream: {} epochs, {} messages ({:.0}/s), {} partitions published, latency p50 {} ms p99 {} ms",
+        s.epochs,
+        s.messages,
+        s.messages as f64 / elapsed.as_secs_f64().max(1e-9),
+        s.ingest.partitions_published,
+        s.latency.quantile(0.5).unwrap_or(0),
+        s.latency.quantile(0.99).unwrap_or(0)
+    )
+}
+
+/// What `adsmetrics stream` prints when it stops.
+pub fn report(s: &StreamSummary) -> String {
+    let mut out = format!(
+        "stream: {} epochs, {} messages in {:.1} s ({:.0} messages/s); {} re-delivered messages dropped\n",
+        s.epochs,
+        s.messages,
+        s.elapsed.as_secs_f64(),
+        s.messages as f64 / s.elapsed.as_secs_f64().max(1e-9),
+        s.redelivered
+    );
+    out.push_str(&format!(
+        "events: {} accepted, {} in-source duplicates, {} quarantined; {} partitions published, {} unchanged\n",
+        s.ingest.events_accepted,
+        s.ingest.in_source_duplicates,
+        s.ingest.quarantined,
+        s.ingest.partitions_published,
+        s.ingest.partitions_unchanged
+    ));
+    if s.latency.count() > 0 {
+        out.push_str(&format!(
+            "ingest->visible latency: p50 {} ms, p99 {} ms, max {} ms\n",
+            s.latency.quantile(0.5).unwrap_or(0),
+            s.latency.quantile(0.99).unwrap_or(0),
+            s.latency.max()
+        ));
+    }
+    for ((topic, partition), at) in &s.positions {
+        out.push_str(&format!("offset {topic}/{partition}: next {at}\n"));
+    }
+    out
+}
+
+fn absorb(total: &mut IngestSummary, g: &IngestSummary) {
+    total.sources_found += g.sources_found;
+    total.sources_skipped += g.sources_skipped;
+    total.sources_ingested += g.sources_ingested;
+    total.events_accepted += g.events_accepted;
+    total.in_source_duplicates += g.in_source_duplicates;
+    total.quarantined += g.quarantined;
+    total.raw_rows_written += g.raw_rows_written;
+    total.late_events += g.late_events;
+    total.rehydrated_rows += g.rehydrated_rows;
+    total.partitions_published += g.partitions_published;
+    total.partitions_unchanged += g.partitions_unchanged;
+    total.conflicted_keys += g.conflicted_keys;
+    total.tombstoned += g.tombstoned;
+}
+
+/// The partitions of `topics` and their log-end offsets (high watermarks), for checking that a
+/// stream has read everything.
+pub fn log_end_offsets(
+    brokers: &str,
+    topics: &[String],
+) -> Result<BTreeMap<TopicPartition, i64>, StreamError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(kafka("creating a metadata client"))?;
+    let mut out = BTreeMap::new();
+    let names: BTreeSet<&String> = topics.iter().collect();
+    for topic in names {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(30))
+            .map_err(kafka(format!("metadata of topic {topic}")))?;
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                let (_, high) = consumer
+                    .fetch_watermarks(topic, p.id(), Duration::from_secs(30))
+                    .map_err(kafka(format!("watermarks of {topic}/{}", p.id())))?;
+                out.insert((topic.clone(), p.id()), high);
+            }
+        }
+    }
+    Ok(out)
+}
