@@ -108,10 +108,11 @@ pub fn produce(
     let producer: BaseProducer<Deliveries> = ClientConfig::new()
         .set("bootstrap.servers", &options.brokers)
         .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
         // Batches of JSON compress about 5×; the mock cluster keeps only the last 5 MB of
         // (compressed) batches per partition, so this is also what lets it hold a long test.
-        .set("compression.type", "lz4")
+        .set("compression.type", "gzip")
+        .set("batch.size", "4000000")
+        .set("linger.ms", "20")
         .set("queue.buffering.max.messages", "1000000")
         .set("queue.buffering.max.kbytes", "1048576")
         .create_with_context(Deliveries::default())?;

@@ -73,7 +73,8 @@ enum Command {
         /// …or at this many messages.
         #[arg(long, default_value_t = 1_000_000)]
         epoch_events: usize,
-        /// Stop after this many seconds without a message (default: run until killed).
+        /// Stop after this many seconds without a message, once every partition is read to its
+        /// log end and published (default: run until killed).
         #[arg(long, value_name = "SECS")]
         until_idle: Option<f64>,
         /// A librdkafka setting for a real cluster (security, timeouts), `key=value`; repeatable.

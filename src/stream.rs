@@ -119,7 +119,8 @@ pub struct StreamOptions {
     pub epoch: Duration,
     /// …or at this many messages, whichever comes first.
     pub epoch_events: usize,
-    /// Stop once no message arrived for this long and everything read is published.
+    /// Stop once no message arrived for this long, every partition is read to its log end and
+    /// everything read is published.
     pub until_idle: Option<Duration>,
     /// Further librdkafka settings (security, timeouts) for a real cluster.
     pub kafka_config: Vec<(String, String)>,
@@ -439,6 +440,7 @@ pub fn stream(
         }
     }
     partitions.sort();
+    let mut log_start = BTreeMap::new();
     for (topic, partition) in &partitions {
         let (low, _) = consumer
             .fetch_watermarks(topic, *partition, Duration::from_secs(30))
@@ -458,6 +460,7 @@ pub fn stream(
                 "the partition's log starts at offset {low}: earlier messages were removed by the broker's retention before this warehouse read them"
             );
         }
+        log_start.insert((topic.clone(), *partition), low);
         let offset = match (options.rewind, at) {
             (false, Some(at)) => Offset::Offset(at),
             _ => Offset::Beginning,
@@ -480,6 +483,9 @@ pub fn stream(
     let mut buffered_count = 0usize;
     // Per partition, the next offset wanted: past what is committed and what is buffered.
     let mut wanted = next.clone();
+    for (tp, low) in log_start {
+        wanted.entry(tp).or_insert(low);
+    }
     let mut epoch_started: Option<Instant> = None;
     let mut last_message = Instant::now();
     let mut recovery_started = Instant::now();
@@ -580,7 +586,23 @@ pub fn stream(
                 .until_idle
                 .is_some_and(|idle| last_message.elapsed() >= idle)
         {
-            break;
+            // Idle is not done while the log holds more (a slow first fetch, a busy broker).
+            let behind = partitions.iter().find(|tp| {
+                consumer
+                    .fetch_watermarks(&tp.0, tp.1, Duration::from_secs(30))
+                    .is_ok_and(|(_, high)| high > wanted.get(*tp).copied().unwrap_or(0))
+            });
+            match behind {
+                None => break,
+                Some(tp) => {
+                    tracing::info!(
+                        topic = tp.0,
+                        partition = tp.1,
+                        "idle but behind the log end; reading on"
+                    );
+                    last_message = Instant::now();
+                }
+            }
         }
     }
     summary.positions = next;

@@ -92,6 +92,14 @@ pub fn stage_partition(
     }))
 }
 
+/// Crash tests of whole processes: `ADSMETRICS_PAUSE_AFTER_PREPARE_MS` holds every publish
+/// between its journal `Prepare` and its renames for that long (unset in production).
+pub const PAUSE_AFTER_PREPARE_ENV: &str = "ADSMETRICS_PAUSE_AFTER_PREPARE_MS";
+
+fn pause_after_prepare() -> Option<u64> {
+    std::env::var(PAUSE_AFTER_PREPARE_ENV).ok()?.parse().ok()
+}
+
 fn injected(at: FailPoint) -> JournalError {
     JournalError::Injected(format!("{at:?}"))
 }
@@ -136,8 +144,13 @@ pub fn publish_epoch(
         origin.ledger,
         origin.retired,
     )?;
+    tracing::debug!(seq, "publish prepared");
     if fail == Some(FailPoint::AfterPrepare) {
         return Err(injected(FailPoint::AfterPrepare).into());
+    }
+    if let Some(ms) = pause_after_prepare() {
+        // Crash tests only: hold the publish open so a SIGKILL lands inside it.
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
     let mut after_each = |i: usize| match fail {
         Some(FailPoint::AfterRename(n)) if n == i => Err(injected(FailPoint::AfterRename(n))),
