@@ -49,6 +49,10 @@ enum Command {
         /// Messages per second for --to-kafka (0: as fast as the broker takes them).
         #[arg(long, default_value_t = 0.0)]
         rate: f64,
+        /// The producer's compression for --to-kafka (none, gzip, lz4, snappy): gzip fits the
+        /// most into `dev-broker`'s log, which keeps the last 5 MB of batches per partition.
+        #[arg(long, default_value = "gzip")]
+        compression: String,
         #[command(flatten)]
         config: adsmetrics::generate::GenerateConfig,
     },
@@ -315,6 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             to_kafka: Some(brokers),
             topic,
             rate,
+            compression,
             config,
             ..
         } => {
@@ -323,10 +328,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let bad_every = (config.bad_rate > 0.0).then(|| (1.0 / config.bad_rate).round() as u64);
             let summary = adsmetrics::broker::produce(
                 &adsmetrics::broker::ProduceOptions {
-                    brokers: brokers.clone(),
-                    topic: topic.clone(),
                     rate: (rate > 0.0).then_some(rate),
                     bad_every,
+                    compression: compression.clone(),
+                    ..adsmetrics::broker::ProduceOptions::new(brokers.clone(), topic.clone())
                 },
                 &events,
                 &|n| bar.set_position(n),

@@ -396,7 +396,7 @@ pub fn stream(
     let mut next = committed_positions(&committed);
     drop(committed);
     // An epoch cut before a crash and not committed: its ranges are cut again, exactly.
-    let mut recovering: BTreeMap<TopicPartition, i64> = read_intent(warehouse)
+    let recovering: BTreeMap<TopicPartition, i64> = read_intent(warehouse)
         .ranges
         .into_iter()
         .filter(|r| {
@@ -478,59 +478,135 @@ pub fn stream(
         "stream assigned"
     );
 
-    let mut summary = StreamSummary::default();
-    let mut buffered: BTreeMap<TopicPartition, Vec<Record>> = BTreeMap::new();
-    let mut buffered_count = 0usize;
     // Per partition, the next offset wanted: past what is committed and what is buffered.
     let mut wanted = next.clone();
     for (tp, low) in log_start {
         wanted.entry(tp).or_insert(low);
     }
-    let mut epoch_started: Option<Instant> = None;
-    let mut last_message = Instant::now();
-    let mut recovery_started = Instant::now();
+    let intake = Intake {
+        buffered: BTreeMap::new(),
+        count: 0,
+        first_at: None,
+        last_message: Instant::now(),
+        redelivered: 0,
+        wanted,
+        failed: None,
+        recovering: !recovering.is_empty(),
+    };
+    let shared = (std::sync::Mutex::new(intake), std::sync::Condvar::new());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut summary = StreamSummary::default();
+    // The reader polls on while an epoch runs, so fetching the next epoch overlaps this one.
+    let outcome = std::thread::scope(|scope| {
+        scope.spawn(|| read_messages(&consumer, options, &shared, &stop));
+        let outcome = cut_epochs(
+            warehouse,
+            options,
+            &consumer,
+            &partitions,
+            &shared,
+            recovering,
+            &mut next,
+            &mut summary,
+            started,
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        outcome
+    });
+    summary.redelivered = lock(&shared.0).redelivered;
+    outcome?;
+    summary.positions = next;
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+/// What the reader thread has read and not yet handed to an epoch.
+struct Intake {
+    buffered: BTreeMap<TopicPartition, Vec<Record>>,
+    count: usize,
+    /// When the oldest buffered message arrived: the epoch's clock.
+    first_at: Option<Instant>,
+    last_message: Instant,
+    redelivered: u64,
+    /// Per partition, the next offset wanted: past what is committed and what is buffered.
+    wanted: BTreeMap<TopicPartition, i64>,
+    failed: Option<StreamError>,
+    /// An uncommitted epoch is being cut again: the reader must not hold off, or the ranges it
+    /// waits for may never complete.
+    recovering: bool,
+}
+
+type SharedIntake = (std::sync::Mutex<Intake>, std::sync::Condvar);
+
+fn lock(m: &std::sync::Mutex<Intake>) -> std::sync::MutexGuard<'_, Intake> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The reader thread: polls the consumer into the intake until `stop`, dropping what lies below
+/// the wanted offsets; holds off while two epochs' worth are waiting (the rest waits in the
+/// client's queue).
+fn read_messages(
+    consumer: &BaseConsumer,
+    options: &StreamOptions,
+    (intake, ready): &SharedIntake,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let epoch_events = options.epoch_events.max(1);
     let mut last_error: Option<Instant> = None;
-    let mut last_status = Instant::now();
-    loop {
-        let timeout = match epoch_started {
-            Some(at) => options.epoch.saturating_sub(at.elapsed()),
-            None => Duration::from_millis(100),
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let held_off = {
+            let g = lock(intake);
+            g.count >= 2 * epoch_events && !g.recovering
         };
-        match consumer.poll(timeout.max(Duration::from_millis(1))) {
+        if held_off {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        match consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Ok(m)) => {
-                last_message = Instant::now();
                 let tp = (m.topic().to_string(), m.partition());
-                let want = wanted.get(&tp).copied().unwrap_or(0);
-                if m.offset() < want {
-                    summary.redelivered += 1;
-                } else {
-                    wanted.insert(tp.clone(), m.offset() + 1);
-                    let producer = m.headers().and_then(|h| {
-                        h.iter()
-                            .find(|h| h.key == "producer")
-                            .and_then(|h| h.value)
-                            .and_then(|v| std::str::from_utf8(v).ok())
-                            .map(str::to_string)
-                    });
-                    buffered.entry(tp).or_default().push(Record {
-                        offset: m.offset(),
-                        key: m.key().map(<[u8]>::to_vec),
-                        value: m.payload().map(<[u8]>::to_vec),
-                        producer,
-                        timestamp_ms: m.timestamp().to_millis(),
-                    });
-                    buffered_count += 1;
-                    epoch_started.get_or_insert_with(Instant::now);
+                let producer = m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == "producer")
+                        .and_then(|h| h.value)
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .map(str::to_string)
+                });
+                let record = Record {
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    producer,
+                    timestamp_ms: m.timestamp().to_millis(),
+                };
+                drop(m);
+                let mut g = lock(intake);
+                g.last_message = Instant::now();
+                let want = g.wanted.get(&tp).copied().unwrap_or(0);
+                if record.offset < want {
+                    g.redelivered += 1;
+                    continue;
+                }
+                g.wanted.insert(tp.clone(), record.offset + 1);
+                g.buffered.entry(tp).or_default().push(record);
+                g.count += 1;
+                if g.first_at.is_none() {
+                    g.first_at = Some(Instant::now());
+                }
+                if g.count == epoch_events {
+                    ready.notify_one();
                 }
             }
             Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
-                return Err(StreamError::Kafka {
+                lock(intake).failed = Some(StreamError::Kafka {
                     context: "reading at the journal's offsets: the broker no longer has them \
                               (retention removed messages this warehouse had not read)"
                         .to_string(),
                     source: KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset),
                 });
+                ready.notify_one();
+                return;
             }
             // Broker trouble is retried by the client; say so now and then.
             Some(Err(e)) if last_error.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) => {
@@ -539,13 +615,37 @@ pub fn stream(
             }
             Some(Err(_)) => {}
         }
-        let full = buffered_count >= options.epoch_events.max(1);
-        let timed_out = epoch_started.is_some_and(|at| at.elapsed() >= options.epoch);
+    }
+}
+
+/// The epoch loop: waits until the intake holds an epoch (by time or size; recovering, exactly
+/// the intended ranges), publishes it, and stops when idle at the log end.
+#[allow(clippy::too_many_arguments)]
+fn cut_epochs(
+    warehouse: &Warehouse,
+    options: &StreamOptions,
+    consumer: &BaseConsumer,
+    partitions: &[TopicPartition],
+    (intake, ready_signal): &SharedIntake,
+    mut recovering: BTreeMap<TopicPartition, i64>,
+    next: &mut BTreeMap<TopicPartition, i64>,
+    summary: &mut StreamSummary,
+    started: Instant,
+) -> Result<(), StreamError> {
+    let mut recovery_started = Instant::now();
+    let mut last_status = Instant::now();
+    let mut g = lock(intake);
+    loop {
+        if let Some(e) = g.failed.take() {
+            return Err(e);
+        }
+        let full = g.count >= options.epoch_events.max(1);
+        let timed_out = g.first_at.is_some_and(|at| at.elapsed() >= options.epoch);
         let ready = if recovering.is_empty() {
-            buffered_count > 0 && (full || timed_out)
+            g.count > 0 && (full || timed_out)
         } else {
             let complete = recovering.iter().all(|(tp, last)| {
-                buffered
+                g.buffered
                     .get(tp)
                     .and_then(|r| r.last())
                     .is_some_and(|r| r.offset >= *last)
@@ -561,53 +661,63 @@ pub fn stream(
         };
         if ready {
             let limits = std::mem::take(&mut recovering);
-            let epoch = take_epoch(&mut buffered, &limits);
-            buffered_count = buffered.values().map(Vec::len).sum();
-            publish_epoch(
-                warehouse,
-                options,
-                &consumer,
-                epoch,
-                &mut next,
-                &mut summary,
-            )?;
+            g.recovering = false;
+            let epoch = take_epoch(&mut g.buffered, &limits);
+            g.count = g.buffered.values().map(Vec::len).sum();
+            g.first_at = (g.count > 0).then(Instant::now);
+            drop(g);
+            publish_epoch(warehouse, options, consumer, epoch, next, summary)?;
             if options.verbose || last_status.elapsed() >= Duration::from_secs(10) {
-                eprintln!("{}", status_line(&summary, started.elapsed()));
+                eprintln!("{}", status_line(summary, started.elapsed()));
                 last_status = Instant::now();
             }
-            epoch_started = (buffered_count > 0).then(Instant::now);
             recovery_started = Instant::now();
             if options.max_epochs.is_some_and(|m| summary.epochs >= m) {
-                break;
+                return Ok(());
             }
+            g = lock(intake);
+            continue;
         }
-        if buffered_count == 0
+        if g.count == 0
             && options
                 .until_idle
-                .is_some_and(|idle| last_message.elapsed() >= idle)
+                .is_some_and(|idle| g.last_message.elapsed() >= idle)
         {
             // Idle is not done while the log holds more (a slow first fetch, a busy broker).
+            let wanted = g.wanted.clone();
+            drop(g);
             let behind = partitions.iter().find(|tp| {
                 consumer
                     .fetch_watermarks(&tp.0, tp.1, Duration::from_secs(30))
                     .is_ok_and(|(_, high)| high > wanted.get(*tp).copied().unwrap_or(0))
             });
+            g = lock(intake);
             match behind {
-                None => break,
+                None if g.count == 0 => return Ok(()),
+                None => {}
                 Some(tp) => {
                     tracing::info!(
                         topic = tp.0,
                         partition = tp.1,
                         "idle but behind the log end; reading on"
                     );
-                    last_message = Instant::now();
+                    g.last_message = Instant::now();
                 }
             }
+            continue;
         }
+        let wait = match g.first_at {
+            Some(at) => options.epoch.saturating_sub(at.elapsed()),
+            None => Duration::from_millis(100),
+        };
+        g = ready_signal
+            .wait_timeout(
+                g,
+                wait.clamp(Duration::from_millis(1), Duration::from_millis(100)),
+            )
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
     }
-    summary.positions = next;
-    summary.elapsed = started.elapsed();
-    Ok(summary)
 }
 
 /// The buffered records of the epoch to publish: all of them, or (recovering) exactly the

@@ -30,10 +30,8 @@ fn broker(partitions: i32) -> DevBroker {
 fn send(broker: &DevBroker, events: &[adsmetrics::event::Event], bad_every: Option<u64>) {
     produce(
         &ProduceOptions {
-            brokers: broker.bootstrap_servers(),
-            topic: TOPIC.to_string(),
-            rate: None,
             bad_every,
+            ..ProduceOptions::new(broker.bootstrap_servers(), TOPIC)
         },
         events,
         &|_| {},

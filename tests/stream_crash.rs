@@ -98,10 +98,9 @@ fn twenty_sigkills_while_streaming_lose_and_double_nothing() {
 
     let producer = {
         let options = ProduceOptions {
-            brokers: broker.bootstrap.clone(),
-            topic: TOPIC.to_string(),
             rate: Some(120_000.0),
             bad_every: Some(bad_every),
+            ..ProduceOptions::new(&broker.bootstrap, TOPIC)
         };
         let events = events.clone();
         std::thread::spawn(move || produce(&options, &events, &|_| {}).expect("produced"))
