@@ -186,34 +186,11 @@ fn bad_requests_are_refused_with_a_reason() {
 }
 
 /// The `raw` bytes of every quarantine row in the warehouse.
-fn quarantine_rows(wh: &Warehouse) -> Vec<String> {
-    let mut rows = Vec::new();
-    for entry in walkdir::WalkDir::new(wh.quarantine_dir()).sort_by_file_name() {
-        let entry = entry.unwrap();
-        if !entry.file_type().is_file() {
-            continue;
-        }
-        let file = std::fs::File::open(entry.path()).unwrap();
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-            .unwrap()
-            .build()
-            .unwrap();
-        for batch in reader {
-            let batch = batch.unwrap();
-            let raw = batch
-                .column_by_name("raw")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<arrow::array::BinaryArray>()
-                .unwrap()
-                .clone();
-            rows.extend(
-                raw.iter()
-                    .map(|r| String::from_utf8_lossy(r.unwrap()).into_owned()),
-            );
-        }
-    }
-    rows
+fn quarantined_raw(wh: &Warehouse) -> Vec<String> {
+    quarantine_rows(wh)
+        .into_iter()
+        .map(|(_, _, _, raw)| String::from_utf8_lossy(&raw).into_owned())
+        .collect()
 }
 
 #[test]
@@ -231,7 +208,7 @@ fn a_delete_also_removes_the_quarantined_records_that_name_the_user() {
     ];
     std::fs::write(dir.path().join("bad/c.jsonl"), lines.join("\n")).unwrap();
     ingest(&wh, &[dir.path().join("bad")], options()).unwrap();
-    let before = quarantine_rows(&wh);
+    let before = quarantined_raw(&wh);
     assert!(
         before.iter().filter(|r| r.contains("\"x")).count() == 3,
         "{before:?}"
@@ -246,7 +223,7 @@ fn a_delete_also_removes_the_quarantined_records_that_name_the_user() {
     let outcome = delete(&wh, &request, options()).unwrap();
     assert_eq!(outcome.certificate.quarantine_rows_removed, 2);
     assert_eq!(outcome.certificate.quarantine_files_rewritten.len(), 1);
-    let after = quarantine_rows(&wh);
+    let after = quarantined_raw(&wh);
     assert_eq!(after.len(), before.len() - 2);
     assert!(after
         .iter()
