@@ -145,6 +145,10 @@ pub struct EntryBody {
     /// What it dropped besides curated partitions (`retention`: raw-layer days).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dropped: Vec<String>,
+    /// A stream epoch: the ingest→publish latency of its messages, from their Kafka timestamps
+    /// to this entry (which follows the publish), so each partition version it lists carries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<EpochLatency>,
     /// Journal publishes it committed, in order.
     pub publishes: Vec<u64>,
     /// Sources it consumed, with their content hashes.
@@ -153,6 +157,15 @@ pub struct EntryBody {
     pub sources_skipped: u64,
     /// Every partition version it produced.
     pub partitions: Vec<PartitionEntry>,
+}
+
+/// The ingest→publish latency of a stream epoch's messages, milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochLatency {
+    /// Of its newest message (the freshest data the published versions hold).
+    pub newest: i64,
+    /// Of its oldest message.
+    pub oldest: i64,
 }
 
 /// One ledger line.
@@ -189,6 +202,9 @@ pub struct RunRecord {
     pub request: Option<String>,
     /// What it dropped besides curated partitions.
     pub dropped: Vec<String>,
+    /// A stream epoch: the Kafka timestamps (ms since the Unix epoch) of its oldest and newest
+    /// messages.
+    pub message_times_ms: Option<(i64, i64)>,
 }
 
 /// The ledger of one warehouse, opened for appending.
@@ -250,6 +266,7 @@ impl Ledger {
             error: None,
             request: None,
             dropped: Vec::new(),
+            message_times_ms: None,
         };
         self.append_run(&record, &missing).map(Some)
     }
@@ -299,6 +316,11 @@ impl Ledger {
         } else {
             Outcome::Changed
         };
+        let now = chrono::Utc::now();
+        let latency_ms = run.message_times_ms.map(|(oldest, newest)| EpochLatency {
+            newest: now.timestamp_millis() - newest,
+            oldest: now.timestamp_millis() - oldest,
+        });
         let body = EntryBody {
             v: LEDGER_VERSION,
             seq: self.entries.len() as u64 + 1,
@@ -306,7 +328,7 @@ impl Ledger {
                 .entries
                 .last()
                 .map_or_else(|| GENESIS.to_string(), |e| e.hash.clone()),
-            at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            at: now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             kind: run.kind,
             run_id: run.run_id.clone(),
             actor: actor(),
@@ -316,6 +338,7 @@ impl Ledger {
             request: run.request.clone(),
             retired,
             dropped: run.dropped.clone(),
+            latency_ms,
             publishes: publishes.iter().map(|p| p.seq).collect(),
             sources,
             sources_skipped: run.sources_skipped,
@@ -548,6 +571,12 @@ pub fn render_log(entries: &[Entry], partition: Option<&str>) -> String {
         if let Some(error) = &b.error {
             out.push_str(&format!("    error: {error}\n"));
         }
+        if let Some(l) = &b.latency_ms {
+            out.push_str(&format!(
+                "    ingest->publish latency: newest message {} ms, oldest {} ms\n",
+                l.newest, l.oldest
+            ));
+        }
         out.push_str(&format!(
             "    sources: {} consumed, {} skipped; journal publishes: {:?}; partitions changed: {}\n",
             b.sources.len(),
@@ -622,6 +651,7 @@ mod tests {
             request: None,
             retired: vec![],
             dropped: vec![],
+            latency_ms: None,
             publishes: vec![],
             sources: vec![],
             sources_skipped: 2,
@@ -634,6 +664,12 @@ mod tests {
         assert_ne!(body_hash(&other), hash);
         let mut other = body.clone();
         other.actor = "mallory".to_string();
+        assert_ne!(body_hash(&other), hash);
+        let mut other = body.clone();
+        other.latency_ms = Some(EpochLatency {
+            newest: 1,
+            oldest: 2,
+        });
         assert_ne!(body_hash(&other), hash);
     }
 }

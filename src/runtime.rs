@@ -316,6 +316,7 @@ impl Opened {
             error: None,
             request: None,
             dropped: Vec::new(),
+            message_times_ms: None,
         }
     }
 }
@@ -453,18 +454,29 @@ pub fn ingest(
     execute(warehouse, opened, plan, options)
 }
 
+/// How an [`ingest_inline`] run is recorded on the ledger.
+pub struct InlineRun {
+    /// Its kind.
+    pub kind: RunKind,
+    /// What ran.
+    pub command: String,
+    /// The Kafka timestamps of its oldest and newest messages, ms.
+    pub message_times_ms: Option<(i64, i64)>,
+}
+
 /// Ingests sources that are not files (ranges of Kafka partitions, decoded by the caller) as one
 /// run of one epoch, recorded on the ledger as `kind` with `command`; sources already consumed
 /// (by their content hash) are skipped. The stream's unit of work: its epochs are these runs.
 pub fn ingest_inline(
     warehouse: &Warehouse,
     sources: Vec<SourceFile>,
-    kind: RunKind,
-    command: String,
+    run: InlineRun,
     options: IngestOptions,
 ) -> Result<IngestSummary, RunError> {
     let opened = Opened::open(warehouse)?;
-    let run = opened.record(kind, command);
+    let mut record = opened.record(run.kind, run.command);
+    record.message_times_ms = run.message_times_ms;
+    let run = record;
     let mut summary = IngestSummary {
         sources_found: sources.len() as u64,
         ..Default::default()

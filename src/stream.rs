@@ -786,11 +786,18 @@ fn publish_epoch(
             .collect::<Vec<_>>()
             .join(" ")
     );
+    let times = epoch
+        .iter()
+        .flat_map(|(_, records)| records.iter().filter_map(|r| r.timestamp_ms));
+    let message_times_ms = times.clone().min().zip(times.max());
     let ingested = runtime::ingest_inline(
         warehouse,
         sources,
-        RunKind::Stream,
-        command,
+        runtime::InlineRun {
+            kind: RunKind::Stream,
+            command,
+            message_times_ms,
+        },
         options.ingest.clone(),
     )?;
     let visible_ms = chrono::Utc::now().timestamp_millis();

@@ -99,7 +99,23 @@ fn stream_and_batch_publish_identical_tables() {
     let ends = log_end_offsets(&broker.bootstrap_servers(), &[TOPIC.to_string()]).unwrap();
     assert_eq!(summary.positions, ends);
     assert_eq!(journal_positions(&streamed), ends);
-    assert_ledger_accounts_for_tables(&streamed);
+    // Every epoch is a `stream` entry whose partition versions carry their latency.
+    let entries = assert_ledger_accounts_for_tables(&streamed);
+    let epochs: Vec<_> = entries
+        .iter()
+        .filter(|e| e.body.kind == adsmetrics::ledger::RunKind::Stream)
+        .collect();
+    assert_eq!(epochs.len() as u64, summary.epochs);
+    for e in epochs {
+        let latency = e
+            .body
+            .latency_ms
+            .expect("a stream epoch records its latency");
+        assert!(
+            0 <= latency.newest && latency.newest <= latency.oldest,
+            "{latency:?}"
+        );
+    }
 }
 
 #[test]
