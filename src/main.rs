@@ -74,7 +74,8 @@ enum Command {
         /// An epoch closes this many milliseconds after its first message…
         #[arg(long, default_value_t = 1000)]
         epoch_ms: u64,
-        /// …or at this many messages.
+        /// …or at this many messages (one that waited for a long epoch to finish may hold up to
+        /// twice as many).
         #[arg(long, default_value_t = 1_000_000)]
         epoch_events: usize,
         /// Stop after this many seconds without a message, once every partition is read to its
@@ -82,6 +83,7 @@ enum Command {
         #[arg(long, value_name = "SECS")]
         until_idle: Option<f64>,
         /// A librdkafka setting for a real cluster (security, timeouts), `key=value`; repeatable.
+        /// Offsets, the group and the address are the stream's own and refused here.
         #[arg(long = "kafka-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
         kafka_config: Vec<(String, String)>,
         /// Timely worker threads (outputs are identical for any number).
@@ -477,7 +479,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             options.group_id = group;
             options.epoch = std::time::Duration::from_millis(epoch_ms.max(1));
             options.epoch_events = epoch_events.max(1);
-            options.until_idle = until_idle.map(|s| std::time::Duration::from_secs_f64(s.max(0.0)));
+            options.until_idle = until_idle
+                .map(|s| {
+                    std::time::Duration::try_from_secs_f64(s)
+                        .map_err(|_| anyhow::anyhow!("--until-idle {s} is not a number of seconds"))
+                })
+                .transpose()?;
             options.kafka_config = kafka_config;
             options.ingest.workers = workers;
             options.ingest.hot_window_days = hot_window.days.0;

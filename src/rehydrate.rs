@@ -36,7 +36,7 @@ use adsmetrics_dataflows::{DedupKey, EventVersion};
 
 use bytes::Bytes;
 
-use crate::decode::{decode_source_parallel, Decoded};
+use crate::decode::Decoded;
 use crate::event::Event;
 use crate::keyindex;
 use crate::scope::{raw_day, Changes, ScopeError};
@@ -171,16 +171,7 @@ fn seeds(
     // Fewer sources than threads (a correction is often one file): each is split among them.
     let parts = (threads / new_sources.len().max(1)).max(1);
     let new_events = par_map(new_sources, threads, |source| {
-        let decoded = match &source.inline {
-            Some(decoded) => decoded.as_ref().clone(),
-            None => {
-                let bytes = std::fs::read(&source.path).map_err(|e| SourceError {
-                    path: source.path.clone(),
-                    source: e,
-                })?;
-                decode_source_parallel(&source.label, Bytes::from(bytes), parts)
-            }
-        };
+        let decoded = source.decode(parts)?;
         let chunk = decoded.events.len().div_ceil(parts).max(1);
         let chunks: Vec<&[Event]> = decoded.events.chunks(chunk).collect();
         let keyed: Keyed = par_map(&chunks, parts, |events| {

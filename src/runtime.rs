@@ -43,7 +43,6 @@ use adsmetrics_dataflows::{
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::decode::decode_source;
 use crate::event::Event;
 use crate::journal::{
     CommitJournal, JournalError, LedgerAnchor, PartitionChange, Published, RetiredSource,
@@ -691,7 +690,7 @@ pub(crate) fn execute(
 
 impl IngestSummary {
     /// Adds the counts of a later generation of the same run.
-    fn absorb(&mut self, g: &IngestSummary) {
+    pub(crate) fn absorb(&mut self, g: &IngestSummary) {
         self.sources_found += g.sources_found;
         self.sources_skipped += g.sources_skipped;
         self.sources_ingested += g.sources_ingested;
@@ -1240,16 +1239,7 @@ fn ingest_sources<'scope, 'env>(
             .remove(&source.content_hash);
         let (mut decoded, mut keyed) = match predecoded {
             Some(decoded) => decoded,
-            None => match &source.inline {
-                Some(decoded) => (decoded.as_ref().clone(), Vec::new()),
-                None => {
-                    let bytes = std::fs::read(&source.path).map_err(|e| SourceError {
-                        path: source.path.clone(),
-                        source: e,
-                    })?;
-                    (decode_source(&source.label, &bytes), Vec::new())
-                }
-            },
+            None => (source.decode(1)?, Vec::new()),
         };
         if shared.horizons.raw_day.is_some() {
             refuse_expired(&shared.horizons, &source.label, &mut decoded);

@@ -33,6 +33,25 @@ pub struct SourceFile {
     pub inline: Option<Arc<Decoded>>,
 }
 
+impl SourceFile {
+    /// Its records: the inline ones, or the file read and decoded (a Parquet file on up to
+    /// `parts` threads; the result is the same for any number).
+    pub fn decode(&self, parts: usize) -> Result<Decoded, SourceError> {
+        if let Some(decoded) = &self.inline {
+            return Ok(decoded.as_ref().clone());
+        }
+        let bytes = fs::read(&self.path).map_err(|source| SourceError {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(crate::decode::decode_source_parallel(
+            &self.label,
+            bytes::Bytes::from(bytes),
+            parts.max(1),
+        ))
+    }
+}
+
 /// A source could not be listed or read.
 #[derive(Debug, thiserror::Error)]
 #[error("reading source {path}: {source}")]

@@ -22,12 +22,14 @@
 //! layer's files of the crashed attempt are rewritten with the same bytes); a crash after it
 //! leaves them committed, and the restart seeks past them. A message re-delivered below the
 //! next offset is dropped before it is decoded; a producer's resend (the same event at another
-//! offset) is a new record with an old dedup key, which the dataflow counts once. Which
-//! partition's messages a worker decodes and how the epochs are cut change nothing in the tables:
-//! they depend only on the set of events.
+//! offset) is a new record with an old dedup key, which the dataflow counts once. Which worker
+//! ingests which partition's range and how the epochs are cut change nothing in the tables:
+//! they depend only on the set of events. (The messages are decoded on the epoch thread; the
+//! workers ingest the decoded sources.)
 //!
 //! A message's value is one JSON object in the event schema (it may span lines); a message
-//! without a `producer` field takes its producer from the `producer` header, else from its key.
+//! without a `producer` field takes its producer from its `producer` header (the key is not
+//! used: producers key by event or user id).
 //! A message that does not decode is quarantined with its topic, partition and offset (the
 //! source label and `offset N`) and the reason.
 
@@ -267,6 +269,12 @@ pub enum StreamError {
         /// The broker's log start.
         to: i64,
     },
+    /// The thread reading from Kafka panicked (a bug); run `stream` again to resume.
+    #[error("the Kafka reader thread panicked; nothing read since the last epoch was committed")]
+    Reader,
+    /// A setting the exactly-once design owns was given.
+    #[error("{0}")]
+    Config(String),
     /// An epoch's run failed; running `stream` again resumes from what the journal holds.
     #[error(transparent)]
     Run(#[from] RunError),
@@ -340,8 +348,7 @@ fn range_source(range: &Range, records: &[Record]) -> SourceFile {
         put(r.key.as_deref());
         put(r.value.as_deref());
         put(r.producer.as_deref().map(str::as_bytes));
-        let from_key = r.key.as_deref().and_then(|k| std::str::from_utf8(k).ok());
-        let producer = r.producer.as_deref().or(from_key);
+        let producer = r.producer.as_deref();
         let result = match &r.value {
             None => Err("message has no value".to_string()),
             Some(value) => {
@@ -368,6 +375,17 @@ fn range_source(range: &Range, records: &[Record]) -> SourceFile {
     }
 }
 
+/// librdkafka settings the exactly-once design owns: overriding them could skip or re-read data.
+const OWNED_SETTINGS: [&str; 7] = [
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "isolation.level",
+    "enable.partition.eof",
+];
+
 /// A Kafka client configuration for `options`.
 fn client_config(options: &StreamOptions) -> ClientConfig {
     let mut config = ClientConfig::new();
@@ -392,11 +410,21 @@ pub fn stream(
     options: &StreamOptions,
 ) -> Result<StreamSummary, StreamError> {
     let started = Instant::now();
+    if let Some((key, _)) = options
+        .kafka_config
+        .iter()
+        .find(|(k, _)| OWNED_SETTINGS.contains(&k.as_str()))
+    {
+        return Err(StreamError::Config(format!(
+            "--kafka-config {key} is set by the stream itself (offsets come from the journal; \
+             use --brokers and --group for the address and the group)"
+        )));
+    }
     let committed = runtime::committed_sources(warehouse)?;
     let mut next = committed_positions(&committed);
     drop(committed);
     // An epoch cut before a crash and not committed: its ranges are cut again, exactly.
-    let recovering: BTreeMap<TopicPartition, i64> = read_intent(warehouse)
+    let mut recovering: BTreeMap<TopicPartition, i64> = read_intent(warehouse)
         .ranges
         .into_iter()
         .filter(|r| {
@@ -483,6 +511,8 @@ pub fn stream(
     for (tp, low) in log_start {
         wanted.entry(tp).or_insert(low);
     }
+    // An intended range of a partition no longer read (other topics this time) cannot complete.
+    recovering.retain(|tp, _| partitions.contains(tp));
     let intake = Intake {
         buffered: BTreeMap::new(),
         count: 0,
@@ -498,8 +528,13 @@ pub fn stream(
     let mut summary = StreamSummary::default();
     // The reader polls on while an epoch runs, so fetching the next epoch overlaps this one.
     let outcome = std::thread::scope(|scope| {
-        scope.spawn(|| read_messages(&consumer, options, &shared, &stop));
-        let outcome = cut_epochs(
+        scope.spawn(|| {
+            let _report = ReaderExit(&shared);
+            read_messages(&consumer, options, &shared, &stop)
+        });
+        // Stops the reader however the epoch loop ends (an error, a panic).
+        let _stop = StopOnDrop(&stop);
+        cut_epochs(
             warehouse,
             options,
             &consumer,
@@ -509,15 +544,34 @@ pub fn stream(
             &mut next,
             &mut summary,
             started,
-        );
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        outcome
+        )
     });
     summary.redelivered = lock(&shared.0).redelivered;
     outcome?;
     summary.positions = next;
     summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+/// Sets the flag when dropped, also while unwinding.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Tells the epoch loop when the reader thread died of a panic, so it stops instead of waiting.
+struct ReaderExit<'a>(&'a SharedIntake);
+
+impl Drop for ReaderExit<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            lock(&self.0 .0).failed = Some(StreamError::Reader);
+            self.0 .1.notify_all();
+        }
+    }
 }
 
 /// What the reader thread has read and not yet handed to an epoch.
@@ -666,7 +720,9 @@ fn cut_epochs(
             g.count = g.buffered.values().map(Vec::len).sum();
             g.first_at = (g.count > 0).then(Instant::now);
             drop(g);
-            publish_epoch(warehouse, options, consumer, epoch, next, summary)?;
+            if !epoch.is_empty() {
+                publish_epoch(warehouse, options, consumer, epoch, next, summary)?;
+            }
             if options.verbose || last_status.elapsed() >= Duration::from_secs(10) {
                 eprintln!("{}", status_line(summary, started.elapsed()));
                 last_status = Instant::now();
@@ -686,10 +742,31 @@ fn cut_epochs(
             // Idle is not done while the log holds more (a slow first fetch, a busy broker).
             let wanted = g.wanted.clone();
             drop(g);
+            // Read up to the log end: the consumer's position passes transaction markers, which
+            // no message offset does. A failed fetch counts as behind (asked again next time).
+            let position: BTreeMap<TopicPartition, i64> = consumer
+                .position()
+                .map(|tpl| {
+                    tpl.elements()
+                        .iter()
+                        .filter_map(|e| match e.offset() {
+                            Offset::Offset(at) => {
+                                Some(((e.topic().to_string(), e.partition()), at))
+                            }
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             let behind = partitions.iter().find(|tp| {
+                let read = wanted
+                    .get(*tp)
+                    .copied()
+                    .unwrap_or(0)
+                    .max(position.get(*tp).copied().unwrap_or(0));
                 consumer
                     .fetch_watermarks(&tp.0, tp.1, Duration::from_secs(30))
-                    .is_ok_and(|(_, high)| high > wanted.get(*tp).copied().unwrap_or(0))
+                    .map_or(true, |(_, high)| high > read)
             });
             g = lock(intake);
             match behind {
@@ -820,7 +897,7 @@ fn publish_epoch(
     }
     summary.epochs += 1;
     summary.messages += messages;
-    absorb(&mut summary.ingest, &ingested);
+    summary.ingest.absorb(&ingested);
     tracing::info!(
         epoch = summary.epochs,
         messages,
@@ -875,22 +952,6 @@ pub fn report(s: &StreamSummary) -> String {
     out
 }
 
-fn absorb(total: &mut IngestSummary, g: &IngestSummary) {
-    total.sources_found += g.sources_found;
-    total.sources_skipped += g.sources_skipped;
-    total.sources_ingested += g.sources_ingested;
-    total.events_accepted += g.events_accepted;
-    total.in_source_duplicates += g.in_source_duplicates;
-    total.quarantined += g.quarantined;
-    total.raw_rows_written += g.raw_rows_written;
-    total.late_events += g.late_events;
-    total.rehydrated_rows += g.rehydrated_rows;
-    total.partitions_published += g.partitions_published;
-    total.partitions_unchanged += g.partitions_unchanged;
-    total.conflicted_keys += g.conflicted_keys;
-    total.tombstoned += g.tombstoned;
-}
-
 /// The partitions of `topics` and their log-end offsets (high watermarks), for checking that a
 /// stream has read everything.
 pub fn log_end_offsets(
@@ -917,4 +978,73 @@ pub fn log_end_offsets(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_round_trip_for_every_legal_topic_name() {
+        for topic in ["ads-events", "ads.click_v2", "a", "x-1.y_2-z"] {
+            let range = Range {
+                topic: topic.to_string(),
+                partition: 17,
+                first: 0,
+                last: 123_456_789_012,
+            };
+            assert_eq!(Range::parse(&range.label()), Some(range));
+        }
+        assert_eq!(Range::parse("raw/dt=2026-11-01/part-0.jsonl"), None);
+        assert_eq!(Range::parse("kafka:t/x/1-2"), None);
+        assert_eq!(Range::parse("kafka:t/1/2"), None);
+    }
+
+    #[test]
+    fn positions_are_one_past_the_greatest_committed_offset() {
+        let record = |label: &str| SourceRecord {
+            source: label.to_string(),
+            content_hash: String::new(),
+            accepted: 0,
+            quarantined: 0,
+            in_source_duplicates: 0,
+            tombstoned: 0,
+            partition: None,
+        };
+        let sources = [
+            record("kafka:t/0/0-9"),
+            record("kafka:t/0/10-19"),
+            record("kafka:t/1/0-4"),
+            record("data/part-0.jsonl"),
+        ];
+        let next = committed_positions(&sources);
+        assert_eq!(next.get(&("t".to_string(), 0)), Some(&20));
+        assert_eq!(next.get(&("t".to_string(), 1)), Some(&5));
+        assert_eq!(next.len(), 2);
+    }
+
+    #[test]
+    fn settings_the_stream_owns_are_refused_before_anything_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let warehouse = Warehouse::new(dir.path().join("wh"));
+        let mut options = StreamOptions::new("127.0.0.1:1", vec!["t".to_string()]);
+        options.kafka_config = vec![("auto.offset.reset".into(), "latest".into())];
+        let err = stream(&warehouse, &options).unwrap_err();
+        assert!(matches!(err, StreamError::Config(_)), "{err}");
+        assert!(!warehouse.root().exists(), "nothing was written");
+    }
+
+    #[test]
+    fn latency_quantiles() {
+        let mut l = Latency::default();
+        assert_eq!(l.quantile(0.5), None);
+        for ms in 1..=100 {
+            l.record(ms);
+        }
+        l.record(90_000);
+        assert_eq!(l.quantile(0.5), Some(51));
+        assert_eq!(l.quantile(0.99), Some(100));
+        assert_eq!(l.quantile(1.0), Some(90_000));
+        assert_eq!(l.max(), 90_000);
+    }
 }
