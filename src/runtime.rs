@@ -401,19 +401,7 @@ pub fn ingest(
     let files = source::discover(inputs)?;
     let identified = source::identify(&files, options.workers)?;
     tracing::debug!("identified");
-    let mut summary = IngestSummary {
-        sources_found: identified.len() as u64,
-        ..Default::default()
-    };
-    let mut seen = opened.journal.consumed().clone();
-    let mut new_sources = Vec::new();
-    for s in identified {
-        if seen.insert(s.content_hash.clone()) {
-            new_sources.push(s);
-        } else {
-            summary.sources_skipped += 1;
-        }
-    }
+    let (new_sources, summary) = skip_consumed(&opened, identified);
     // Under a hot window the sources go in source-day order (a source with no `dt=` folder in
     // its path first), cut into groups of at most the window's days; each group is its epochs.
     let groups: Vec<(Option<i64>, Vec<SourceFile>)> = match options.hot_window_days {
@@ -453,6 +441,25 @@ pub fn ingest(
     execute(warehouse, opened, plan, options)
 }
 
+/// The sources not yet consumed (by content hash, and not a copy of an earlier one in the same
+/// list), with the run's counts of sources found and skipped.
+fn skip_consumed(opened: &Opened, sources: Vec<SourceFile>) -> (Vec<SourceFile>, IngestSummary) {
+    let mut summary = IngestSummary {
+        sources_found: sources.len() as u64,
+        ..Default::default()
+    };
+    let mut seen = opened.journal.consumed().clone();
+    let mut new_sources = Vec::new();
+    for s in sources {
+        if seen.insert(s.content_hash.clone()) {
+            new_sources.push(s);
+        } else {
+            summary.sources_skipped += 1;
+        }
+    }
+    (new_sources, summary)
+}
+
 /// How an [`ingest_inline`] run is recorded on the ledger.
 pub struct InlineRun {
     /// Its kind.
@@ -476,19 +483,7 @@ pub fn ingest_inline(
     let mut record = opened.record(run.kind, run.command);
     record.message_times_ms = run.message_times_ms;
     let run = record;
-    let mut summary = IngestSummary {
-        sources_found: sources.len() as u64,
-        ..Default::default()
-    };
-    let mut seen = opened.journal.consumed().clone();
-    let mut new_sources = Vec::new();
-    for s in sources {
-        if seen.insert(s.content_hash.clone()) {
-            new_sources.push(s);
-        } else {
-            summary.sources_skipped += 1;
-        }
-    }
+    let (new_sources, summary) = skip_consumed(&opened, sources);
     let plan = Plan {
         run,
         batches: vec![Batch {

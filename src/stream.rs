@@ -446,33 +446,11 @@ pub fn stream(
     let consumer: BaseConsumer = client_config(options)
         .create()
         .map_err(kafka("creating the consumer"))?;
+    let partitions = topic_partitions(&consumer, &options.topics, &options.brokers)?;
     let mut assignment = TopicPartitionList::new();
-    let mut partitions: Vec<TopicPartition> = Vec::new();
-    for topic in &options.topics {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(30))
-            .map_err(kafka(format!("metadata of topic {topic}")))?;
-        let found = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .filter(|t| t.error().is_none() && !t.partitions().is_empty());
-        let Some(found) = found else {
-            return Err(StreamError::NoTopic {
-                topic: topic.clone(),
-                brokers: options.brokers.clone(),
-            });
-        };
-        for p in found.partitions() {
-            partitions.push((topic.clone(), p.id()));
-        }
-    }
-    partitions.sort();
     let mut log_start = BTreeMap::new();
     for (topic, partition) in &partitions {
-        let (low, _) = consumer
-            .fetch_watermarks(topic, *partition, Duration::from_secs(30))
-            .map_err(kafka(format!("watermarks of {topic}/{partition}")))?;
+        let (low, _) = watermarks(&consumer, topic, *partition)?;
         let at = next.get(&(topic.clone(), *partition)).copied();
         if let Some(at) = at.filter(|at| *at < low) {
             return Err(StreamError::Gone {
@@ -764,9 +742,7 @@ fn cut_epochs(
                     .copied()
                     .unwrap_or(0)
                     .max(position.get(*tp).copied().unwrap_or(0));
-                consumer
-                    .fetch_watermarks(&tp.0, tp.1, Duration::from_secs(30))
-                    .map_or(true, |(_, high)| high > read)
+                watermarks(consumer, &tp.0, tp.1).map_or(true, |(_, high)| high > read)
             });
             g = lock(intake);
             match behind {
@@ -963,21 +939,51 @@ pub fn log_end_offsets(
         .create()
         .map_err(kafka("creating a metadata client"))?;
     let mut out = BTreeMap::new();
+    for (topic, partition) in topic_partitions(&consumer, topics, brokers)? {
+        let (_, high) = watermarks(&consumer, &topic, partition)?;
+        out.insert((topic, partition), high);
+    }
+    Ok(out)
+}
+
+/// Every partition of `topics`, sorted; a topic the cluster does not have is an error.
+fn topic_partitions(
+    consumer: &BaseConsumer,
+    topics: &[String],
+    brokers: &str,
+) -> Result<Vec<TopicPartition>, StreamError> {
+    let mut partitions = Vec::new();
     let names: BTreeSet<&String> = topics.iter().collect();
     for topic in names {
         let metadata = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(30))
             .map_err(kafka(format!("metadata of topic {topic}")))?;
-        for t in metadata.topics() {
-            for p in t.partitions() {
-                let (_, high) = consumer
-                    .fetch_watermarks(topic, p.id(), Duration::from_secs(30))
-                    .map_err(kafka(format!("watermarks of {topic}/{}", p.id())))?;
-                out.insert((topic.clone(), p.id()), high);
-            }
-        }
+        let found = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .filter(|t| t.error().is_none() && !t.partitions().is_empty());
+        let Some(found) = found else {
+            return Err(StreamError::NoTopic {
+                topic: topic.clone(),
+                brokers: brokers.to_string(),
+            });
+        };
+        partitions.extend(found.partitions().iter().map(|p| (topic.clone(), p.id())));
     }
-    Ok(out)
+    partitions.sort();
+    Ok(partitions)
+}
+
+/// A partition's log start and log end (low and high watermarks).
+fn watermarks(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+) -> Result<(i64, i64), StreamError> {
+    consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(30))
+        .map_err(kafka(format!("watermarks of {topic}/{partition}")))
 }
 
 #[cfg(test)]

@@ -87,7 +87,7 @@ fn find_newline(s: &[u8]) -> Option<usize> {
 
 /// Decodes one message of a message queue (a Kafka record value): the same rules as one line of
 /// JSON lines, except that the message may span lines and that a message without a `producer`
-/// field takes `producer` (from the message's key or headers) when one is given. The caller
+/// field takes `producer` (from the message's `producer` header) when one is given. The caller
 /// quarantines an `Err` with the message's position (topic, partition, offset).
 pub fn decode_json_message(
     bytes: &[u8],
