@@ -13,11 +13,12 @@
 //!   the run does not change) are the real ones.
 //!
 //! Found as a closure: start from the keys and user-days of the new events and the withdrawn
-//! rows; look up which days hold those keys (the per-day [`keyindex`]) and scan the `dedup_key` and
-//! `user_id` columns of those days' raw files (and of the user-days' days); decode only the files
-//! with candidate rows and take the rows whose key or user-day is wanted; their keys and user-days
-//! join the wanted sets; repeat until nothing new turns up (in practice: one round, a second for the
-//! few revisions that moved an event to another user-day). Taking more rows than needed is
+//! rows; look up which days hold those keys (the per-day [`keyindex`]) and scan the `dedup_key`,
+//! `user_id` and `ad_id` columns of those days' raw files (and of the user-days' days); decode
+//! only the files with candidate rows (a wanted key, or a wanted user with a wanted ad) and take
+//! the rows whose key or user-day is wanted; their keys and user-days join the wanted sets; repeat
+//! until nothing new turns up (in practice: one round, a second for the few revisions that moved
+//! an event to another user-day). Taking more rows than needed is
 //! harmless (they are rebuilt as they are published), taking fewer is not, so every test errs on
 //! the side of more.
 //!
@@ -62,7 +63,7 @@ pub struct KeyedState {
 }
 
 /// A new source decoded while planning: what it decoded to, and its events' `(key, version)`s.
-pub type Predecoded = (Decoded, Vec<(DedupKey, EventVersion)>);
+pub type Predecoded = (std::sync::Arc<Decoded>, Vec<(DedupKey, EventVersion)>);
 
 /// How many decoded events of new sources a run keeps for its epochs (about 200 bytes each).
 pub const KEEP_DECODED_EVENTS: usize = 1 << 20;
@@ -148,9 +149,10 @@ fn key_hash(key: u128) -> u64 {
     (key >> 64) as u64
 }
 
-/// User ids are not uniform (often small and dense): spread them before their top bits are taken.
-fn user_hash(user: i64) -> u64 {
-    (user as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+/// User and ad ids are not uniform (often small and dense): mixed before the top bits are taken.
+fn user_ad_hash(user: i64, ad: i64) -> u64 {
+    let h = (user as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (ad as u64);
+    (h ^ (h >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9)
 }
 
 fn read_bytes(path: &Path) -> Result<Bytes, ScopeError> {
@@ -264,7 +266,7 @@ pub fn keyed_state(
     }
     tracing::debug!(took = ?started.elapsed(), keys = keys.len(), user_days = user_days.len(), "rehydration seeds");
 
-    let mut columns: HashMap<usize, (Vec<u128>, Vec<i64>)> = HashMap::new();
+    let mut columns: HashMap<usize, raw::KeyUserColumns> = HashMap::new();
     // Per file, the rows already taken (so a later round does not take them twice).
     let mut taken: HashMap<usize, Vec<bool>> = HashMap::new();
     while !pending_keys.is_empty() || !pending_user_days.is_empty() {
@@ -284,10 +286,19 @@ pub fn keyed_state(
             .collect();
         prefixes.sort_unstable();
         prefixes.dedup();
-        let wanted_users: HashSet<i64, BuildFastHasher> =
-            pending_user_days.iter().map(UserDay::user_id).collect();
+        // A row may belong to a pending user-day when its user and ad are one's (its day is its
+        // file's; the rest of the cell is checked once it is decoded): with many users, a user
+        // alone matches a large share of a day's rows, a user and an ad few.
+        let wanted_users: HashSet<(i64, i64), BuildFastHasher> = pending_user_days
+            .iter()
+            .map(|u| (u.user_id(), u.ad_id()))
+            .collect();
         let key_filter = Prefilter::new(wanted_keys.iter().map(|k| key_hash(k.0.get())));
-        let user_filter = Prefilter::new(wanted_users.iter().map(|&u| user_hash(u)));
+        let user_filter = Prefilter::new(
+            wanted_users
+                .iter()
+                .map(|&(user, ad)| user_ad_hash(user, ad)),
+        );
 
         // The days to look in: those holding a pending key, the pending user-days' days, and raw
         // files outside any dt= folder (which cannot be placed).
@@ -329,16 +340,16 @@ pub fn keyed_state(
                     Some(fresh)
                 }
             };
-            let (file_keys, file_users) = fresh.as_ref().unwrap_or_else(|| &columns_now[&i]);
+            let cols = fresh.as_ref().unwrap_or_else(|| &columns_now[&i]);
             let taken_here = taken_now.get(&i);
-            let rows: Vec<usize> = (0..file_keys.len())
+            let rows: Vec<usize> = (0..cols.keys.len())
                 .filter(|&row| {
-                    let (key, user) = (file_keys[row], file_users[row]);
+                    let (key, user, ad) = (cols.keys[row], cols.users[row], cols.ads[row]);
                     !taken_here.is_some_and(|t| t[row])
                         && ((key_filter.may_hold(key_hash(key))
                             && wanted_keys.contains(&DedupKey(key.into())))
-                            || (user_filter.may_hold(user_hash(user))
-                                && wanted_users.contains(&user)))
+                            || (user_filter.may_hold(user_ad_hash(user, ad))
+                                && wanted_users.contains(&(user, ad))))
                 })
                 .collect();
             let decoded = if rows.is_empty() {
@@ -364,7 +375,7 @@ pub fn keyed_state(
             if !rows.is_empty() {
                 out.files_decoded += 1;
             }
-            let rows_in_file = columns.get(&i).map_or(0, |(k, _)| k.len());
+            let rows_in_file = columns.get(&i).map_or(0, |c| c.keys.len());
             for (row, (key, version)) in rows.into_iter().zip(&file) {
                 if !tombstones.is_empty() && tombstones.contains(key) {
                     continue;

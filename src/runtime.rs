@@ -1237,7 +1237,7 @@ fn ingest_sources<'scope, 'env>(
             None => (source.decode(1)?, Vec::new()),
         };
         if shared.horizons.raw_day.is_some() {
-            refuse_expired(&shared.horizons, &source.label, &mut decoded);
+            refuse_expired(&shared.horizons, &source.label, Arc::make_mut(&mut decoded));
             keyed.clear();
         }
         if keyed.len() != decoded.events.len() {

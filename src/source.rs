@@ -36,19 +36,20 @@ pub struct SourceFile {
 impl SourceFile {
     /// Its records: the inline ones, or the file read and decoded (a Parquet file on up to
     /// `parts` threads; the result is the same for any number).
-    pub fn decode(&self, parts: usize) -> Result<Decoded, SourceError> {
+    pub fn decode(&self, parts: usize) -> Result<Arc<Decoded>, SourceError> {
         if let Some(decoded) = &self.inline {
-            return Ok(decoded.as_ref().clone());
+            // Shared, not copied: an epoch of a stream is hundreds of thousands of events.
+            return Ok(decoded.clone());
         }
         let bytes = fs::read(&self.path).map_err(|source| SourceError {
             path: self.path.clone(),
             source,
         })?;
-        Ok(crate::decode::decode_source_parallel(
+        Ok(Arc::new(crate::decode::decode_source_parallel(
             &self.label,
             bytes::Bytes::from(bytes),
             parts.max(1),
-        ))
+        )))
     }
 }
 

@@ -824,11 +824,18 @@ fn publish_epoch(
             ranges: ranges.clone(),
         },
     )?;
-    let sources: Vec<SourceFile> = ranges
+    // Decoding is most of an epoch's work outside the dataflow: the ranges on every core.
+    let pairs: Vec<(&Range, &[Record])> = ranges
         .iter()
         .zip(&epoch)
-        .map(|(range, (_, records))| range_source(range, records))
+        .map(|(range, (_, records))| (range, records.as_slice()))
         .collect();
+    let threads = options.ingest.workers.max(1);
+    let sources: Vec<SourceFile> =
+        crate::rehydrate::par_map(&pairs, threads, |(range, records)| {
+            Ok::<_, std::convert::Infallible>(range_source(range, records))
+        })
+        .unwrap_or_else(|never| match never {});
     let messages: u64 = epoch.iter().map(|(_, r)| r.len() as u64).sum();
     let command = format!(
         "stream epoch {}: {}",

@@ -218,6 +218,11 @@ impl UserDay {
         self.user_id
     }
 
+    /// Its ad.
+    pub fn ad_id(&self) -> i64 {
+        self.ad_id
+    }
+
     fn cell(&self, grain: Grain, hour_of_day: u8) -> Cell {
         let day = i64::from(self.day);
         Cell {

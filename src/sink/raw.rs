@@ -227,6 +227,18 @@ pub struct RawFile<'a> {
     meta: ArrowReaderMetadata,
 }
 
+/// The columns of a raw file that a keyed rehydration tests, row by row.
+#[derive(Debug, Default)]
+pub struct KeyUserColumns {
+    /// `dedup_key`, as a big-endian `u128`.
+    pub keys: Vec<u128>,
+    /// `user_id`.
+    pub users: Vec<i64>,
+    /// `ad_id`: with the user and the file's day, most of a user-day (the rest is implied by
+    /// the ad or checked once the row is decoded).
+    pub ads: Vec<i64>,
+}
+
 impl<'a> RawFile<'a> {
     /// Parses the footer of the raw file at `path`, whose contents are `bytes`.
     pub fn open(path: &'a Path, bytes: bytes::Bytes) -> Result<Self, RawReadError> {
@@ -282,37 +294,44 @@ impl<'a> RawFile<'a> {
         builder.build().map_err(|e| self.err(e.to_string()))
     }
 
-    /// The `dedup_key` (as `u128`) and `user_id` columns, row by row: enough to tell which rows a
-    /// keyed rehydration wants.
-    pub fn key_user_columns(&self) -> Result<(Vec<u128>, Vec<i64>), RawReadError> {
+    /// The `dedup_key` (as `u128`), `user_id` and `ad_id` columns, row by row: enough to tell
+    /// which rows a keyed rehydration wants.
+    pub fn key_user_columns(&self) -> Result<KeyUserColumns, RawReadError> {
         guarded(self.path, || self.scan_key_user())
     }
 
-    fn scan_key_user(&self) -> Result<(Vec<u128>, Vec<i64>), RawReadError> {
-        let reader = self.reader(&["dedup_key", "user_id"], None, 1 << 20)?;
-        let (mut keys, mut users) = (Vec::new(), Vec::new());
+    fn scan_key_user(&self) -> Result<KeyUserColumns, RawReadError> {
+        let reader = self.reader(&["dedup_key", "user_id", "ad_id"], None, 1 << 20)?;
+        let mut out = KeyUserColumns::default();
         for batch in reader {
             let batch = batch.map_err(|e| self.err(e.to_string()))?;
             let key_array = batch
                 .column_by_name("dedup_key")
                 .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
                 .ok_or_else(|| self.err("dedup_key is not 16-byte binary".into()))?;
-            let user_array = batch
-                .column_by_name("user_id")
-                .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
-                .ok_or_else(|| self.err("user_id is not a 64-bit integer".into()))?;
-            if key_array.null_count() > 0 || user_array.null_count() > 0 {
-                return Err(self.err("a dedup_key or user_id is missing".into()));
+            let int_column = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+                    .ok_or_else(|| self.err(format!("{name} is not a 64-bit integer")))
+            };
+            let (user_array, ad_array) = (int_column("user_id")?, int_column("ad_id")?);
+            if key_array.null_count() > 0
+                || user_array.null_count() > 0
+                || ad_array.null_count() > 0
+            {
+                return Err(self.err("a dedup_key, user_id or ad_id is missing".into()));
             }
             for bytes in key_array.iter().flatten() {
                 let bytes: [u8; 16] = bytes
                     .try_into()
                     .map_err(|_| self.err("a dedup_key is not 16 bytes".into()))?;
-                keys.push(u128::from_be_bytes(bytes));
+                out.keys.push(u128::from_be_bytes(bytes));
             }
-            users.extend(user_array.values().iter().copied());
+            out.users.extend(user_array.values().iter().copied());
+            out.ads.extend(ad_array.values().iter().copied());
         }
-        Ok((keys, users))
+        Ok(out)
     }
 
     /// The `(key, version)` of the rows at the ascending, distinct indices `rows`, in order: the
