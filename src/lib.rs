@@ -34,6 +34,7 @@ pub mod journal;
 pub mod keyindex;
 pub mod ledger;
 pub mod memory;
+pub mod metrics;
 pub mod rehydrate;
 pub mod report;
 pub mod retention;

@@ -3,9 +3,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use adsmetrics::runtime::{ingest, IngestOptions};
 use adsmetrics::warehouse::Warehouse;
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 /// Idempotent ads metrics: replay-proof hourly and daily tables from raw event logs.
@@ -94,6 +96,11 @@ enum Command {
         /// Print one line per epoch.
         #[arg(long)]
         verbose: bool,
+        /// Serve Prometheus metrics on `http://ADDR/metrics` (consumer lag per partition,
+        /// ingest-to-visible latency, epochs, messages, quarantined, partitions published), e.g.
+        /// 127.0.0.1:9464; port 0 picks a free one (printed on stderr).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<String>,
     },
     /// A Kafka-protocol broker for demos and tests (librdkafka's mock cluster, in memory):
     /// prints its bootstrap address on the first line of stdout and serves until killed.
@@ -474,8 +481,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             workers,
             hot_window,
             verbose,
+            metrics_listen,
         } => {
             let mut options = adsmetrics::stream::StreamOptions::new(brokers, topics);
+            // Held until the stream ends: dropping it stops the server.
+            let _metrics_server = match metrics_listen {
+                Some(listen) => {
+                    let mut registry = prometheus_client::registry::Registry::default();
+                    options.metrics =
+                        Some(adsmetrics::metrics::StreamMetrics::register(&mut registry));
+                    let server =
+                        adsmetrics::metrics::MetricsServer::start(&listen, Arc::new(registry))
+                            .with_context(|| format!("--metrics-listen {listen}"))?;
+                    eprintln!("metrics on http://{}/metrics", server.local_addr());
+                    Some(server)
+                }
+                None => None,
+            };
             options.group_id = group;
             options.epoch = std::time::Duration::from_millis(epoch_ms.max(1));
             options.epoch_events = epoch_events.max(1);

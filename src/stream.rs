@@ -49,6 +49,7 @@ use crate::decode::{decode_json_message, Decoded};
 use crate::event::Quarantined;
 use crate::journal::SourceRecord;
 use crate::ledger::RunKind;
+use crate::metrics::StreamMetrics;
 use crate::runtime::{self, IngestOptions, IngestSummary, RunError};
 use crate::sink::files::WriteError;
 use crate::source::SourceFile;
@@ -135,6 +136,8 @@ pub struct StreamOptions {
     pub verbose: bool,
     /// The ingest of each epoch (workers, hot window; progress is off).
     pub ingest: IngestOptions,
+    /// Where to report lag, latency and counts (served on `/metrics` by the caller).
+    pub metrics: Option<Arc<StreamMetrics>>,
 }
 
 impl StreamOptions {
@@ -155,6 +158,7 @@ impl StreamOptions {
                 progress: false,
                 ..IngestOptions::default()
             },
+            metrics: None,
         }
     }
 }
@@ -489,6 +493,11 @@ pub fn stream(
     for (tp, low) in log_start {
         wanted.entry(tp).or_insert(low);
     }
+    if let Some(metrics) = &options.metrics {
+        for ((topic, partition), at) in &wanted {
+            metrics.set_position(topic, *partition, *at);
+        }
+    }
     // An intended range of a partition no longer read (other topics this time) cannot complete.
     recovering.retain(|tp, _| partitions.contains(tp));
     let intake = Intake {
@@ -510,6 +519,19 @@ pub fn stream(
             let _report = ReaderExit(&shared);
             read_messages(&consumer, options, &shared, &stop)
         });
+        if let Some(metrics) = &options.metrics {
+            scope.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    refresh_lag(&consumer, &partitions, metrics);
+                    for _ in 0..LAG_REFRESH_TICKS {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            });
+        }
         // Stops the reader however the epoch loop ends (an error, a panic).
         let _stop = StopOnDrop(&stop);
         cut_epochs(
@@ -525,10 +547,32 @@ pub fn stream(
         )
     });
     summary.redelivered = lock(&shared.0).redelivered;
+    if let Some(metrics) = &options.metrics {
+        metrics.redelivered.inc_by(
+            summary
+                .redelivered
+                .saturating_sub(metrics.redelivered.get()),
+        );
+        refresh_lag(&consumer, &partitions, metrics);
+    }
     outcome?;
     summary.positions = next;
     summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+/// The lag is refreshed every this many tenths of a second.
+const LAG_REFRESH_TICKS: u32 = 10;
+
+/// Asks the broker for every partition's log end and sets the lag gauges (a partition whose
+/// watermarks cannot be had keeps its last value).
+fn refresh_lag(consumer: &BaseConsumer, partitions: &[TopicPartition], metrics: &StreamMetrics) {
+    for (topic, partition) in partitions {
+        match consumer.fetch_watermarks(topic.as_str(), *partition, Duration::from_secs(5)) {
+            Ok((_, high)) => metrics.set_log_end(topic, *partition, high),
+            Err(e) => tracing::debug!(topic, partition, error = %e, "no watermarks for the lag"),
+        }
+    }
 }
 
 /// Sets the flag when dropped, also while unwinding.
@@ -881,6 +925,24 @@ fn publish_epoch(
     summary.epochs += 1;
     summary.messages += messages;
     summary.ingest.absorb(&ingested);
+    if let Some(m) = &options.metrics {
+        m.epochs.inc();
+        m.messages.inc_by(messages);
+        m.events_accepted.inc_by(ingested.events_accepted);
+        m.quarantined.inc_by(ingested.quarantined);
+        m.partitions_published.inc_by(ingested.partitions_published);
+        m.partitions_unchanged.inc_by(ingested.partitions_unchanged);
+        m.last_publish.set(visible_ms as f64 / 1000.0);
+        for (_, records) in &epoch {
+            for ts in records.iter().filter_map(|r| r.timestamp_ms) {
+                m.latency
+                    .observe(visible_ms.saturating_sub(ts).max(0) as f64 / 1000.0);
+            }
+        }
+        for range in &ranges {
+            m.set_position(&range.topic, range.partition, range.last + 1);
+        }
+    }
     tracing::info!(
         epoch = summary.epochs,
         messages,

@@ -229,3 +229,83 @@ fn a_crash_at_any_publish_step_recovers_to_the_uninterrupted_tables() {
         assert_ledger_accounts_for_tables(&warehouse);
     }
 }
+
+/// One sample of `/metrics`, by its full name with labels as printed.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn metrics_show_lag_until_the_stream_catches_up_and_latency_per_message() {
+    let dir = tempfile::tempdir().unwrap();
+    // Twice what an epoch can hold (twice `epoch_events`), so one epoch cannot take them all.
+    let events = sample_events(6000, 31);
+    let broker = broker(3);
+    send(&broker, &events, None);
+    let warehouse = Warehouse::new(dir.path().join("wh"));
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = adsmetrics::metrics::StreamMetrics::register(&mut registry);
+    let server =
+        adsmetrics::metrics::MetricsServer::start("127.0.0.1:0", std::sync::Arc::new(registry))
+            .unwrap();
+    let scrape = || {
+        ureq::get(format!("http://{}/metrics", server.local_addr()))
+            .call()
+            .expect("GET /metrics")
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    };
+    let lag = |text: &str| -> f64 {
+        (0..3)
+            .map(|p| {
+                sample(
+                    text,
+                    &format!(
+                        "adsmetrics_kafka_consumer_lag{{topic=\"{TOPIC}\",partition=\"{p}\"}}"
+                    ),
+                )
+            })
+            .sum()
+    };
+    let mut o = options(&broker);
+    o.metrics = Some(metrics.clone());
+
+    // One small epoch, then stop: the rest is lag.
+    o.max_epochs = Some(1);
+    let first = stream(&warehouse, &o).unwrap();
+    let text = scrape();
+    assert!(first.messages > 0 && first.messages < events.len() as u64);
+    assert_eq!(
+        lag(&text),
+        (events.len() as u64 - first.messages) as f64,
+        "{text}"
+    );
+    assert_eq!(sample(&text, "adsmetrics_stream_epochs_total"), 1.0);
+
+    // To the log end: no lag, every message counted and timed once.
+    o.max_epochs = None;
+    let rest = stream(&warehouse, &o).unwrap();
+    let text = scrape();
+    assert_eq!(lag(&text), 0.0, "{text}");
+    let n = events.len() as f64;
+    assert_eq!(sample(&text, "adsmetrics_stream_messages_total"), n);
+    assert_eq!(sample(&text, "adsmetrics_stream_latency_seconds_count"), n);
+    assert_eq!(
+        sample(&text, "adsmetrics_events_accepted_total"),
+        (first.ingest.events_accepted + rest.ingest.events_accepted) as f64
+    );
+    let ends = log_end_offsets(&broker.bootstrap_servers(), &[TOPIC.to_string()]).unwrap();
+    for ((topic, partition), end) in ends {
+        let name = format!(
+            "adsmetrics_kafka_committed_offset{{topic=\"{topic}\",partition=\"{partition}\"}}"
+        );
+        assert_eq!(sample(&text, &name), end as f64);
+    }
+    assert!(sample(&text, "adsmetrics_partitions_published_total") > 0.0);
+}

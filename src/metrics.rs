@@ -1,0 +1,263 @@
+//! `/metrics`: Prometheus text exposition for long-running commands.
+//!
+//! The metrics themselves are `prometheus-client` counters, gauges and histograms (atomics, cheap
+//! to update from any thread); a command registers the families it keeps in one [`Registry`] and
+//! hands it to a [`MetricsServer`], which answers `GET /metrics` with the registry's current
+//! values in the text format (version 0.0.4) on its own thread and tokio runtime, so a scrape
+//! never waits on the dataflow and the dataflow never waits on a scrape.
+//!
+//! Families so far: [`StreamMetrics`] (`adsmetrics stream`). Names carry the `adsmetrics_` prefix;
+//! counters get Prometheus' `_total` suffix from the encoder.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// A Kafka partition, as labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    /// The topic.
+    pub topic: String,
+    /// The partition number.
+    pub partition: i64,
+}
+
+/// What `adsmetrics stream` exposes: epochs and messages, what they changed, ingest→visible
+/// latency, and per partition the consumer lag (the broker's log end minus the next offset the
+/// journal has committed: messages on the broker not yet visible in the tables).
+#[derive(Debug)]
+pub struct StreamMetrics {
+    /// Epochs published.
+    pub epochs: Counter,
+    /// Messages read and published.
+    pub messages: Counter,
+    /// Messages dropped because the journal already held their offsets.
+    pub redelivered: Counter,
+    /// Events accepted into the raw layer.
+    pub events_accepted: Counter,
+    /// Messages quarantined (undecodable or invalid).
+    pub quarantined: Counter,
+    /// Curated partitions published with new contents.
+    pub partitions_published: Counter,
+    /// Curated partitions recomputed and found unchanged.
+    pub partitions_unchanged: Counter,
+    /// Ingest→visible latency of each message, seconds: its Kafka timestamp to its epoch's publish.
+    pub latency: Histogram,
+    /// When the last epoch was published, Unix seconds.
+    pub last_publish: Gauge<f64, AtomicU64>,
+    /// Per partition: the broker's log end minus the committed next offset.
+    pub lag: Family<PartitionLabels, Gauge>,
+    /// Per partition: the next offset the journal has committed.
+    pub committed_offset: Family<PartitionLabels, Gauge>,
+    /// The committed next offsets, for whoever refreshes the lag.
+    positions: Mutex<BTreeMap<(String, i32), i64>>,
+}
+
+/// Latency buckets, seconds: 50 ms to about 7 minutes, doubling (the streaming SLO is 3 minutes).
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    (0..14).map(|i| 0.05 * f64::powi(2.0, i))
+}
+
+impl StreamMetrics {
+    /// The stream's metrics, registered in `registry`.
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let m = StreamMetrics {
+            epochs: Counter::default(),
+            messages: Counter::default(),
+            redelivered: Counter::default(),
+            events_accepted: Counter::default(),
+            quarantined: Counter::default(),
+            partitions_published: Counter::default(),
+            partitions_unchanged: Counter::default(),
+            latency: Histogram::new(latency_buckets()),
+            last_publish: Gauge::default(),
+            lag: Family::default(),
+            committed_offset: Family::default(),
+            positions: Mutex::new(BTreeMap::new()),
+        };
+        let r = registry;
+        r.register(
+            "adsmetrics_stream_epochs",
+            "Stream epochs published",
+            m.epochs.clone(),
+        );
+        r.register(
+            "adsmetrics_stream_messages",
+            "Kafka messages read and published",
+            m.messages.clone(),
+        );
+        r.register(
+            "adsmetrics_stream_redelivered_messages",
+            "Messages dropped because the journal already held their offsets",
+            m.redelivered.clone(),
+        );
+        r.register(
+            "adsmetrics_events_accepted",
+            "Events accepted into the raw layer",
+            m.events_accepted.clone(),
+        );
+        r.register(
+            "adsmetrics_events_quarantined",
+            "Messages quarantined with a reason",
+            m.quarantined.clone(),
+        );
+        r.register(
+            "adsmetrics_partitions_published",
+            "Curated partitions published with new contents",
+            m.partitions_published.clone(),
+        );
+        r.register(
+            "adsmetrics_partitions_unchanged",
+            "Curated partitions recomputed and found unchanged",
+            m.partitions_unchanged.clone(),
+        );
+        r.register(
+            "adsmetrics_stream_latency_seconds",
+            "Ingest-to-visible latency per message: Kafka timestamp to its epoch's publish",
+            m.latency.clone(),
+        );
+        r.register(
+            "adsmetrics_stream_last_publish_timestamp_seconds",
+            "When the last stream epoch was published (Unix time)",
+            m.last_publish.clone(),
+        );
+        r.register(
+            "adsmetrics_kafka_consumer_lag",
+            "Messages on the broker not yet published: log end minus the journal's next offset",
+            m.lag.clone(),
+        );
+        r.register(
+            "adsmetrics_kafka_committed_offset",
+            "The next offset the commit journal holds, per partition",
+            m.committed_offset.clone(),
+        );
+        Arc::new(m)
+    }
+
+    /// Records the journal's next offset of a partition (after a publish, and at start).
+    pub fn set_position(&self, topic: &str, partition: i32, next: i64) {
+        self.committed_offset
+            .get_or_create(&labels(topic, partition))
+            .set(next);
+        self.positions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((topic.to_string(), partition), next);
+    }
+
+    /// Sets each partition's lag from its log end, `high` (the broker's next offset).
+    pub fn set_log_end(&self, topic: &str, partition: i32, high: i64) {
+        let next = self
+            .positions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(topic.to_string(), partition))
+            .copied()
+            .unwrap_or(0);
+        self.lag
+            .get_or_create(&labels(topic, partition))
+            .set((high - next).max(0));
+    }
+}
+
+fn labels(topic: &str, partition: i32) -> PartitionLabels {
+    PartitionLabels {
+        topic: topic.to_string(),
+        partition: i64::from(partition),
+    }
+}
+
+/// The registry in the Prometheus text format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)
+        .expect("writing to a String does not fail");
+    out
+}
+
+/// An HTTP server answering `GET /metrics` from a registry, on a thread of its own; stops when
+/// dropped.
+pub struct MetricsServer {
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Listens on `listen` (`host:port`; port 0 picks a free one) and serves `registry`. Fails at
+    /// once if the address cannot be bound.
+    pub fn start(listen: &str, registry: Arc<Registry>) -> std::io::Result<Self> {
+        let listener = std::net::TcpListener::bind(listen)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("metrics-http".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let app = axum::Router::new().route(
+                        "/metrics",
+                        axum::routing::get(move || {
+                            let registry = registry.clone();
+                            async move {
+                                (
+                                    [(
+                                        axum::http::header::CONTENT_TYPE,
+                                        "text/plain; version=0.0.4; charset=utf-8",
+                                    )],
+                                    render(&registry),
+                                )
+                            }
+                        }),
+                    );
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "metrics server could not start");
+                            return;
+                        }
+                    };
+                    let served = axum::serve(listener, app)
+                        .with_graceful_shutdown(async {
+                            let _ = stopped.await;
+                        })
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "metrics server stopped");
+                    }
+                });
+            })?;
+        Ok(MetricsServer {
+            addr,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
