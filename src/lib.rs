@@ -24,6 +24,7 @@
 
 pub mod backfill;
 pub mod broker;
+pub mod check;
 pub mod ddl;
 pub mod decode;
 pub mod delete;

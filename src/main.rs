@@ -194,6 +194,12 @@ enum Command {
         #[command(subcommand)]
         command: RetentionCommand,
     },
+    /// Data-quality checks; exit code 0 when they pass, a distinct code per failing check
+    /// (reconcile: 12), 1 when a check cannot run.
+    Check {
+        #[command(subcommand)]
+        command: CheckCommand,
+    },
     /// The audit ledger: every run, and every partition version it produced, hash-chained.
     Audit {
         #[command(subcommand)]
@@ -238,6 +244,49 @@ enum RetentionCommand {
         #[arg(long)]
         today: Option<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum CheckCommand {
+    /// Recompute every curated partition of the range from the raw layer by a plain code path
+    /// (no dataflow: sorted maps over the raw rows, minus tombstones) and compare exactly with
+    /// what is published: missing or unexpected partitions, files that are not the journal's
+    /// version, and the first differing rows. Read-only.
+    Reconcile {
+        /// First event day, YYYY-MM-DD (default: the oldest).
+        #[arg(long)]
+        from: Option<String>,
+        /// Last event day, YYYY-MM-DD (default: the newest).
+        #[arg(long)]
+        to: Option<String>,
+        /// `text` or `json` (one object on stdout).
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+        /// Threads reading raw files.
+        #[arg(long, short = 'w', default_value_t = 2)]
+        workers: usize,
+    },
+}
+
+/// A check ran and failed: its report is printed; the process exits with this code.
+#[derive(Debug)]
+struct CheckFailed(u8);
+
+impl std::fmt::Display for CheckFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "check failed (exit code {})", self.0)
+    }
+}
+
+impl std::error::Error for CheckFailed {}
+
+fn parse_day_arg(flag: &str, value: Option<String>) -> anyhow::Result<Option<i64>> {
+    value
+        .map(|v| {
+            adsmetrics::warehouse::parse_day(&v)
+                .ok_or_else(|| anyhow::anyhow!("{flag} {v:?} is not a day (YYYY-MM-DD)"))
+        })
+        .transpose()
 }
 
 #[derive(Subcommand, Debug)]
@@ -314,10 +363,13 @@ fn main() -> ExitCode {
     tracing::debug!("started");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<CheckFailed>() {
+            Some(CheckFailed(code)) => ExitCode::from(*code),
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -536,6 +588,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             adsmetrics::demo::run(&warehouse, &data, events, workers)?;
         }
         Command::Audit { command } => audit(&warehouse, command)?,
+        Command::Check {
+            command:
+                CheckCommand::Reconcile {
+                    from,
+                    to,
+                    format,
+                    workers,
+                },
+        } => {
+            let range = adsmetrics::check::DayRange {
+                from: parse_day_arg("--from", from)?,
+                to: parse_day_arg("--to", to)?,
+            };
+            let report = adsmetrics::check::reconcile(&warehouse, range, workers.max(1))?;
+            if format == "json" {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
+            if !report.passed {
+                return Err(CheckFailed(adsmetrics::check::EXIT_RECONCILE).into());
+            }
+        }
         Command::Retention {
             command:
                 RetentionCommand::Apply {

@@ -1,0 +1,348 @@
+//! `adsmetrics check`: data-quality checks an orchestrator can gate on.
+//!
+//! **reconcile** recomputes every curated partition in a day range from the raw layer by a
+//! separate, plain code path — the raw files' `(key, version)` rows, minus tombstones, deduplicated
+//! and aggregated by [`adsmetrics_dataflows::reference`] (sorted maps, no dataflow, no mirror, no
+//! rehydration) — and compares the result exactly with what the journal published and what the
+//! partition files hold: a partition missing, one that should not be there, a file whose rows are
+//! not the version the journal names (edited, or stuck mid-publish), and rows that differ, the
+//! first few of which are listed.
+//!
+//! A key's versions may lie in other event days than the range (a revision that moved an event):
+//! the range's days are read whole, and every other day whose key index may hold one of their
+//! keys is read for those keys only, so the winners are the real ones.
+//!
+//! Read-only: an interrupted publish is reported (as partitions that differ), never finished here.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::PathBuf;
+
+use adsmetrics_dataflows::batching::BuildFastHasher;
+use adsmetrics_dataflows::model::{Dims, Grain, MetricRow};
+use adsmetrics_dataflows::{reference, DedupKey, EventVersion, PartitionId};
+use serde::Serialize;
+
+use crate::journal::CommitJournal;
+use crate::scope::raw_day;
+use crate::sink::raw;
+use crate::tombstones::Tombstones;
+use crate::warehouse::{day_string, partition_path, table_name, Warehouse};
+
+/// The exit code of a failed reconciliation (other checks get their own).
+pub const EXIT_RECONCILE: u8 = 12;
+
+/// How many differing rows a partition's finding lists.
+const FIRST_DIFFERENCES: usize = 5;
+
+/// Which days a check covers (event days, inclusive); `None`: unbounded.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DayRange {
+    /// First day, days since the Unix epoch.
+    pub from: Option<i64>,
+    /// Last day.
+    pub to: Option<i64>,
+}
+
+impl DayRange {
+    fn contains(&self, day: i64) -> bool {
+        self.from.is_none_or(|f| day >= f) && self.to.is_none_or(|t| day <= t)
+    }
+}
+
+/// A check could not run (as opposed to: it ran and found something).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The journal could not be read.
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
+    /// The tombstones could not be read.
+    #[error(transparent)]
+    Tombstones(#[from] crate::tombstones::TombstoneError),
+    /// The retention horizons could not be read.
+    #[error(transparent)]
+    Run(#[from] crate::runtime::RunError),
+    /// A raw file could not be read or is damaged.
+    #[error(transparent)]
+    Raw(#[from] crate::scope::ScopeError),
+}
+
+/// One row that differs: its dimensions, and its metrics as recomputed and as published.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct RowDifference {
+    /// The row's dimensions.
+    pub dims: Dims,
+    /// From the raw layer; `None`: the published partition has a row that should not be there.
+    pub expected: Option<MetricRow>,
+    /// As published; `None`: the row is missing.
+    pub published: Option<MetricRow>,
+}
+
+/// What is wrong with one partition.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(tag = "problem", rename_all = "snake_case")]
+pub enum Problem {
+    /// The raw layer has events for it; nothing is published.
+    Missing,
+    /// Published, but the raw layer has no event for it.
+    Unexpected,
+    /// The file is gone or unreadable.
+    Unreadable {
+        /// Why.
+        error: String,
+    },
+    /// The file's rows are not the version the journal published (edited, or a publish
+    /// stopped midway).
+    NotTheJournalsVersion {
+        /// What the journal names.
+        journal: String,
+        /// What the file's rows hash to.
+        file: String,
+    },
+    /// Rows differ from the recompute.
+    RowsDiffer {
+        /// How many rows differ.
+        rows: usize,
+        /// The first of them, by dimensions.
+        first: Vec<RowDifference>,
+    },
+}
+
+/// One partition that failed.
+#[derive(Debug, Serialize)]
+pub struct Finding {
+    /// `ads_metrics_hourly/dt=…/hr=…` or `ads_metrics_daily/dt=…`.
+    pub partition: String,
+    /// What is wrong.
+    #[serde(flatten)]
+    pub problem: Problem,
+}
+
+/// The result of `check reconcile`.
+#[derive(Debug, Serialize)]
+pub struct Reconciliation {
+    /// `reconcile`.
+    pub check: &'static str,
+    /// Whether every partition in range matched.
+    pub passed: bool,
+    /// First and last day checked (`None`: unbounded).
+    pub from: Option<String>,
+    /// Last day checked.
+    pub to: Option<String>,
+    /// Raw files read.
+    pub raw_files: usize,
+    /// Raw rows read (all versions, before dedup).
+    pub raw_rows: usize,
+    /// Distinct keys after dedup and tombstones, with their winner in range.
+    pub events: usize,
+    /// Partitions compared.
+    pub partitions: usize,
+    /// Partitions that matched.
+    pub matched: usize,
+    /// The others.
+    pub findings: Vec<Finding>,
+}
+
+impl Reconciliation {
+    /// A few lines for a terminal.
+    pub fn text(&self) -> String {
+        let mut out = format!(
+            "reconcile {}: {} of {} partitions match the recompute from the raw layer \
+             ({} raw files, {} raw rows, {} events)\n",
+            if self.passed { "PASSED" } else { "FAILED" },
+            self.matched,
+            self.partitions,
+            self.raw_files,
+            self.raw_rows,
+            self.events
+        );
+        for f in &self.findings {
+            let what = match &f.problem {
+                Problem::Missing => "missing: the raw layer has events for it".to_string(),
+                Problem::Unexpected => "unexpected: no raw event belongs to it".to_string(),
+                Problem::Unreadable { error } => format!("unreadable: {error}"),
+                Problem::NotTheJournalsVersion { journal, file } => {
+                    format!("file is version {file}, the journal published {journal}")
+                }
+                Problem::RowsDiffer { rows, first } => {
+                    let mut s = format!("{rows} rows differ");
+                    for d in first {
+                        s.push_str(&format!(
+                            "\n    {:?}: expected {:?}, published {:?}",
+                            d.dims, d.expected, d.published
+                        ));
+                    }
+                    s
+                }
+            };
+            out.push_str(&format!("  {}: {what}\n", f.partition));
+        }
+        out
+    }
+}
+
+fn partition_name(id: &PartitionId) -> String {
+    format!("{}/{}", table_name(id.grain), partition_path(id))
+}
+
+fn day_of(id: &PartitionId) -> i64 {
+    match id.grain {
+        Grain::Hourly => id.period.div_euclid(24),
+        Grain::Daily => id.period,
+    }
+}
+
+fn read_versions(
+    paths: &[&PathBuf],
+    threads: usize,
+) -> Result<Vec<Vec<(DedupKey, EventVersion)>>, CheckError> {
+    Ok(crate::rehydrate::par_map(paths, threads, |path| {
+        let bytes = std::fs::read(path).map_err(|source| crate::source::SourceError {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok::<_, crate::scope::ScopeError>(
+            raw::RawFile::open(path, bytes::Bytes::from(bytes))?.all_versions()?,
+        )
+    })?)
+}
+
+/// Recomputes the partitions of `range` from the raw layer and compares them with what is
+/// published; see the module doc. `threads` read raw files in parallel.
+pub fn reconcile(
+    warehouse: &Warehouse,
+    range: DayRange,
+    threads: usize,
+) -> Result<Reconciliation, CheckError> {
+    let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
+    let tombstones = Tombstones::open(&warehouse.tombstones_path())?;
+    let horizons = crate::retention::horizons(warehouse)?;
+    let range = DayRange {
+        from: range.from.max(horizons.curated_day).max(horizons.raw_day),
+        to: range.to,
+    };
+    // The raw files the journal has committed, by event day (files outside a dt= folder: always
+    // read, they cannot be placed).
+    let mut by_day: BTreeMap<Option<i64>, Vec<PathBuf>> = BTreeMap::new();
+    for path in raw::list_raw_files(warehouse) {
+        if raw::source_hash_of(&path).is_some_and(|h| journal.consumed().contains(h)) {
+            by_day
+                .entry(raw_day(warehouse, &path))
+                .or_default()
+                .push(path);
+        }
+    }
+    let in_range = |day: &Option<i64>| day.is_none_or(|d| range.contains(d));
+    let wanted: Vec<&PathBuf> = by_day
+        .iter()
+        .filter(|(day, _)| in_range(day))
+        .flat_map(|(_, files)| files)
+        .collect();
+    let mut rows: Vec<(DedupKey, EventVersion)> = read_versions(&wanted, threads)?.concat();
+    let mut raw_files = wanted.len();
+    rows.retain(|(key, _)| !tombstones.contains(key));
+
+    // Other versions of the range's keys in other days.
+    let keys: HashSet<DedupKey, BuildFastHasher> = rows.iter().map(|(k, _)| *k).collect();
+    let mut prefixes: Vec<u64> = keys
+        .iter()
+        .map(|k| crate::keyindex::prefix(k.0.get()))
+        .collect();
+    prefixes.sort_unstable();
+    prefixes.dedup();
+    for (day, files) in by_day.iter().filter(|(day, _)| !in_range(day)) {
+        let Some(day) = *day else { continue };
+        let files: Vec<&PathBuf> = files.iter().collect();
+        if prefixes.is_empty()
+            || !crate::keyindex::day_may_hold(warehouse, day, &files, &prefixes)
+                .map_err(crate::scope::ScopeError::from)?
+        {
+            continue;
+        }
+        raw_files += files.len();
+        for file in read_versions(&files, threads)? {
+            rows.extend(file.into_iter().filter(|(k, _)| keys.contains(k)));
+        }
+    }
+    let raw_rows = rows.len();
+
+    let mut winners = reference::dedup(&rows);
+    drop(rows);
+    winners.retain(|_, v| range.contains(v.day()));
+    let events = winners.len();
+    let expected = reference::tables(&winners);
+    drop(winners);
+
+    let published: BTreeMap<&PartitionId, &crate::journal::Published> = journal
+        .published()
+        .iter()
+        .filter(|(id, _)| range.contains(day_of(id)))
+        .collect();
+    let ids: BTreeSet<&PartitionId> = expected.keys().chain(published.keys().copied()).collect();
+    let mut findings = Vec::new();
+    for id in &ids {
+        let partition = partition_name(id);
+        let problem = match (expected.get(*id), published.get(*id)) {
+            (Some(_), None) => Some(Problem::Missing),
+            (None, Some(_)) => Some(Problem::Unexpected),
+            (None, None) => None,
+            (Some(want), Some(current)) => {
+                let path = warehouse.partition_file(id);
+                match crate::sink::curated::read_partition(&path) {
+                    Err(e) => Some(Problem::Unreadable {
+                        error: format!("{}: {e}", path.display()),
+                    }),
+                    Ok(have) => {
+                        let file = crate::sink::curated::content_version(id, &have);
+                        if file != current.version {
+                            Some(Problem::NotTheJournalsVersion {
+                                journal: current.version.clone(),
+                                file,
+                            })
+                        } else {
+                            differences(want, &have)
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(problem) = problem {
+            findings.push(Finding { partition, problem });
+        }
+    }
+    Ok(Reconciliation {
+        check: "reconcile",
+        passed: findings.is_empty(),
+        from: range.from.map(day_string),
+        to: range.to.map(day_string),
+        raw_files,
+        raw_rows,
+        events,
+        partitions: ids.len(),
+        matched: ids.len() - findings.len(),
+        findings,
+    })
+}
+
+/// The rows of two sorted partitions that differ, or `None`.
+fn differences(want: &[(Dims, MetricRow)], have: &[(Dims, MetricRow)]) -> Option<Problem> {
+    let want: BTreeMap<&Dims, &MetricRow> = want.iter().map(|(d, r)| (d, r)).collect();
+    let have: BTreeMap<&Dims, &MetricRow> = have.iter().map(|(d, r)| (d, r)).collect();
+    let dims: BTreeSet<&Dims> = want.keys().chain(have.keys()).copied().collect();
+    let differing: Vec<RowDifference> = dims
+        .into_iter()
+        .filter(|d| want.get(d) != have.get(d))
+        .map(|d| RowDifference {
+            dims: *d,
+            expected: want.get(d).map(|r| **r),
+            published: have.get(d).map(|r| **r),
+        })
+        .collect();
+    if differing.is_empty() {
+        return None;
+    }
+    let rows = differing.len();
+    Some(Problem::RowsDiffer {
+        rows,
+        first: differing.into_iter().take(FIRST_DIFFERENCES).collect(),
+    })
+}

@@ -1,0 +1,169 @@
+//! `check reconcile`: passes on clean data (also after a correction and with a day range), and
+//! fails, naming the partition and the reason, on an edited curated file, a deleted partition
+//! file and a raw file that no longer matches what was published; the command exits 12 then.
+
+mod common;
+
+use std::process::Command;
+
+use adsmetrics::check::{reconcile, DayRange, Problem};
+use adsmetrics::runtime::{ingest, IngestOptions};
+use adsmetrics::warehouse::Warehouse;
+use adsmetrics_dataflows::{Grain, PartitionId};
+use common::*;
+
+fn loaded(dir: &std::path::Path) -> Warehouse {
+    thirty_days(dir, 3000);
+    let wh = Warehouse::new(dir.join("wh"));
+    ingest(&wh, &[dir.join("logs")], IngestOptions::default()).unwrap();
+    wh
+}
+
+fn all(wh: &Warehouse) -> adsmetrics::check::Reconciliation {
+    reconcile(wh, DayRange::default(), 2).unwrap()
+}
+
+fn some_hour(wh: &Warehouse) -> PartitionId {
+    *published_tables(wh)
+        .keys()
+        .find(|id| id.grain == Grain::Hourly)
+        .unwrap()
+}
+
+#[test]
+fn clean_data_passes_whole_and_by_range_and_after_a_correction() {
+    let dir = tempfile::tempdir().unwrap();
+    let wh = loaded(dir.path());
+    let report = all(&wh);
+    assert!(report.passed, "{}", report.text());
+    assert_eq!(report.partitions, published_tables(&wh).len());
+    assert_eq!(report.matched, report.partitions);
+
+    // A correction: revised versions of some events, a day late.
+    let mut events = sample_events(3000, 30);
+    for e in &mut events {
+        e.event_time_us += (e.user_id % 30) * DAY_US;
+    }
+    let mut revised: Vec<_> = events.iter().step_by(7).cloned().collect();
+    for e in &mut revised {
+        e.revision += 1;
+        e.cost_micros = Some(e.cost_micros.unwrap_or(0) + 1000);
+    }
+    write_parquet(&dir.path().join("fix/part-0.parquet"), &revised);
+    ingest(&wh, &[dir.path().join("fix")], IngestOptions::default()).unwrap();
+    assert!(all(&wh).passed);
+
+    let day = adsmetrics::warehouse::parse_day("2026-11-05").unwrap();
+    let ranged = reconcile(
+        &wh,
+        DayRange {
+            from: Some(day),
+            to: Some(day + 2),
+        },
+        2,
+    )
+    .unwrap();
+    assert!(ranged.passed, "{}", ranged.text());
+    assert!(ranged.partitions > 0 && ranged.partitions < report.partitions);
+}
+
+#[test]
+fn an_edited_curated_value_fails_for_that_partition_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let wh = loaded(dir.path());
+    let id = some_hour(&wh);
+    let path = wh.partition_file(&id);
+    let mut rows = adsmetrics::sink::curated::read_partition(&path).unwrap();
+    rows[0].1.clicks += 1;
+    let version = adsmetrics::sink::curated::file_version(&path).unwrap();
+    let bytes = adsmetrics::sink::curated::encode_partition(&id, &rows, &version, &path).unwrap();
+    std::fs::write(&path, bytes).unwrap();
+
+    let report = all(&wh);
+    assert!(!report.passed);
+    assert_eq!(report.findings.len(), 1, "{}", report.text());
+    let finding = &report.findings[0];
+    assert_eq!(
+        finding.partition,
+        format!(
+            "ads_metrics_hourly/{}",
+            adsmetrics::warehouse::partition_path(&id)
+        )
+    );
+    assert!(matches!(
+        finding.problem,
+        Problem::NotTheJournalsVersion { .. }
+    ));
+}
+
+#[test]
+fn a_deleted_partition_file_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let wh = loaded(dir.path());
+    let id = some_hour(&wh);
+    std::fs::remove_file(wh.partition_file(&id)).unwrap();
+    let report = all(&wh);
+    assert_eq!(report.findings.len(), 1, "{}", report.text());
+    assert!(matches!(
+        report.findings[0].problem,
+        Problem::Unreadable { .. }
+    ));
+}
+
+#[test]
+fn a_raw_file_that_no_longer_matches_the_tables_fails_with_the_rows_that_differ() {
+    let dir = tempfile::tempdir().unwrap();
+    let wh = loaded(dir.path());
+    let raw = adsmetrics::sink::raw::list_raw_files(&wh);
+    std::fs::remove_file(&raw[raw.len() / 2]).unwrap();
+    let report = all(&wh);
+    assert!(!report.passed);
+    let differing: Vec<_> = report
+        .findings
+        .iter()
+        .filter_map(|f| match &f.problem {
+            Problem::RowsDiffer { rows, first } => Some((rows, first)),
+            Problem::Unexpected => None,
+            other => panic!("{}: {other:?}", f.partition),
+        })
+        .collect();
+    assert!(!differing.is_empty(), "{}", report.text());
+    // The published rows count the removed file's events: more than the raw layer now holds.
+    for (_, first) in differing {
+        for d in first {
+            let published = d.published.as_ref().unwrap();
+            let impressions = d.expected.as_ref().map_or(0, |e| e.impressions);
+            let clicks = d.expected.as_ref().map_or(0, |e| e.clicks);
+            let conversions = d.expected.as_ref().map_or(0, |e| e.conversions);
+            assert!(
+                published.impressions + published.clicks + published.conversions
+                    > impressions + clicks + conversions
+            );
+        }
+    }
+}
+
+#[test]
+fn the_command_exits_12_with_a_json_report_when_it_fails_and_0_when_it_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let wh = loaded(dir.path());
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_adsmetrics"))
+            .arg("--warehouse")
+            .arg(wh.root())
+            .args(["check", "reconcile", "--format", "json"])
+            .output()
+            .unwrap()
+    };
+    let ok = run();
+    assert_eq!(ok.status.code(), Some(0));
+    let json: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(json["passed"], true);
+
+    std::fs::remove_file(wh.partition_file(&some_hour(&wh))).unwrap();
+    let failed = run();
+    assert_eq!(failed.status.code(), Some(12));
+    let json: serde_json::Value = serde_json::from_slice(&failed.stdout).unwrap();
+    assert_eq!(json["passed"], false);
+    assert_eq!(json["findings"][0]["problem"], "unreadable");
+}
