@@ -346,3 +346,188 @@ fn differences(want: &[(Dims, MetricRow)], have: &[(Dims, MetricRow)]) -> Option
         first: differing.into_iter().take(FIRST_DIFFERENCES).collect(),
     })
 }
+
+/// The exit code of a failed duplicates check.
+pub const EXIT_DUPLICATES: u8 = 10;
+
+/// When the duplicate rate of an hour and producer alerts.
+#[derive(Clone, Copy, Debug)]
+pub struct DuplicateThresholds {
+    /// Above this rate (0 to 1), whatever the history.
+    pub max_rate: f64,
+    /// Above this many times the median rate of the producer's hours in the range (`None`: off).
+    pub vs_median: Option<f64>,
+}
+
+impl Default for DuplicateThresholds {
+    fn default() -> Self {
+        DuplicateThresholds {
+            max_rate: 0.10,
+            vs_median: Some(3.0),
+        }
+    }
+}
+
+/// One event hour of one producer in the raw layer.
+#[derive(Debug, Serialize)]
+pub struct HourDuplicates {
+    /// `YYYY-MM-DDTHH`.
+    pub hour: String,
+    /// The producer.
+    pub producer: String,
+    /// Raw rows (after each source's own dedup).
+    pub raw_rows: u64,
+    /// Distinct dedup keys among them.
+    pub distinct_keys: u64,
+    /// `1 - distinct / rows`.
+    pub rate: f64,
+    /// Why it alerts, if it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alert: Option<String>,
+}
+
+/// The result of `check duplicates`.
+#[derive(Debug, Serialize)]
+pub struct Duplicates {
+    /// `duplicates`.
+    pub check: &'static str,
+    /// No hour alerts.
+    pub passed: bool,
+    /// Raw rows in range.
+    pub raw_rows: u64,
+    /// Distinct keys per hour and producer, summed.
+    pub distinct_keys: u64,
+    /// Duplicates every source dropped within itself before the raw layer (the journal's count,
+    /// over all sources).
+    pub in_source_duplicates: u64,
+    /// Every hour and producer, by hour.
+    pub hours: Vec<HourDuplicates>,
+}
+
+impl Duplicates {
+    /// A few lines for a terminal: the totals and the hours that alert.
+    pub fn text(&self) -> String {
+        let rate = 1.0 - self.distinct_keys as f64 / (self.raw_rows.max(1)) as f64;
+        let mut out = format!(
+            "duplicates {}: {} raw rows, {} distinct keys per hour and producer ({:.2}% \
+             duplicates), {} more dropped inside their sources\n",
+            if self.passed { "PASSED" } else { "FAILED" },
+            self.raw_rows,
+            self.distinct_keys,
+            100.0 * rate,
+            self.in_source_duplicates
+        );
+        for h in self.hours.iter().filter(|h| h.alert.is_some()) {
+            out.push_str(&format!(
+                "  {} {}: {:.2}% ({} rows, {} keys): {}\n",
+                h.hour,
+                h.producer,
+                100.0 * h.rate,
+                h.raw_rows,
+                h.distinct_keys,
+                h.alert.as_deref().unwrap_or_default()
+            ));
+        }
+        out
+    }
+}
+
+/// The event hour of a raw file, from its `dt=`/`hr=` folders.
+fn raw_hour(warehouse: &Warehouse, path: &std::path::Path) -> Option<i64> {
+    let day = raw_day(warehouse, path)?;
+    let hour: i64 = path
+        .strip_prefix(warehouse.root())
+        .ok()?
+        .components()
+        .find_map(|c| c.as_os_str().to_str()?.strip_prefix("hr=")?.parse().ok())?;
+    Some(day * 24 + hour)
+}
+
+/// Duplicate rates of the raw layer per event hour and producer, in `range`: raw rows against
+/// distinct dedup keys (resends across sources, replays, revisions of an event).
+pub fn duplicates(
+    warehouse: &Warehouse,
+    range: DayRange,
+    thresholds: DuplicateThresholds,
+    threads: usize,
+) -> Result<Duplicates, CheckError> {
+    let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
+    let files: Vec<(i64, PathBuf)> = raw::list_raw_files(warehouse)
+        .into_iter()
+        .filter(|p| raw::source_hash_of(p).is_some_and(|h| journal.consumed().contains(h)))
+        .filter_map(|p| Some((raw_hour(warehouse, &p)?, p)))
+        .filter(|(hour, _)| range.contains(hour.div_euclid(24)))
+        .collect();
+    let columns = crate::rehydrate::par_map(&files, threads, |(hour, path)| {
+        let bytes = std::fs::read(path).map_err(|source| crate::source::SourceError {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file = raw::RawFile::open(path, bytes::Bytes::from(bytes))?;
+        Ok::<_, crate::scope::ScopeError>((*hour, file.key_producer_columns()?))
+    })?;
+    let mut groups: BTreeMap<(i64, String), (u64, HashSet<u128, BuildFastHasher>)> =
+        BTreeMap::new();
+    for (hour, (keys, producers)) in columns {
+        for (key, producer) in keys.into_iter().zip(producers) {
+            let (rows, distinct) = groups.entry((hour, producer)).or_default();
+            *rows += 1;
+            distinct.insert(key);
+        }
+    }
+    let mut hours: Vec<HourDuplicates> = groups
+        .into_iter()
+        .map(|((hour, producer), (rows, keys))| HourDuplicates {
+            hour: format!(
+                "{}T{:02}",
+                day_string(hour.div_euclid(24)),
+                hour.rem_euclid(24)
+            ),
+            producer,
+            raw_rows: rows,
+            distinct_keys: keys.len() as u64,
+            rate: 1.0 - keys.len() as f64 / rows.max(1) as f64,
+            alert: None,
+        })
+        .collect();
+    let mut by_producer: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for h in &hours {
+        by_producer.entry(&h.producer).or_default().push(h.rate);
+    }
+    let medians: BTreeMap<String, f64> = by_producer
+        .into_iter()
+        .map(|(p, mut rates)| {
+            rates.sort_by(f64::total_cmp);
+            (p.to_string(), rates[rates.len() / 2])
+        })
+        .collect();
+    for h in &mut hours {
+        let median = medians[&h.producer];
+        h.alert = if h.rate > thresholds.max_rate {
+            Some(format!("above {:.2}%", 100.0 * thresholds.max_rate))
+        } else {
+            match thresholds.vs_median {
+                Some(factor) if median > 0.0 && h.rate > factor * median => Some(format!(
+                    "{:.1}x the producer's median hour ({:.2}%)",
+                    h.rate / median,
+                    100.0 * median
+                )),
+                _ => None,
+            }
+        };
+    }
+    let in_source_duplicates = journal
+        .committed()
+        .iter()
+        .flat_map(|p| &p.sources)
+        .map(|s| s.in_source_duplicates)
+        .sum();
+    Ok(Duplicates {
+        check: "duplicates",
+        passed: hours.iter().all(|h| h.alert.is_none()),
+        raw_rows: hours.iter().map(|h| h.raw_rows).sum(),
+        distinct_keys: hours.iter().map(|h| h.distinct_keys).sum(),
+        in_source_duplicates,
+        hours,
+    })
+}

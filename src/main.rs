@@ -195,7 +195,7 @@ enum Command {
         command: RetentionCommand,
     },
     /// Data-quality checks; exit code 0 when they pass, a distinct code per failing check
-    /// (reconcile: 12), 1 when a check cannot run.
+    /// (duplicates: 10, reconcile: 12), 1 when a check cannot run.
     Check {
         #[command(subcommand)]
         command: CheckCommand,
@@ -253,19 +253,69 @@ enum CheckCommand {
     /// what is published: missing or unexpected partitions, files that are not the journal's
     /// version, and the first differing rows. Read-only.
     Reconcile {
-        /// First event day, YYYY-MM-DD (default: the oldest).
-        #[arg(long)]
-        from: Option<String>,
-        /// Last event day, YYYY-MM-DD (default: the newest).
-        #[arg(long)]
-        to: Option<String>,
-        /// `text` or `json` (one object on stdout).
-        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-        format: String,
-        /// Threads reading raw files.
-        #[arg(long, short = 'w', default_value_t = 2)]
-        workers: usize,
+        #[command(flatten)]
+        common: CheckArgs,
     },
+    /// Duplicate rates of the raw layer per event hour and producer (raw rows against distinct
+    /// dedup keys: resends, replays, revisions), plus what sources dropped within themselves.
+    /// Fails (exit 10) when an hour is above --max-rate, or above --vs-median times its
+    /// producer's median hour in the range.
+    Duplicates {
+        #[command(flatten)]
+        common: CheckArgs,
+        /// Alert above this duplicate rate, percent (the generator resends about 5%).
+        #[arg(long, default_value_t = 10.0)]
+        max_rate: f64,
+        /// Alert above this many times the producer's median hourly rate in the range (0: off).
+        #[arg(long, default_value_t = 3.0)]
+        vs_median: f64,
+    },
+}
+
+/// What every check takes.
+#[derive(clap::Args, Debug)]
+struct CheckArgs {
+    /// First event day, YYYY-MM-DD (default: the oldest).
+    #[arg(long)]
+    from: Option<String>,
+    /// Last event day, YYYY-MM-DD (default: the newest).
+    #[arg(long)]
+    to: Option<String>,
+    /// `text` or `json` (one object on stdout).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    format: String,
+    /// Threads reading raw files.
+    #[arg(long, short = 'w', default_value_t = 2)]
+    workers: usize,
+}
+
+impl CheckArgs {
+    fn range(&self) -> anyhow::Result<adsmetrics::check::DayRange> {
+        Ok(adsmetrics::check::DayRange {
+            from: parse_day_arg("--from", self.from.clone())?,
+            to: parse_day_arg("--to", self.to.clone())?,
+        })
+    }
+
+    /// Prints a report as asked; fails with `code` when it did not pass.
+    fn finish<R: serde::Serialize>(
+        &self,
+        report: &R,
+        text: String,
+        passed: bool,
+        code: u8,
+    ) -> anyhow::Result<()> {
+        if self.format == "json" {
+            println!("{}", serde_json::to_string(report)?);
+        } else {
+            print!("{text}");
+        }
+        if passed {
+            Ok(())
+        } else {
+            Err(CheckFailed(code).into())
+        }
+    }
 }
 
 /// A check ran and failed: its report is printed; the process exits with this code.
@@ -589,27 +639,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Audit { command } => audit(&warehouse, command)?,
         Command::Check {
+            command: CheckCommand::Reconcile { common },
+        } => {
+            let report =
+                adsmetrics::check::reconcile(&warehouse, common.range()?, common.workers.max(1))?;
+            let code = adsmetrics::check::EXIT_RECONCILE;
+            common.finish(&report, report.text(), report.passed, code)?;
+        }
+        Command::Check {
             command:
-                CheckCommand::Reconcile {
-                    from,
-                    to,
-                    format,
-                    workers,
+                CheckCommand::Duplicates {
+                    common,
+                    max_rate,
+                    vs_median,
                 },
         } => {
-            let range = adsmetrics::check::DayRange {
-                from: parse_day_arg("--from", from)?,
-                to: parse_day_arg("--to", to)?,
+            let thresholds = adsmetrics::check::DuplicateThresholds {
+                max_rate: max_rate / 100.0,
+                vs_median: (vs_median > 0.0).then_some(vs_median),
             };
-            let report = adsmetrics::check::reconcile(&warehouse, range, workers.max(1))?;
-            if format == "json" {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                print!("{}", report.text());
-            }
-            if !report.passed {
-                return Err(CheckFailed(adsmetrics::check::EXIT_RECONCILE).into());
-            }
+            let report = adsmetrics::check::duplicates(
+                &warehouse,
+                common.range()?,
+                thresholds,
+                common.workers.max(1),
+            )?;
+            let code = adsmetrics::check::EXIT_DUPLICATES;
+            common.finish(&report, report.text(), report.passed, code)?;
         }
         Command::Retention {
             command:

@@ -167,3 +167,50 @@ fn the_command_exits_12_with_a_json_report_when_it_fails_and_0_when_it_passes() 
     assert_eq!(json["passed"], false);
     assert_eq!(json["findings"][0]["problem"], "unreadable");
 }
+
+#[test]
+fn duplicates_pass_on_clean_data_and_fail_on_an_hour_of_injected_resends() {
+    use adsmetrics::check::{duplicates, DuplicateThresholds};
+    let dir = tempfile::tempdir().unwrap();
+    let wh = loaded(dir.path());
+    let clean = duplicates(&wh, DayRange::default(), DuplicateThresholds::default(), 2).unwrap();
+    assert!(clean.passed, "{}", clean.text());
+    assert!(clean.raw_rows > 0);
+    assert!(clean.hours.iter().all(|h| h.alert.is_none()));
+
+    // A producer resends one hour's events whole, from another source.
+    let events = decode_dir(&dir.path().join("logs"));
+    let hour = events[0].event_time_us.div_euclid(3_600_000_000);
+    let producer = events[0].producer.clone();
+    let resent: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_time_us.div_euclid(3_600_000_000) == hour && e.producer == producer)
+        .cloned()
+        .collect();
+    write_parquet(&dir.path().join("resend/part-0.parquet"), &resent);
+    ingest(&wh, &[dir.path().join("resend")], IngestOptions::default()).unwrap();
+    assert!(all(&wh).passed, "a resend changes no table");
+
+    let report = duplicates(&wh, DayRange::default(), DuplicateThresholds::default(), 2).unwrap();
+    assert!(!report.passed);
+    let alerting: Vec<_> = report.hours.iter().filter(|h| h.alert.is_some()).collect();
+    assert_eq!(alerting.len(), 1, "{}", report.text());
+    assert_eq!(alerting[0].producer, producer.as_str());
+    assert!(alerting[0].rate >= 0.5, "every row of the hour came twice");
+    assert_eq!(
+        alerting[0].raw_rows,
+        2 * alerting[0].distinct_keys,
+        "{}",
+        report.text()
+    );
+
+    let code = Command::new(env!("CARGO_BIN_EXE_adsmetrics"))
+        .arg("--warehouse")
+        .arg(wh.root())
+        .args(["check", "duplicates"])
+        .output()
+        .unwrap()
+        .status
+        .code();
+    assert_eq!(code, Some(10));
+}

@@ -334,6 +334,33 @@ impl<'a> RawFile<'a> {
         Ok(out)
     }
 
+    /// The `dedup_key` (as `u128`) and `producer` columns, row by row (`check duplicates`).
+    pub fn key_producer_columns(&self) -> Result<(Vec<u128>, Vec<String>), RawReadError> {
+        guarded(self.path, || {
+            let reader = self.reader(&["dedup_key", "producer"], None, 1 << 20)?;
+            let (mut keys, mut producers) = (Vec::new(), Vec::new());
+            for batch in reader {
+                let batch = batch.map_err(|e| self.err(e.to_string()))?;
+                let key_array = batch
+                    .column_by_name("dedup_key")
+                    .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
+                    .ok_or_else(|| self.err("dedup_key is not 16-byte binary".into()))?;
+                let producer_array = batch
+                    .column_by_name("producer")
+                    .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
+                    .ok_or_else(|| self.err("producer is not a string".into()))?;
+                for bytes in key_array.iter() {
+                    let bytes: [u8; 16] = bytes
+                        .and_then(|b| b.try_into().ok())
+                        .ok_or_else(|| self.err("a dedup_key is missing or not 16 bytes".into()))?;
+                    keys.push(u128::from_be_bytes(bytes));
+                }
+                producers.extend(producer_array.iter().map(|p| p.unwrap_or("").to_string()));
+            }
+            Ok((keys, producers))
+        })
+    }
+
     /// The `(key, version)` of the rows at the ascending, distinct indices `rows`, in order: the
     /// stored key, and the version computed from the columns ([`EventView::version`], as for the
     /// event the row was written from). Rows are not validated again (the raw layer holds only
