@@ -478,11 +478,7 @@ pub fn duplicates(
     let mut hours: Vec<HourDuplicates> = groups
         .into_iter()
         .map(|((hour, producer), (rows, keys))| HourDuplicates {
-            hour: format!(
-                "{}T{:02}",
-                day_string(hour.div_euclid(24)),
-                hour.rem_euclid(24)
-            ),
+            hour: hour_string(hour),
             producer,
             raw_rows: rows,
             distinct_keys: keys.len() as u64,
@@ -529,5 +525,184 @@ pub fn duplicates(
         distinct_keys: hours.iter().map(|h| h.distinct_keys).sum(),
         in_source_duplicates,
         hours,
+    })
+}
+
+/// The exit code of a failed partitions check.
+pub const EXIT_PARTITIONS: u8 = 11;
+
+/// Hours of one producer with no raw rows.
+#[derive(Debug, Serialize)]
+pub struct Gap {
+    /// The producer.
+    pub producer: String,
+    /// Its empty hours, `YYYY-MM-DDTHH`.
+    pub hours: Vec<String>,
+}
+
+/// The result of `check partitions`.
+#[derive(Debug, Serialize)]
+pub struct Partitions {
+    /// `partitions`.
+    pub check: &'static str,
+    /// No gap, nothing missing, nothing stuck.
+    pub passed: bool,
+    /// The calendar checked: first and last hour.
+    pub first_hour: Option<String>,
+    /// Last hour.
+    pub last_hour: Option<String>,
+    /// Producers seen in the raw layer.
+    pub producers: Vec<String>,
+    /// Per producer, the hours of the calendar without raw rows.
+    pub gaps: Vec<Gap>,
+    /// Curated partitions absent although the raw layer has events for them.
+    pub missing_curated: Vec<String>,
+    /// A publish prepared and not committed (a stopped run; the next run finishes it).
+    pub stuck_publish: Option<u64>,
+    /// Files left in the staging area.
+    pub staged_files: usize,
+}
+
+fn hour_string(hour: i64) -> String {
+    format!(
+        "{}T{:02}",
+        day_string(hour.div_euclid(24)),
+        hour.rem_euclid(24)
+    )
+}
+
+impl Partitions {
+    /// A few lines for a terminal.
+    pub fn text(&self) -> String {
+        let mut out = format!(
+            "partitions {}: hours {} .. {}, producers {}\n",
+            if self.passed { "PASSED" } else { "FAILED" },
+            self.first_hour.as_deref().unwrap_or("-"),
+            self.last_hour.as_deref().unwrap_or("-"),
+            self.producers.join(",")
+        );
+        for g in &self.gaps {
+            out.push_str(&format!(
+                "  {}: {} empty hours: {}\n",
+                g.producer,
+                g.hours.len(),
+                g.hours.join(" ")
+            ));
+        }
+        for m in &self.missing_curated {
+            out.push_str(&format!("  missing: {m}\n"));
+        }
+        if let Some(seq) = self.stuck_publish {
+            out.push_str(&format!(
+                "  publish {seq} prepared and not committed: run any ingest (or `check` after \
+                 it) to finish it\n"
+            ));
+        }
+        if self.staged_files > 0 {
+            out.push_str(&format!("  {} files left in staging\n", self.staged_files));
+        }
+        out
+    }
+}
+
+/// The expected calendar (every hour of `range`, or of the raw layer's first to last hour) per
+/// producer against the raw layer, the curated partitions the raw layer calls for against the
+/// journal, and publishes stuck midway.
+pub fn partitions(
+    warehouse: &Warehouse,
+    range: DayRange,
+    threads: usize,
+) -> Result<Partitions, CheckError> {
+    let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
+    let files: Vec<(i64, PathBuf)> = raw::list_raw_files(warehouse)
+        .into_iter()
+        .filter(|p| raw::source_hash_of(p).is_some_and(|h| journal.consumed().contains(h)))
+        .filter_map(|p| Some((raw_hour(warehouse, &p)?, p)))
+        .filter(|(hour, _)| range.contains(hour.div_euclid(24)))
+        .collect();
+    let tombstones = Tombstones::open(&warehouse.tombstones_path())?;
+    let per_file = crate::rehydrate::par_map(&files, threads, |(hour, path)| {
+        let bytes = std::fs::read(path).map_err(|source| crate::source::SourceError {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file = raw::RawFile::open(path, bytes::Bytes::from(bytes))?;
+        let (keys, producers) = file.key_producer_columns()?;
+        let live: BTreeSet<String> = keys
+            .into_iter()
+            .zip(producers)
+            .filter(|(k, _)| !tombstones.contains(&DedupKey((*k).into())))
+            .map(|(_, p)| p)
+            .collect();
+        Ok::<_, crate::scope::ScopeError>((*hour, live))
+    })?;
+    let mut present: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+    let mut hours_with_rows = BTreeSet::new();
+    for (hour, producers) in per_file {
+        for p in producers {
+            present.entry(p).or_default().insert(hour);
+            hours_with_rows.insert(hour);
+        }
+    }
+    let first = range
+        .from
+        .map(|d| d * 24)
+        .or_else(|| hours_with_rows.first().copied());
+    let last = range
+        .to
+        .map(|d| d * 24 + 23)
+        .or_else(|| hours_with_rows.last().copied());
+    let mut gaps = Vec::new();
+    if let (Some(first), Some(last)) = (first, last) {
+        for (producer, hours) in &present {
+            let empty: Vec<String> = (first..=last)
+                .filter(|h| !hours.contains(h))
+                .map(hour_string)
+                .collect();
+            if !empty.is_empty() {
+                gaps.push(Gap {
+                    producer: producer.clone(),
+                    hours: empty,
+                });
+            }
+        }
+    }
+    let published = journal.published();
+    let mut missing_curated = Vec::new();
+    let days: BTreeSet<i64> = hours_with_rows.iter().map(|h| h.div_euclid(24)).collect();
+    let wanted = hours_with_rows
+        .iter()
+        .map(|&h| PartitionId {
+            grain: Grain::Hourly,
+            period: h,
+        })
+        .chain(days.into_iter().map(|d| PartitionId {
+            grain: Grain::Daily,
+            period: d,
+        }));
+    for id in wanted {
+        if !published.contains_key(&id) || !warehouse.partition_file(&id).exists() {
+            missing_curated.push(partition_name(&id));
+        }
+    }
+    let staged_files = walkdir::WalkDir::new(warehouse.staging_dir())
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .count();
+    let stuck_publish = journal.pending_publish();
+    Ok(Partitions {
+        check: "partitions",
+        passed: gaps.is_empty()
+            && missing_curated.is_empty()
+            && stuck_publish.is_none()
+            && staged_files == 0,
+        first_hour: first.map(hour_string),
+        last_hour: last.map(hour_string),
+        producers: present.keys().cloned().collect(),
+        gaps,
+        missing_curated,
+        stuck_publish,
+        staged_files,
     })
 }

@@ -436,6 +436,15 @@ impl CommitJournal {
         }
     }
 
+    /// The sequence number of a publish prepared and not committed (a run stopped midway;
+    /// the next run finishes it).
+    pub fn pending_publish(&self) -> Option<u64> {
+        match &self.pending {
+            Some(JournalRecord::Prepare { seq, .. }) => Some(*seq),
+            _ => None,
+        }
+    }
+
     /// Finishes an interrupted publish (roll forward) and clears staging leftovers (roll back).
     /// Returns the sequence number of the publish it finished, if any.
     pub fn recover(

@@ -195,7 +195,7 @@ enum Command {
         command: RetentionCommand,
     },
     /// Data-quality checks; exit code 0 when they pass, a distinct code per failing check
-    /// (duplicates: 10, reconcile: 12), 1 when a check cannot run.
+    /// (duplicates: 10, partitions: 11, reconcile: 12), 1 when a check cannot run.
     Check {
         #[command(subcommand)]
         command: CheckCommand,
@@ -269,6 +269,14 @@ enum CheckCommand {
         /// Alert above this many times the producer's median hourly rate in the range (0: off).
         #[arg(long, default_value_t = 3.0)]
         vs_median: f64,
+    },
+    /// The expected calendar — every hour of the range (or of the raw layer's first to last
+    /// hour), per producer — against the raw layer; the hourly and daily partitions the raw
+    /// layer calls for against what is published; publishes stuck midway and staging leftovers.
+    /// Exit 11 on any of them.
+    Partitions {
+        #[command(flatten)]
+        common: CheckArgs,
     },
 }
 
@@ -665,6 +673,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 common.workers.max(1),
             )?;
             let code = adsmetrics::check::EXIT_DUPLICATES;
+            common.finish(&report, report.text(), report.passed, code)?;
+        }
+        Command::Check {
+            command: CheckCommand::Partitions { common },
+        } => {
+            let report =
+                adsmetrics::check::partitions(&warehouse, common.range()?, common.workers.max(1))?;
+            let code = adsmetrics::check::EXIT_PARTITIONS;
             common.finish(&report, report.text(), report.passed, code)?;
         }
         Command::Retention {

@@ -214,3 +214,88 @@ fn duplicates_pass_on_clean_data_and_fail_on_an_hour_of_injected_resends() {
         .code();
     assert_eq!(code, Some(10));
 }
+
+/// 24 hours of generated logs (every hour has rows of every producer), nothing late, resent or
+/// replayed (which would put an hour's events in other hours' folders too), one
+/// producer's folder of hour 05 left out; returns the warehouse loaded from the rest.
+fn generated_with_a_gap(dir: &std::path::Path) -> Warehouse {
+    let config = adsmetrics::generate::GenerateConfig {
+        events: 20_000,
+        hours: 24,
+        start: "2026-11-01".into(),
+        late_rate: 0.0,
+        bad_rate: 0.0,
+        resend_rate: 0.0,
+        replayed_files: 0,
+        correction_rate: 0.0,
+        ..Default::default()
+    };
+    let logs = dir.join("logs");
+    adsmetrics::generate::generate(&config, &logs, &|_| {}).unwrap();
+    let held_back = logs.join("dt=2026-11-01/hr=05/producer=ios");
+    std::fs::rename(&held_back, dir.join("held-back")).unwrap();
+    let wh = Warehouse::new(dir.join("wh"));
+    ingest(&wh, &[logs], IngestOptions::default()).unwrap();
+    wh
+}
+
+#[test]
+fn partitions_find_an_empty_hour_a_missing_partition_and_staging_leftovers() {
+    use adsmetrics::check::partitions;
+    let dir = tempfile::tempdir().unwrap();
+    let wh = generated_with_a_gap(dir.path());
+    let report = partitions(&wh, DayRange::default(), 2).unwrap();
+    assert!(!report.passed);
+    assert_eq!(report.gaps.len(), 1, "{}", report.text());
+    assert_eq!(report.gaps[0].producer, "ios");
+    assert_eq!(report.gaps[0].hours, vec!["2026-11-01T05".to_string()]);
+    assert!(report.missing_curated.is_empty() && report.staged_files == 0);
+    assert!(
+        all(&wh).passed,
+        "the tables are right for what was ingested"
+    );
+
+    // The hour arrives: clean.
+    ingest(
+        &wh,
+        &[dir.path().join("held-back")],
+        IngestOptions::default(),
+    )
+    .unwrap();
+    let clean = partitions(&wh, DayRange::default(), 2).unwrap();
+    assert!(clean.passed, "{}", clean.text());
+    assert_eq!(clean.producers.len(), 4);
+
+    // A published partition file disappears; a run leaves a file in staging.
+    let hour = adsmetrics::warehouse::parse_day("2026-11-01").unwrap() * 24 + 7;
+    let id = PartitionId {
+        grain: Grain::Hourly,
+        period: hour,
+    };
+    std::fs::remove_file(wh.partition_file(&id)).unwrap();
+    let staged = wh.staging_dir().join("leftover.parquet");
+    std::fs::create_dir_all(staged.parent().unwrap()).unwrap();
+    std::fs::write(&staged, b"x").unwrap();
+    let broken = partitions(&wh, DayRange::default(), 2).unwrap();
+    assert_eq!(
+        broken.missing_curated,
+        vec!["ads_metrics_hourly/dt=2026-11-01/hr=07".to_string()]
+    );
+    assert_eq!(broken.staged_files, 1);
+    let code = Command::new(env!("CARGO_BIN_EXE_adsmetrics"))
+        .arg("--warehouse")
+        .arg(wh.root())
+        .args([
+            "check",
+            "partitions",
+            "--from",
+            "2026-11-01",
+            "--to",
+            "2026-11-01",
+        ])
+        .output()
+        .unwrap()
+        .status
+        .code();
+    assert_eq!(code, Some(11));
+}
