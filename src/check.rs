@@ -706,3 +706,132 @@ pub fn partitions(
         staged_files,
     })
 }
+
+/// The exit code of a failed freshness check.
+pub const EXIT_FRESHNESS: u8 = 13;
+
+/// How fresh one curated table is.
+#[derive(Debug, Serialize)]
+pub struct TableFreshness {
+    /// The table.
+    pub table: &'static str,
+    /// Its newest partition.
+    pub newest_partition: Option<String>,
+    /// Seconds from the end of that partition's period to now (0 while it is still open).
+    pub age_seconds: Option<i64>,
+    /// Whether the age is above the limit (or the table is empty).
+    pub stale: bool,
+}
+
+/// The result of `check freshness`.
+#[derive(Debug, Serialize)]
+pub struct Freshness {
+    /// `freshness`.
+    pub check: &'static str,
+    /// Every table within the limit.
+    pub passed: bool,
+    /// The time the ages are measured at, RFC 3339.
+    pub now: String,
+    /// The limit, seconds.
+    pub max_age_seconds: i64,
+    /// Per table.
+    pub tables: Vec<TableFreshness>,
+    /// The newest event hour in the raw layer.
+    pub newest_raw_hour: Option<String>,
+    /// Hours from the newest raw hour to the newest hourly partition (0: everything read is
+    /// published; more: events sit in the raw layer unpublished).
+    pub curated_lag_hours: Option<i64>,
+    /// Seconds since the last run that published anything (the ledger's record).
+    pub last_publish_age_seconds: Option<i64>,
+}
+
+impl Freshness {
+    /// A few lines for a terminal.
+    pub fn text(&self) -> String {
+        let mut out = format!(
+            "freshness {}: at {}, limit {} s; last publish {} s ago; raw layer up to {}, curated \
+             {} hours behind it\n",
+            if self.passed { "PASSED" } else { "FAILED" },
+            self.now,
+            self.max_age_seconds,
+            self.last_publish_age_seconds
+                .map_or("-".to_string(), |s| s.to_string()),
+            self.newest_raw_hour.as_deref().unwrap_or("-"),
+            self.curated_lag_hours
+                .map_or("-".to_string(), |h| h.to_string()),
+        );
+        for t in &self.tables {
+            out.push_str(&format!(
+                "  {}: newest {}, age {} s{}\n",
+                t.table,
+                t.newest_partition.as_deref().unwrap_or("(none)"),
+                t.age_seconds.map_or("-".to_string(), |s| s.to_string()),
+                if t.stale { "  STALE" } else { "" }
+            ));
+        }
+        out
+    }
+}
+
+/// The age of each table's newest partition at `now_us` (microseconds since the Unix epoch)
+/// against `max_age_seconds`, the lag of the curated tables behind the raw layer, and the time
+/// since the last publish.
+pub fn freshness(
+    warehouse: &Warehouse,
+    now_us: i64,
+    max_age_seconds: i64,
+) -> Result<Freshness, CheckError> {
+    let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
+    let now_s = now_us.div_euclid(1_000_000);
+    let mut tables = Vec::new();
+    let mut newest_hour = None;
+    for grain in Grain::ALL {
+        let newest = journal
+            .published()
+            .keys()
+            .filter(|id| id.grain == grain)
+            .max_by_key(|id| id.period);
+        let seconds_per_period = match grain {
+            Grain::Hourly => 3600,
+            Grain::Daily => 86_400,
+        };
+        if grain == Grain::Hourly {
+            newest_hour = newest.map(|id| id.period);
+        }
+        let age = newest.map(|id| (now_s - (id.period + 1) * seconds_per_period).max(0));
+        tables.push(TableFreshness {
+            table: table_name(grain),
+            newest_partition: newest.map(partition_name),
+            age_seconds: age,
+            stale: age.is_none_or(|a| a > max_age_seconds),
+        });
+    }
+    let newest_raw = raw::list_raw_files(warehouse)
+        .into_iter()
+        .filter(|p| raw::source_hash_of(p).is_some_and(|h| journal.consumed().contains(h)))
+        .filter_map(|p| raw_hour(warehouse, &p))
+        .max();
+    let last_publish = crate::ledger::Ledger::open(&warehouse.ledger_path())
+        .ok()
+        .and_then(|ledger| {
+            ledger
+                .entries()
+                .iter()
+                .rev()
+                .find(|e| !e.body.publishes.is_empty())
+                .and_then(|e| chrono::DateTime::parse_from_rfc3339(&e.body.at).ok())
+                .map(|at| at.timestamp())
+        });
+    Ok(Freshness {
+        check: "freshness",
+        passed: tables.iter().all(|t| !t.stale),
+        now: chrono::DateTime::from_timestamp(now_s, 0)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default(),
+        max_age_seconds,
+        tables,
+        newest_raw_hour: newest_raw.map(hour_string),
+        curated_lag_hours: newest_raw.zip(newest_hour).map(|(r, c)| (r - c).max(0)),
+        last_publish_age_seconds: last_publish.map(|t| (now_s - t).max(0)),
+    })
+}

@@ -195,7 +195,7 @@ enum Command {
         command: RetentionCommand,
     },
     /// Data-quality checks; exit code 0 when they pass, a distinct code per failing check
-    /// (duplicates: 10, partitions: 11, reconcile: 12), 1 when a check cannot run.
+    /// (duplicates: 10, partitions: 11, reconcile: 12, freshness: 13), 1 when a check cannot run.
     Check {
         #[command(subcommand)]
         command: CheckCommand,
@@ -278,6 +278,58 @@ enum CheckCommand {
         #[command(flatten)]
         common: CheckArgs,
     },
+    /// The age of each curated table's newest partition (from the end of its hour or day),
+    /// how far the curated tables lag the raw layer, and the time since the last publish. Exit
+    /// 13 when a table is older than --max-age or empty.
+    Freshness {
+        /// The SLO: e.g. 3m for a stream, 2h for corrections, 1d for a daily batch.
+        #[arg(long, default_value = "2h", value_parser = parse_age)]
+        max_age: i64,
+        /// Measure at this time (RFC 3339) instead of now.
+        #[arg(long)]
+        now: Option<String>,
+        /// `text` or `json` (one object on stdout).
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
+    /// Every check above with its defaults (freshness: --max-age); exit code of the first that
+    /// fails, in the order duplicates, partitions, reconcile, freshness. JSON: one object with
+    /// every report.
+    All {
+        #[command(flatten)]
+        common: CheckArgs,
+        /// Freshness SLO.
+        #[arg(long, default_value = "2h", value_parser = parse_age)]
+        max_age: i64,
+        /// Measure freshness at this time (RFC 3339) instead of now.
+        #[arg(long)]
+        now: Option<String>,
+    },
+}
+
+/// `90s`, `3m`, `2h`, `1d` → seconds.
+fn parse_age(s: &str) -> Result<i64, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number and s, m, h or d"))?;
+    let unit = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    Ok(n * unit)
+}
+
+fn parse_now(now: Option<String>) -> anyhow::Result<i64> {
+    match now {
+        None => Ok(chrono::Utc::now().timestamp_micros()),
+        Some(t) => Ok(chrono::DateTime::parse_from_rfc3339(&t)
+            .map_err(|e| anyhow::anyhow!("--now {t:?}: {e} (RFC 3339, e.g. 2026-11-02T00:00:00Z)"))?
+            .timestamp_micros()),
+    }
 }
 
 /// What every check takes.
@@ -682,6 +734,61 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 adsmetrics::check::partitions(&warehouse, common.range()?, common.workers.max(1))?;
             let code = adsmetrics::check::EXIT_PARTITIONS;
             common.finish(&report, report.text(), report.passed, code)?;
+        }
+        Command::Check {
+            command:
+                CheckCommand::Freshness {
+                    max_age,
+                    now,
+                    format,
+                },
+        } => {
+            let report = adsmetrics::check::freshness(&warehouse, parse_now(now)?, max_age)?;
+            let common = CheckArgs {
+                from: None,
+                to: None,
+                format,
+                workers: 1,
+            };
+            let code = adsmetrics::check::EXIT_FRESHNESS;
+            common.finish(&report, report.text(), report.passed, code)?;
+        }
+        Command::Check {
+            command:
+                CheckCommand::All {
+                    common,
+                    max_age,
+                    now,
+                },
+        } => {
+            use adsmetrics::check as c;
+            let (range, threads) = (common.range()?, common.workers.max(1));
+            let now = parse_now(now)?;
+            let duplicates = c::duplicates(&warehouse, range, Default::default(), threads)?;
+            let partitions = c::partitions(&warehouse, range, threads)?;
+            let reconcile = c::reconcile(&warehouse, range, threads)?;
+            let freshness = c::freshness(&warehouse, now, max_age)?;
+            let failed = [
+                (duplicates.passed, c::EXIT_DUPLICATES),
+                (partitions.passed, c::EXIT_PARTITIONS),
+                (reconcile.passed, c::EXIT_RECONCILE),
+                (freshness.passed, c::EXIT_FRESHNESS),
+            ]
+            .into_iter()
+            .find_map(|(passed, code)| (!passed).then_some(code));
+            let text = [
+                duplicates.text(),
+                partitions.text(),
+                reconcile.text(),
+                freshness.text(),
+            ]
+            .concat();
+            let report = serde_json::json!({
+                "check": "all",
+                "passed": failed.is_none(),
+                "checks": [duplicates, partitions, reconcile, freshness],
+            });
+            common.finish(&report, text, failed.is_none(), failed.unwrap_or(0))?;
         }
         Command::Retention {
             command:

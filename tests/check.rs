@@ -299,3 +299,60 @@ fn partitions_find_an_empty_hour_a_missing_partition_and_staging_leftovers() {
         .code();
     assert_eq!(code, Some(11));
 }
+
+#[test]
+fn freshness_fails_when_the_newest_partition_is_older_than_the_limit_and_all_gates_in_order() {
+    use adsmetrics::check::freshness;
+    let dir = tempfile::tempdir().unwrap();
+    let wh = generated_with_a_gap(dir.path());
+    // The newest hour is 2026-11-01T23: it ends at midnight.
+    let midnight = adsmetrics::warehouse::parse_day("2026-11-02").unwrap() * 86_400_000_000;
+    let hour_us = 3_600_000_000;
+    let fresh = freshness(&wh, midnight + hour_us, 2 * 3600).unwrap();
+    assert!(fresh.passed, "{}", fresh.text());
+    assert_eq!(fresh.tables[0].age_seconds, Some(3600));
+    assert_eq!(fresh.curated_lag_hours, Some(0));
+    let stale = freshness(&wh, midnight + 3 * hour_us, 2 * 3600).unwrap();
+    assert!(!stale.passed);
+    assert!(stale.tables.iter().all(|t| t.stale), "{}", stale.text());
+
+    let check = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_adsmetrics"))
+            .arg("--warehouse")
+            .arg(wh.root())
+            .arg("check")
+            .args(args)
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    let at = ["--now", "2026-11-02T03:00:00Z"];
+    assert_eq!(
+        check(&[&["freshness", "--max-age", "2h"][..], &at].concat()),
+        Some(13)
+    );
+    assert_eq!(
+        check(&[&["freshness", "--max-age", "4h"][..], &at].concat()),
+        Some(0)
+    );
+    // The gap fails `partitions` (11), which comes before freshness (13) in `all`.
+    assert_eq!(
+        check(&[&["all", "--max-age", "2h"][..], &at].concat()),
+        Some(11)
+    );
+    ingest(
+        &wh,
+        &[dir.path().join("held-back")],
+        IngestOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        check(&[&["all", "--max-age", "2h"][..], &at].concat()),
+        Some(13)
+    );
+    assert_eq!(
+        check(&[&["all", "--max-age", "4h"][..], &at].concat()),
+        Some(0)
+    );
+}
