@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use adsmetrics_dataflows::batching::BuildFastHasher;
 use adsmetrics_dataflows::model::{Dims, Grain, MetricRow};
@@ -834,4 +835,131 @@ pub fn freshness(
         curated_lag_hours: newest_raw.zip(newest_hour).map(|(r, c)| (r - c).max(0)),
         last_publish_age_seconds: last_publish.map(|t| (now_s - t).max(0)),
     })
+}
+
+/// One row of the `dq_results` table: one check of one run.
+#[derive(Debug, Clone)]
+pub struct ResultRow {
+    /// `duplicates`, `partitions`, `reconcile` or `freshness`.
+    pub check: &'static str,
+    /// Whether it passed.
+    pub passed: bool,
+    /// How many things it found (alerting hours, failing partitions, empty hours, stale tables).
+    pub findings: i64,
+    /// Its whole report, JSON.
+    pub report: String,
+}
+
+impl ResultRow {
+    /// The row of a report.
+    pub fn of<R: Serialize>(
+        check: &'static str,
+        passed: bool,
+        findings: usize,
+        report: &R,
+    ) -> Self {
+        ResultRow {
+            check,
+            passed,
+            findings: findings as i64,
+            report: serde_json::to_string(report).expect("reports serialize"),
+        }
+    }
+}
+
+impl Duplicates {
+    /// Its `dq_results` row.
+    pub fn row(&self) -> ResultRow {
+        let alerts = self.hours.iter().filter(|h| h.alert.is_some()).count();
+        ResultRow::of(self.check, self.passed, alerts, self)
+    }
+}
+
+impl Partitions {
+    /// Its `dq_results` row.
+    pub fn row(&self) -> ResultRow {
+        let found = self.gaps.iter().map(|g| g.hours.len()).sum::<usize>()
+            + self.missing_curated.len()
+            + usize::from(self.stuck_publish.is_some())
+            + self.staged_files;
+        ResultRow::of(self.check, self.passed, found, self)
+    }
+}
+
+impl Reconciliation {
+    /// Its `dq_results` row.
+    pub fn row(&self) -> ResultRow {
+        ResultRow::of(self.check, self.passed, self.findings.len(), self)
+    }
+}
+
+impl Freshness {
+    /// Its `dq_results` row.
+    pub fn row(&self) -> ResultRow {
+        let stale = self.tables.iter().filter(|t| t.stale).count();
+        ResultRow::of(self.check, self.passed, stale, self)
+    }
+}
+
+/// The `dq_results` table's directory.
+pub fn results_dir(warehouse: &Warehouse) -> PathBuf {
+    warehouse.root().join("dq_results")
+}
+
+/// Appends a run's checks to the `dq_results` table (`dq_results/dt=<run date>/`, one Parquet
+/// file per run, placed by rename so a reader never sees half of one): `run_at` TIMESTAMP(µs,
+/// UTC), `check`, `passed`, `from_day`/`to_day` (the range, null when open), `findings`, and the
+/// whole report as JSON. Returns the file.
+pub fn record(
+    warehouse: &Warehouse,
+    run_at_us: i64,
+    range: DayRange,
+    rows: &[ResultRow],
+) -> Result<PathBuf, crate::sink::files::WriteError> {
+    use arrow::array::{
+        ArrayRef, BooleanArray, Int64Array, StringArray, TimestampMicrosecondArray,
+    };
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    let n = rows.len();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(
+            "run_at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("check", DataType::Utf8, false),
+        Field::new("passed", DataType::Boolean, false),
+        Field::new("from_day", DataType::Utf8, true),
+        Field::new("to_day", DataType::Utf8, true),
+        Field::new("findings", DataType::Int64, false),
+        Field::new("report", DataType::Utf8, false),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(TimestampMicrosecondArray::from(vec![run_at_us; n]).with_timezone("UTC")),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.check))),
+        Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.passed)))),
+        Arc::new(StringArray::from(vec![range.from.map(day_string); n])),
+        Arc::new(StringArray::from(vec![range.to.map(day_string); n])),
+        Arc::new(Int64Array::from_iter_values(
+            rows.iter().map(|r| r.findings),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.report.as_str()),
+        )),
+    ];
+    let batch = arrow::record_batch::RecordBatch::try_new(schema, columns)
+        .expect("columns match the schema");
+    let day = run_at_us.div_euclid(adsmetrics_dataflows::MICROS_PER_DAY);
+    let name = format!("part-{run_at_us}-{}.parquet", std::process::id());
+    let dest = results_dir(warehouse)
+        .join(format!("dt={}", day_string(day)))
+        .join(&name);
+    let bytes = crate::sink::files::parquet_bytes(
+        &batch,
+        crate::sink::files::base_writer_properties().build(),
+        &dest,
+    )?;
+    let staged = warehouse.meta_dir().join("dq-staging").join(&name);
+    crate::sink::files::replace(&staged, &dest, &bytes)?;
+    Ok(dest)
 }

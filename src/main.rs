@@ -194,8 +194,10 @@ enum Command {
         #[command(subcommand)]
         command: RetentionCommand,
     },
-    /// Data-quality checks; exit code 0 when they pass, a distinct code per failing check
-    /// (duplicates: 10, partitions: 11, reconcile: 12, freshness: 13), 1 when a check cannot run.
+    /// Data-quality checks: a report on stdout (text or JSON) and a row per check in the
+    /// `dq_results` table (Parquet, by run date); exit code 0 when they pass, a distinct code per
+    /// failing check (duplicates: 10, partitions: 11, reconcile: 12, freshness: 13), 1 when a
+    /// check cannot run.
     Check {
         #[command(subcommand)]
         command: CheckCommand,
@@ -291,6 +293,9 @@ enum CheckCommand {
         /// `text` or `json` (one object on stdout).
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         format: String,
+        /// Do not append the result to the `dq_results` table.
+        #[arg(long)]
+        no_record: bool,
     },
     /// Every check above with its defaults (freshness: --max-age); exit code of the first that
     /// fails, in the order duplicates, partitions, reconcile, freshness. JSON: one object with
@@ -347,6 +352,9 @@ struct CheckArgs {
     /// Threads reading raw files.
     #[arg(long, short = 'w', default_value_t = 2)]
     workers: usize,
+    /// Do not append the results to the `dq_results` table.
+    #[arg(long)]
+    no_record: bool,
 }
 
 impl CheckArgs {
@@ -357,14 +365,22 @@ impl CheckArgs {
         })
     }
 
-    /// Prints a report as asked; fails with `code` when it did not pass.
+    /// Records `rows` in `dq_results` (unless --no-record), prints a report as asked; fails
+    /// with `code` when it did not pass.
     fn finish<R: serde::Serialize>(
         &self,
+        warehouse: &Warehouse,
+        rows: &[adsmetrics::check::ResultRow],
         report: &R,
         text: String,
         passed: bool,
         code: u8,
     ) -> anyhow::Result<()> {
+        if !self.no_record {
+            let at = chrono::Utc::now().timestamp_micros();
+            adsmetrics::check::record(warehouse, at, self.range()?, rows)
+                .context("recording the results in dq_results")?;
+        }
         if self.format == "json" {
             println!("{}", serde_json::to_string(report)?);
         } else {
@@ -704,7 +720,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let report =
                 adsmetrics::check::reconcile(&warehouse, common.range()?, common.workers.max(1))?;
             let code = adsmetrics::check::EXIT_RECONCILE;
-            common.finish(&report, report.text(), report.passed, code)?;
+            common.finish(
+                &warehouse,
+                &[report.row()],
+                &report,
+                report.text(),
+                report.passed,
+                code,
+            )?;
         }
         Command::Check {
             command:
@@ -725,7 +748,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 common.workers.max(1),
             )?;
             let code = adsmetrics::check::EXIT_DUPLICATES;
-            common.finish(&report, report.text(), report.passed, code)?;
+            common.finish(
+                &warehouse,
+                &[report.row()],
+                &report,
+                report.text(),
+                report.passed,
+                code,
+            )?;
         }
         Command::Check {
             command: CheckCommand::Partitions { common },
@@ -733,7 +763,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let report =
                 adsmetrics::check::partitions(&warehouse, common.range()?, common.workers.max(1))?;
             let code = adsmetrics::check::EXIT_PARTITIONS;
-            common.finish(&report, report.text(), report.passed, code)?;
+            common.finish(
+                &warehouse,
+                &[report.row()],
+                &report,
+                report.text(),
+                report.passed,
+                code,
+            )?;
         }
         Command::Check {
             command:
@@ -741,6 +778,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     max_age,
                     now,
                     format,
+                    no_record,
                 },
         } => {
             let report = adsmetrics::check::freshness(&warehouse, parse_now(now)?, max_age)?;
@@ -749,9 +787,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 to: None,
                 format,
                 workers: 1,
+                no_record,
             };
             let code = adsmetrics::check::EXIT_FRESHNESS;
-            common.finish(&report, report.text(), report.passed, code)?;
+            common.finish(
+                &warehouse,
+                &[report.row()],
+                &report,
+                report.text(),
+                report.passed,
+                code,
+            )?;
         }
         Command::Check {
             command:
@@ -783,12 +829,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 freshness.text(),
             ]
             .concat();
+            let rows = [
+                duplicates.row(),
+                partitions.row(),
+                reconcile.row(),
+                freshness.row(),
+            ];
             let report = serde_json::json!({
                 "check": "all",
                 "passed": failed.is_none(),
                 "checks": [duplicates, partitions, reconcile, freshness],
             });
-            common.finish(&report, text, failed.is_none(), failed.unwrap_or(0))?;
+            common.finish(
+                &warehouse,
+                &rows,
+                &report,
+                text,
+                failed.is_none(),
+                failed.unwrap_or(0),
+            )?;
         }
         Command::Retention {
             command:

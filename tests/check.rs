@@ -355,4 +355,42 @@ fn freshness_fails_when_the_newest_partition_is_older_than_the_limit_and_all_gat
         check(&[&["all", "--max-age", "4h"][..], &at].concat()),
         Some(0)
     );
+
+    // Every run above is in dq_results: 2 freshness rows, then 4 per `all`.
+    let mut rows = Vec::new();
+    for entry in walkdir::WalkDir::new(adsmetrics::check::results_dir(&wh)).sort_by_file_name() {
+        let entry = entry.unwrap();
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let file = std::fs::File::open(entry.path()).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let column = |name: &str| batch.column_by_name(name).unwrap().clone();
+            let (checks, passed) = (column("check"), column("passed"));
+            let checks = checks
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .unwrap();
+            let passed = passed
+                .as_any()
+                .downcast_ref::<arrow::array::BooleanArray>()
+                .unwrap();
+            for i in 0..batch.num_rows() {
+                rows.push((checks.value(i).to_string(), passed.value(i)));
+            }
+        }
+    }
+    assert_eq!(rows.len(), 2 + 3 * 4, "{rows:?}");
+    let failed: Vec<&str> = rows.iter().filter(|r| !r.1).map(|r| r.0.as_str()).collect();
+    // freshness at 2h; `all` at 2h (partitions, freshness); after the fix at 2h (freshness).
+    assert_eq!(
+        failed,
+        ["freshness", "partitions", "freshness", "freshness"],
+        "{rows:?}"
+    );
 }
