@@ -118,6 +118,26 @@ pub struct Finding {
     pub problem: Problem,
 }
 
+/// Where the raw rows of a range go: `raw_rows - deleted - superseded = curated_events`, where
+/// superseded rows are duplicates and older revisions (and versions whose winner lies outside
+/// the range) and curated events are the published hourly partitions' impressions, clicks and
+/// conversions. Quarantined events never reach the raw layer; they are counted beside it.
+#[derive(Debug, Serialize)]
+pub struct Accounting {
+    /// Raw rows in the range's event days.
+    pub raw_rows: u64,
+    /// Of them, rows of deleted keys (tombstones).
+    pub deleted: u64,
+    /// Of them, rows that lost dedup.
+    pub superseded: u64,
+    /// Events in the published hourly partitions of the range.
+    pub curated_events: u64,
+    /// Whether the line adds up.
+    pub balanced: bool,
+    /// Events quarantined by the sources committed (all days: quarantine has no event day).
+    pub quarantined: u64,
+}
+
 /// The result of `check reconcile`.
 #[derive(Debug, Serialize)]
 pub struct Reconciliation {
@@ -135,6 +155,8 @@ pub struct Reconciliation {
     pub raw_rows: usize,
     /// Distinct keys after dedup and tombstones, with their winner in range.
     pub events: usize,
+    /// Raw rows of the range's days → curated events, line by line.
+    pub accounting: Accounting,
     /// Partitions compared.
     pub partitions: usize,
     /// Partitions that matched.
@@ -156,6 +178,18 @@ impl Reconciliation {
             self.raw_rows,
             self.events
         );
+        let a = &self.accounting;
+        out.push_str(&format!(
+            "  raw rows {} - deleted {} - superseded {} = {} {} curated events {}; {} quarantined \
+             before the raw layer\n",
+            a.raw_rows,
+            a.deleted,
+            a.superseded,
+            a.raw_rows - a.deleted - a.superseded,
+            if a.balanced { "=" } else { "!=" },
+            a.curated_events,
+            a.quarantined
+        ));
         for f in &self.findings {
             let what = match &f.problem {
                 Problem::Missing => "missing: the raw layer has events for it".to_string(),
@@ -240,7 +274,10 @@ pub fn reconcile(
         .collect();
     let mut rows: Vec<(DedupKey, EventVersion)> = read_versions(&wanted, threads)?.concat();
     let mut raw_files = wanted.len();
+    let range_rows = rows.len() as u64;
     rows.retain(|(key, _)| !tombstones.contains(key));
+    let deleted = range_rows - rows.len() as u64;
+    let live_in_range = rows.len() as u64;
 
     // Other versions of the range's keys in other days.
     let keys: HashSet<DedupKey, BuildFastHasher> = rows.iter().map(|(k, _)| *k).collect();
@@ -280,6 +317,7 @@ pub fn reconcile(
         .collect();
     let ids: BTreeSet<&PartitionId> = expected.keys().chain(published.keys().copied()).collect();
     let mut findings = Vec::new();
+    let mut curated_events = 0u64;
     for id in &ids {
         let partition = partition_name(id);
         let problem = match (expected.get(*id), published.get(*id)) {
@@ -293,6 +331,12 @@ pub fn reconcile(
                         error: format!("{}: {e}", path.display()),
                     }),
                     Ok(have) => {
+                        if id.grain == Grain::Hourly {
+                            curated_events += have
+                                .iter()
+                                .map(|(_, r)| (r.impressions + r.clicks + r.conversions) as u64)
+                                .sum::<u64>();
+                        }
                         let file = crate::sink::curated::content_version(id, &have);
                         if file != current.version {
                             Some(Problem::NotTheJournalsVersion {
@@ -310,9 +354,24 @@ pub fn reconcile(
             findings.push(Finding { partition, problem });
         }
     }
+    let superseded = live_in_range - events as u64;
+    let accounting = Accounting {
+        raw_rows: range_rows,
+        deleted,
+        superseded,
+        curated_events,
+        balanced: range_rows - deleted - superseded == curated_events,
+        quarantined: journal
+            .committed()
+            .iter()
+            .flat_map(|p| &p.sources)
+            .map(|s| s.quarantined)
+            .sum(),
+    };
     Ok(Reconciliation {
         check: "reconcile",
-        passed: findings.is_empty(),
+        passed: findings.is_empty() && accounting.balanced,
+        accounting,
         from: range.from.map(day_string),
         to: range.to.map(day_string),
         raw_files,

@@ -38,6 +38,9 @@ fn clean_data_passes_whole_and_by_range_and_after_a_correction() {
     assert!(report.passed, "{}", report.text());
     assert_eq!(report.partitions, published_tables(&wh).len());
     assert_eq!(report.matched, report.partitions);
+    let a = &report.accounting;
+    assert!(a.balanced && a.curated_events == report.events as u64 && a.raw_rows > 0);
+    assert_eq!(a.raw_rows - a.deleted - a.superseded, a.curated_events);
 
     // A correction: revised versions of some events, a day late.
     let mut events = sample_events(3000, 30);
@@ -118,6 +121,8 @@ fn a_raw_file_that_no_longer_matches_the_tables_fails_with_the_rows_that_differ(
     std::fs::remove_file(&raw[raw.len() / 2]).unwrap();
     let report = all(&wh);
     assert!(!report.passed);
+    assert!(!report.accounting.balanced, "{}", report.text());
+    assert!(report.accounting.curated_events > report.events as u64);
     let differing: Vec<_> = report
         .findings
         .iter()
