@@ -126,3 +126,21 @@ def test_rerun_through_the_cli_changes_nothing(published):
     assert "nothing new" in out
     after = [(p, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(p for p in wh.rglob("*.parquet") if "ads_metrics" in str(p))]
     assert before == after
+
+
+def test_checks_pass_and_duckdb_reads_their_dq_results(published):
+    import json
+    _, wh = published
+    # Generated data is weeks old: freshness is given a limit it meets.
+    report = json.loads(run("check", "all", "--max-age", "100000d", "--format", "json", warehouse=wh))
+    assert report["passed"] is True
+    assert [c["check"] for c in report["checks"]] == ["duplicates", "partitions", "reconcile", "freshness"]
+    accounting = report["checks"][2]["accounting"]
+    assert accounting["balanced"] and accounting["curated_events"] > 0
+    rows = duckdb.sql(f"""SELECT "check", passed, findings, dt::VARCHAR, json_extract(report, '$.check')
+        FROM read_parquet('{wh}/dq_results/**/*.parquet', hive_partitioning = true)
+        ORDER BY "check" """).fetchall()
+    assert [r[0] for r in rows] == ["duplicates", "freshness", "partitions", "reconcile"]
+    assert all(r[1] is True and r[2] == 0 for r in rows), rows
+    assert all(json.loads(r[4]) == r[0] for r in rows), rows
+    assert len({r[3] for r in rows}) == 1
