@@ -226,19 +226,48 @@ fn day_of(id: &PartitionId) -> i64 {
     }
 }
 
+/// The raw files the journal has committed (a crashed run's uncommitted files are ignored).
+fn committed_raw<'a>(
+    warehouse: &Warehouse,
+    journal: &'a CommitJournal,
+) -> impl Iterator<Item = PathBuf> + 'a {
+    raw::list_raw_files(warehouse)
+        .into_iter()
+        .filter(|p| raw::source_hash_of(p).is_some_and(|h| journal.consumed().contains(h)))
+}
+
 fn read_versions(
     paths: &[&PathBuf],
     threads: usize,
 ) -> Result<Vec<Vec<(DedupKey, EventVersion)>>, CheckError> {
     Ok(crate::rehydrate::par_map(paths, threads, |path| {
-        let bytes = std::fs::read(path).map_err(|source| crate::source::SourceError {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Ok::<_, crate::scope::ScopeError>(
-            raw::RawFile::open(path, bytes::Bytes::from(bytes))?.all_versions()?,
-        )
+        let bytes = crate::rehydrate::read_bytes(path)?;
+        Ok::<_, crate::scope::ScopeError>(raw::RawFile::open(path, bytes)?.all_versions()?)
     })?)
+}
+
+/// A raw file's `dedup_key` and `producer` columns.
+type KeyProducers = (Vec<u128>, Vec<String>);
+
+/// Per committed raw file of `range`: its event hour and its `dedup_key` and `producer` columns.
+fn hourly_key_producers(
+    warehouse: &Warehouse,
+    journal: &CommitJournal,
+    range: DayRange,
+    threads: usize,
+) -> Result<Vec<(i64, KeyProducers)>, CheckError> {
+    let files: Vec<(i64, PathBuf)> = committed_raw(warehouse, journal)
+        .filter_map(|p| Some((raw_hour(warehouse, &p)?, p)))
+        .filter(|(hour, _)| range.contains(hour.div_euclid(24)))
+        .collect();
+    Ok(crate::rehydrate::par_map(
+        &files,
+        threads,
+        |(hour, path)| {
+            let file = raw::RawFile::open(path, crate::rehydrate::read_bytes(path)?)?;
+            Ok::<_, crate::scope::ScopeError>((*hour, file.key_producer_columns()?))
+        },
+    )?)
 }
 
 /// Recomputes the partitions of `range` from the raw layer and compares them with what is
@@ -258,13 +287,11 @@ pub fn reconcile(
     // The raw files the journal has committed, by event day (files outside a dt= folder: always
     // read, they cannot be placed).
     let mut by_day: BTreeMap<Option<i64>, Vec<PathBuf>> = BTreeMap::new();
-    for path in raw::list_raw_files(warehouse) {
-        if raw::source_hash_of(&path).is_some_and(|h| journal.consumed().contains(h)) {
-            by_day
-                .entry(raw_day(warehouse, &path))
-                .or_default()
-                .push(path);
-        }
+    for path in committed_raw(warehouse, &journal) {
+        by_day
+            .entry(raw_day(warehouse, &path))
+            .or_default()
+            .push(path);
     }
     let in_range = |day: &Option<i64>| day.is_none_or(|d| range.contains(d));
     let wanted: Vec<&PathBuf> = by_day
@@ -512,20 +539,7 @@ pub fn duplicates(
     threads: usize,
 ) -> Result<Duplicates, CheckError> {
     let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
-    let files: Vec<(i64, PathBuf)> = raw::list_raw_files(warehouse)
-        .into_iter()
-        .filter(|p| raw::source_hash_of(p).is_some_and(|h| journal.consumed().contains(h)))
-        .filter_map(|p| Some((raw_hour(warehouse, &p)?, p)))
-        .filter(|(hour, _)| range.contains(hour.div_euclid(24)))
-        .collect();
-    let columns = crate::rehydrate::par_map(&files, threads, |(hour, path)| {
-        let bytes = std::fs::read(path).map_err(|source| crate::source::SourceError {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let file = raw::RawFile::open(path, bytes::Bytes::from(bytes))?;
-        Ok::<_, crate::scope::ScopeError>((*hour, file.key_producer_columns()?))
-    })?;
+    let columns = hourly_key_producers(warehouse, &journal, range, threads)?;
     let mut groups: BTreeMap<(i64, String), (u64, HashSet<u128, BuildFastHasher>)> =
         BTreeMap::new();
     for (hour, (keys, producers)) in columns {
@@ -674,34 +688,15 @@ pub fn partitions(
     threads: usize,
 ) -> Result<Partitions, CheckError> {
     let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
-    let files: Vec<(i64, PathBuf)> = raw::list_raw_files(warehouse)
-        .into_iter()
-        .filter(|p| raw::source_hash_of(p).is_some_and(|h| journal.consumed().contains(h)))
-        .filter_map(|p| Some((raw_hour(warehouse, &p)?, p)))
-        .filter(|(hour, _)| range.contains(hour.div_euclid(24)))
-        .collect();
     let tombstones = Tombstones::open(&warehouse.tombstones_path())?;
-    let per_file = crate::rehydrate::par_map(&files, threads, |(hour, path)| {
-        let bytes = std::fs::read(path).map_err(|source| crate::source::SourceError {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let file = raw::RawFile::open(path, bytes::Bytes::from(bytes))?;
-        let (keys, producers) = file.key_producer_columns()?;
-        let live: BTreeSet<String> = keys
-            .into_iter()
-            .zip(producers)
-            .filter(|(k, _)| !tombstones.contains(&DedupKey((*k).into())))
-            .map(|(_, p)| p)
-            .collect();
-        Ok::<_, crate::scope::ScopeError>((*hour, live))
-    })?;
     let mut present: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
     let mut hours_with_rows = BTreeSet::new();
-    for (hour, producers) in per_file {
-        for p in producers {
-            present.entry(p).or_default().insert(hour);
-            hours_with_rows.insert(hour);
+    for (hour, (keys, producers)) in hourly_key_producers(warehouse, &journal, range, threads)? {
+        for (key, producer) in keys.into_iter().zip(producers) {
+            if !tombstones.contains(&DedupKey(key.into())) {
+                present.entry(producer).or_default().insert(hour);
+                hours_with_rows.insert(hour);
+            }
         }
     }
     let first = range
@@ -866,9 +861,7 @@ pub fn freshness(
             stale: age.is_none_or(|a| a > max_age_seconds),
         });
     }
-    let newest_raw = raw::list_raw_files(warehouse)
-        .into_iter()
-        .filter(|p| raw::source_hash_of(p).is_some_and(|h| journal.consumed().contains(h)))
+    let newest_raw = committed_raw(warehouse, &journal)
         .filter_map(|p| raw_hour(warehouse, &p))
         .max();
     let last_publish = crate::ledger::Ledger::open(&warehouse.ledger_path())
@@ -925,6 +918,41 @@ impl ResultRow {
         }
     }
 }
+
+/// What every check's report offers the command line: a pass/fail, lines for a terminal, its
+/// `dq_results` row, and the exit code it fails with.
+pub trait Report: Serialize {
+    /// The exit code of a failure.
+    const EXIT: u8;
+    /// Whether it passed.
+    fn passed(&self) -> bool;
+    /// A few lines for a terminal.
+    fn text(&self) -> String;
+    /// Its `dq_results` row.
+    fn row(&self) -> ResultRow;
+}
+
+macro_rules! report {
+    ($t:ty, $exit:expr) => {
+        impl Report for $t {
+            const EXIT: u8 = $exit;
+            fn passed(&self) -> bool {
+                self.passed
+            }
+            fn text(&self) -> String {
+                <$t>::text(self)
+            }
+            fn row(&self) -> ResultRow {
+                <$t>::row(self)
+            }
+        }
+    };
+}
+
+report!(Duplicates, EXIT_DUPLICATES);
+report!(Partitions, EXIT_PARTITIONS);
+report!(Reconciliation, EXIT_RECONCILE);
+report!(Freshness, EXIT_FRESHNESS);
 
 impl Duplicates {
     /// Its `dq_results` row.

@@ -358,6 +358,23 @@ struct CheckArgs {
 }
 
 impl CheckArgs {
+    /// [`CheckArgs::finish`] for the report of one check.
+    fn finish_report<R: adsmetrics::check::Report>(
+        &self,
+        warehouse: &Warehouse,
+        report: &R,
+    ) -> anyhow::Result<()> {
+        let rows = [report.row()];
+        self.finish(
+            warehouse,
+            &rows,
+            report,
+            report.text(),
+            report.passed(),
+            R::EXIT,
+        )
+    }
+
     fn range(&self) -> anyhow::Result<adsmetrics::check::DayRange> {
         Ok(adsmetrics::check::DayRange {
             from: parse_day_arg("--from", self.from.clone())?,
@@ -719,15 +736,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let report =
                 adsmetrics::check::reconcile(&warehouse, common.range()?, common.workers.max(1))?;
-            let code = adsmetrics::check::EXIT_RECONCILE;
-            common.finish(
-                &warehouse,
-                &[report.row()],
-                &report,
-                report.text(),
-                report.passed,
-                code,
-            )?;
+            common.finish_report(&warehouse, &report)?;
         }
         Command::Check {
             command:
@@ -747,30 +756,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 thresholds,
                 common.workers.max(1),
             )?;
-            let code = adsmetrics::check::EXIT_DUPLICATES;
-            common.finish(
-                &warehouse,
-                &[report.row()],
-                &report,
-                report.text(),
-                report.passed,
-                code,
-            )?;
+            common.finish_report(&warehouse, &report)?;
         }
         Command::Check {
             command: CheckCommand::Partitions { common },
         } => {
             let report =
                 adsmetrics::check::partitions(&warehouse, common.range()?, common.workers.max(1))?;
-            let code = adsmetrics::check::EXIT_PARTITIONS;
-            common.finish(
-                &warehouse,
-                &[report.row()],
-                &report,
-                report.text(),
-                report.passed,
-                code,
-            )?;
+            common.finish_report(&warehouse, &report)?;
         }
         Command::Check {
             command:
@@ -789,15 +782,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 workers: 1,
                 no_record,
             };
-            let code = adsmetrics::check::EXIT_FRESHNESS;
-            common.finish(
-                &warehouse,
-                &[report.row()],
-                &report,
-                report.text(),
-                report.passed,
-                code,
-            )?;
+            common.finish_report(&warehouse, &report)?;
         }
         Command::Check {
             command:

@@ -155,7 +155,7 @@ fn user_ad_hash(user: i64, ad: i64) -> u64 {
     (h ^ (h >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9)
 }
 
-fn read_bytes(path: &Path) -> Result<Bytes, ScopeError> {
+pub(crate) fn read_bytes(path: &Path) -> Result<Bytes, ScopeError> {
     let bytes = std::fs::read(path).map_err(|source| SourceError {
         path: path.to_path_buf(),
         source,

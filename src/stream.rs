@@ -907,9 +907,11 @@ fn publish_epoch(
     let visible_ms = chrono::Utc::now().timestamp_millis();
     for (_, records) in &epoch {
         for ts in records.iter().filter_map(|r| r.timestamp_ms) {
-            summary
-                .latency
-                .record(visible_ms.saturating_sub(ts).max(0) as u64);
+            let ms = visible_ms.saturating_sub(ts).max(0);
+            summary.latency.record(ms as u64);
+            if let Some(m) = &options.metrics {
+                m.latency.observe(ms as f64 / 1000.0);
+            }
         }
     }
     let mut commit = TopicPartitionList::new();
@@ -933,12 +935,6 @@ fn publish_epoch(
         m.partitions_published.inc_by(ingested.partitions_published);
         m.partitions_unchanged.inc_by(ingested.partitions_unchanged);
         m.last_publish.set(visible_ms as f64 / 1000.0);
-        for (_, records) in &epoch {
-            for ts in records.iter().filter_map(|r| r.timestamp_ms) {
-                m.latency
-                    .observe(visible_ms.saturating_sub(ts).max(0) as f64 / 1000.0);
-            }
-        }
         for range in &ranges {
             m.set_position(&range.topic, range.partition, range.last + 1);
         }

@@ -300,15 +300,31 @@ impl<'a> RawFile<'a> {
         guarded(self.path, || self.scan_key_user())
     }
 
+    /// Appends a batch's `dedup_key` column to `keys`, as `u128`; a missing or malformed key is
+    /// damage.
+    fn push_keys(
+        &self,
+        batch: &arrow::record_batch::RecordBatch,
+        keys: &mut Vec<u128>,
+    ) -> Result<(), RawReadError> {
+        let key_array = batch
+            .column_by_name("dedup_key")
+            .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
+            .ok_or_else(|| self.err("dedup_key is not 16-byte binary".into()))?;
+        for bytes in key_array.iter() {
+            let bytes: [u8; 16] = bytes
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| self.err("a dedup_key is missing or not 16 bytes".into()))?;
+            keys.push(u128::from_be_bytes(bytes));
+        }
+        Ok(())
+    }
+
     fn scan_key_user(&self) -> Result<KeyUserColumns, RawReadError> {
         let reader = self.reader(&["dedup_key", "user_id", "ad_id"], None, 1 << 20)?;
         let mut out = KeyUserColumns::default();
         for batch in reader {
             let batch = batch.map_err(|e| self.err(e.to_string()))?;
-            let key_array = batch
-                .column_by_name("dedup_key")
-                .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
-                .ok_or_else(|| self.err("dedup_key is not 16-byte binary".into()))?;
             let int_column = |name: &str| {
                 batch
                     .column_by_name(name)
@@ -316,18 +332,10 @@ impl<'a> RawFile<'a> {
                     .ok_or_else(|| self.err(format!("{name} is not a 64-bit integer")))
             };
             let (user_array, ad_array) = (int_column("user_id")?, int_column("ad_id")?);
-            if key_array.null_count() > 0
-                || user_array.null_count() > 0
-                || ad_array.null_count() > 0
-            {
-                return Err(self.err("a dedup_key, user_id or ad_id is missing".into()));
+            if user_array.null_count() > 0 || ad_array.null_count() > 0 {
+                return Err(self.err("a user_id or ad_id is missing".into()));
             }
-            for bytes in key_array.iter().flatten() {
-                let bytes: [u8; 16] = bytes
-                    .try_into()
-                    .map_err(|_| self.err("a dedup_key is not 16 bytes".into()))?;
-                out.keys.push(u128::from_be_bytes(bytes));
-            }
+            self.push_keys(&batch, &mut out.keys)?;
             out.users.extend(user_array.values().iter().copied());
             out.ads.extend(ad_array.values().iter().copied());
         }
@@ -341,20 +349,11 @@ impl<'a> RawFile<'a> {
             let (mut keys, mut producers) = (Vec::new(), Vec::new());
             for batch in reader {
                 let batch = batch.map_err(|e| self.err(e.to_string()))?;
-                let key_array = batch
-                    .column_by_name("dedup_key")
-                    .and_then(|c| c.as_any().downcast_ref::<FixedSizeBinaryArray>())
-                    .ok_or_else(|| self.err("dedup_key is not 16-byte binary".into()))?;
+                self.push_keys(&batch, &mut keys)?;
                 let producer_array = batch
                     .column_by_name("producer")
                     .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
                     .ok_or_else(|| self.err("producer is not a string".into()))?;
-                for bytes in key_array.iter() {
-                    let bytes: [u8; 16] = bytes
-                        .and_then(|b| b.try_into().ok())
-                        .ok_or_else(|| self.err("a dedup_key is missing or not 16 bytes".into()))?;
-                    keys.push(u128::from_be_bytes(bytes));
-                }
                 producers.extend(producer_array.iter().map(|p| p.unwrap_or("").to_string()));
             }
             Ok((keys, producers))
