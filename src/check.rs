@@ -900,6 +900,27 @@ pub struct ResultRow {
     pub findings: i64,
     /// Its whole report, JSON.
     pub report: String,
+    /// Figures for alerting, exported by [`metrics_text`] as `adsmetrics_check_<name>`.
+    pub measures: Vec<Measure>,
+}
+
+/// One figure of a check, for a Prometheus gauge.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Measure {
+    /// The gauge's name after `adsmetrics_check_`.
+    pub name: &'static str,
+    /// A `table` label, for per-table figures.
+    pub table: Option<&'static str>,
+    /// The value.
+    pub value: f64,
+}
+
+fn measure(name: &'static str, value: impl Into<f64>) -> Measure {
+    Measure {
+        name,
+        table: None,
+        value: value.into(),
+    }
 }
 
 impl ResultRow {
@@ -915,8 +936,54 @@ impl ResultRow {
             passed,
             findings: findings as i64,
             report: serde_json::to_string(report).expect("reports serialize"),
+            measures: Vec::new(),
         }
     }
+
+    fn with(mut self, measures: impl IntoIterator<Item = Measure>) -> Self {
+        self.measures.extend(measures);
+        self
+    }
+}
+
+/// The results of a check run in Prometheus text format, for node_exporter's textfile collector
+/// (or a Pushgateway): per check `adsmetrics_check_passed`, `adsmetrics_check_findings` and
+/// `adsmetrics_check_last_run_timestamp_seconds`, then each check's own figures. The alert rules
+/// in `deploy/prometheus/alerts.yml` are written against these names.
+pub fn metrics_text(run_at_us: i64, rows: &[ResultRow]) -> String {
+    use std::fmt::Write as _;
+    let mut families: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut gauge = |name: &str, labels: String, value: f64| {
+        families
+            .entry(format!("adsmetrics_check_{name}"))
+            .or_default()
+            .push(format!("{{{labels}}} {value}"));
+    };
+    for row in rows {
+        let check = format!("check=\"{}\"", row.check);
+        gauge("passed", check.clone(), f64::from(u8::from(row.passed)));
+        gauge("findings", check.clone(), row.findings as f64);
+        gauge(
+            "last_run_timestamp_seconds",
+            check.clone(),
+            run_at_us as f64 / 1e6,
+        );
+        for m in &row.measures {
+            let labels = match m.table {
+                Some(t) => format!("{check},table=\"{t}\""),
+                None => check.clone(),
+            };
+            gauge(m.name, labels, m.value);
+        }
+    }
+    let mut out = String::new();
+    for (name, samples) in families {
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for sample in samples {
+            let _ = writeln!(out, "{name}{sample}");
+        }
+    }
+    out
 }
 
 /// What every check's report offers the command line: a pass/fail, lines for a terminal, its
@@ -958,7 +1025,11 @@ impl Duplicates {
     /// Its `dq_results` row.
     pub fn row(&self) -> ResultRow {
         let alerts = self.hours.iter().filter(|h| h.alert.is_some()).count();
-        ResultRow::of(self.check, self.passed, alerts, self)
+        let max_rate = self.hours.iter().map(|h| h.rate).fold(0.0, f64::max);
+        ResultRow::of(self.check, self.passed, alerts, self).with([
+            measure("duplicate_rate_max", max_rate),
+            measure("duplicate_alert_hours", alerts as f64),
+        ])
     }
 }
 
@@ -969,14 +1040,26 @@ impl Partitions {
             + self.missing_curated.len()
             + usize::from(self.stuck_publish.is_some())
             + self.staged_files;
-        ResultRow::of(self.check, self.passed, found, self)
+        let missing_hours = self.gaps.iter().map(|g| g.hours.len()).sum::<usize>();
+        ResultRow::of(self.check, self.passed, found, self).with([
+            measure("missing_raw_hours", missing_hours as f64),
+            measure(
+                "missing_curated_partitions",
+                self.missing_curated.len() as f64,
+            ),
+            measure("stuck_publish", u8::from(self.stuck_publish.is_some())),
+            measure("staged_files", self.staged_files as f64),
+        ])
     }
 }
 
 impl Reconciliation {
     /// Its `dq_results` row.
     pub fn row(&self) -> ResultRow {
-        ResultRow::of(self.check, self.passed, self.findings.len(), self)
+        ResultRow::of(self.check, self.passed, self.findings.len(), self).with([
+            measure("mismatched_partitions", self.findings.len() as f64),
+            measure("accounting_unbalanced", u8::from(!self.accounting.balanced)),
+        ])
     }
 }
 
@@ -984,7 +1067,16 @@ impl Freshness {
     /// Its `dq_results` row.
     pub fn row(&self) -> ResultRow {
         let stale = self.tables.iter().filter(|t| t.stale).count();
+        let ages = self.tables.iter().filter_map(|t| {
+            Some(Measure {
+                name: "table_age_seconds",
+                table: Some(t.table),
+                value: t.age_seconds? as f64,
+            })
+        });
         ResultRow::of(self.check, self.passed, stale, self)
+            .with(ages)
+            .with([measure("max_age_seconds", self.max_age_seconds as f64)])
     }
 }
 

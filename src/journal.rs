@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 use adsmetrics_dataflows::{Dims, MetricRow, PartitionId};
 use serde::{Deserialize, Serialize};
 
+use crate::sink::publish::PublishOrigin;
+
 /// Errors of the journal; all are I/O or a journal that does not parse (not retryable by rerun).
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -43,6 +45,17 @@ pub enum JournalError {
         /// 1-based line number.
         line: usize,
         /// The parse error.
+        detail: String,
+    },
+    /// The compare-and-swap of a publish failed: the journal on disk is not the one this run read,
+    /// or a partition's published version is not the one the run replaces. Another writer
+    /// published meanwhile (one that bypassed the writer lock, e.g. on a filesystem without
+    /// locks); this run published nothing and a rerun converges.
+    #[error("fenced: {detail} ({path}); this run published nothing; run it again to converge")]
+    Fenced {
+        /// The journal.
+        path: PathBuf,
+        /// What differed.
         detail: String,
     },
     /// A fault injected by a test (`FailPoint`): the process "crashed" here.
@@ -215,6 +228,9 @@ pub struct CommittedPublish {
     pub seq: u64,
     /// The run that prepared it.
     pub run_id: String,
+    /// The run key its run was given (`--run-key`): the orchestrator's name for the logical run,
+    /// the same for every retry of it.
+    pub run_key: Option<String>,
     /// Sources it consumed.
     pub sources: Vec<SourceRecord>,
     /// Partitions it changed.
@@ -235,6 +251,9 @@ pub enum JournalRecord {
         seq: u64,
         /// The run that produced it.
         run_id: String,
+        /// The run's `--run-key`, if it was given one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run_key: Option<String>,
         /// The run's epoch.
         epoch: u64,
         /// Sources this epoch consumed.
@@ -267,6 +286,8 @@ impl JournalRecord {
             record: String,
             seq: u64,
             run_id: Option<String>,
+            #[serde(default)]
+            run_key: Option<String>,
             epoch: Option<u64>,
             sources: Option<Vec<SourceRecord>>,
             partitions: Option<Vec<PartitionChange>>,
@@ -281,6 +302,7 @@ impl JournalRecord {
             "prepare" => Ok(JournalRecord::Prepare {
                 seq: flat.seq,
                 run_id: flat.run_id.ok_or_else(|| missing("run_id"))?,
+                run_key: flat.run_key,
                 epoch: flat.epoch.ok_or_else(|| missing("epoch"))?,
                 sources: flat.sources.ok_or_else(|| missing("sources"))?,
                 partitions: flat.partitions.ok_or_else(|| missing("partitions"))?,
@@ -312,6 +334,8 @@ pub struct Published {
 pub struct CommitJournal {
     path: PathBuf,
     root: PathBuf,
+    /// The journal's length as this handle last read or wrote it: the fence of every append.
+    bytes: u64,
     last_seq: u64,
     published: BTreeMap<PartitionId, Published>,
     consumed: BTreeSet<String>,
@@ -327,6 +351,7 @@ impl CommitJournal {
         let mut journal = CommitJournal {
             path: path.to_path_buf(),
             root: root.to_path_buf(),
+            bytes: 0,
             last_seq: 0,
             published: BTreeMap::new(),
             consumed: BTreeSet::new(),
@@ -369,6 +394,7 @@ impl CommitJournal {
                 }
             }
         }
+        journal.bytes = on_disk_len(path)?;
         Ok(journal)
     }
 
@@ -382,6 +408,7 @@ impl CommitJournal {
                 if let Some(JournalRecord::Prepare {
                     seq: p,
                     run_id,
+                    run_key,
                     sources,
                     partitions,
                     ledger,
@@ -425,6 +452,7 @@ impl CommitJournal {
                         self.committed.push(CommittedPublish {
                             seq: p,
                             run_id,
+                            run_key,
                             sources,
                             partitions,
                             ledger,
@@ -509,31 +537,72 @@ impl CommitJournal {
     }
 
     fn append(&mut self, record: &JournalRecord) -> Result<(), JournalError> {
+        self.check_fence()?;
         crate::sink::files::append_json_line(&self.path, record).map_err(io_err(&self.path))?;
+        self.bytes = on_disk_len(&self.path)?;
         self.apply(record.clone());
+        Ok(())
+    }
+
+    /// Fails with [`JournalError::Fenced`] when the journal on disk is no longer what this handle
+    /// read and wrote: someone else appended (or cut) it.
+    fn check_fence(&self) -> Result<(), JournalError> {
+        let now = on_disk_len(&self.path)?;
+        if now == self.bytes {
+            return Ok(());
+        }
+        Err(JournalError::Fenced {
+            path: self.path.clone(),
+            detail: format!(
+                "the commit journal is {now} bytes, not the {} this run read and wrote (last publish it knows: {})",
+                self.bytes, self.last_seq
+            ),
+        })
+    }
+
+    /// The compare-and-swap of a publish: every change must replace the partition's current
+    /// version.
+    fn check_versions(&self, partitions: &[PartitionChange]) -> Result<(), JournalError> {
+        for change in partitions {
+            let current = self.published.get(&change.partition).map(|p| &p.version);
+            if current != change.old_version.as_ref() {
+                return Err(JournalError::Fenced {
+                    path: self.path.clone(),
+                    detail: format!(
+                        "partition {} is at version {} but this publish replaces version {}",
+                        crate::warehouse::partition_path(&change.partition),
+                        current.map_or("(none)", |v| v.as_str()),
+                        change.old_version.as_deref().unwrap_or("(none)")
+                    ),
+                });
+            }
+        }
         Ok(())
     }
 
     /// Appends a `Prepare` for the given changes; returns its sequence number. The staged files
     /// must already be durable.
+    ///
+    /// This is the publish's compare-and-swap: it fails with [`JournalError::Fenced`], appending
+    /// nothing, when the journal on disk changed since this handle read it or when a change does
+    /// not replace its partition's current version.
     pub fn prepare(
         &mut self,
-        run_id: &str,
-        epoch: u64,
+        origin: PublishOrigin<'_>,
         sources: Vec<SourceRecord>,
         partitions: Vec<PartitionChange>,
-        ledger: Option<LedgerAnchor>,
-        retired: Vec<RetiredSource>,
     ) -> Result<u64, JournalError> {
+        self.check_versions(&partitions)?;
         let seq = self.last_seq + 1;
         self.append(&JournalRecord::Prepare {
             seq,
-            run_id: run_id.to_string(),
-            epoch,
+            run_id: origin.run_id.to_string(),
+            run_key: origin.run_key.map(str::to_string),
+            epoch: origin.epoch,
             sources,
             partitions,
-            ledger,
-            retired,
+            ledger: origin.ledger,
+            retired: origin.retired,
         })?;
         Ok(seq)
     }
@@ -578,6 +647,14 @@ impl CommitJournal {
     }
 }
 
+fn on_disk_len(path: &Path) -> Result<u64, JournalError> {
+    match fs::metadata(path) {
+        Ok(m) => Ok(m.len()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
 #[cfg(test)]
 mod parse_tests {
     use super::*;
@@ -588,6 +665,7 @@ mod parse_tests {
         let prepare = JournalRecord::Prepare {
             seq: 3,
             run_id: "run-1".into(),
+            run_key: Some("dag/2026-11-01".into()),
             epoch: 2,
             sources: vec![SourceRecord {
                 source: "a.parquet".into(),
@@ -623,6 +701,7 @@ mod parse_tests {
         let plain = JournalRecord::Prepare {
             seq: 4,
             run_id: "run-2".into(),
+            run_key: None,
             epoch: 0,
             sources: Vec::new(),
             partitions: Vec::new(),

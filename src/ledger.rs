@@ -127,6 +127,10 @@ pub struct EntryBody {
     pub kind: RunKind,
     /// The run's id (the journal's `run_id` of its publishes).
     pub run_id: String,
+    /// The orchestrator's name for the logical run (`--run-key`): every try of one task, and
+    /// the recovery of a try that crashed, carry the same key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_key: Option<String>,
     /// Who ran it: the OS user (`USER`/`LOGNAME`), or `unknown`.
     pub actor: String,
     /// What ran, as typed (for an ingest: its inputs).
@@ -192,6 +196,8 @@ pub struct RunRecord {
     pub kind: RunKind,
     /// Its id.
     pub run_id: String,
+    /// Its `--run-key`.
+    pub run_key: Option<String>,
     /// What ran, as typed.
     pub command: String,
     /// Sources found already consumed.
@@ -250,8 +256,14 @@ impl Ledger {
             .unwrap_or(0)
     }
 
-    /// Appends a `recovery` entry for the committed publishes no entry covers yet, if any.
-    pub fn cover(&mut self, committed: &[CommittedPublish]) -> Result<Option<&Entry>, LedgerError> {
+    /// Appends a `recovery` entry for the committed publishes no entry covers yet, if any. Its
+    /// run key is the one the crashed run gave its publishes, else `run_key` (the recovering
+    /// run's).
+    pub fn cover(
+        &mut self,
+        committed: &[CommittedPublish],
+        run_key: Option<&str>,
+    ) -> Result<Option<&Entry>, LedgerError> {
         let covered = self.covered_publish();
         let missing: Vec<&CommittedPublish> =
             committed.iter().filter(|p| p.seq > covered).collect();
@@ -261,6 +273,7 @@ impl Ledger {
         let record = RunRecord {
             kind: RunKind::Recovery,
             run_id: first.run_id.clone(),
+            run_key: first.run_key.clone().or(run_key.map(str::to_string)),
             command: "startup: publishes committed without a ledger entry".to_string(),
             sources_skipped: 0,
             error: None,
@@ -331,6 +344,7 @@ impl Ledger {
             at: now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             kind: run.kind,
             run_id: run.run_id.clone(),
+            run_key: run.run_key.clone(),
             actor: actor(),
             command: run.command.clone(),
             outcome,
@@ -644,6 +658,7 @@ mod tests {
             at: "2026-11-23T00:00:00Z".to_string(),
             kind: RunKind::Ingest,
             run_id: "run-1".to_string(),
+            run_key: None,
             actor: "test".to_string(),
             command: "ingest x".to_string(),
             outcome: Outcome::Unchanged,
@@ -664,6 +679,9 @@ mod tests {
         assert_ne!(body_hash(&other), hash);
         let mut other = body.clone();
         other.actor = "mallory".to_string();
+        assert_ne!(body_hash(&other), hash);
+        let mut other = body.clone();
+        other.run_key = Some("dag/2026-11-23".to_string());
         assert_ne!(body_hash(&other), hash);
         let mut other = body.clone();
         other.latency_ms = Some(EpochLatency {

@@ -34,6 +34,7 @@ pub mod generate;
 pub mod journal;
 pub mod keyindex;
 pub mod ledger;
+pub mod lock;
 pub mod memory;
 pub mod metrics;
 pub mod rehydrate;

@@ -28,6 +28,22 @@ struct Cli {
     /// Log level filter (error, warn, info, debug, trace), or set RUST_LOG.
     #[arg(long, global = true, default_value = "warn")]
     log: String,
+    /// The orchestrator's name for this logical run, e.g. `ads_metrics/2026-11-01`: recorded on
+    /// every publish and ledger entry this process writes, so every retry of one task shows up
+    /// under one key (`audit log`).
+    #[arg(long, global = true, env = "ADSMETRICS_RUN_KEY", value_name = "KEY")]
+    run_key: Option<String>,
+    /// How long a writer waits for another writer of the warehouse to finish (the writer lock)
+    /// before giving up with exit code 75; e.g. 0, 90s, 10m.
+    #[arg(
+        long,
+        global = true,
+        default_value = "10m",
+        value_parser = parse_age,
+        value_name = "WAIT",
+        env = "ADSMETRICS_LOCK_WAIT"
+    )]
+    lock_wait: i64,
     #[command(subcommand)]
     command: Command,
 }
@@ -290,12 +306,8 @@ enum CheckCommand {
         /// Measure at this time (RFC 3339) instead of now.
         #[arg(long)]
         now: Option<String>,
-        /// `text` or `json` (one object on stdout).
-        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-        format: String,
-        /// Do not append the result to the `dq_results` table.
-        #[arg(long)]
-        no_record: bool,
+        #[command(flatten)]
+        output: CheckOutput,
     },
     /// Every check above with its defaults (freshness: --max-age); exit code of the first that
     /// fails, in the order duplicates, partitions, reconcile, freshness. JSON: one object with
@@ -346,27 +358,50 @@ struct CheckArgs {
     /// Last event day, YYYY-MM-DD (default: the newest).
     #[arg(long)]
     to: Option<String>,
-    /// `text` or `json` (one object on stdout).
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-    format: String,
     /// Threads reading raw files.
     #[arg(long, short = 'w', default_value_t = 2)]
     workers: usize,
+    #[command(flatten)]
+    output: CheckOutput,
+}
+
+/// Where a check's results go.
+#[derive(clap::Args, Debug)]
+struct CheckOutput {
+    /// `text` or `json` (one object on stdout).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    format: String,
     /// Do not append the results to the `dq_results` table.
     #[arg(long)]
     no_record: bool,
+    /// Also write the results as Prometheus gauges to this file (replaced atomically), for
+    /// node_exporter's textfile collector: `adsmetrics_check_passed{check=…}` and the figures
+    /// the rules in deploy/prometheus/alerts.yml alert on.
+    #[arg(long, value_name = "PATH")]
+    metrics_file: Option<PathBuf>,
 }
 
 impl CheckArgs {
-    /// [`CheckArgs::finish`] for the report of one check.
+    fn range(&self) -> anyhow::Result<adsmetrics::check::DayRange> {
+        Ok(adsmetrics::check::DayRange {
+            from: parse_day_arg("--from", self.from.clone())?,
+            to: parse_day_arg("--to", self.to.clone())?,
+        })
+    }
+}
+
+impl CheckOutput {
+    /// [`CheckOutput::finish`] for the report of one check.
     fn finish_report<R: adsmetrics::check::Report>(
         &self,
         warehouse: &Warehouse,
+        range: adsmetrics::check::DayRange,
         report: &R,
     ) -> anyhow::Result<()> {
         let rows = [report.row()];
         self.finish(
             warehouse,
+            range,
             &rows,
             report,
             report.text(),
@@ -375,28 +410,34 @@ impl CheckArgs {
         )
     }
 
-    fn range(&self) -> anyhow::Result<adsmetrics::check::DayRange> {
-        Ok(adsmetrics::check::DayRange {
-            from: parse_day_arg("--from", self.from.clone())?,
-            to: parse_day_arg("--to", self.to.clone())?,
-        })
-    }
-
-    /// Records `rows` in `dq_results` (unless --no-record), prints a report as asked; fails
-    /// with `code` when it did not pass.
+    /// Records `rows` in `dq_results` (unless --no-record) and the metrics file, prints a report
+    /// as asked; fails with `code` when it did not pass.
+    #[allow(clippy::too_many_arguments)]
     fn finish<R: serde::Serialize>(
         &self,
         warehouse: &Warehouse,
+        range: adsmetrics::check::DayRange,
         rows: &[adsmetrics::check::ResultRow],
         report: &R,
         text: String,
         passed: bool,
         code: u8,
     ) -> anyhow::Result<()> {
+        let at = chrono::Utc::now().timestamp_micros();
         if !self.no_record {
-            let at = chrono::Utc::now().timestamp_micros();
-            adsmetrics::check::record(warehouse, at, self.range()?, rows)
+            adsmetrics::check::record(warehouse, at, range, rows)
                 .context("recording the results in dq_results")?;
+        }
+        if let Some(path) = &self.metrics_file {
+            // Beside it under a name the textfile collector skips, then renamed over it.
+            let mut staged = path.clone().into_os_string();
+            staged.push(".tmp");
+            adsmetrics::sink::files::replace(
+                std::path::Path::new(&staged),
+                path,
+                adsmetrics::check::metrics_text(at, rows).as_bytes(),
+            )
+            .with_context(|| format!("writing --metrics-file {}", path.display()))?;
         }
         if self.format == "json" {
             println!("{}", serde_json::to_string(report)?);
@@ -510,14 +551,40 @@ fn main() -> ExitCode {
             Some(CheckFailed(code)) => ExitCode::from(*code),
             None => {
                 eprintln!("error: {e:#}");
-                ExitCode::FAILURE
+                if is_temporary(&e) {
+                    // EX_TEMPFAIL: another writer held or changed the warehouse; nothing was
+                    // published, and running again converges.
+                    ExitCode::from(75)
+                } else {
+                    ExitCode::FAILURE
+                }
             }
         },
     }
 }
 
+/// Whether `e` is a writer-lock timeout or a fenced publish (exit code 75).
+fn is_temporary(e: &anyhow::Error) -> bool {
+    use adsmetrics::delete::DeleteError;
+    use adsmetrics::runtime::RunError;
+    use adsmetrics::stream::StreamError;
+    let run = e
+        .downcast_ref::<RunError>()
+        .or_else(|| match e.downcast_ref::<DeleteError>() {
+            Some(DeleteError::Run(r)) => Some(r),
+            _ => None,
+        })
+        .or_else(|| match e.downcast_ref::<StreamError>() {
+            Some(StreamError::Run(r)) => Some(r),
+            _ => None,
+        });
+    run.is_some_and(RunError::is_temporary)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let warehouse = Warehouse::new(&cli.warehouse);
+    let warehouse = Warehouse::new(&cli.warehouse)
+        .with_run_key(cli.run_key.clone())
+        .with_lock_wait(std::time::Duration::from_secs(cli.lock_wait.max(0) as u64));
     match cli.command {
         Command::Generate {
             to_kafka: Some(brokers),
@@ -736,7 +803,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let report =
                 adsmetrics::check::reconcile(&warehouse, common.range()?, common.workers.max(1))?;
-            common.finish_report(&warehouse, &report)?;
+            common
+                .output
+                .finish_report(&warehouse, common.range()?, &report)?;
         }
         Command::Check {
             command:
@@ -756,33 +825,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 thresholds,
                 common.workers.max(1),
             )?;
-            common.finish_report(&warehouse, &report)?;
+            common
+                .output
+                .finish_report(&warehouse, common.range()?, &report)?;
         }
         Command::Check {
             command: CheckCommand::Partitions { common },
         } => {
             let report =
                 adsmetrics::check::partitions(&warehouse, common.range()?, common.workers.max(1))?;
-            common.finish_report(&warehouse, &report)?;
+            common
+                .output
+                .finish_report(&warehouse, common.range()?, &report)?;
         }
         Command::Check {
             command:
                 CheckCommand::Freshness {
                     max_age,
                     now,
-                    format,
-                    no_record,
+                    output,
                 },
         } => {
             let report = adsmetrics::check::freshness(&warehouse, parse_now(now)?, max_age)?;
-            let common = CheckArgs {
-                from: None,
-                to: None,
-                format,
-                workers: 1,
-                no_record,
-            };
-            common.finish_report(&warehouse, &report)?;
+            output.finish_report(&warehouse, Default::default(), &report)?;
         }
         Command::Check {
             command:
@@ -825,8 +890,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "passed": failed.is_none(),
                 "checks": [duplicates, partitions, reconcile, freshness],
             });
-            common.finish(
+            common.output.finish(
                 &warehouse,
+                range,
                 &rows,
                 &report,
                 text,

@@ -49,6 +49,19 @@ pub struct StreamMetrics {
     pub partitions_published: Counter,
     /// Curated partitions recomputed and found unchanged.
     pub partitions_unchanged: Counter,
+    /// Events that repeated one already in the same epoch's sources (producer resends).
+    pub duplicates: Counter,
+    /// Keys seen with conflicting versions (a producer sent one event id with different
+    /// contents; the newest revision wins).
+    pub conflicts: Counter,
+    /// Events that arrived after their partition's first publish.
+    pub late_events: Counter,
+    /// Raw-layer rows read back to rebuild the state an epoch touched.
+    pub rehydrated_rows: Counter,
+    /// The process's resident memory after the last epoch, bytes.
+    pub resident_memory: Gauge,
+    /// Wall time of each epoch's run (raw layer, dataflow, publish, ledger entry), seconds.
+    pub epoch_seconds: Histogram,
     /// Ingest→visible latency of each message, seconds: its Kafka timestamp to its epoch's publish.
     pub latency: Histogram,
     /// When the last epoch was published, Unix seconds.
@@ -77,6 +90,12 @@ impl StreamMetrics {
             quarantined: Counter::default(),
             partitions_published: Counter::default(),
             partitions_unchanged: Counter::default(),
+            duplicates: Counter::default(),
+            conflicts: Counter::default(),
+            late_events: Counter::default(),
+            rehydrated_rows: Counter::default(),
+            resident_memory: Gauge::default(),
+            epoch_seconds: Histogram::new(latency_buckets()),
             latency: Histogram::new(latency_buckets()),
             last_publish: Gauge::default(),
             lag: Family::default(),
@@ -118,6 +137,36 @@ impl StreamMetrics {
             "adsmetrics_partitions_unchanged",
             "Curated partitions recomputed and found unchanged",
             m.partitions_unchanged.clone(),
+        );
+        r.register(
+            "adsmetrics_events_duplicate",
+            "Events repeating one already in the same epoch (producer resends), dropped by dedup",
+            m.duplicates.clone(),
+        );
+        r.register(
+            "adsmetrics_conflicted_keys",
+            "Event ids seen with conflicting contents (the newest revision counts)",
+            m.conflicts.clone(),
+        );
+        r.register(
+            "adsmetrics_late_events",
+            "Events that arrived after their partition's first publish",
+            m.late_events.clone(),
+        );
+        r.register(
+            "adsmetrics_rehydrated_rows",
+            "Raw-layer rows read back to rebuild the state an epoch touched",
+            m.rehydrated_rows.clone(),
+        );
+        r.register(
+            "adsmetrics_resident_memory_bytes",
+            "Resident memory of the process after the last epoch",
+            m.resident_memory.clone(),
+        );
+        r.register(
+            "adsmetrics_stream_epoch_seconds",
+            "Wall time of each epoch's run: raw layer, dataflow, publish, ledger",
+            m.epoch_seconds.clone(),
         );
         r.register(
             "adsmetrics_stream_latency_seconds",

@@ -155,6 +155,7 @@ pub fn apply(
             warehouse,
             PublishOrigin {
                 run_id: &run.run_id,
+                run_key: warehouse.run_key(),
                 epoch: 0,
                 ledger: Some(ledger.anchor()),
                 retired: Vec::new(),

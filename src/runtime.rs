@@ -188,12 +188,28 @@ pub enum RunError {
     /// (the warehouse was changed behind the journal's back).
     #[error("published partition unreadable: {0}")]
     Published(String),
+    /// Another writer held the warehouse for longer than the lock wait.
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
     /// The run was refused before it changed anything (the reason says why and what to do).
     #[error("{0}")]
     Refused(String),
     /// Timely could not start or a worker died.
     #[error("dataflow runtime: {0}")]
     Runtime(String),
+}
+
+impl RunError {
+    /// Another writer held the warehouse past the lock wait, or published under this run (a
+    /// fenced publish): nothing was published, and running again converges.
+    pub fn is_temporary(&self) -> bool {
+        matches!(
+            self,
+            RunError::Lock(crate::lock::LockError::Busy { .. })
+                | RunError::Journal(JournalError::Fenced { .. })
+                | RunError::Publish(PublishError::Journal(JournalError::Fenced { .. }))
+        )
+    }
 }
 
 /// The sources of one epoch, already assigned to workers.
@@ -257,6 +273,11 @@ pub(crate) struct Opened {
     pub(crate) started_at_us: i64,
     /// The raw layer's files, listed on another thread while the journal and ledger are read.
     raw_listing: std::thread::JoinHandle<Vec<PathBuf>>,
+    /// Held until the run's ledger entry is written: no other writer reads or changes the
+    /// warehouse meanwhile.
+    pub(crate) lock: crate::lock::WriterLock,
+    /// The run key of the run's ledger entry.
+    run_key: Option<String>,
 }
 
 impl Opened {
@@ -264,6 +285,7 @@ impl Opened {
     /// publish an earlier run committed without recording it.
     pub(crate) fn open(warehouse: &Warehouse) -> Result<Self, RunError> {
         let started = Instant::now();
+        let lock = crate::lock::WriterLock::acquire(warehouse)?;
         // Nothing below writes raw files (recovery renames curated partitions only).
         let raw_listing = {
             let warehouse = warehouse.clone();
@@ -285,7 +307,7 @@ impl Opened {
             tracing::warn!(seq, "finished a publish interrupted by an earlier crash");
         }
         let mut ledger = ledger?;
-        if let Some(entry) = ledger.cover(journal.committed())? {
+        if let Some(entry) = ledger.cover(journal.committed(), warehouse.run_key())? {
             tracing::warn!(
                 publishes = ?entry.body.publishes,
                 "recorded publishes of an earlier run that stopped before its ledger entry"
@@ -302,6 +324,8 @@ impl Opened {
             started,
             started_at_us: chrono::Utc::now().timestamp_micros(),
             raw_listing,
+            lock,
+            run_key: warehouse.run_key().map(str::to_string),
         })
     }
 
@@ -310,6 +334,7 @@ impl Opened {
         RunRecord {
             kind,
             run_id: format!("run-{}-{}", self.started_at_us, std::process::id()),
+            run_key: self.run_key.clone(),
             command,
             sources_skipped: 0,
             error: None,
@@ -743,6 +768,8 @@ fn execute_generation(
         started,
         started_at_us,
         raw_listing,
+        lock: _lock,
+        ..
     } = opened;
     let Plan {
         mut run,
@@ -1598,6 +1625,7 @@ fn publish(shared: &Shared, epoch: u64) {
         &shared.warehouse,
         PublishOrigin {
             run_id: &shared.run_id,
+            run_key: shared.warehouse.run_key(),
             epoch,
             ledger: Some(shared.ledger_anchor.clone()),
             retired,

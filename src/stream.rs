@@ -934,6 +934,13 @@ fn publish_epoch(
         m.quarantined.inc_by(ingested.quarantined);
         m.partitions_published.inc_by(ingested.partitions_published);
         m.partitions_unchanged.inc_by(ingested.partitions_unchanged);
+        m.duplicates.inc_by(ingested.in_source_duplicates);
+        m.conflicts.inc_by(ingested.conflicted_keys.max(0) as u64);
+        m.late_events.inc_by(ingested.late_events);
+        m.rehydrated_rows.inc_by(ingested.rehydrated_rows);
+        m.resident_memory
+            .set(crate::memory::process_memory().0 as i64);
+        m.epoch_seconds.observe(ingested.elapsed.as_secs_f64());
         m.last_publish.set(visible_ms as f64 / 1000.0);
         for range in &ranges {
             m.set_position(&range.topic, range.partition, range.last + 1);

@@ -13,12 +13,14 @@
 //!   _adsmetrics/deletions/<request id>.json                  deletion certificates
 //!   _adsmetrics/keyindex/dt=YYYY-MM-DD.keys                  each day's sorted keys (a cache)
 //!   _adsmetrics/retention.json                               retention horizons
+//!   _adsmetrics/writer.lock                                  the writer lock (crate::lock)
 //!   _adsmetrics/staging/                                     files on their way into a table
 //! ```
 //! Staging lives outside every table directory: DuckDB's `read_parquet('table/**/*.parquet')`
 //! reads `_`- and `.`-prefixed files inside a table, so nothing but current data may be there.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use adsmetrics_dataflows::{Grain, PartitionId, MICROS_PER_DAY, MICROS_PER_HOUR};
 use chrono::{DateTime, NaiveDate};
@@ -26,11 +28,19 @@ use chrono::{DateTime, NaiveDate};
 /// The fixed name of the one data file of a curated partition.
 pub const PARTITION_FILE: &str = "data.parquet";
 
-/// Paths inside one warehouse root.
+/// Paths inside one warehouse root, and how this process writes to it.
 #[derive(Clone, Debug)]
 pub struct Warehouse {
     root: PathBuf,
+    /// The orchestrator's name for the logical run (`--run-key`), recorded with every publish
+    /// and ledger entry this process writes.
+    run_key: Option<String>,
+    /// How long a writer waits for the writer lock.
+    lock_wait: Duration,
 }
+
+/// How long a writer waits for another to release the writer lock, by default.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(600);
 
 /// `YYYY-MM-DD` of a day index since the Unix epoch.
 pub fn day_string(day: i64) -> String {
@@ -106,7 +116,38 @@ pub fn period_start_micros(id: &PartitionId) -> i64 {
 impl Warehouse {
     /// A warehouse rooted at `root` (not created until written to).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Warehouse { root: root.into() }
+        Warehouse {
+            root: root.into(),
+            run_key: None,
+            lock_wait: DEFAULT_LOCK_WAIT,
+        }
+    }
+
+    /// The same warehouse, its writes recorded under `run_key`.
+    pub fn with_run_key(mut self, run_key: Option<String>) -> Self {
+        self.run_key = run_key;
+        self
+    }
+
+    /// The same warehouse, its writers waiting up to `wait` for the writer lock.
+    pub fn with_lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
+        self
+    }
+
+    /// The run key this process's writes are recorded under.
+    pub fn run_key(&self) -> Option<&str> {
+        self.run_key.as_deref()
+    }
+
+    /// How long a writer waits for the writer lock.
+    pub fn lock_wait(&self) -> Duration {
+        self.lock_wait
+    }
+
+    /// The writer lock's file ([`crate::lock`]).
+    pub fn writer_lock_path(&self) -> PathBuf {
+        self.meta_dir().join("writer.lock")
     }
 
     /// The root directory.

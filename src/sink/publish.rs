@@ -100,6 +100,48 @@ fn pause_after_prepare() -> Option<u64> {
     std::env::var(PAUSE_AFTER_PREPARE_ENV).ok()?.parse().ok()
 }
 
+/// Drills of whole processes (an orchestrator's retry, a runbook's recovery): with
+/// `ADSMETRICS_FAIL_AT=after-stage|after-prepare|after-rename-<n>|after-commit`, the process exits
+/// with [`FAIL_AT_EXIT_CODE`] at that point of its first publish, as if it were killed there
+/// (unset in production).
+pub const FAIL_AT_ENV: &str = "ADSMETRICS_FAIL_AT";
+
+/// The exit code of a process stopped by [`FAIL_AT_ENV`].
+pub const FAIL_AT_EXIT_CODE: i32 = 86;
+
+impl FailPoint {
+    /// Parses `after-stage`, `after-prepare`, `after-rename-<n>`, `after-commit`.
+    pub fn parse(s: &str) -> Option<FailPoint> {
+        match s {
+            "after-stage" => Some(FailPoint::AfterStage),
+            "after-prepare" => Some(FailPoint::AfterPrepare),
+            "after-commit" => Some(FailPoint::AfterCommit),
+            _ => s
+                .strip_prefix("after-rename-")?
+                .parse()
+                .ok()
+                .map(FailPoint::AfterRename),
+        }
+    }
+}
+
+/// Exits the process when [`FAIL_AT_ENV`] names `at`.
+fn drill_exit(at: FailPoint) {
+    let Ok(value) = std::env::var(FAIL_AT_ENV) else {
+        return;
+    };
+    let Some(point) = FailPoint::parse(&value) else {
+        eprintln!(
+            "{FAIL_AT_ENV}={value:?} is not a point (after-stage, after-prepare, after-rename-<n>, after-commit): ignored"
+        );
+        return;
+    };
+    if point == at {
+        eprintln!("{FAIL_AT_ENV}={value}: exiting with code {FAIL_AT_EXIT_CODE} as if killed here");
+        std::process::exit(FAIL_AT_EXIT_CODE);
+    }
+}
+
 fn injected(at: FailPoint) -> JournalError {
     JournalError::Injected(format!("{at:?}"))
 }
@@ -109,6 +151,8 @@ fn injected(at: FailPoint) -> JournalError {
 pub struct PublishOrigin<'a> {
     /// The run.
     pub run_id: &'a str,
+    /// The run's `--run-key`.
+    pub run_key: Option<&'a str>,
     /// Its epoch.
     pub epoch: u64,
     /// The audit ledger's newest entry when the run started.
@@ -128,6 +172,7 @@ pub fn publish_epoch(
     fail: Option<FailPoint>,
 ) -> Result<u64, PublishError> {
     changes.sort_by_key(|c| c.partition);
+    drill_exit(FailPoint::AfterStage);
     if fail == Some(FailPoint::AfterStage) {
         return Err(injected(FailPoint::AfterStage).into());
     }
@@ -136,15 +181,9 @@ pub fn publish_epoch(
         path: warehouse.root().to_path_buf(),
         source,
     })?;
-    let seq = journal.prepare(
-        origin.run_id,
-        origin.epoch,
-        sources,
-        changes,
-        origin.ledger,
-        origin.retired,
-    )?;
+    let seq = journal.prepare(origin, sources, changes)?;
     tracing::debug!(seq, "publish prepared");
+    drill_exit(FailPoint::AfterPrepare);
     if fail == Some(FailPoint::AfterPrepare) {
         return Err(injected(FailPoint::AfterPrepare).into());
     }
@@ -152,11 +191,15 @@ pub fn publish_epoch(
         // Crash tests only: hold the publish open so a SIGKILL lands inside it.
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
-    let mut after_each = |i: usize| match fail {
-        Some(FailPoint::AfterRename(n)) if n == i => Err(injected(FailPoint::AfterRename(n))),
-        _ => Ok(()),
+    let mut after_each = |i: usize| {
+        drill_exit(FailPoint::AfterRename(i));
+        match fail {
+            Some(FailPoint::AfterRename(n)) if n == i => Err(injected(FailPoint::AfterRename(n))),
+            _ => Ok(()),
+        }
     };
     journal.commit(seq, |id| warehouse.partition_file(id), &mut after_each)?;
+    drill_exit(FailPoint::AfterCommit);
     if fail == Some(FailPoint::AfterCommit) {
         return Err(injected(FailPoint::AfterCommit).into());
     }
