@@ -80,6 +80,8 @@ pub enum RunKind {
     Delete,
     /// `adsmetrics retention apply`: expired partitions dropped.
     Retention,
+    /// `adsmetrics reprocess`: event days recomputed from the raw layer (after a bad deploy).
+    Reprocess,
     /// Publishes found committed but not yet on the ledger (a run that crashed after its
     /// commit, or a publish that startup recovery finished).
     Recovery,

@@ -171,6 +171,25 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Recompute every curated partition of the event days --from..--to from the raw layer and
+    /// publish those that differ from what is published: the re-run after a bad deploy (a build
+    /// that published wrong numbers), with the fixed build. Sources are not read again. Rerun-safe:
+    /// a second run publishes nothing.
+    Reprocess {
+        /// First event day, YYYY-MM-DD (inclusive).
+        #[arg(long)]
+        from: String,
+        /// Last event day, YYYY-MM-DD (inclusive).
+        #[arg(long)]
+        to: String,
+        /// Timely worker threads (outputs are identical for any number).
+        #[arg(long, short = 'w', default_value_t = 2)]
+        workers: usize,
+    },
+    /// Bring the warehouse to a clean state after a crash, and nothing else: finish a publish
+    /// that stopped midway (roll forward), remove staging leftovers, record on the audit ledger
+    /// publishes whose run died before its entry. Every writer does this when it starts.
+    Recover,
     /// Compliance delete: remove events of users or by event id from every table and from the
     /// raw layer, remember their keys so no replay brings them back, and write a certificate
     /// (`_adsmetrics/deletions/<request id>.json`). Running the same request again changes
@@ -678,6 +697,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )?;
             print!("{}", adsmetrics::report::ingest_report(&summary));
+        }
+        Command::Reprocess { from, to, workers } => {
+            let day = |flag: &str, s: &str| {
+                adsmetrics::warehouse::parse_day(s)
+                    .ok_or_else(|| anyhow::anyhow!("{flag} {s:?} is not a date (YYYY-MM-DD)"))
+            };
+            let (from_day, to_day) = (day("--from", &from)?, day("--to", &to)?);
+            if from_day > to_day {
+                anyhow::bail!("--from {from} is after --to {to}");
+            }
+            let summary = adsmetrics::runtime::reprocess(
+                &warehouse,
+                (from_day..=to_day).collect(),
+                IngestOptions {
+                    workers,
+                    progress: false,
+                    ..IngestOptions::default()
+                },
+            )?;
+            println!(
+                "reprocessed {from}..{to}: {} raw rows recomputed; {} partitions published, {} unchanged",
+                summary.rehydrated_rows, summary.partitions_published, summary.partitions_unchanged
+            );
+        }
+        Command::Recover => {
+            let done = adsmetrics::runtime::recover(&warehouse)?;
+            match done.finished_publish {
+                Some(seq) => println!("finished publish {seq}, which had stopped midway"),
+                None => println!("no publish was pending"),
+            }
+            if done.recorded_publishes.is_empty() {
+                println!("the audit ledger covers every committed publish");
+            } else {
+                println!(
+                    "recorded publishes {:?} on the audit ledger (their run stopped before its entry)",
+                    done.recorded_publishes
+                );
+            }
         }
         Command::Delete {
             user_ids,

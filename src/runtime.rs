@@ -278,6 +278,10 @@ pub(crate) struct Opened {
     pub(crate) lock: crate::lock::WriterLock,
     /// The run key of the run's ledger entry.
     run_key: Option<String>,
+    /// The interrupted publish startup finished, if any.
+    pub(crate) finished_publish: Option<u64>,
+    /// Publishes startup found committed without a ledger entry, and recorded.
+    pub(crate) recorded_publishes: Vec<u64>,
 }
 
 impl Opened {
@@ -301,17 +305,19 @@ impl Opened {
             (journal, ledger)
         });
         let mut journal = journal?;
-        if let Some(seq) =
-            journal.recover(&warehouse.staging_dir(), |id| warehouse.partition_file(id))?
-        {
+        let finished_publish =
+            journal.recover(&warehouse.staging_dir(), |id| warehouse.partition_file(id))?;
+        if let Some(seq) = finished_publish {
             tracing::warn!(seq, "finished a publish interrupted by an earlier crash");
         }
         let mut ledger = ledger?;
+        let mut recorded_publishes = Vec::new();
         if let Some(entry) = ledger.cover(journal.committed(), warehouse.run_key())? {
             tracing::warn!(
                 publishes = ?entry.body.publishes,
                 "recorded publishes of an earlier run that stopped before its ledger entry"
             );
+            recorded_publishes = entry.body.publishes.clone();
         }
         let tombstones = Tombstones::open(&warehouse.tombstones_path())?;
         let horizons = crate::retention::horizons(warehouse)?;
@@ -326,6 +332,8 @@ impl Opened {
             raw_listing,
             lock,
             run_key: warehouse.run_key().map(str::to_string),
+            finished_publish,
+            recorded_publishes,
         })
     }
 
@@ -533,6 +541,59 @@ pub fn committed_sources(warehouse: &Warehouse) -> Result<Vec<SourceRecord>, Run
         .iter()
         .flat_map(|p| p.sources.iter().cloned())
         .collect())
+}
+
+/// What `adsmetrics recover` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// The interrupted publish it finished (rolled forward), if any.
+    pub finished_publish: Option<u64>,
+    /// Committed publishes it recorded on the ledger (their run stopped before its entry).
+    pub recorded_publishes: Vec<u64>,
+}
+
+/// Brings the warehouse to a clean state after a crash without running anything else: finishes
+/// an interrupted publish, removes staging leftovers, records uncovered publishes on the ledger.
+/// Every writer does this when it starts; this is the same step on its own, for the runbook.
+pub fn recover(warehouse: &Warehouse) -> Result<Recovered, RunError> {
+    let opened = Opened::open(warehouse)?;
+    Ok(Recovered {
+        finished_publish: opened.finished_publish,
+        recorded_publishes: opened.recorded_publishes.clone(),
+    })
+}
+
+/// Recomputes every curated partition of the event days `days` from the raw layer and publishes
+/// the ones that differ from what is published: the re-run after a bad deploy (a build that
+/// published wrong aggregates). Sources are not read again; a second run changes nothing.
+pub fn reprocess(
+    warehouse: &Warehouse,
+    days: BTreeSet<i64>,
+    options: IngestOptions,
+) -> Result<IngestSummary, RunError> {
+    let opened = Opened::open(warehouse)?;
+    let (first, last) = match (days.first(), days.last()) {
+        (Some(f), Some(l)) => (*f, *l),
+        _ => return Err(RunError::Refused("reprocess: no days given".to_string())),
+    };
+    let run = opened.record(
+        RunKind::Reprocess,
+        format!(
+            "reprocess --from {} --to {} --workers {}",
+            crate::warehouse::day_string(first),
+            crate::warehouse::day_string(last),
+            options.workers
+        ),
+    );
+    let plan = Plan {
+        run,
+        batches: Vec::new(),
+        partition_of: HashMap::new(),
+        progress_in_sources: false,
+        rehydration: Rehydration::Days(days),
+        summary: IngestSummary::default(),
+    };
+    execute(warehouse, opened, plan, options)
 }
 
 /// The `--hot-window` value a run was given, as the ledger records its command.
