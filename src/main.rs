@@ -171,6 +171,27 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Write a self-contained HTML page (SVG charts, nothing fetched, no script): duplicate rate
+    /// per producer and hour, late arrivals per event day, partition versions published over
+    /// time (from the audit ledger).
+    Report {
+        /// The page to write (replaced atomically).
+        #[arg(long, default_value = "report.html")]
+        out: PathBuf,
+        /// First event day, YYYY-MM-DD (default: the oldest).
+        #[arg(long)]
+        from: Option<String>,
+        /// Last event day, YYYY-MM-DD (default: the newest).
+        #[arg(long)]
+        to: Option<String>,
+        /// The time printed as the page's generation time (RFC 3339; default now): the page is
+        /// otherwise a function of the warehouse alone.
+        #[arg(long)]
+        now: Option<String>,
+        /// Threads reading raw files.
+        #[arg(long, short = 'w', default_value_t = 2)]
+        workers: usize,
+    },
     /// Recompute every curated partition of the event days --from..--to from the raw layer and
     /// publish those that differ from what is published: the re-run after a bad deploy (a build
     /// that published wrong numbers), with the fixed build. Sources are not read again. Rerun-safe:
@@ -697,6 +718,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )?;
             print!("{}", adsmetrics::report::ingest_report(&summary));
+        }
+        Command::Report {
+            out,
+            from,
+            to,
+            now,
+            workers,
+        } => {
+            let range = adsmetrics::check::DayRange {
+                from: parse_day_arg("--from", from)?,
+                to: parse_day_arg("--to", to)?,
+            };
+            let at = chrono::DateTime::from_timestamp_micros(parse_now(now)?)
+                .unwrap_or_default()
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let page = adsmetrics::dashboard::render(&warehouse, range, workers.max(1), &at)?;
+            let mut staged = out.clone().into_os_string();
+            staged.push(".tmp");
+            adsmetrics::sink::files::replace(std::path::Path::new(&staged), &out, page.as_bytes())
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {} ({} bytes)", out.display(), page.len());
         }
         Command::Reprocess { from, to, workers } => {
             let day = |flag: &str, s: &str| {
