@@ -270,37 +270,45 @@ fn hourly_key_producers(
     )?)
 }
 
-/// Recomputes the partitions of `range` from the raw layer and compares them with what is
-/// published; see the module doc. `threads` read raw files in parallel.
-pub fn reconcile(
+/// The reference's partitions of the event days `wanted` accepts, from the raw files of the
+/// sources `consumed` names, minus tombstones; with the counts reconciliation balances.
+struct Expected {
+    tables: BTreeMap<PartitionId, Vec<(Dims, MetricRow)>>,
+    raw_files: usize,
+    raw_rows: usize,
+    range_rows: u64,
+    deleted: u64,
+    live_in_range: u64,
+    events: usize,
+}
+
+fn expected_tables(
     warehouse: &Warehouse,
-    range: DayRange,
+    consumed: &BTreeSet<String>,
+    tombstones: &Tombstones,
+    wanted: &dyn Fn(i64) -> bool,
     threads: usize,
-) -> Result<Reconciliation, CheckError> {
-    let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
-    let tombstones = Tombstones::open(&warehouse.tombstones_path())?;
-    let horizons = crate::retention::horizons(warehouse)?;
-    let range = DayRange {
-        from: range.from.max(horizons.curated_day).max(horizons.raw_day),
-        to: range.to,
-    };
-    // The raw files the journal has committed, by event day (files outside a dt= folder: always
+) -> Result<Expected, CheckError> {
+    // The raw files of the consumed sources, by event day (files outside a dt= folder: always
     // read, they cannot be placed).
     let mut by_day: BTreeMap<Option<i64>, Vec<PathBuf>> = BTreeMap::new();
-    for path in committed_raw(warehouse, &journal) {
+    for path in raw::list_raw_files(warehouse)
+        .into_iter()
+        .filter(|p| raw::source_hash_of(p).is_some_and(|h| consumed.contains(h)))
+    {
         by_day
             .entry(raw_day(warehouse, &path))
             .or_default()
             .push(path);
     }
-    let in_range = |day: &Option<i64>| day.is_none_or(|d| range.contains(d));
-    let wanted: Vec<&PathBuf> = by_day
+    let in_range = |day: &Option<i64>| day.is_none_or(wanted);
+    let files: Vec<&PathBuf> = by_day
         .iter()
         .filter(|(day, _)| in_range(day))
         .flat_map(|(_, files)| files)
         .collect();
-    let mut rows: Vec<(DedupKey, EventVersion)> = read_versions(&wanted, threads)?.concat();
-    let mut raw_files = wanted.len();
+    let mut rows: Vec<(DedupKey, EventVersion)> = read_versions(&files, threads)?.concat();
+    let mut raw_files = files.len();
     let range_rows = rows.len() as u64;
     rows.retain(|(key, _)| !tombstones.contains(key));
     let deleted = range_rows - rows.len() as u64;
@@ -332,10 +340,107 @@ pub fn reconcile(
 
     let mut winners = reference::dedup(&rows);
     drop(rows);
-    winners.retain(|_, v| range.contains(v.day()));
+    winners.retain(|_, v| wanted(v.day()));
     let events = winners.len();
-    let expected = reference::tables(&winners);
-    drop(winners);
+    Ok(Expected {
+        tables: reference::tables(&winners),
+        raw_files,
+        raw_rows,
+        range_rows,
+        deleted,
+        live_in_range,
+        events,
+    })
+}
+
+/// The publish gate (`--gate`): recomputes by the reference the partitions a publish is about to
+/// change — from the raw layer as it will be once the publish commits (`consumed_after`: the
+/// sources the journal will then hold) — and compares them with the staged files. Returns what
+/// differs; empty when the publish may go ahead.
+pub fn gate(
+    warehouse: &Warehouse,
+    consumed_after: &BTreeSet<String>,
+    changes: &[crate::journal::PartitionChange],
+    threads: usize,
+) -> Result<Vec<Finding>, CheckError> {
+    let days: BTreeSet<i64> = changes.iter().map(|c| day_of(&c.partition)).collect();
+    if days.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tombstones = Tombstones::open(&warehouse.tombstones_path())?;
+    let expected = expected_tables(
+        warehouse,
+        consumed_after,
+        &tombstones,
+        &|d| days.contains(&d),
+        threads,
+    )?;
+    let mut findings = Vec::new();
+    for change in changes {
+        let id = &change.partition;
+        let staged = match &change.staged {
+            None => None,
+            Some(relative) => {
+                let path = warehouse.root().join(relative);
+                match crate::sink::curated::read_partition(&path) {
+                    Ok(rows) => Some(rows),
+                    Err(e) => {
+                        findings.push(Finding {
+                            partition: partition_name(id),
+                            problem: Problem::Unreadable {
+                                error: format!("{}: {e}", path.display()),
+                            },
+                        });
+                        continue;
+                    }
+                }
+            }
+        };
+        let problem = match (expected.tables.get(id), staged) {
+            (Some(_), None) => Some(Problem::Missing),
+            (None, Some(_)) => Some(Problem::Unexpected),
+            (None, None) => None,
+            (Some(want), Some(have)) => differences(want, &have),
+        };
+        if let Some(problem) = problem {
+            findings.push(Finding {
+                partition: partition_name(id),
+                problem,
+            });
+        }
+    }
+    Ok(findings)
+}
+
+/// Recomputes the partitions of `range` from the raw layer and compares them with what is
+/// published; see the module doc. `threads` read raw files in parallel.
+pub fn reconcile(
+    warehouse: &Warehouse,
+    range: DayRange,
+    threads: usize,
+) -> Result<Reconciliation, CheckError> {
+    let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
+    let tombstones = Tombstones::open(&warehouse.tombstones_path())?;
+    let horizons = crate::retention::horizons(warehouse)?;
+    let range = DayRange {
+        from: range.from.max(horizons.curated_day).max(horizons.raw_day),
+        to: range.to,
+    };
+    let Expected {
+        tables: expected,
+        raw_files,
+        raw_rows,
+        range_rows,
+        deleted,
+        live_in_range,
+        events,
+    } = expected_tables(
+        warehouse,
+        journal.consumed(),
+        &tombstones,
+        &|d| range.contains(d),
+        threads,
+    )?;
 
     let published: BTreeMap<&PartitionId, &crate::journal::Published> = journal
         .published()

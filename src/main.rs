@@ -117,6 +117,11 @@ enum Command {
         /// 127.0.0.1:9464; port 0 picks a free one (printed on stderr).
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<String>,
+        /// Publish gate: before each publish, recompute the partitions it changes from the raw
+        /// layer by the reconciliation's separate code path; on any difference publish nothing of
+        /// that epoch (its staged files and findings are kept in `_adsmetrics/gated/`) and exit 12.
+        #[arg(long)]
+        gate: bool,
     },
     /// A Kafka-protocol broker for demos and tests (librdkafka's mock cluster, in memory):
     /// prints its bootstrap address on the first line of stdout and serves until killed.
@@ -146,6 +151,11 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Publish gate: before each publish, recompute the partitions it changes from the raw
+        /// layer by the reconciliation's separate code path; on any difference publish nothing of
+        /// that epoch (its staged files and findings are kept in `_adsmetrics/gated/`) and exit 12.
+        #[arg(long)]
+        gate: bool,
     },
     /// Replace source partitions with their current contents: every file below --source in a
     /// Hive `dt=YYYY-MM-DD` folder from --from to --to is a source partition (named by its path
@@ -170,6 +180,11 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Publish gate: before each publish, recompute the partitions it changes from the raw
+        /// layer by the reconciliation's separate code path; on any difference publish nothing of
+        /// that epoch (its staged files and findings are kept in `_adsmetrics/gated/`) and exit 12.
+        #[arg(long)]
+        gate: bool,
     },
     /// Write a self-contained HTML page (SVG charts, nothing fetched, no script): duplicate rate
     /// per producer and hour, late arrivals per event day, partition versions published over
@@ -591,7 +606,9 @@ fn main() -> ExitCode {
             Some(CheckFailed(code)) => ExitCode::from(*code),
             None => {
                 eprintln!("error: {e:#}");
-                if is_temporary(&e) {
+                if is_gated(&e) {
+                    ExitCode::from(adsmetrics::check::EXIT_RECONCILE)
+                } else if is_temporary(&e) {
                     // EX_TEMPFAIL: another writer held or changed the warehouse; nothing was
                     // published, and running again converges.
                     ExitCode::from(75)
@@ -619,6 +636,22 @@ fn is_temporary(e: &anyhow::Error) -> bool {
             _ => None,
         });
     run.is_some_and(RunError::is_temporary)
+}
+
+/// Whether `e` is a publish the gate held back (exit code 12, as `check reconcile`).
+fn is_gated(e: &anyhow::Error) -> bool {
+    use adsmetrics::delete::DeleteError;
+    use adsmetrics::runtime::RunError;
+    use adsmetrics::stream::StreamError;
+    matches!(e.downcast_ref::<RunError>(), Some(RunError::Gated { .. }))
+        || matches!(
+            e.downcast_ref::<StreamError>(),
+            Some(StreamError::Run(RunError::Gated { .. }))
+        )
+        || matches!(
+            e.downcast_ref::<DeleteError>(),
+            Some(DeleteError::Run(RunError::Gated { .. }))
+        )
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -675,13 +708,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             epoch_sources,
             hot_window,
             quiet,
+            gate,
         } => {
             let options = IngestOptions {
                 workers,
                 epoch_sources,
                 progress: !quiet,
-                fail_point: None,
                 hot_window_days: hot_window.days.0,
+                gate,
+                ..IngestOptions::default()
             };
             let summary = ingest(&warehouse, &inputs, options)?;
             print!("{}", adsmetrics::report::ingest_report(&summary));
@@ -693,6 +728,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             hot_window,
             workers,
             quiet,
+            gate,
         } => {
             let day = |flag: &str, s: &str| {
                 adsmetrics::warehouse::parse_day(s)
@@ -710,10 +746,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     to_day,
                     run: IngestOptions {
                         workers,
-                        epoch_sources: 0,
                         progress: !quiet,
-                        fail_point: None,
                         hot_window_days: hot_window.days.0,
+                        gate,
+                        ..IngestOptions::default()
                     },
                 },
             )?;
@@ -843,6 +879,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             hot_window,
             verbose,
             metrics_listen,
+            gate,
         } => {
             let mut options = adsmetrics::stream::StreamOptions::new(brokers, topics);
             // Held until the stream ends: dropping it stops the server.
@@ -871,6 +908,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             options.kafka_config = kafka_config;
             options.ingest.workers = workers;
             options.ingest.hot_window_days = hot_window.days.0;
+            options.ingest.gate = gate;
             options.verbose = verbose;
             let summary = adsmetrics::stream::stream(&warehouse, &options)?;
             print!("{}", adsmetrics::stream::report(&summary));

@@ -77,6 +77,14 @@ pub struct IngestOptions {
     /// generations at day boundaries, each a fresh dataflow that rebuilds from the raw layer
     /// only the keys and user-days its own sources touch. `None`: one dataflow for the run.
     pub hot_window_days: Option<u32>,
+    /// The publish gate: before each publish, recompute the partitions it changes by the
+    /// reference (`check reconcile`'s code path) and publish only if every one matches; else the
+    /// epoch stays unpublished, its staged files are kept under `_adsmetrics/gated/`, and the run
+    /// fails with [`RunError::Gated`].
+    pub gate: bool,
+    /// Tests only: one click too many in the first row of each staged partition, as a dataflow
+    /// bug would publish — what the gate is there to stop.
+    pub tamper_for_test: bool,
 }
 
 /// The default hot window: 48 hours of source days.
@@ -90,6 +98,8 @@ impl Default for IngestOptions {
             progress: false,
             fail_point: None,
             hot_window_days: Some(DEFAULT_HOT_WINDOW_DAYS),
+            gate: false,
+            tamper_for_test: false,
         }
     }
 }
@@ -188,6 +198,20 @@ pub enum RunError {
     /// (the warehouse was changed behind the journal's back).
     #[error("published partition unreadable: {0}")]
     Published(String),
+    /// The publish gate found partitions that do not match the reference: nothing of the epoch
+    /// was published; the staged files and the findings are kept in `dir`.
+    #[error(
+        "publish gate: {count} partitions do not match a recompute from the raw layer; the epoch \
+         was not published (staged files and findings kept in {dir}); first: {first}"
+    )]
+    Gated {
+        /// How many partitions failed.
+        count: usize,
+        /// The first, with its problem.
+        first: String,
+        /// Where the staged files and `findings.json` are.
+        dir: String,
+    },
     /// Another writer held the warehouse for longer than the lock wait.
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
@@ -241,6 +265,12 @@ struct Shared {
     progress_in_sources: bool,
     /// Events accepted by the run's earlier generations (for the bar's events/s).
     progress_events_before: u64,
+    /// [`IngestOptions::gate`].
+    gate: bool,
+    /// [`IngestOptions::tamper_for_test`].
+    tamper: bool,
+    /// Threads the gate reads raw files with.
+    threads: usize,
     epochs: Vec<EpochPlan>,
     barrier: Barrier,
     progress: ProgressBar,
@@ -980,6 +1010,9 @@ fn execute_generation(
         predecoded: Mutex::new(predecoded),
         partition_of,
         progress_in_sources,
+        gate: options.gate,
+        tamper: options.tamper_for_test,
+        threads: workers.max(2),
         epochs,
         barrier: Barrier::new(workers),
         progress,
@@ -1604,6 +1637,18 @@ fn stage_touched(
             .map(|id| Ok((*id, pipeline.mirror.borrow().rows(id)?)))
             .collect::<Result<Vec<_>, RunError>>()?;
         let staged = rehydrate::par_map(&rows, threads, |(id, rows)| {
+            let tampered;
+            let rows = match (shared.tamper, rows.split_first()) {
+                (true, Some(((dims, first), rest))) => {
+                    let mut first = *first;
+                    first.clicks += 1;
+                    tampered = std::iter::once((*dims, first))
+                        .chain(rest.iter().copied())
+                        .collect::<Vec<_>>();
+                    &tampered
+                }
+                _ => rows,
+            };
             stage_partition(&shared.warehouse, id, rows, published.get(id)).map_err(RunError::from)
         })?;
         for change in staged {
@@ -1620,6 +1665,56 @@ fn stage_touched(
         .summary
         .partitions_unchanged += unchanged;
     Ok(changes)
+}
+
+/// Keeps a gated epoch's staged files and findings under `_adsmetrics/gated/<run>-e<epoch>/`
+/// (staging is cleared by the next writer's start), and says so.
+fn hold_gated(
+    shared: &Shared,
+    epoch: u64,
+    changes: &[PartitionChange],
+    findings: &[crate::check::Finding],
+) -> RunError {
+    let dir = shared
+        .warehouse
+        .meta_dir()
+        .join("gated")
+        .join(format!("{}-e{epoch}", shared.run_id));
+    let kept = (|| -> std::io::Result<()> {
+        std::fs::create_dir_all(&dir)?;
+        for staged in changes.iter().filter_map(|c| c.staged.as_ref()) {
+            let from = shared.warehouse.root().join(staged);
+            if let Some(name) = from.file_name() {
+                std::fs::rename(&from, dir.join(name))?;
+            }
+        }
+        let report = serde_json::json!({
+            "run_id": shared.run_id,
+            "epoch": epoch,
+            "findings": findings,
+            "changes": changes,
+        });
+        std::fs::write(
+            dir.join("findings.json"),
+            serde_json::to_vec_pretty(&report).unwrap_or_default(),
+        )
+    })();
+    if let Err(e) = kept {
+        tracing::warn!(error = %e, dir = %dir.display(), "could not keep the gated files");
+    }
+    let first = findings
+        .first()
+        .map(|f| format!("{} {:?}", f.partition, f.problem))
+        .unwrap_or_default();
+    RunError::Gated {
+        count: findings.len(),
+        first,
+        dir: dir
+            .strip_prefix(shared.warehouse.root())
+            .unwrap_or(&dir)
+            .display()
+            .to_string(),
+    }
 }
 
 /// The rows of a published partition, checked against the version the journal has for it.
@@ -1674,13 +1769,35 @@ fn publish(shared: &Shared, epoch: u64) {
         // (tombstones) since; anything else here is worth a look.
         tracing::warn!(
             partitions = published,
-            "rebuilding state changed published partitions (expected only after a delete)"
+            "rebuilding state changed published partitions (expected only after a delete, or in a reprocess of a bad build's output)"
         );
     }
     let fail = state.fail_point.take();
     let Some(journal) = state.journal.as_mut() else {
         return;
     };
+    if shared.gate && !changes.is_empty() {
+        // The raw layer as it will be once this publish commits.
+        let mut consumed = journal.consumed().clone();
+        consumed.extend(sources.iter().map(|s| s.content_hash.clone()));
+        for r in retired.iter().filter(|r| r.rows_withdrawn) {
+            consumed.remove(&r.content_hash);
+        }
+        match crate::check::gate(&shared.warehouse, &consumed, &changes, shared.threads) {
+            Ok(findings) if findings.is_empty() => {}
+            Ok(findings) => {
+                let error = hold_gated(shared, epoch, &changes, &findings);
+                state.errors.push(error);
+                return;
+            }
+            Err(e) => {
+                state.errors.push(RunError::Refused(format!(
+                    "publish gate could not run: {e}"
+                )));
+                return;
+            }
+        }
+    }
     match publish_epoch(
         journal,
         &shared.warehouse,

@@ -217,3 +217,71 @@ fn the_cli_drill_exits_86_mid_publish_and_a_locked_warehouse_exits_75() {
     let audit = cli(None, &["audit", "verify"]);
     assert!(audit.status.success(), "{audit:?}");
 }
+
+#[test]
+fn the_publish_gate_passes_clean_epochs_and_holds_back_one_that_does_not_reconcile() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = sample_events(1500, 8);
+    let (a, b) = events.split_at(900);
+    write_parquet(&dir.path().join("in/dt=2026-11-03/hr=00/a.parquet"), a);
+    let warehouse = Warehouse::new(dir.path().join("wh"));
+    let gated = |tamper| IngestOptions {
+        gate: true,
+        tamper_for_test: tamper,
+        ..quiet()
+    };
+
+    // A clean epoch passes the gate.
+    ingest(&warehouse, &[dir.path().join("in")], gated(false)).unwrap();
+    assert_eq!(published_tables(&warehouse), expected_tables(a));
+
+    // A buggy epoch (one click too many per staged partition) is held back whole.
+    write_parquet(&dir.path().join("in/dt=2026-11-03/hr=01/b.parquet"), b);
+    let snapshot = TableSnapshot::take(&warehouse).unwrap();
+    let journal_bytes = std::fs::read(warehouse.journal_path()).unwrap();
+    let held = ingest(&warehouse, &[dir.path().join("in")], gated(true)).unwrap_err();
+    let RunError::Gated {
+        count, dir: kept, ..
+    } = &held
+    else {
+        panic!("not gated: {held}");
+    };
+    assert!(*count > 0);
+    assert_eq!(TableSnapshot::take(&warehouse).unwrap(), snapshot);
+    assert_eq!(
+        std::fs::read(warehouse.journal_path()).unwrap(),
+        journal_bytes
+    );
+    let kept = warehouse.root().join(kept);
+    let findings: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(kept.join("findings.json")).unwrap()).unwrap();
+    assert_eq!(findings["findings"].as_array().unwrap().len(), *count);
+    let staged = std::fs::read_dir(&kept)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "parquet")
+        })
+        .count();
+    assert!(staged >= *count, "the held-back staged files are not kept");
+
+    // The same epoch without the bug passes and converges.
+    ingest(&warehouse, &[dir.path().join("in")], gated(false)).unwrap();
+    assert_eq!(published_tables(&warehouse), expected_tables(&events));
+
+    // Without the gate, the bug would have been published (and only reconcile would say so).
+    let other = Warehouse::new(dir.path().join("ungated"));
+    ingest(
+        &other,
+        &[dir.path().join("in")],
+        IngestOptions {
+            tamper_for_test: true,
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_ne!(published_tables(&other), expected_tables(&events));
+}
