@@ -547,7 +547,8 @@ pub const EXIT_DUPLICATES: u8 = 10;
 pub struct DuplicateThresholds {
     /// Above this rate (0 to 1), whatever the history.
     pub max_rate: f64,
-    /// Above this many times the median rate of the producer's hours in the range (`None`: off).
+    /// Above this many times the median rate of the producer's hours in the week before the
+    /// hour (`None`: off; an hour with no earlier hour in that week has no median).
     pub vs_median: Option<f64>,
 }
 
@@ -644,53 +645,71 @@ pub fn duplicates(
     threads: usize,
 ) -> Result<Duplicates, CheckError> {
     let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
-    let columns = hourly_key_producers(warehouse, &journal, range, threads)?;
-    let mut groups: BTreeMap<(i64, String), (u64, HashSet<u128, BuildFastHasher>)> =
+    // The week before the range too: each hour is compared with its producer's trailing week.
+    let read = DayRange {
+        from: range.from.map(|f| f - TRAILING_DAYS),
+        to: range.to,
+    };
+    let columns = hourly_key_producers(warehouse, &journal, read, threads)?;
+    let mut groups: BTreeMap<(String, i64), (u64, HashSet<u128, BuildFastHasher>)> =
         BTreeMap::new();
     for (hour, (keys, producers)) in columns {
         for (key, producer) in keys.into_iter().zip(producers) {
-            let (rows, distinct) = groups.entry((hour, producer)).or_default();
+            let (rows, distinct) = groups.entry((producer, hour)).or_default();
             *rows += 1;
             distinct.insert(key);
         }
     }
-    let mut hours: Vec<HourDuplicates> = groups
-        .into_iter()
-        .map(|((hour, producer), (rows, keys))| HourDuplicates {
-            hour: hour_string(hour),
-            producer,
-            raw_rows: rows,
-            distinct_keys: keys.len() as u64,
-            rate: 1.0 - keys.len() as f64 / rows.max(1) as f64,
-            alert: None,
-        })
-        .collect();
-    let mut by_producer: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    for h in &hours {
-        by_producer.entry(&h.producer).or_default().push(h.rate);
+    // Per producer, its hours in order with their rates.
+    let mut by_producer: BTreeMap<String, Vec<(i64, u64, u64, f64)>> = BTreeMap::new();
+    for ((producer, hour), (rows, keys)) in groups {
+        let distinct = keys.len() as u64;
+        let rate = 1.0 - distinct as f64 / rows.max(1) as f64;
+        by_producer
+            .entry(producer)
+            .or_default()
+            .push((hour, rows, distinct, rate));
     }
-    let medians: BTreeMap<String, f64> = by_producer
-        .into_iter()
-        .map(|(p, mut rates)| {
-            rates.sort_by(f64::total_cmp);
-            (p.to_string(), rates[rates.len() / 2])
-        })
-        .collect();
-    for h in &mut hours {
-        let median = medians[&h.producer];
-        h.alert = if h.rate > thresholds.max_rate {
-            Some(format!("above {:.2}%", 100.0 * thresholds.max_rate))
-        } else {
-            match thresholds.vs_median {
-                Some(factor) if median > 0.0 && h.rate > factor * median => Some(format!(
-                    "{:.1}x the producer's median hour ({:.2}%)",
-                    h.rate / median,
-                    100.0 * median
-                )),
-                _ => None,
+    let mut hours = Vec::new();
+    for (producer, series) in &by_producer {
+        for (i, &(hour, rows, distinct, rate)) in series.iter().enumerate() {
+            if !range.contains(hour.div_euclid(24)) {
+                continue;
             }
-        };
+            // The median of the producer's hours in the week before this one.
+            let mut week: Vec<f64> = series[..i]
+                .iter()
+                .rev()
+                .take_while(|(h, ..)| *h >= hour - 24 * TRAILING_DAYS)
+                .map(|(.., r)| *r)
+                .collect();
+            week.sort_by(f64::total_cmp);
+            let median = week.get(week.len() / 2).copied();
+            let alert = if rate > thresholds.max_rate {
+                Some(format!("above {:.2}%", 100.0 * thresholds.max_rate))
+            } else {
+                match (thresholds.vs_median, median) {
+                    (Some(factor), Some(median)) if median > 0.0 && rate > factor * median => {
+                        Some(format!(
+                            "{:.1}x the producer's median hour of the trailing week ({:.2}%)",
+                            rate / median,
+                            100.0 * median
+                        ))
+                    }
+                    _ => None,
+                }
+            };
+            hours.push(HourDuplicates {
+                hour: hour_string(hour),
+                producer: producer.clone(),
+                raw_rows: rows,
+                distinct_keys: distinct,
+                rate,
+                alert,
+            });
+        }
     }
+    hours.sort_by(|a, b| (&a.hour, &a.producer).cmp(&(&b.hour, &b.producer)));
     let in_source_duplicates = journal
         .committed()
         .iter()
@@ -706,6 +725,9 @@ pub fn duplicates(
         hours,
     })
 }
+
+/// How far back `check duplicates` looks for a producer's usual rate: a week.
+pub const TRAILING_DAYS: i64 = 7;
 
 /// The exit code of a failed partitions check.
 pub const EXIT_PARTITIONS: u8 = 11;

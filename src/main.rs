@@ -339,7 +339,8 @@ enum CheckCommand {
         /// Alert above this duplicate rate, percent (the generator resends about 5%).
         #[arg(long, default_value_t = 10.0)]
         max_rate: f64,
-        /// Alert above this many times the producer's median hourly rate in the range (0: off).
+        /// Alert above this many times the producer's median hourly rate over the trailing week
+        /// (the 7 days before each hour, read even when before --from; 0: off).
         #[arg(long, default_value_t = 3.0)]
         vs_median: f64,
     },

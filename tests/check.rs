@@ -399,3 +399,79 @@ fn freshness_fails_when_the_newest_partition_is_older_than_the_limit_and_all_gat
         "{rows:?}"
     );
 }
+
+#[test]
+fn duplicates_compare_each_hour_with_its_producers_trailing_week_even_before_the_range() {
+    use adsmetrics::check::{duplicates, DuplicateThresholds};
+    let dir = tempfile::tempdir().unwrap();
+    let config = adsmetrics::generate::GenerateConfig {
+        events: 20_000,
+        hours: 48,
+        start: "2026-11-01".into(),
+        late_rate: 0.0,
+        bad_rate: 0.0,
+        resend_rate: 0.0,
+        replayed_files: 0,
+        correction_rate: 0.0,
+        ..Default::default()
+    };
+    let logs = dir.path().join("logs");
+    adsmetrics::generate::generate(&config, &logs, &|_| {}).unwrap();
+    let wh = Warehouse::new(dir.path().join("wh"));
+    ingest(&wh, &[logs.clone()], IngestOptions::default()).unwrap();
+
+    // Day 1 has a producer's usual 2% of resends; on day 2 it resends 8% of its events, every
+    // hour: under the 10% limit, and day 2 alone looks uniform.
+    let events = decode_dir(&logs);
+    let producer = events[0].producer.clone();
+    let day = |e: &adsmetrics::event::Event| e.event_time_us.div_euclid(86_400_000_000);
+    let first_day = day(&events[0]).min(day(events.last().unwrap()));
+    let resent: Vec<_> = events
+        .iter()
+        .filter(|e| e.producer == producer)
+        .enumerate()
+        .filter(|(i, e)| {
+            if day(e) == first_day {
+                i % 50 == 0
+            } else {
+                i % 12 == 0
+            }
+        })
+        .map(|(_, e)| e.clone())
+        .collect();
+    write_parquet(&dir.path().join("resend/part-0.parquet"), &resent);
+    ingest(&wh, &[dir.path().join("resend")], IngestOptions::default()).unwrap();
+
+    let second = DayRange {
+        from: Some(first_day + 1),
+        to: Some(first_day + 1),
+    };
+    let report = duplicates(&wh, second, DuplicateThresholds::default(), 2).unwrap();
+    let alerting: Vec<_> = report.hours.iter().filter(|h| h.alert.is_some()).collect();
+    assert!(!alerting.is_empty(), "{}", report.text());
+    assert!(alerting.iter().all(|h| h.producer == producer.as_str()));
+    assert!(
+        alerting.iter().all(|h| h.rate < 0.10),
+        "the limit did not fire"
+    );
+    assert!(
+        alerting[0]
+            .alert
+            .as_deref()
+            .unwrap()
+            .contains("trailing week"),
+        "{:?}",
+        alerting[0].alert
+    );
+    assert!(report
+        .hours
+        .iter()
+        .all(|h| h.hour.starts_with("2026-11-02")));
+
+    // Without the comparison nothing alerts: it is the trailing week that sees the change.
+    let limit_only = DuplicateThresholds {
+        vs_median: None,
+        ..DuplicateThresholds::default()
+    };
+    assert!(duplicates(&wh, second, limit_only, 2).unwrap().passed);
+}
