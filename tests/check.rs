@@ -418,7 +418,7 @@ fn duplicates_compare_each_hour_with_its_producers_trailing_week_even_before_the
     let logs = dir.path().join("logs");
     adsmetrics::generate::generate(&config, &logs, &|_| {}).unwrap();
     let wh = Warehouse::new(dir.path().join("wh"));
-    ingest(&wh, &[logs.clone()], IngestOptions::default()).unwrap();
+    ingest(&wh, std::slice::from_ref(&logs), IngestOptions::default()).unwrap();
 
     // Day 1 has a producer's usual 2% of resends; on day 2 it resends 8% of its events, every
     // hour: under the 10% limit, and day 2 alone looks uniform.
