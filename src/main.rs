@@ -156,6 +156,10 @@ enum Command {
         /// that epoch (its staged files and findings are kept in `_adsmetrics/gated/`) and exit 12.
         #[arg(long)]
         gate: bool,
+        /// Write the run's figures as Prometheus gauges to this file when it succeeds (replaced
+        /// atomically; `adsmetrics_run_*{command=…}`), for node_exporter's textfile collector.
+        #[arg(long, value_name = "PATH")]
+        metrics_file: Option<PathBuf>,
     },
     /// Replace source partitions with their current contents: every file below --source in a
     /// Hive `dt=YYYY-MM-DD` folder from --from to --to is a source partition (named by its path
@@ -185,6 +189,10 @@ enum Command {
         /// that epoch (its staged files and findings are kept in `_adsmetrics/gated/`) and exit 12.
         #[arg(long)]
         gate: bool,
+        /// Write the run's figures as Prometheus gauges to this file when it succeeds (replaced
+        /// atomically; `adsmetrics_run_*{command=…}`), for node_exporter's textfile collector.
+        #[arg(long, value_name = "PATH")]
+        metrics_file: Option<PathBuf>,
     },
     /// Write a self-contained HTML page (SVG charts, nothing fetched, no script): duplicate rate
     /// per producer and hour, late arrivals per event day, partition versions published over
@@ -221,6 +229,10 @@ enum Command {
         /// Timely worker threads (outputs are identical for any number).
         #[arg(long, short = 'w', default_value_t = 2)]
         workers: usize,
+        /// Write the run's figures as Prometheus gauges to this file when it succeeds (replaced
+        /// atomically; `adsmetrics_run_*{command=…}`), for node_exporter's textfile collector.
+        #[arg(long, value_name = "PATH")]
+        metrics_file: Option<PathBuf>,
     },
     /// Bring the warehouse to a clean state after a crash, and nothing else: finish a publish
     /// that stopped midway (roll forward), remove staging leftovers, record on the audit ledger
@@ -621,6 +633,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes a successful run's figures to `--metrics-file`, if given.
+fn write_run_metrics(
+    path: Option<&std::path::Path>,
+    command: &str,
+    summary: &adsmetrics::runtime::IngestSummary,
+) -> anyhow::Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let at = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+    let text = adsmetrics::metrics::run_metrics_text(command, summary, at);
+    let mut staged = path.to_path_buf().into_os_string();
+    staged.push(".tmp");
+    adsmetrics::sink::files::replace(std::path::Path::new(&staged), path, text.as_bytes())
+        .with_context(|| format!("writing --metrics-file {}", path.display()))
+}
+
 /// Whether `e` is a writer-lock timeout or a fenced publish (exit code 75).
 fn is_temporary(e: &anyhow::Error) -> bool {
     use adsmetrics::delete::DeleteError;
@@ -710,6 +737,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             hot_window,
             quiet,
             gate,
+            metrics_file,
         } => {
             let options = IngestOptions {
                 workers,
@@ -721,6 +749,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let summary = ingest(&warehouse, &inputs, options)?;
             print!("{}", adsmetrics::report::ingest_report(&summary));
+            write_run_metrics(metrics_file.as_deref(), "ingest", &summary)?;
         }
         Command::Backfill {
             source,
@@ -730,6 +759,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             workers,
             quiet,
             gate,
+            metrics_file,
         } => {
             let day = |flag: &str, s: &str| {
                 adsmetrics::warehouse::parse_day(s)
@@ -755,6 +785,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )?;
             print!("{}", adsmetrics::report::ingest_report(&summary));
+            write_run_metrics(metrics_file.as_deref(), "backfill", &summary)?;
         }
         Command::Report {
             out,
@@ -777,7 +808,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("writing {}", out.display()))?;
             println!("wrote {} ({} bytes)", out.display(), page.len());
         }
-        Command::Reprocess { from, to, workers } => {
+        Command::Reprocess {
+            from,
+            to,
+            workers,
+            metrics_file,
+        } => {
             let day = |flag: &str, s: &str| {
                 adsmetrics::warehouse::parse_day(s)
                     .ok_or_else(|| anyhow::anyhow!("{flag} {s:?} is not a date (YYYY-MM-DD)"))
@@ -799,6 +835,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "reprocessed {from}..{to}: {} raw rows recomputed; {} partitions published, {} unchanged",
                 summary.rehydrated_rows, summary.partitions_published, summary.partitions_unchanged
             );
+            write_run_metrics(metrics_file.as_deref(), "reprocess", &summary)?;
         }
         Command::Recover => {
             let done = adsmetrics::runtime::recover(&warehouse)?;

@@ -310,3 +310,112 @@ impl Drop for MetricsServer {
         }
     }
 }
+
+/// A batch run's figures (`ingest`, `backfill`, `reprocess`, `delete`) in Prometheus text, for
+/// node_exporter's textfile collector: one gauge per figure of its summary, labelled with the
+/// command, and the time it finished. A run that fails writes nothing, so
+/// `adsmetrics_run_last_success_timestamp_seconds` is the last success.
+pub fn run_metrics_text(command: &str, s: &crate::runtime::IngestSummary, at_s: f64) -> String {
+    let mut registry = Registry::default();
+    let family = |registry: &mut Registry, name: &str, help: &str, value: f64| {
+        let g: Family<CommandLabels, Gauge<f64, AtomicU64>> = Family::default();
+        g.get_or_create(&CommandLabels {
+            command: command.to_string(),
+        })
+        .set(value);
+        registry.register(name, help, g);
+    };
+    let peak = s
+        .memory
+        .iter()
+        .map(|m| m.peak_rss_bytes)
+        .max()
+        .unwrap_or_else(|| crate::memory::process_memory().1);
+    let figures: [(&str, &str, f64); 15] = [
+        (
+            "adsmetrics_run_last_success_timestamp_seconds",
+            "When the last successful run of the command ended (Unix time)",
+            at_s,
+        ),
+        (
+            "adsmetrics_run_duration_seconds",
+            "Wall time of the last run",
+            s.elapsed.as_secs_f64(),
+        ),
+        (
+            "adsmetrics_run_sources_ingested",
+            "Sources decoded and committed by the last run",
+            s.sources_ingested as f64,
+        ),
+        (
+            "adsmetrics_run_sources_skipped",
+            "Sources the last run found already consumed",
+            s.sources_skipped as f64,
+        ),
+        (
+            "adsmetrics_run_events_accepted",
+            "Events the last run accepted",
+            s.events_accepted as f64,
+        ),
+        (
+            "adsmetrics_run_events_quarantined",
+            "Records the last run quarantined",
+            s.quarantined as f64,
+        ),
+        (
+            "adsmetrics_run_events_duplicate",
+            "Records repeating a key within their source",
+            s.in_source_duplicates as f64,
+        ),
+        (
+            "adsmetrics_run_events_tombstoned",
+            "Records refused because their event was deleted",
+            s.tombstoned as f64,
+        ),
+        (
+            "adsmetrics_run_late_events",
+            "Events into partitions already published",
+            s.late_events as f64,
+        ),
+        (
+            "adsmetrics_run_conflicted_keys",
+            "Keys seen with conflicting versions",
+            s.conflicted_keys as f64,
+        ),
+        (
+            "adsmetrics_run_rehydrated_rows",
+            "Raw-layer rows read back to rebuild state",
+            s.rehydrated_rows as f64,
+        ),
+        (
+            "adsmetrics_run_epochs",
+            "Epochs of the last run",
+            s.epochs as f64,
+        ),
+        (
+            "adsmetrics_run_partitions_published",
+            "Partition versions the last run published",
+            s.partitions_published as f64,
+        ),
+        (
+            "adsmetrics_run_partitions_unchanged",
+            "Partitions recomputed and found unchanged",
+            s.partitions_unchanged as f64,
+        ),
+        (
+            "adsmetrics_run_peak_resident_memory_bytes",
+            "Peak resident memory of the last run",
+            peak as f64,
+        ),
+    ];
+    for (name, help, value) in figures {
+        family(&mut registry, name, help, value);
+    }
+    render(&registry)
+}
+
+/// The `command` label of a batch run's figures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabels {
+    command: String,
+}

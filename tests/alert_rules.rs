@@ -94,6 +94,28 @@ fn every_metric_an_alert_names_is_exported_by_the_stream_or_the_checks() {
         .output()
         .unwrap();
     assert!(ingest.status.success(), "{ingest:?}");
+    let run_file = dir.path().join("textfile/adsmetrics_reprocess.prom");
+    let reprocess = Command::new(bin)
+        .arg("--warehouse")
+        .arg(&wh)
+        .args([
+            "reprocess",
+            "--from",
+            "2026-10-01",
+            "--to",
+            "2026-11-30",
+            "--metrics-file",
+        ])
+        .arg(&run_file)
+        .output()
+        .unwrap();
+    assert!(reprocess.status.success(), "{reprocess:?}");
+    let run_text = std::fs::read_to_string(&run_file).unwrap();
+    assert!(
+        run_text.contains("adsmetrics_run_partitions_published{command=\"reprocess\"} 0"),
+        "{run_text}"
+    );
+    known.extend(exposed(&run_text));
     let file = dir.path().join("textfile/adsmetrics.prom");
     let check = Command::new(bin)
         .arg("--warehouse")
