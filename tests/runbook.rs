@@ -215,6 +215,35 @@ fn partial_load() {
 }
 
 #[test]
+fn warehouse_locked() {
+    let scene = Scene::new();
+    let warehouse = Warehouse::new(scene.warehouse());
+    let held = adsmetrics::lock::WriterLock::acquire(&warehouse).unwrap();
+    let source = scene.source();
+    let gave_up = scene.adsmetrics(
+        None,
+        &[
+            "--lock-wait",
+            "1s",
+            "backfill",
+            "--source",
+            source.to_str().unwrap(),
+            "--from",
+            FROM,
+            "--to",
+            TO,
+            "--quiet",
+        ],
+    );
+    assert_eq!(gave_up.status.code(), Some(75), "{gave_up:?}");
+    assert!(!warehouse.journal_path().exists(), "the refused run published");
+    drop(held);
+
+    scene.run_procedure("warehouse-locked", &[]);
+    assert_eq!(tables(&scene), clean_tables(&scene));
+}
+
+#[test]
 fn bad_deploy() {
     let scene = Scene::new();
     assert!(scene.backfill(None).status.success());
