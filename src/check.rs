@@ -645,19 +645,32 @@ pub fn duplicates(
     threads: usize,
 ) -> Result<Duplicates, CheckError> {
     let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
-    // The week before the range too: each hour is compared with its producer's trailing week.
-    let read = DayRange {
+    let columns = hourly_key_producers(warehouse, &journal, with_trailing_week(range), threads)?;
+    Ok(duplicates_of(&journal, &columns, range, thresholds))
+}
+
+/// The days `check duplicates` reads for `range`: the week before it too, since each hour is
+/// compared with its producer's trailing week.
+fn with_trailing_week(range: DayRange) -> DayRange {
+    DayRange {
         from: range.from.map(|f| f - TRAILING_DAYS),
         to: range.to,
-    };
-    let columns = hourly_key_producers(warehouse, &journal, read, threads)?;
+    }
+}
+
+fn duplicates_of(
+    journal: &CommitJournal,
+    columns: &[(i64, KeyProducers)],
+    range: DayRange,
+    thresholds: DuplicateThresholds,
+) -> Duplicates {
     let mut groups: BTreeMap<(String, i64), (u64, HashSet<u128, BuildFastHasher>)> =
         BTreeMap::new();
     for (hour, (keys, producers)) in columns {
-        for (key, producer) in keys.into_iter().zip(producers) {
-            let (rows, distinct) = groups.entry((producer, hour)).or_default();
+        for (key, producer) in keys.iter().zip(producers) {
+            let (rows, distinct) = groups.entry((producer.clone(), *hour)).or_default();
             *rows += 1;
-            distinct.insert(key);
+            distinct.insert(*key);
         }
     }
     // Per producer, its hours in order with their rates.
@@ -716,13 +729,47 @@ pub fn duplicates(
         .flat_map(|p| &p.sources)
         .map(|s| s.in_source_duplicates)
         .sum();
-    Ok(Duplicates {
+    Duplicates {
         check: "duplicates",
         passed: hours.iter().all(|h| h.alert.is_none()),
         raw_rows: hours.iter().map(|h| h.raw_rows).sum(),
         distinct_keys: hours.iter().map(|h| h.distinct_keys).sum(),
         in_source_duplicates,
         hours,
+    }
+}
+
+/// Every check's report, as `check all` runs them.
+pub struct All {
+    /// `check duplicates` with its default thresholds.
+    pub duplicates: Duplicates,
+    /// `check partitions`.
+    pub partitions: Partitions,
+    /// `check reconcile`.
+    pub reconcile: Reconciliation,
+    /// `check freshness` at `now_us` against `max_age_s`.
+    pub freshness: Freshness,
+}
+
+/// The four checks over `range`, reading the raw layer's keys and producers once for both
+/// `duplicates` and `partitions`.
+pub fn all(
+    warehouse: &Warehouse,
+    range: DayRange,
+    now_us: i64,
+    max_age_s: i64,
+    threads: usize,
+) -> Result<All, CheckError> {
+    let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
+    let columns = hourly_key_producers(warehouse, &journal, with_trailing_week(range), threads)?;
+    let duplicates = duplicates_of(&journal, &columns, range, DuplicateThresholds::default());
+    let partitions = partitions_of(warehouse, &journal, &columns, range)?;
+    drop(columns);
+    Ok(All {
+        duplicates,
+        partitions,
+        reconcile: reconcile(warehouse, range, threads)?,
+        freshness: freshness(warehouse, now_us, max_age_s)?,
     })
 }
 
@@ -815,14 +862,27 @@ pub fn partitions(
     threads: usize,
 ) -> Result<Partitions, CheckError> {
     let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
+    let columns = hourly_key_producers(warehouse, &journal, range, threads)?;
+    partitions_of(warehouse, &journal, &columns, range)
+}
+
+fn partitions_of(
+    warehouse: &Warehouse,
+    journal: &CommitJournal,
+    columns: &[(i64, KeyProducers)],
+    range: DayRange,
+) -> Result<Partitions, CheckError> {
     let tombstones = Tombstones::open(&warehouse.tombstones_path())?;
     let mut present: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
     let mut hours_with_rows = BTreeSet::new();
-    for (hour, (keys, producers)) in hourly_key_producers(warehouse, &journal, range, threads)? {
-        for (key, producer) in keys.into_iter().zip(producers) {
-            if !tombstones.contains(&DedupKey(key.into())) {
-                present.entry(producer).or_default().insert(hour);
-                hours_with_rows.insert(hour);
+    for (hour, (keys, producers)) in columns {
+        if !range.contains(hour.div_euclid(24)) {
+            continue;
+        }
+        for (key, producer) in keys.iter().zip(producers) {
+            if !tombstones.contains(&DedupKey((*key).into())) {
+                present.entry(producer.clone()).or_default().insert(*hour);
+                hours_with_rows.insert(*hour);
             }
         }
     }

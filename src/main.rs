@@ -1035,10 +1035,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             use adsmetrics::check as c;
             let (range, threads) = (common.range()?, common.workers.max(1));
             let now = parse_now(now)?;
-            let duplicates = c::duplicates(&warehouse, range, Default::default(), threads)?;
-            let partitions = c::partitions(&warehouse, range, threads)?;
-            let reconcile = c::reconcile(&warehouse, range, threads)?;
-            let freshness = c::freshness(&warehouse, now, max_age)?;
+            let c::All {
+                duplicates,
+                partitions,
+                reconcile,
+                freshness,
+            } = c::all(&warehouse, range, now, max_age, threads)?;
             let failed = [
                 (duplicates.passed, c::EXIT_DUPLICATES),
                 (partitions.passed, c::EXIT_PARTITIONS),

@@ -236,7 +236,10 @@ fn warehouse_locked() {
         ],
     );
     assert_eq!(gave_up.status.code(), Some(75), "{gave_up:?}");
-    assert!(!warehouse.journal_path().exists(), "the refused run published");
+    assert!(
+        !warehouse.journal_path().exists(),
+        "the refused run published"
+    );
     drop(held);
 
     scene.run_procedure("warehouse-locked", &[]);
