@@ -532,6 +532,19 @@ impl std::fmt::Display for CheckFailed {
 
 impl std::error::Error for CheckFailed {}
 
+/// `--from` and `--to` days, YYYY-MM-DD, in order.
+fn parse_day_range(from: &str, to: &str) -> anyhow::Result<(i64, i64)> {
+    let day = |flag: &str, s: &str| {
+        adsmetrics::warehouse::parse_day(s)
+            .ok_or_else(|| anyhow::anyhow!("{flag} {s:?} is not a date (YYYY-MM-DD)"))
+    };
+    let (from_day, to_day) = (day("--from", from)?, day("--to", to)?);
+    if from_day > to_day {
+        anyhow::bail!("--from {from} is after --to {to}");
+    }
+    Ok((from_day, to_day))
+}
+
 fn parse_day_arg(flag: &str, value: Option<String>) -> anyhow::Result<Option<i64>> {
     value
         .map(|v| {
@@ -761,14 +774,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             gate,
             metrics_file,
         } => {
-            let day = |flag: &str, s: &str| {
-                adsmetrics::warehouse::parse_day(s)
-                    .ok_or_else(|| anyhow::anyhow!("{flag} {s:?} is not a date (YYYY-MM-DD)"))
-            };
-            let (from_day, to_day) = (day("--from", &from)?, day("--to", &to)?);
-            if from_day > to_day {
-                anyhow::bail!("--from {from} is after --to {to}");
-            }
+            let (from_day, to_day) = parse_day_range(&from, &to)?;
             let summary = adsmetrics::backfill::backfill(
                 &warehouse,
                 adsmetrics::backfill::BackfillOptions {
@@ -814,14 +820,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             workers,
             metrics_file,
         } => {
-            let day = |flag: &str, s: &str| {
-                adsmetrics::warehouse::parse_day(s)
-                    .ok_or_else(|| anyhow::anyhow!("{flag} {s:?} is not a date (YYYY-MM-DD)"))
-            };
-            let (from_day, to_day) = (day("--from", &from)?, day("--to", &to)?);
-            if from_day > to_day {
-                anyhow::bail!("--from {from} is after --to {to}");
-            }
+            let (from_day, to_day) = parse_day_range(&from, &to)?;
             let summary = adsmetrics::runtime::reprocess(
                 &warehouse,
                 (from_day..=to_day).collect(),

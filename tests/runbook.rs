@@ -6,9 +6,8 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use adsmetrics::journal::CommitJournal;
 use adsmetrics::sink::curated::read_partition;
@@ -89,20 +88,7 @@ impl Scene {
     }
 
     fn backfill(&self, env: Option<(&str, &str)>) -> Output {
-        let source = self.source();
-        self.adsmetrics(
-            env,
-            &[
-                "backfill",
-                "--source",
-                source.to_str().unwrap(),
-                "--from",
-                FROM,
-                "--to",
-                TO,
-                "--quiet",
-            ],
-        )
+        backfill_into(&self.warehouse(), &self.source(), env)
     }
 
     /// Runs the runbook block `id` in bash, the warehouse and these variables in its
@@ -145,15 +131,13 @@ fn cli(env: Option<(&str, &str)>, args: &[&str]) -> Output {
     c.output().unwrap()
 }
 
-/// The curated tables of a clean backfill of the same sources.
-fn clean_tables(scene: &Scene) -> String {
-    let clean = scene.dir.path().join("clean");
-    let source = scene.source();
-    let out = cli(
-        None,
+/// `adsmetrics backfill` of FROM..TO from `source` into `warehouse`.
+fn backfill_into(warehouse: &Path, source: &Path, env: Option<(&str, &str)>) -> Output {
+    cli(
+        env,
         &[
             "--warehouse",
-            clean.to_str().unwrap(),
+            warehouse.to_str().unwrap(),
             "backfill",
             "--source",
             source.to_str().unwrap(),
@@ -163,7 +147,13 @@ fn clean_tables(scene: &Scene) -> String {
             TO,
             "--quiet",
         ],
-    );
+    )
+}
+
+/// The curated tables of a clean backfill of the same sources.
+fn clean_tables(scene: &Scene) -> String {
+    let clean = scene.dir.path().join("clean");
+    let out = backfill_into(&clean, &scene.source(), None);
     assert!(out.status.success(), "{out:?}");
     TableSnapshot::take(&Warehouse::new(clean))
         .unwrap()
@@ -339,42 +329,10 @@ fn delete_request() {
     );
 }
 
-/// The broker in a process of its own, as in production: the stream dies, the log stays.
-struct Broker {
-    child: Child,
-    bootstrap: String,
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let mut child = Command::new(BIN)
-            .args(["dev-broker", "--topics", "ads-events", "--partitions", "4"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        Broker {
-            child,
-            bootstrap: line.trim().to_string(),
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn failed_exactly_once_commit() {
     let scene = Scene::new();
-    let broker = Broker::start();
+    let broker = common::Broker::start("ads-events", 4);
     let produce = cli(
         None,
         &[

@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use adsmetrics::broker::{produce, ProduceOptions};
@@ -22,39 +22,6 @@ use rand::{RngExt, SeedableRng};
 const BIN: &str = env!("CARGO_BIN_EXE_adsmetrics");
 const TOPIC: &str = "ads-events";
 const KILLS: usize = 20;
-
-/// The broker in a process of its own, so the stream can die while the log lives on.
-struct Broker {
-    child: Child,
-    bootstrap: String,
-}
-
-impl Broker {
-    fn start(partitions: u32) -> Broker {
-        let mut child = Command::new(BIN)
-            .args(["dev-broker", "--topics", TOPIC, "--partitions"])
-            .arg(partitions.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dev-broker starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        Broker {
-            child,
-            bootstrap: line.trim().to_string(),
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn stream_command(warehouse: &std::path::Path, brokers: &str, log: &str) -> Command {
     let mut c = Command::new(BIN);
@@ -93,7 +60,7 @@ fn twenty_sigkills_while_streaming_lose_and_double_nothing() {
     };
     let events = generate_events(&config);
     assert!(events.len() > 1_900_000, "resends add records");
-    let broker = Broker::start(32);
+    let broker = Broker::start(TOPIC, 32);
     let bad_every = 10_000;
 
     let producer = {

@@ -258,3 +258,40 @@ pub fn quarantine_rows(wh: &Warehouse) -> Vec<(String, String, String, Vec<u8>)>
     }
     rows
 }
+
+/// `adsmetrics dev-broker` in a process of its own, so a stream can die while the log lives on;
+/// killed when dropped.
+pub struct Broker {
+    child: std::process::Child,
+    /// Its bootstrap address.
+    pub bootstrap: String,
+}
+
+impl Broker {
+    /// Starts one with `topic` in `partitions` partitions.
+    pub fn start(topic: &str, partitions: u32) -> Broker {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_adsmetrics"))
+            .args(["dev-broker", "--topics", topic, "--partitions"])
+            .arg(partitions.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dev-broker starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        Broker {
+            child,
+            bootstrap: line.trim().to_string(),
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
