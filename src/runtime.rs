@@ -434,8 +434,8 @@ pub(crate) enum Rehydration {
 
 /// What epoch 0 feeds each worker.
 enum Rebuild {
-    /// Every raw row of these files (their share of them).
-    Files(Vec<PathBuf>),
+    /// Every raw row of these files (their share of them), which rebuild these event days whole.
+    Files(Vec<PathBuf>, BTreeSet<i64>),
     /// These rows (their share of them).
     Rows(Vec<(DedupKey, EventVersion)>),
 }
@@ -934,16 +934,17 @@ fn execute_generation(
     let mut predecoded = HashMap::new();
     let rebuild = match &rehydration {
         Rehydration::Days(_) => {
-            let files = scope::rehydration_scope(warehouse, &changes, workers)
+            let scope = scope::rehydration_scope(warehouse, &changes, workers)
                 .map_err(|e| fail(&mut ledger, &run, e.into()))?;
             tracing::info!(
-                files = files.len(),
+                files = scope.files.len(),
+                days = scope.days.len(),
                 of = committed_raw.len(),
                 took = ?scoping.elapsed(),
                 "rehydration scope (whole days)"
             );
-            summary.rehydrated_files = files.len() as u64;
-            Rebuild::Files(files)
+            summary.rehydrated_files = scope.files.len() as u64;
+            Rebuild::Files(scope.files, scope.days)
         }
         Rehydration::Keyed => {
             if let Some(pending) = unfinished_delete(warehouse, &tombstones) {
@@ -1199,7 +1200,7 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
         let (fed, computed, staged) = std::thread::scope(|scope| {
             let (local, writing) = if epoch == 0 {
                 let files = match &shared.rebuild {
-                    Rebuild::Files(files) => files.as_slice(),
+                    Rebuild::Files(files, _) => files.as_slice(),
                     Rebuild::Rows(_) => &[],
                 };
                 let read = read_raw(shared, files, 1, index, peers, worker, &mut pipeline)
@@ -1238,8 +1239,13 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
             let computed = started.elapsed();
             // The last source's files are written meanwhile; they must be on disk before the
             // publish names their source (and the publish syncs the filesystem to make sure).
-            let staged =
-                local.and_then(|()| stage_touched(shared, &pipeline, seeded.as_mut(), peers));
+            let staged = local.and_then(|()| {
+                let emptied = match (epoch, &shared.rebuild) {
+                    (0, Rebuild::Files(_, days)) => published_in_days(shared, days, index, peers),
+                    _ => Vec::new(),
+                };
+                stage_touched(shared, &pipeline, seeded.as_mut(), emptied, peers)
+            });
             let staged = join_writing(writing).and(staged);
             (fed, computed, staged)
         });
@@ -1603,19 +1609,38 @@ fn late_events(
 /// Stages every partition this worker's mirror saw change whose version differs from the
 /// published one. With `seeded` (a keyed run), a partition touched for the first time first gets
 /// its published rows.
+/// The published partitions of the event `days` that this worker's mirror holds: after a
+/// whole-day rebuild, those the rebuilt rows did not touch have no rows any more.
+fn published_in_days(
+    shared: &Shared,
+    days: &BTreeSet<i64>,
+    index: usize,
+    peers: usize,
+) -> Vec<PartitionId> {
+    let published = shared.state.lock().expect("lock").published.clone();
+    published
+        .keys()
+        .filter(|id| days.contains(&id.day()) && id.worker(peers) == index)
+        .copied()
+        .collect()
+}
+
 fn stage_touched(
     shared: &Shared,
     pipeline: &Pipeline,
     mut seeded: Option<&mut BTreeSet<PartitionId>>,
+    also: Vec<PartitionId>,
     threads: usize,
 ) -> Result<Vec<PartitionChange>, RunError> {
     let published = shared.state.lock().expect("lock").published.clone();
-    let touched = pipeline.mirror.borrow_mut().take_touched();
+    let mut touched = pipeline.mirror.borrow_mut().take_touched();
+    touched.extend(also);
+    touched.sort_unstable();
+    touched.dedup();
     let mut changes = Vec::new();
     let mut unchanged = 0;
     // A few partitions at a time, read back and written on `threads` threads, largest first (the
     // daily ones): one worker may own a correction's daily partitions while the others are done.
-    let mut touched = touched;
     touched.sort_by_key(|id| (id.grain != Grain::Daily, *id));
     for chunk in touched.chunks(4 * threads.max(1)) {
         let to_seed: Vec<(PartitionId, &Published)> = match seeded.as_deref_mut() {

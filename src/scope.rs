@@ -125,12 +125,22 @@ pub struct Changes<'a> {
     pub horizons: &'a Horizons,
 }
 
-/// The raw files a run must rehydrate; see the module doc.
+/// What a whole-day rebuild reads and what it rebuilds.
+#[derive(Debug, Default)]
+pub struct DayScope {
+    /// The raw files to rehydrate.
+    pub files: Vec<PathBuf>,
+    /// The event days rebuilt whole: every partition of these days comes out of the rebuild
+    /// complete, so one that gets no rows has none left (it is removed).
+    pub days: BTreeSet<i64>,
+}
+
+/// The raw files a run must rehydrate, and the days they rebuild; see the module doc.
 pub fn rehydration_scope(
     warehouse: &Warehouse,
     changes: &Changes<'_>,
     threads: usize,
-) -> Result<Vec<PathBuf>, ScopeError> {
+) -> Result<DayScope, ScopeError> {
     let Changes {
         committed,
         new_sources,
@@ -139,8 +149,14 @@ pub fn rehydration_scope(
         tombstones,
         horizons,
     } = *changes;
+    // A day past the raw horizon has no raw rows left to rebuild it from: its partitions are
+    // kept as they are (curated tables are kept longer than the raw layer).
+    let rebuildable = |day: &i64| horizons.raw_day.is_none_or(|h| *day >= h);
     if committed.is_empty() {
-        return Ok(Vec::new());
+        return Ok(DayScope {
+            files: Vec::new(),
+            days: extra_days.iter().copied().filter(rebuildable).collect(),
+        });
     }
     let mut by_day: BTreeMap<Option<i64>, Vec<&PathBuf>> = BTreeMap::new();
     for path in committed {
@@ -151,7 +167,7 @@ pub fn rehydration_scope(
     }
     let (mut touched, new_keys) = days_and_keys(new_sources, threads, tombstones)?;
     // Events past the raw horizon are refused, and their days have nothing to rebuild.
-    touched.retain(|day| horizons.raw_day.is_none_or(|h| *day >= h));
+    touched.retain(rebuildable);
     touched.extend(retract.iter().filter_map(|p| raw_day(warehouse, p)));
     touched.extend(extra_days.iter().copied());
     // A raw file outside any dt= folder cannot be placed: always rebuild it.
@@ -203,9 +219,12 @@ pub fn rehydration_scope(
         keys.sort_unstable();
         keys.dedup();
     }
-    Ok(by_day
-        .into_iter()
-        .filter(|(day, _)| scope.contains(day))
-        .flat_map(|(_, files)| files.into_iter().cloned())
-        .collect())
+    Ok(DayScope {
+        files: by_day
+            .into_iter()
+            .filter(|(day, _)| scope.contains(day))
+            .flat_map(|(_, files)| files.into_iter().cloned())
+            .collect(),
+        days: scope.into_iter().flatten().filter(rebuildable).collect(),
+    })
 }

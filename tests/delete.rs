@@ -290,3 +290,45 @@ fn a_delete_that_crashed_after_its_publish_still_certifies_the_partitions_it_cha
         .expect("the next run recorded the crashed run's publish");
     assert!(c.ledger_entries.contains(&recovery.body.seq));
 }
+
+#[test]
+fn deleting_every_event_of_an_hour_removes_its_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut events = sample_events(300, 9);
+    // One hour of its own, every event in it by user 424242.
+    let lone_hour =
+        events[0].event_time_us.div_euclid(3_600_000_000) * 3_600_000_000 - 5 * 3_600_000_000;
+    for (i, e) in events.iter_mut().take(3).enumerate() {
+        e.event_time_us = lone_hour + i as i64;
+        e.user_id = 424242;
+    }
+    for e in events.iter_mut().skip(3) {
+        if e.user_id == 424242 {
+            e.user_id = 1;
+        }
+    }
+    write_parquet(&dir.path().join("in/a.parquet"), &events);
+    let wh = Warehouse::new(dir.path().join("wh"));
+    ingest(&wh, &[dir.path().join("in")], options()).unwrap();
+    let before = published_tables(&wh);
+
+    let request = DeleteRequest {
+        request_id: "GDPR-HOUR".into(),
+        reason: "user asked".into(),
+        user_ids: vec![424242],
+        event_ids: vec![],
+    };
+    let gone = keys_where(&events, |e| e.user_id == 424242);
+    delete(&wh, &request, options()).unwrap();
+    let after = published_tables(&wh);
+    let expected = expected_tables(&without(&events, &gone));
+    assert!(
+        after == expected,
+        "tables differ from a recompute without the deleted events"
+    );
+    assert_eq!(
+        after.len() + 1,
+        before.len(),
+        "the lone hour's partition is gone"
+    );
+}

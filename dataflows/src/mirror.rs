@@ -49,6 +49,20 @@ impl PartitionId {
         ]
     }
 
+    /// The event day the partition lies in: its day, or its hour's day.
+    pub fn day(&self) -> i64 {
+        match self.grain {
+            Grain::Hourly => self.period.div_euclid(24),
+            Grain::Daily => self.period,
+        }
+    }
+
+    /// The worker (of `peers`) whose mirror holds the partition: where the exchange on
+    /// [`PartitionId::route`] sends its cells (timely takes the route modulo the workers).
+    pub fn worker(&self, peers: usize) -> usize {
+        (self.route() % peers.max(1) as u64) as usize
+    }
+
     /// A well-mixed routing hash, the same in every process and build: picks the partition's
     /// writer among the workers. Not persisted.
     pub fn route(&self) -> u64 {
