@@ -30,6 +30,15 @@ pub struct PartitionLabels {
     pub partition: i64,
 }
 
+/// An event type and a producer, as labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `impression`, `click` or `conversion`.
+    pub event_type: String,
+    /// The producer the event names.
+    pub producer: String,
+}
+
 /// What `adsmetrics stream` exposes: epochs and messages, what they changed, ingest→visible
 /// latency, and per partition the consumer lag (the broker's log end minus the next offset the
 /// journal has committed: messages on the broker not yet visible in the tables).
@@ -43,6 +52,8 @@ pub struct StreamMetrics {
     pub redelivered: Counter,
     /// Events accepted into the raw layer.
     pub events_accepted: Counter,
+    /// The same, by event type and producer.
+    pub events_by_kind: Family<KindLabels, Counter>,
     /// Messages quarantined (undecodable or invalid).
     pub quarantined: Counter,
     /// Curated partitions published with new contents.
@@ -87,6 +98,7 @@ impl StreamMetrics {
             messages: Counter::default(),
             redelivered: Counter::default(),
             events_accepted: Counter::default(),
+            events_by_kind: Family::default(),
             quarantined: Counter::default(),
             partitions_published: Counter::default(),
             partitions_unchanged: Counter::default(),
@@ -122,6 +134,11 @@ impl StreamMetrics {
             "adsmetrics_events_accepted",
             "Events accepted into the raw layer",
             m.events_accepted.clone(),
+        );
+        r.register(
+            "adsmetrics_events_accepted_by_kind",
+            "Events accepted into the raw layer, by event type and producer",
+            m.events_by_kind.clone(),
         );
         r.register(
             "adsmetrics_events_quarantined",
@@ -411,7 +428,30 @@ pub fn run_metrics_text(command: &str, s: &crate::runtime::IngestSummary, at_s: 
     for (name, help, value) in figures {
         family(&mut registry, name, help, value);
     }
+    let by_kind: Family<RunKindLabels, Gauge<f64, AtomicU64>> = Family::default();
+    for ((event_type, producer), n) in &s.accepted_by_kind {
+        by_kind
+            .get_or_create(&RunKindLabels {
+                command: command.to_string(),
+                event_type: event_type.clone(),
+                producer: producer.clone(),
+            })
+            .set(*n as f64);
+    }
+    registry.register(
+        "adsmetrics_run_events_accepted_by_kind",
+        "Events the last run accepted, by event type and producer",
+        by_kind,
+    );
     render(&registry)
+}
+
+/// The labels of a batch run's events by kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RunKindLabels {
+    command: String,
+    event_type: String,
+    producer: String,
 }
 
 /// The `command` label of a batch run's figures.

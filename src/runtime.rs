@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use adsmetrics_dataflows::batching::BuildFastHasher;
 use adsmetrics_dataflows::pipeline::{self, Pipeline};
 use adsmetrics_dataflows::{
-    DedupKey, Dims, EventVersion, Grain, MetricRow, MirrorError, PartitionId,
+    DedupKey, Dims, EventType, EventVersion, Grain, MetricRow, MirrorError, PartitionId,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -131,6 +131,8 @@ pub struct IngestSummary {
     pub source_bytes: u64,
     /// Records of ingested sources accepted as events (after in-source dedup).
     pub events_accepted: u64,
+    /// The accepted events by event type and producer (`impression`, `web`).
+    pub accepted_by_kind: BTreeMap<(String, String), u64>,
     /// Records dropped because the same key appeared again in the same source.
     pub in_source_duplicates: u64,
     /// Records (or whole files) quarantined.
@@ -807,6 +809,9 @@ impl IngestSummary {
         self.sources_ingested += g.sources_ingested;
         self.source_bytes += g.source_bytes;
         self.events_accepted += g.events_accepted;
+        for (kind, n) in &g.accepted_by_kind {
+            *self.accepted_by_kind.entry(kind.clone()).or_default() += n;
+        }
         self.in_source_duplicates += g.in_source_duplicates;
         self.quarantined += g.quarantined;
         self.raw_rows_written += g.raw_rows_written;
@@ -1484,7 +1489,14 @@ fn write_source(
     tracing::debug!("late and quarantine written");
     let mut written_days: BTreeMap<i64, (Vec<PathBuf>, Vec<u64>)> = BTreeMap::new();
     let mut last_hour = None;
+    // A source has a handful of producers and three event types: a short list beats a map.
+    let mut by_kind: Vec<((EventType, &str), u64)> = Vec::new();
     for (key, event) in accepted {
+        let kind = (event.event_type, event.producer.as_str());
+        match by_kind.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, n)) => *n += 1,
+            None => by_kind.push((kind, 1)),
+        }
         let hour = event
             .event_time_us
             .div_euclid(adsmetrics_dataflows::MICROS_PER_HOUR);
@@ -1517,6 +1529,11 @@ fn write_source(
     let s = &mut state.summary;
     s.sources_ingested += 1;
     s.events_accepted += record.accepted;
+    for ((event_type, producer), n) in by_kind {
+        *s.accepted_by_kind
+            .entry((event_type.as_str().to_string(), producer.to_string()))
+            .or_default() += n;
+    }
     s.in_source_duplicates += duplicates;
     s.quarantined += record.quarantined;
     s.raw_rows_written += written;

@@ -931,6 +931,14 @@ fn publish_epoch(
         m.epochs.inc();
         m.messages.inc_by(messages);
         m.events_accepted.inc_by(ingested.events_accepted);
+        for ((event_type, producer), n) in &ingested.accepted_by_kind {
+            m.events_by_kind
+                .get_or_create(&crate::metrics::KindLabels {
+                    event_type: event_type.clone(),
+                    producer: producer.clone(),
+                })
+                .inc_by(*n);
+        }
         m.quarantined.inc_by(ingested.quarantined);
         m.partitions_published.inc_by(ingested.partitions_published);
         m.partitions_unchanged.inc_by(ingested.partitions_unchanged);

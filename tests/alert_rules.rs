@@ -86,14 +86,35 @@ fn every_metric_an_alert_names_is_exported_by_the_stream_or_the_checks() {
     );
     let wh = dir.path().join("wh");
     let bin = env!("CARGO_BIN_EXE_adsmetrics");
+    let ingest_file = dir.path().join("textfile/adsmetrics_ingest.prom");
     let ingest = Command::new(bin)
         .arg("--warehouse")
         .arg(&wh)
-        .args(["ingest", "--quiet"])
+        .args(["ingest", "--quiet", "--metrics-file"])
+        .arg(&ingest_file)
         .arg(dir.path().join("in"))
         .output()
         .unwrap();
     assert!(ingest.status.success(), "{ingest:?}");
+    // The ingest's events by type and producer add up to its events accepted.
+    let ingest_text = std::fs::read_to_string(&ingest_file).unwrap();
+    let value = |line: &str| -> f64 { line.rsplit(' ').next().unwrap().parse().unwrap() };
+    let accepted = ingest_text
+        .lines()
+        .find(|l| l.starts_with("adsmetrics_run_events_accepted{"))
+        .map(value)
+        .unwrap();
+    let by_kind: Vec<f64> = ingest_text
+        .lines()
+        .filter(|l| l.starts_with("adsmetrics_run_events_accepted_by_kind{command=\"ingest\","))
+        .map(value)
+        .collect();
+    assert!(by_kind.len() > 4, "{ingest_text}");
+    assert!(
+        accepted > 0.0 && by_kind.iter().sum::<f64>() == accepted,
+        "{ingest_text}"
+    );
+    known.extend(exposed(&ingest_text));
     let run_file = dir.path().join("textfile/adsmetrics_reprocess.prom");
     let reprocess = Command::new(bin)
         .arg("--warehouse")
@@ -113,6 +134,11 @@ fn every_metric_an_alert_names_is_exported_by_the_stream_or_the_checks() {
     let run_text = std::fs::read_to_string(&run_file).unwrap();
     assert!(
         run_text.contains("adsmetrics_run_partitions_published{command=\"reprocess\"} 0"),
+        "{run_text}"
+    );
+    // A reprocess reads no source: no events by kind.
+    assert!(
+        !run_text.contains("adsmetrics_run_events_accepted_by_kind{"),
         "{run_text}"
     );
     known.extend(exposed(&run_text));

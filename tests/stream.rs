@@ -300,6 +300,37 @@ fn metrics_show_lag_until_the_stream_catches_up_and_latency_per_message() {
         sample(&text, "adsmetrics_events_accepted_total"),
         (first.ingest.events_accepted + rest.ingest.events_accepted) as f64
     );
+    // By event type and producer: every kind the events have, adding up to the total.
+    let by_kind: Vec<(String, f64)> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("adsmetrics_events_accepted_by_kind_total{"))
+        .map(|rest| {
+            let (labels, value) = rest.split_once("} ").unwrap();
+            (labels.to_string(), value.trim().parse().unwrap())
+        })
+        .collect();
+    let kinds: std::collections::BTreeSet<String> = events
+        .iter()
+        .map(|e| {
+            format!(
+                "event_type=\"{}\",producer=\"{}\"",
+                e.event_type.as_str(),
+                e.producer
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_kind
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect::<std::collections::BTreeSet<_>>(),
+        kinds,
+        "{text}"
+    );
+    assert_eq!(
+        by_kind.iter().map(|(_, n)| n).sum::<f64>(),
+        (first.ingest.events_accepted + rest.ingest.events_accepted) as f64
+    );
     let ends = log_end_offsets(&broker.bootstrap_servers(), &[TOPIC.to_string()]).unwrap();
     for ((topic, partition), end) in ends {
         let name = format!(
