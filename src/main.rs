@@ -156,10 +156,8 @@ enum Command {
         /// that epoch (its staged files and findings are kept in `_adsmetrics/gated/`) and exit 12.
         #[arg(long)]
         gate: bool,
-        /// Write the run's figures as Prometheus gauges to this file when it succeeds (replaced
-        /// atomically; `adsmetrics_run_*{command=…}`), for node_exporter's textfile collector.
-        #[arg(long, value_name = "PATH")]
-        metrics_file: Option<PathBuf>,
+        #[command(flatten)]
+        metrics: RunMetricsArgs,
     },
     /// Replace source partitions with their current contents: every file below --source in a
     /// Hive `dt=YYYY-MM-DD` folder from --from to --to is a source partition (named by its path
@@ -189,10 +187,8 @@ enum Command {
         /// that epoch (its staged files and findings are kept in `_adsmetrics/gated/`) and exit 12.
         #[arg(long)]
         gate: bool,
-        /// Write the run's figures as Prometheus gauges to this file when it succeeds (replaced
-        /// atomically; `adsmetrics_run_*{command=…}`), for node_exporter's textfile collector.
-        #[arg(long, value_name = "PATH")]
-        metrics_file: Option<PathBuf>,
+        #[command(flatten)]
+        metrics: RunMetricsArgs,
     },
     /// Write a self-contained HTML page (SVG charts, nothing fetched, no script): duplicate rate
     /// per producer and hour, late arrivals per event day, partition versions published over
@@ -229,10 +225,8 @@ enum Command {
         /// Timely worker threads (outputs are identical for any number).
         #[arg(long, short = 'w', default_value_t = 2)]
         workers: usize,
-        /// Write the run's figures as Prometheus gauges to this file when it succeeds (replaced
-        /// atomically; `adsmetrics_run_*{command=…}`), for node_exporter's textfile collector.
-        #[arg(long, value_name = "PATH")]
-        metrics_file: Option<PathBuf>,
+        #[command(flatten)]
+        metrics: RunMetricsArgs,
     },
     /// Bring the warehouse to a clean state after a crash, and nothing else: finish a publish
     /// that stopped midway (roll forward), remove staging leftovers, record on the audit ledger
@@ -647,18 +641,57 @@ fn main() -> ExitCode {
 }
 
 /// Writes a successful run's figures to `--metrics-file`, if given.
-fn write_run_metrics(
-    path: Option<&std::path::Path>,
-    command: &str,
-    summary: &adsmetrics::runtime::IngestSummary,
-) -> anyhow::Result<()> {
-    let Some(path) = path else { return Ok(()) };
-    let at = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
-    let text = adsmetrics::metrics::run_metrics_text(command, summary, at);
-    let mut staged = path.to_path_buf().into_os_string();
-    staged.push(".tmp");
-    adsmetrics::sink::files::replace(std::path::Path::new(&staged), path, text.as_bytes())
-        .with_context(|| format!("writing --metrics-file {}", path.display()))
+/// How a batch run reports to Prometheus.
+#[derive(clap::Args, Debug)]
+struct RunMetricsArgs {
+    /// Write the run's figures as Prometheus gauges to this file when it succeeds (replaced
+    /// atomically; `adsmetrics_run_*{command=…}`), for node_exporter's textfile collector.
+    #[arg(long, value_name = "PATH")]
+    metrics_file: Option<PathBuf>,
+    /// Serve Prometheus metrics on `http://ADDR/metrics` while the run goes on (events accepted,
+    /// by type and producer, quarantined, duplicates, late, partitions published, rows
+    /// rehydrated, memory; counted as each hot-window generation finishes), e.g.
+    /// 127.0.0.1:9464; port 0 picks a free one (printed on stderr).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
+}
+
+impl RunMetricsArgs {
+    /// Starts the `/metrics` server when asked: the server (stopped when dropped) and the
+    /// counters the run adds to.
+    fn serve(
+        &self,
+    ) -> anyhow::Result<(
+        Option<adsmetrics::metrics::MetricsServer>,
+        Option<Arc<adsmetrics::metrics::RunCounters>>,
+    )> {
+        let Some(listen) = &self.metrics_listen else {
+            return Ok((None, None));
+        };
+        let mut registry = prometheus_client::registry::Registry::default();
+        let counters = adsmetrics::metrics::RunCounters::register(&mut registry);
+        let server = adsmetrics::metrics::MetricsServer::start(listen, Arc::new(registry))
+            .with_context(|| format!("--metrics-listen {listen}"))?;
+        eprintln!("metrics on http://{}/metrics", server.local_addr());
+        Ok((Some(server), Some(counters)))
+    }
+
+    /// Writes the finished run's figures to `--metrics-file`, when given.
+    fn write(
+        &self,
+        command: &str,
+        summary: &adsmetrics::runtime::IngestSummary,
+    ) -> anyhow::Result<()> {
+        let Some(path) = &self.metrics_file else {
+            return Ok(());
+        };
+        let at = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+        let text = adsmetrics::metrics::run_metrics_text(command, summary, at);
+        let mut staged = path.to_path_buf().into_os_string();
+        staged.push(".tmp");
+        adsmetrics::sink::files::replace(std::path::Path::new(&staged), path, text.as_bytes())
+            .with_context(|| format!("writing --metrics-file {}", path.display()))
+    }
 }
 
 /// Whether `e` is a writer-lock timeout or a fenced publish (exit code 75).
@@ -750,19 +783,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             hot_window,
             quiet,
             gate,
-            metrics_file,
+            metrics,
         } => {
+            let (_server, counters) = metrics.serve()?;
             let options = IngestOptions {
                 workers,
                 epoch_sources,
                 progress: !quiet,
                 hot_window_days: hot_window.days.0,
                 gate,
+                metrics: counters,
                 ..IngestOptions::default()
             };
             let summary = ingest(&warehouse, &inputs, options)?;
             print!("{}", adsmetrics::report::ingest_report(&summary));
-            write_run_metrics(metrics_file.as_deref(), "ingest", &summary)?;
+            metrics.write("ingest", &summary)?;
         }
         Command::Backfill {
             source,
@@ -772,9 +807,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             workers,
             quiet,
             gate,
-            metrics_file,
+            metrics,
         } => {
             let (from_day, to_day) = parse_day_range(&from, &to)?;
+            let (_server, counters) = metrics.serve()?;
             let summary = adsmetrics::backfill::backfill(
                 &warehouse,
                 adsmetrics::backfill::BackfillOptions {
@@ -786,12 +822,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         progress: !quiet,
                         hot_window_days: hot_window.days.0,
                         gate,
+                        metrics: counters,
                         ..IngestOptions::default()
                     },
                 },
             )?;
             print!("{}", adsmetrics::report::ingest_report(&summary));
-            write_run_metrics(metrics_file.as_deref(), "backfill", &summary)?;
+            metrics.write("backfill", &summary)?;
         }
         Command::Report {
             out,
@@ -818,15 +855,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             from,
             to,
             workers,
-            metrics_file,
+            metrics,
         } => {
             let (from_day, to_day) = parse_day_range(&from, &to)?;
+            let (_server, counters) = metrics.serve()?;
             let summary = adsmetrics::runtime::reprocess(
                 &warehouse,
                 (from_day..=to_day).collect(),
                 IngestOptions {
                     workers,
                     progress: false,
+                    metrics: counters,
                     ..IngestOptions::default()
                 },
             )?;
@@ -834,7 +873,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "reprocessed {from}..{to}: {} raw rows recomputed; {} partitions published, {} unchanged",
                 summary.rehydrated_rows, summary.partitions_published, summary.partitions_unchanged
             );
-            write_run_metrics(metrics_file.as_deref(), "reprocess", &summary)?;
+            metrics.write("reprocess", &summary)?;
         }
         Command::Recover => {
             let done = adsmetrics::runtime::recover(&warehouse)?;

@@ -6,7 +6,8 @@
 //! values in the text format (version 0.0.4) on its own thread and tokio runtime, so a scrape
 //! never waits on the dataflow and the dataflow never waits on a scrape.
 //!
-//! Families so far: [`StreamMetrics`] (`adsmetrics stream`). Names carry the `adsmetrics_` prefix;
+//! Families so far: [`RunCounters`] (every command that ingests, `--metrics-listen`, updated as
+//! each generation or epoch finishes) and [`StreamMetrics`] (`adsmetrics stream`, which holds them). Names carry the `adsmetrics_` prefix;
 //! counters get Prometheus' `_total` suffix from the encoder.
 
 use std::collections::BTreeMap;
@@ -50,27 +51,8 @@ pub struct StreamMetrics {
     pub messages: Counter,
     /// Messages dropped because the journal already held their offsets.
     pub redelivered: Counter,
-    /// Events accepted into the raw layer.
-    pub events_accepted: Counter,
-    /// The same, by event type and producer.
-    pub events_by_kind: Family<KindLabels, Counter>,
-    /// Messages quarantined (undecodable or invalid).
-    pub quarantined: Counter,
-    /// Curated partitions published with new contents.
-    pub partitions_published: Counter,
-    /// Curated partitions recomputed and found unchanged.
-    pub partitions_unchanged: Counter,
-    /// Events that repeated one already in the same epoch's sources (producer resends).
-    pub duplicates: Counter,
-    /// Keys seen with conflicting versions (a producer sent one event id with different
-    /// contents; the newest revision wins).
-    pub conflicts: Counter,
-    /// Events that arrived after their partition's first publish.
-    pub late_events: Counter,
-    /// Raw-layer rows read back to rebuild the state an epoch touched.
-    pub rehydrated_rows: Counter,
-    /// The process's resident memory after the last epoch, bytes.
-    pub resident_memory: Gauge,
+    /// What its epochs' runs did (also what a batch command exposes).
+    pub run: Arc<RunCounters>,
     /// Wall time of each epoch's run (raw layer, dataflow, publish, ledger entry), seconds.
     pub epoch_seconds: Histogram,
     /// Ingest→visible latency of each message, seconds: its Kafka timestamp to its epoch's publish.
@@ -85,6 +67,114 @@ pub struct StreamMetrics {
     positions: Mutex<BTreeMap<(String, i32), i64>>,
 }
 
+/// What every run that writes exposes, counted as its generations (batch) or epochs (stream)
+/// finish: events, what became of them, partitions published, state rebuilt, memory.
+#[derive(Debug, Default)]
+pub struct RunCounters {
+    /// Events accepted into the raw layer.
+    pub events_accepted: Counter,
+    /// The same, by event type and producer.
+    pub events_by_kind: Family<KindLabels, Counter>,
+    /// Records quarantined (undecodable or invalid).
+    pub quarantined: Counter,
+    /// Curated partitions published with new contents.
+    pub partitions_published: Counter,
+    /// Curated partitions recomputed and found unchanged.
+    pub partitions_unchanged: Counter,
+    /// Records that repeated a key within their source (producer resends).
+    pub duplicates: Counter,
+    /// Keys seen with conflicting versions (a producer sent one event id with different
+    /// contents; the newest revision wins).
+    pub conflicts: Counter,
+    /// Events that arrived after their partition's first publish.
+    pub late_events: Counter,
+    /// Raw-layer rows read back to rebuild the state a run touched.
+    pub rehydrated_rows: Counter,
+    /// The process's resident memory after the last epoch or generation, bytes.
+    pub resident_memory: Gauge,
+}
+
+impl RunCounters {
+    /// The counters, registered in `registry`.
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let c = RunCounters::default();
+        let r = registry;
+        r.register(
+            "adsmetrics_events_accepted",
+            "Events accepted into the raw layer",
+            c.events_accepted.clone(),
+        );
+        r.register(
+            "adsmetrics_events_accepted_by_kind",
+            "Events accepted into the raw layer, by event type and producer",
+            c.events_by_kind.clone(),
+        );
+        r.register(
+            "adsmetrics_events_quarantined",
+            "Records quarantined with a reason",
+            c.quarantined.clone(),
+        );
+        r.register(
+            "adsmetrics_partitions_published",
+            "Curated partitions published with new contents",
+            c.partitions_published.clone(),
+        );
+        r.register(
+            "adsmetrics_partitions_unchanged",
+            "Curated partitions recomputed and found unchanged",
+            c.partitions_unchanged.clone(),
+        );
+        r.register(
+            "adsmetrics_events_duplicate",
+            "Records repeating a key within their source (producer resends), dropped by dedup",
+            c.duplicates.clone(),
+        );
+        r.register(
+            "adsmetrics_conflicted_keys",
+            "Event ids seen with conflicting contents (the newest revision counts)",
+            c.conflicts.clone(),
+        );
+        r.register(
+            "adsmetrics_late_events",
+            "Events that arrived after their partition's first publish",
+            c.late_events.clone(),
+        );
+        r.register(
+            "adsmetrics_rehydrated_rows",
+            "Raw-layer rows read back to rebuild the state a run touched",
+            c.rehydrated_rows.clone(),
+        );
+        r.register(
+            "adsmetrics_resident_memory_bytes",
+            "Resident memory of the process after the last epoch or generation",
+            c.resident_memory.clone(),
+        );
+        Arc::new(c)
+    }
+
+    /// Adds what one generation or epoch did.
+    pub fn add(&self, s: &crate::runtime::IngestSummary) {
+        self.events_accepted.inc_by(s.events_accepted);
+        for ((event_type, producer), n) in &s.accepted_by_kind {
+            self.events_by_kind
+                .get_or_create(&KindLabels {
+                    event_type: event_type.clone(),
+                    producer: producer.clone(),
+                })
+                .inc_by(*n);
+        }
+        self.quarantined.inc_by(s.quarantined);
+        self.partitions_published.inc_by(s.partitions_published);
+        self.partitions_unchanged.inc_by(s.partitions_unchanged);
+        self.duplicates.inc_by(s.in_source_duplicates);
+        self.conflicts.inc_by(s.conflicted_keys.max(0) as u64);
+        self.late_events.inc_by(s.late_events);
+        self.rehydrated_rows.inc_by(s.rehydrated_rows);
+        self.resident_memory
+            .set(crate::memory::process_memory().0 as i64);
+    }
+}
+
 /// Latency buckets, seconds: 50 ms to about 7 minutes, doubling (the streaming SLO is 3 minutes).
 fn latency_buckets() -> impl Iterator<Item = f64> {
     (0..14).map(|i| 0.05 * f64::powi(2.0, i))
@@ -97,16 +187,7 @@ impl StreamMetrics {
             epochs: Counter::default(),
             messages: Counter::default(),
             redelivered: Counter::default(),
-            events_accepted: Counter::default(),
-            events_by_kind: Family::default(),
-            quarantined: Counter::default(),
-            partitions_published: Counter::default(),
-            partitions_unchanged: Counter::default(),
-            duplicates: Counter::default(),
-            conflicts: Counter::default(),
-            late_events: Counter::default(),
-            rehydrated_rows: Counter::default(),
-            resident_memory: Gauge::default(),
+            run: RunCounters::register(registry),
             epoch_seconds: Histogram::new(latency_buckets()),
             latency: Histogram::new(latency_buckets()),
             last_publish: Gauge::default(),
@@ -129,56 +210,6 @@ impl StreamMetrics {
             "adsmetrics_stream_redelivered_messages",
             "Messages dropped because the journal already held their offsets",
             m.redelivered.clone(),
-        );
-        r.register(
-            "adsmetrics_events_accepted",
-            "Events accepted into the raw layer",
-            m.events_accepted.clone(),
-        );
-        r.register(
-            "adsmetrics_events_accepted_by_kind",
-            "Events accepted into the raw layer, by event type and producer",
-            m.events_by_kind.clone(),
-        );
-        r.register(
-            "adsmetrics_events_quarantined",
-            "Messages quarantined with a reason",
-            m.quarantined.clone(),
-        );
-        r.register(
-            "adsmetrics_partitions_published",
-            "Curated partitions published with new contents",
-            m.partitions_published.clone(),
-        );
-        r.register(
-            "adsmetrics_partitions_unchanged",
-            "Curated partitions recomputed and found unchanged",
-            m.partitions_unchanged.clone(),
-        );
-        r.register(
-            "adsmetrics_events_duplicate",
-            "Events repeating one already in the same epoch (producer resends), dropped by dedup",
-            m.duplicates.clone(),
-        );
-        r.register(
-            "adsmetrics_conflicted_keys",
-            "Event ids seen with conflicting contents (the newest revision counts)",
-            m.conflicts.clone(),
-        );
-        r.register(
-            "adsmetrics_late_events",
-            "Events that arrived after their partition's first publish",
-            m.late_events.clone(),
-        );
-        r.register(
-            "adsmetrics_rehydrated_rows",
-            "Raw-layer rows read back to rebuild the state an epoch touched",
-            m.rehydrated_rows.clone(),
-        );
-        r.register(
-            "adsmetrics_resident_memory_bytes",
-            "Resident memory of the process after the last epoch",
-            m.resident_memory.clone(),
         );
         r.register(
             "adsmetrics_stream_epoch_seconds",

@@ -85,6 +85,8 @@ pub struct IngestOptions {
     /// Tests only: one click too many in the first row of each staged partition, as a dataflow
     /// bug would publish — what the gate is there to stop.
     pub tamper_for_test: bool,
+    /// Counters for `/metrics`, added to as each generation finishes.
+    pub metrics: Option<Arc<crate::metrics::RunCounters>>,
 }
 
 /// The default hot window: 48 hours of source days.
@@ -100,6 +102,7 @@ impl Default for IngestOptions {
             hot_window_days: Some(DEFAULT_HOT_WINDOW_DAYS),
             gate: false,
             tamper_for_test: false,
+            metrics: None,
         }
     }
 }
@@ -1129,6 +1132,9 @@ fn execute_generation(
     let mut summary = std::mem::take(&mut state.summary);
     summary.conflicted_keys += conflicted;
     summary.elapsed = started.elapsed();
+    if let Some(metrics) = &options.metrics {
+        metrics.add(&summary);
+    }
     Ok(summary)
 }
 

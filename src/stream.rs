@@ -902,7 +902,10 @@ fn publish_epoch(
             command,
             message_times_ms,
         },
-        options.ingest.clone(),
+        IngestOptions {
+            metrics: options.metrics.as_ref().map(|m| m.run.clone()),
+            ..options.ingest.clone()
+        },
     )?;
     let visible_ms = chrono::Utc::now().timestamp_millis();
     for (_, records) in &epoch {
@@ -930,24 +933,6 @@ fn publish_epoch(
     if let Some(m) = &options.metrics {
         m.epochs.inc();
         m.messages.inc_by(messages);
-        m.events_accepted.inc_by(ingested.events_accepted);
-        for ((event_type, producer), n) in &ingested.accepted_by_kind {
-            m.events_by_kind
-                .get_or_create(&crate::metrics::KindLabels {
-                    event_type: event_type.clone(),
-                    producer: producer.clone(),
-                })
-                .inc_by(*n);
-        }
-        m.quarantined.inc_by(ingested.quarantined);
-        m.partitions_published.inc_by(ingested.partitions_published);
-        m.partitions_unchanged.inc_by(ingested.partitions_unchanged);
-        m.duplicates.inc_by(ingested.in_source_duplicates);
-        m.conflicts.inc_by(ingested.conflicted_keys.max(0) as u64);
-        m.late_events.inc_by(ingested.late_events);
-        m.rehydrated_rows.inc_by(ingested.rehydrated_rows);
-        m.resident_memory
-            .set(crate::memory::process_memory().0 as i64);
         m.epoch_seconds.observe(ingested.elapsed.as_secs_f64());
         m.last_publish.set(visible_ms as f64 / 1000.0);
         for range in &ranges {

@@ -236,3 +236,60 @@ fn promtool_accepts_the_rules_and_their_unit_tests_pass() {
     run(&tool, &["check", "rules", "alerts.yml"]);
     run(&tool, &["test", "rules", "alerts_test.yml"]);
 }
+
+#[test]
+fn a_batch_run_serves_its_counters_on_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    // Thirty source days in generations of two: the counters add up every generation.
+    let events = common::thirty_days(dir.path(), 3000);
+    let mut registry = Registry::default();
+    let counters = adsmetrics::metrics::RunCounters::register(&mut registry);
+    let server =
+        adsmetrics::metrics::MetricsServer::start("127.0.0.1:0", std::sync::Arc::new(registry))
+            .unwrap();
+    let wh = adsmetrics::warehouse::Warehouse::new(dir.path().join("wh"));
+    let summary = adsmetrics::runtime::ingest(
+        &wh,
+        &[dir.path().join("logs")],
+        adsmetrics::runtime::IngestOptions {
+            workers: 2,
+            metrics: Some(counters),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(summary.generations > 1, "{summary:?}");
+    let text = ureq::get(format!("http://{}/metrics", server.local_addr()))
+        .call()
+        .expect("GET /metrics")
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let value = |line: &str| -> f64 { line.rsplit(' ').next().unwrap().parse().unwrap() };
+    let sample = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .map(value)
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    assert_eq!(
+        sample("adsmetrics_events_accepted_total"),
+        summary.events_accepted as f64
+    );
+    assert!(summary.events_accepted as usize > events.len() / 2);
+    let by_kind: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("adsmetrics_events_accepted_by_kind_total{"))
+        .map(value)
+        .sum();
+    assert_eq!(by_kind, summary.events_accepted as f64, "{text}");
+    assert_eq!(
+        sample("adsmetrics_partitions_published_total"),
+        summary.partitions_published as f64
+    );
+    assert_eq!(
+        sample("adsmetrics_events_duplicate_total"),
+        summary.in_source_duplicates as f64
+    );
+    assert!(sample("adsmetrics_resident_memory_bytes") > 0.0);
+}
