@@ -116,7 +116,8 @@ fn chart(
         r = LEFT + plot_w
     );
     let span = (x1 - x0) as i64;
-    let step = (span / 7).max(1);
+    // Rounded up: at most eight ticks (rounded down, 18 entries got ten, their labels overlapping).
+    let step = ((span + 6) / 7).max(1);
     let mut x = x0 as i64;
     while x <= x1 as i64 {
         let _ = write!(
@@ -323,4 +324,25 @@ h1 {{ font-size: 1.4em; }} h2 {{ font-size: 1.1em; margin-top: 2em; }}
         runs = escape(&runs_text.join(", ")),
     );
     Ok(page)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chart_has_at_most_eight_x_ticks() {
+        for n in [1usize, 2, 8, 9, 15, 19, 100, 1000] {
+            let series = [Series {
+                name: "s".to_string(),
+                points: (0..n).map(|x| (x as f64, 1.0)).collect(),
+            }];
+            let svg = chart(&series, &|x| format!("t{x}"), &|y| format!("{y}"), false);
+            let ticks = svg.matches(r#"font-size="10""#).count();
+            assert!((1..=8).contains(&ticks), "{n} points: {ticks} ticks");
+            if n <= 8 {
+                assert_eq!(ticks, n, "{n} points: each gets a tick");
+            }
+        }
+    }
 }
