@@ -319,12 +319,120 @@ pub(crate) struct Opened {
     pub(crate) recorded_publishes: Vec<u64>,
 }
 
+/// What a process keeps of a warehouse it opened, for its next run (a stream's next epoch, a
+/// long run's next hot-window generation): the commit journal, the audit ledger and the raw
+/// layer's listing as its last run left them. Reading those again is what an open costs, and it
+/// grows with the warehouse's history (every epoch of a stream adds a journal record, a ledger
+/// entry and raw files), so a stream that opened afresh for every epoch slowed down by the hour.
+///
+/// Used only when no other writer touched the warehouse since: the next open takes the writer
+/// lock and compares the length and modification time of the journal, the ledger, the
+/// tombstones and the retention horizons with what they were when the last run ended (it held
+/// the lock then too); any difference, or a failed run, and the warehouse is read afresh.
+#[derive(Default)]
+pub struct OpenCache(Option<Reusable>);
+
+struct Reusable {
+    journal: CommitJournal,
+    ledger: Ledger,
+    listing: Vec<PathBuf>,
+    fingerprint: MetaFingerprint,
+}
+
+/// Length and modification time of each metadata file an open reads (`None`: absent).
+#[derive(Debug, PartialEq, Eq)]
+struct MetaFingerprint(Vec<Option<(u64, std::time::SystemTime)>>);
+
+impl MetaFingerprint {
+    fn of(warehouse: &Warehouse) -> Self {
+        MetaFingerprint(
+            [
+                warehouse.journal_path(),
+                warehouse.ledger_path(),
+                warehouse.tombstones_path(),
+                crate::retention::horizons_path(warehouse),
+            ]
+            .iter()
+            .map(|path| {
+                let meta = std::fs::metadata(path).ok()?;
+                Some((meta.len(), meta.modified().ok()?))
+            })
+            .collect(),
+        )
+    }
+}
+
+impl OpenCache {
+    /// Whether the last run through this cache ended well and left its state for the next.
+    pub fn is_warm(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Keeps what a run that ended well leaves, while it still holds the writer lock.
+    fn keep(
+        &mut self,
+        warehouse: &Warehouse,
+        journal: CommitJournal,
+        ledger: Ledger,
+        mut listing: Vec<PathBuf>,
+    ) {
+        listing.sort_unstable();
+        listing.dedup();
+        self.0 = Some(Reusable {
+            journal,
+            ledger,
+            listing,
+            fingerprint: MetaFingerprint::of(warehouse),
+        });
+    }
+}
+
 impl Opened {
+    /// Opens `warehouse` for a run, from `cache` when nothing changed since this process's last
+    /// run (see [`OpenCache`]); else as [`Opened::open`] does.
+    pub(crate) fn open_cached(
+        warehouse: &Warehouse,
+        cache: &mut OpenCache,
+    ) -> Result<Self, RunError> {
+        let Some(kept) = cache.0.take() else {
+            return Self::open(warehouse);
+        };
+        let started = Instant::now();
+        let lock = crate::lock::WriterLock::acquire(warehouse)?;
+        if MetaFingerprint::of(warehouse) != kept.fingerprint {
+            tracing::info!("another writer changed the warehouse since this process's last run: reading it afresh");
+            return Self::open_locked(warehouse, lock, started);
+        }
+        let listing = kept.listing;
+        Ok(Opened {
+            horizons: crate::retention::horizons(warehouse)?,
+            tombstones: Tombstones::open(&warehouse.tombstones_path())?,
+            committed_before: kept.journal.committed().last().map_or(0, |p| p.seq),
+            journal: kept.journal,
+            ledger: kept.ledger,
+            started,
+            started_at_us: chrono::Utc::now().timestamp_micros(),
+            raw_listing: std::thread::spawn(move || listing),
+            lock,
+            run_key: warehouse.run_key().map(str::to_string),
+            finished_publish: None,
+            recorded_publishes: Vec::new(),
+        })
+    }
+
     /// Opens `warehouse` for a run: recovers an interrupted publish, and records on the ledger any
     /// publish an earlier run committed without recording it.
     pub(crate) fn open(warehouse: &Warehouse) -> Result<Self, RunError> {
         let started = Instant::now();
         let lock = crate::lock::WriterLock::acquire(warehouse)?;
+        Self::open_locked(warehouse, lock, started)
+    }
+
+    fn open_locked(
+        warehouse: &Warehouse,
+        lock: crate::lock::WriterLock,
+        started: Instant,
+    ) -> Result<Self, RunError> {
         // Nothing below writes raw files (recovery renames curated partitions only).
         let raw_listing = {
             let warehouse = warehouse.clone();
@@ -546,8 +654,9 @@ pub fn ingest_inline(
     sources: Vec<SourceFile>,
     run: InlineRun,
     options: IngestOptions,
+    cache: &mut OpenCache,
 ) -> Result<IngestSummary, RunError> {
-    let opened = Opened::open(warehouse)?;
+    let opened = Opened::open_cached(warehouse, cache)?;
     let mut record = opened.record(run.kind, run.command);
     record.message_times_ms = run.message_times_ms;
     let run = record;
@@ -563,7 +672,7 @@ pub fn ingest_inline(
         rehydration: Rehydration::Keyed,
         summary,
     };
-    execute(warehouse, opened, plan, options)
+    execute_cached(warehouse, opened, plan, options, cache)
 }
 
 /// Every source the warehouse's journal has committed, after finishing any interrupted publish
@@ -682,6 +791,17 @@ pub(crate) fn execute(
     plan: Plan,
     options: IngestOptions,
 ) -> Result<IngestSummary, RunError> {
+    execute_cached(warehouse, opened, plan, options, &mut OpenCache::default())
+}
+
+/// [`execute`], keeping in `cache` what the next run of this process may reuse.
+fn execute_cached(
+    warehouse: &Warehouse,
+    opened: Opened,
+    plan: Plan,
+    options: IngestOptions,
+    cache: &mut OpenCache,
+) -> Result<IngestSummary, RunError> {
     let Plan {
         run,
         batches,
@@ -707,7 +827,7 @@ pub(crate) fn execute(
             rehydration,
             summary,
         };
-        let mut summary = execute_generation(warehouse, opened, plan, options, None)?;
+        let mut summary = execute_generation(warehouse, opened, plan, options, None, cache)?;
         summary.generations = 1;
         return Ok(summary);
     }
@@ -729,7 +849,7 @@ pub(crate) fn execute(
     for (i, batches) in generations.into_iter().enumerate() {
         let opened = match opened.take() {
             Some(opened) => opened,
-            None => Opened::open(warehouse)?,
+            None => Opened::open_cached(warehouse, cache)?,
         };
         let first = batches.iter().find_map(|b| b.day);
         let last = batches.iter().rev().find_map(|b| b.day);
@@ -769,6 +889,7 @@ pub(crate) fn execute(
             plan,
             options.clone(),
             Some((bar.clone(), total.events_accepted)),
+            cache,
         );
         let generation = match generation {
             Ok(summary) => summary,
@@ -857,6 +978,7 @@ fn execute_generation(
     plan: Plan,
     options: IngestOptions,
     progress: Option<(ProgressBar, u64)>,
+    cache: &mut OpenCache,
 ) -> Result<IngestSummary, RunError> {
     let Opened {
         journal,
@@ -883,6 +1005,10 @@ fn execute_generation(
     let always = matches!(rehydration, Rehydration::Days(_));
     if batches.is_empty() && !always {
         ledger.append_run(&run, &[])?;
+        let listing = raw_listing
+            .join()
+            .unwrap_or_else(|_| raw::list_raw_files(warehouse));
+        cache.keep(warehouse, journal, ledger, listing);
         summary.elapsed = started.elapsed();
         return Ok(summary);
     }
@@ -901,13 +1027,14 @@ fn execute_generation(
         .unwrap_or_else(|_| raw::list_raw_files(warehouse));
     tracing::debug!(files = listed.len(), "walked the raw layer");
     let committed_raw: Vec<PathBuf> = listed
-        .into_iter()
+        .iter()
         .filter(|p| raw::source_hash_of(p).is_some_and(|h| journal.consumed().contains(h)))
         .filter(|p| {
             horizons
                 .raw_day
                 .is_none_or(|horizon| scope::raw_day(warehouse, p).is_none_or(|day| day >= horizon))
         })
+        .cloned()
         .collect();
     tracing::debug!("listed raw files");
     let scoping = Instant::now();
@@ -1122,12 +1249,21 @@ fn execute_generation(
             .or_default()
             .push(path);
     }
+    // The raw layer as this run leaves it, for the next open in this process.
+    let mut listing: Vec<PathBuf> = listed
+        .into_iter()
+        .filter(|p| !retracted.contains(p))
+        .collect();
     for (day, (written, prefixes)) in std::mem::take(&mut state.written) {
         let before = before
             .get(&Some(day))
             .map(Vec::as_slice)
             .unwrap_or_default();
         crate::keyindex::extend(warehouse, day, before, &retracted, &written, prefixes);
+        listing.extend(written);
+    }
+    if let Some(journal) = state.journal.take() {
+        cache.keep(warehouse, journal, ledger, listing);
     }
     let mut summary = std::mem::take(&mut state.summary);
     summary.conflicted_keys += conflicted;

@@ -710,6 +710,9 @@ fn cut_epochs(
 ) -> Result<(), StreamError> {
     let mut recovery_started = Instant::now();
     let mut last_status = Instant::now();
+    // The journal, ledger and raw listing as the last epoch left them (read afresh whenever
+    // another writer, a delete say, wrote in between).
+    let mut cache = runtime::OpenCache::default();
     let mut g = lock(intake);
     loop {
         if let Some(e) = g.failed.take() {
@@ -743,7 +746,9 @@ fn cut_epochs(
             g.first_at = (g.count > 0).then(Instant::now);
             drop(g);
             if !epoch.is_empty() {
-                publish_epoch(warehouse, options, consumer, epoch, next, summary)?;
+                publish_epoch(
+                    warehouse, options, consumer, epoch, next, summary, &mut cache,
+                )?;
             }
             if options.verbose || last_status.elapsed() >= Duration::from_secs(10) {
                 eprintln!("{}", status_line(summary, started.elapsed()));
@@ -852,6 +857,7 @@ fn publish_epoch(
     epoch: Vec<(TopicPartition, Vec<Record>)>,
     next: &mut BTreeMap<TopicPartition, i64>,
     summary: &mut StreamSummary,
+    cache: &mut runtime::OpenCache,
 ) -> Result<(), StreamError> {
     let ranges: Vec<Range> = epoch
         .iter()
@@ -906,6 +912,7 @@ fn publish_epoch(
             metrics: options.metrics.as_ref().map(|m| m.run.clone()),
             ..options.ingest.clone()
         },
+        cache,
     )?;
     let visible_ms = chrono::Utc::now().timestamp_millis();
     for (_, records) in &epoch {
