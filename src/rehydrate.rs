@@ -62,6 +62,64 @@ pub struct KeyedState {
     pub decoded: HashMap<String, Predecoded>,
 }
 
+/// The `dedup_key`, `user_id` and `ad_id` columns of raw files a process scanned, kept for its
+/// next runs (a stream's epochs scan the same day's files again and again: read and decoded
+/// once, then only tested). Bounded by a number of rows (32 bytes each); when full, the files
+/// the last run did not scan make room. Raw files are immutable under their names except for a
+/// delete's rewrite, after which the warehouse is read afresh and this cache dropped with it.
+#[derive(Debug, Default)]
+pub struct ColumnCache {
+    files: HashMap<PathBuf, std::sync::Arc<raw::KeyUserColumns>>,
+    rows: usize,
+    max_rows: usize,
+}
+
+impl ColumnCache {
+    /// A cache of up to `max_rows` rows.
+    pub fn new(max_rows: usize) -> Self {
+        ColumnCache {
+            max_rows,
+            ..Default::default()
+        }
+    }
+
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The most rows it holds.
+    pub fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+
+    fn get(&self, path: &Path) -> Option<std::sync::Arc<raw::KeyUserColumns>> {
+        self.files.get(path).cloned()
+    }
+
+    /// Takes the columns a run read, after making room by dropping the files it did not use.
+    fn keep(
+        &mut self,
+        used: &BTreeSet<&PathBuf>,
+        fresh: Vec<(PathBuf, std::sync::Arc<raw::KeyUserColumns>)>,
+    ) {
+        let incoming: usize = fresh.iter().map(|(_, c)| c.keys.len()).sum();
+        if self.rows + incoming > self.max_rows {
+            self.files.retain(|path, _| used.contains(path));
+            self.rows = self.files.values().map(|c| c.keys.len()).sum();
+        }
+        for (path, columns) in fresh {
+            let n = columns.keys.len();
+            if self.rows + n > self.max_rows {
+                break;
+            }
+            if self.files.insert(path, columns).is_none() {
+                self.rows += n;
+            }
+        }
+    }
+}
+
 /// A new source decoded while planning: what it decoded to, and its events' `(key, version)`s.
 pub type Predecoded = (std::sync::Arc<Decoded>, Vec<(DedupKey, EventVersion)>);
 
@@ -193,6 +251,7 @@ pub fn keyed_state(
     warehouse: &Warehouse,
     changes: &Changes<'_>,
     threads: usize,
+    cache: Option<&mut ColumnCache>,
 ) -> Result<KeyedState, ScopeError> {
     let Changes {
         committed,
@@ -266,7 +325,9 @@ pub fn keyed_state(
     }
     tracing::debug!(took = ?started.elapsed(), keys = keys.len(), user_days = user_days.len(), "rehydration seeds");
 
-    let mut columns: HashMap<usize, raw::KeyUserColumns> = HashMap::new();
+    let mut columns: HashMap<usize, std::sync::Arc<raw::KeyUserColumns>> = HashMap::new();
+    // The files whose columns this run read, and those it found in `cache`.
+    let (mut read_here, mut used) = (Vec::new(), BTreeSet::new());
     // Per file, the rows already taken (so a later round does not take them twice).
     let mut taken: HashMap<usize, Vec<bool>> = HashMap::new();
     while !pending_keys.is_empty() || !pending_user_days.is_empty() {
@@ -326,19 +387,24 @@ pub fn keyed_state(
         // those rows decoded, from one read of the file.
         let files: Vec<usize> = days.iter().flat_map(|d| by_day[d].clone()).collect();
         let (columns_now, taken_now) = (&columns, &taken);
+        let cached = cache.as_deref();
         let (wanted_keys, wanted_users) = (&wanted_keys, &wanted_users);
         let (key_filter, user_filter) = (&key_filter, &user_filter);
         let scanned = par_map(&files, threads, |&i| {
             let path = &committed[i];
             let mut opened = None;
-            let fresh = match columns_now.get(&i) {
-                Some(_) => None,
-                None => {
-                    let file = raw::RawFile::open(path, read_bytes(path)?)?;
-                    let fresh = file.key_user_columns()?;
-                    opened = Some(file);
-                    Some(fresh)
-                }
+            // Read once per run; and across runs through `cache`.
+            let (fresh, from_cache) = match columns_now.get(&i) {
+                Some(_) => (None, false),
+                None => match cached.and_then(|c| c.get(path)) {
+                    Some(columns) => (Some(columns), true),
+                    None => {
+                        let file = raw::RawFile::open(path, read_bytes(path)?)?;
+                        let fresh = std::sync::Arc::new(file.key_user_columns()?);
+                        opened = Some(file);
+                        (Some(fresh), false)
+                    }
+                },
             };
             let cols = fresh.as_ref().unwrap_or_else(|| &columns_now[&i]);
             let taken_here = taken_now.get(&i);
@@ -361,15 +427,20 @@ pub fn keyed_state(
                 };
                 file.versions(&rows)?
             };
-            Ok::<_, ScopeError>((i, fresh, rows, decoded))
+            Ok::<_, ScopeError>((i, fresh, from_cache, rows, decoded))
         })?;
 
         tracing::debug!(took = ?started.elapsed(), "rehydration decoded");
         pending_keys.clear();
         pending_user_days.clear();
-        for (i, fresh, rows, file) in scanned {
+        for (i, fresh, from_cache, rows, file) in scanned {
             if let Some(fresh) = fresh {
-                out.files_scanned += 1;
+                if from_cache {
+                    used.insert(&committed[i]);
+                } else {
+                    out.files_scanned += 1;
+                    read_here.push((committed[i].clone(), fresh.clone()));
+                }
                 columns.insert(i, fresh);
             }
             if !rows.is_empty() {
@@ -398,6 +469,9 @@ pub fn keyed_state(
                 }
             }
         }
+    }
+    if let Some(cache) = cache {
+        cache.keep(&used, read_here);
     }
     Ok(out)
 }

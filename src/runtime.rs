@@ -329,8 +329,15 @@ pub(crate) struct Opened {
 /// lock and compares the length and modification time of the journal, the ledger, the
 /// tombstones and the retention horizons with what they were when the last run ended (it held
 /// the lock then too); any difference, or a failed run, and the warehouse is read afresh.
+///
+/// With [`OpenCache::with_columns`] it also keeps the key, user and ad columns of the raw files
+/// its runs scanned for the keyed rebuild ([`rehydrate::ColumnCache`]): a stream's epochs look
+/// at the same day's files again and again.
 #[derive(Default)]
-pub struct OpenCache(Option<Reusable>);
+pub struct OpenCache {
+    kept: Option<Reusable>,
+    columns: Option<rehydrate::ColumnCache>,
+}
 
 struct Reusable {
     journal: CommitJournal,
@@ -365,7 +372,29 @@ impl MetaFingerprint {
 impl OpenCache {
     /// Whether the last run through this cache ended well and left its state for the next.
     pub fn is_warm(&self) -> bool {
-        self.0.is_some()
+        self.kept.is_some()
+    }
+
+    /// A cache that also keeps up to `max_rows` rows of raw files' key, user and ad columns.
+    pub fn with_columns(max_rows: usize) -> Self {
+        OpenCache {
+            kept: None,
+            columns: Some(rehydrate::ColumnCache::new(max_rows)),
+        }
+    }
+
+    /// Rows of raw-file columns held.
+    pub fn column_rows(&self) -> usize {
+        self.columns
+            .as_ref()
+            .map_or(0, rehydrate::ColumnCache::rows)
+    }
+
+    /// Forgets the raw files' columns (they may have been rewritten).
+    fn drop_columns(&mut self) {
+        if let Some(columns) = &mut self.columns {
+            *columns = rehydrate::ColumnCache::new(columns.max_rows());
+        }
     }
 
     /// Keeps what a run that ended well leaves, while it still holds the writer lock.
@@ -378,7 +407,7 @@ impl OpenCache {
     ) {
         listing.sort_unstable();
         listing.dedup();
-        self.0 = Some(Reusable {
+        self.kept = Some(Reusable {
             journal,
             ledger,
             listing,
@@ -394,13 +423,16 @@ impl Opened {
         warehouse: &Warehouse,
         cache: &mut OpenCache,
     ) -> Result<Self, RunError> {
-        let Some(kept) = cache.0.take() else {
+        let Some(kept) = cache.kept.take() else {
+            // The first run, or one after a failure: nothing known of what happened since.
+            cache.drop_columns();
             return Self::open(warehouse);
         };
         let started = Instant::now();
         let lock = crate::lock::WriterLock::acquire(warehouse)?;
         if MetaFingerprint::of(warehouse) != kept.fingerprint {
             tracing::info!("another writer changed the warehouse since this process's last run: reading it afresh");
+            cache.drop_columns();
             return Self::open_locked(warehouse, lock, started);
         }
         let listing = kept.listing;
@@ -1093,8 +1125,9 @@ fn execute_generation(
                     )),
                 ));
             }
-            let state = rehydrate::keyed_state(warehouse, &changes, workers)
-                .map_err(|e| fail(&mut ledger, &run, e.into()))?;
+            let state =
+                rehydrate::keyed_state(warehouse, &changes, workers, cache.columns.as_mut())
+                    .map_err(|e| fail(&mut ledger, &run, e.into()))?;
             tracing::info!(
                 rows = state.rows.len(),
                 files_scanned = state.files_scanned,

@@ -694,6 +694,10 @@ fn read_messages(
     }
 }
 
+/// Rows of raw files' key, user and ad columns a stream keeps between epochs (32 bytes each:
+/// 128 MiB), enough for the current day's files at the rates measured here.
+const STREAM_COLUMN_CACHE_ROWS: usize = 1 << 22;
+
 /// The epoch loop: waits until the intake holds an epoch (by time or size; recovering, exactly
 /// the intended ranges), publishes it, and stops when idle at the log end.
 #[allow(clippy::too_many_arguments)]
@@ -710,9 +714,10 @@ fn cut_epochs(
 ) -> Result<(), StreamError> {
     let mut recovery_started = Instant::now();
     let mut last_status = Instant::now();
-    // The journal, ledger and raw listing as the last epoch left them (read afresh whenever
-    // another writer, a delete say, wrote in between).
-    let mut cache = runtime::OpenCache::default();
+    // The journal, ledger and raw listing as the last epoch left them, and the raw files' key,
+    // user and ad columns the epochs' rebuilds scanned (all read afresh whenever another
+    // writer, a delete say, wrote in between).
+    let mut cache = runtime::OpenCache::with_columns(STREAM_COLUMN_CACHE_ROWS);
     let mut g = lock(intake);
     loop {
         if let Some(e) = g.failed.take() {
