@@ -219,13 +219,6 @@ fn partition_name(id: &PartitionId) -> String {
     format!("{}/{}", table_name(id.grain), partition_path(id))
 }
 
-fn day_of(id: &PartitionId) -> i64 {
-    match id.grain {
-        Grain::Hourly => id.period.div_euclid(24),
-        Grain::Daily => id.period,
-    }
-}
-
 /// The raw files the journal has committed (a crashed run's uncommitted files are ignored).
 fn committed_raw<'a>(
     warehouse: &Warehouse,
@@ -363,7 +356,7 @@ pub fn gate(
     changes: &[crate::journal::PartitionChange],
     threads: usize,
 ) -> Result<Vec<Finding>, CheckError> {
-    let days: BTreeSet<i64> = changes.iter().map(|c| day_of(&c.partition)).collect();
+    let days: BTreeSet<i64> = changes.iter().map(|c| c.partition.day()).collect();
     if days.is_empty() {
         return Ok(Vec::new());
     }
@@ -445,7 +438,7 @@ pub fn reconcile(
     let published: BTreeMap<&PartitionId, &crate::journal::Published> = journal
         .published()
         .iter()
-        .filter(|(id, _)| range.contains(day_of(id)))
+        .filter(|(id, _)| range.contains(id.day()))
         .collect();
     let ids: BTreeSet<&PartitionId> = expected.keys().chain(published.keys().copied()).collect();
     let mut findings = Vec::new();

@@ -20,7 +20,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use adsmetrics_dataflows::Grain;
 use serde::{Deserialize, Serialize};
 
 use crate::journal::{MetricTotals, PartitionChange};
@@ -131,13 +130,7 @@ pub fn apply(
     let changes: Vec<PartitionChange> = journal
         .published()
         .iter()
-        .filter(|(id, _)| {
-            let day = match id.grain {
-                Grain::Hourly => id.period.div_euclid(24),
-                Grain::Daily => id.period,
-            };
-            day < curated_horizon
-        })
+        .filter(|(id, _)| id.day() < curated_horizon)
         .map(|(id, p)| PartitionChange {
             partition: *id,
             old_version: Some(p.version.clone()),

@@ -8,15 +8,8 @@ use adsmetrics::retention::apply;
 use adsmetrics::runtime::{ingest, IngestOptions};
 use adsmetrics::snapshot::TableSnapshot;
 use adsmetrics::warehouse::Warehouse;
-use adsmetrics_dataflows::{Grain, PartitionId};
+use adsmetrics_dataflows::PartitionId;
 use common::*;
-
-fn day_of(id: &PartitionId) -> i64 {
-    match id.grain {
-        Grain::Hourly => id.period.div_euclid(24),
-        Grain::Daily => id.period,
-    }
-}
 
 #[test]
 fn expired_partitions_go_and_nothing_younger_is_touched() {
@@ -25,7 +18,7 @@ fn expired_partitions_go_and_nothing_younger_is_touched() {
     let wh = Warehouse::new(dir.path().join("wh"));
     ingest(&wh, &[dir.path().join("logs")], IngestOptions::default()).unwrap();
     let full = published_tables(&wh);
-    let last = full.keys().map(day_of).max().unwrap();
+    let last = full.keys().map(PartitionId::day).max().unwrap();
     let today = last + 1;
     let (raw_horizon, curated_horizon) = (today - 10, today - 20);
     let before = TableSnapshot::take(&wh).unwrap();
@@ -40,7 +33,7 @@ fn expired_partitions_go_and_nothing_younger_is_touched() {
     let kept = published_tables(&wh);
     let expected: std::collections::BTreeMap<_, _> = full
         .iter()
-        .filter(|(id, _)| day_of(id) >= curated_horizon)
+        .filter(|(id, _)| id.day() >= curated_horizon)
         .map(|(id, rows)| (*id, rows.clone()))
         .collect();
     assert!(

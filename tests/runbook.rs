@@ -249,11 +249,7 @@ fn bad_deploy() {
     let first_day = adsmetrics::warehouse::parse_day(FROM).unwrap();
     let mut changes = Vec::new();
     for (id, published) in journal.published().clone() {
-        let day = match id.grain {
-            adsmetrics_dataflows::Grain::Hourly => id.period.div_euclid(24),
-            adsmetrics_dataflows::Grain::Daily => id.period,
-        };
-        if day != first_day {
+        if id.day() != first_day {
             continue;
         }
         let mut rows = read_partition(&warehouse.partition_file(&id)).unwrap();

@@ -92,10 +92,6 @@ pub fn write_late(
         ))
         .join(name);
     let n = late.len();
-    let day = |id: &PartitionId| match id.grain {
-        Grain::Hourly => id.period.div_euclid(24),
-        Grain::Daily => id.period,
-    };
     let columns: Vec<ArrayRef> = vec![
         Arc::new(
             late.keys()
@@ -104,7 +100,7 @@ pub fn write_late(
         ),
         Arc::new(
             late.keys()
-                .map(|id| Some(day_string(day(id))))
+                .map(|id| Some(day_string(id.day())))
                 .collect::<StringArray>(),
         ),
         Arc::new(
