@@ -641,6 +641,17 @@ fn main() -> ExitCode {
 }
 
 /// Writes a successful run's figures to `--metrics-file`, if given.
+/// Serves `registry` on `http://<listen>/metrics` until the server is dropped, and says where.
+fn serve_metrics(
+    listen: &str,
+    registry: prometheus_client::registry::Registry,
+) -> anyhow::Result<adsmetrics::metrics::MetricsServer> {
+    let server = adsmetrics::metrics::MetricsServer::start(listen, Arc::new(registry))
+        .with_context(|| format!("--metrics-listen {listen}"))?;
+    eprintln!("metrics on http://{}/metrics", server.local_addr());
+    Ok(server)
+}
+
 /// How a batch run reports to Prometheus.
 #[derive(clap::Args, Debug)]
 struct RunMetricsArgs {
@@ -670,10 +681,7 @@ impl RunMetricsArgs {
         };
         let mut registry = prometheus_client::registry::Registry::default();
         let counters = adsmetrics::metrics::RunCounters::register(&mut registry);
-        let server = adsmetrics::metrics::MetricsServer::start(listen, Arc::new(registry))
-            .with_context(|| format!("--metrics-listen {listen}"))?;
-        eprintln!("metrics on http://{}/metrics", server.local_addr());
-        Ok((Some(server), Some(counters)))
+        Ok((Some(serve_metrics(listen, registry)?), Some(counters)))
     }
 
     /// Writes the finished run's figures to `--metrics-file`, when given.
@@ -964,11 +972,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let mut registry = prometheus_client::registry::Registry::default();
                     options.metrics =
                         Some(adsmetrics::metrics::StreamMetrics::register(&mut registry));
-                    let server =
-                        adsmetrics::metrics::MetricsServer::start(&listen, Arc::new(registry))
-                            .with_context(|| format!("--metrics-listen {listen}"))?;
-                    eprintln!("metrics on http://{}/metrics", server.local_addr());
-                    Some(server)
+                    Some(serve_metrics(&listen, registry)?)
                 }
                 None => None,
             };

@@ -88,9 +88,10 @@ impl ColumnCache {
         self.rows
     }
 
-    /// The most rows it holds.
-    pub fn max_rows(&self) -> usize {
-        self.max_rows
+    /// Forgets every file (they may have been rewritten).
+    pub fn clear(&mut self) {
+        self.files.clear();
+        self.rows = 0;
     }
 
     fn get(&self, path: &Path) -> Option<std::sync::Arc<raw::KeyUserColumns>> {

@@ -393,7 +393,7 @@ impl OpenCache {
     /// Forgets the raw files' columns (they may have been rewritten).
     fn drop_columns(&mut self) {
         if let Some(columns) = &mut self.columns {
-            *columns = rehydrate::ColumnCache::new(columns.max_rows());
+            columns.clear();
         }
     }
 
@@ -1827,13 +1827,12 @@ fn stage_touched(
     let published = shared.state.lock().expect("lock").published.clone();
     let mut touched = pipeline.mirror.borrow_mut().take_touched();
     touched.extend(also);
-    touched.sort_unstable();
-    touched.dedup();
-    let mut changes = Vec::new();
-    let mut unchanged = 0;
     // A few partitions at a time, read back and written on `threads` threads, largest first (the
     // daily ones): one worker may own a correction's daily partitions while the others are done.
     touched.sort_by_key(|id| (id.grain != Grain::Daily, *id));
+    touched.dedup();
+    let mut changes = Vec::new();
+    let mut unchanged = 0;
     for chunk in touched.chunks(4 * threads.max(1)) {
         let to_seed: Vec<(PartitionId, &Published)> = match seeded.as_deref_mut() {
             Some(seeded) => chunk
