@@ -1359,7 +1359,7 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
     // Keyed rehydration: the partitions given their published rows so far.
     let mut seeded = matches!(shared.rebuild, Rebuild::Rows(_)).then(BTreeSet::new);
     if seeded.is_some() {
-        pipeline.mirror.borrow_mut().ignore_before(1);
+        pipeline.ignore_before(1);
     }
 
     for epoch in 0..=shared.epochs.len() as u64 {

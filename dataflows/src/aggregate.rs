@@ -6,6 +6,9 @@
 //! and a [`reduce_total`] turns changes of that set of hours into ±1 users on the hourly cells
 //! whose hour entered or left the set, and on the daily cell when the set became (non-)empty.
 
+use std::cell::Cell as StdCell;
+use std::rc::Rc;
+
 use differential_dataflow::difference::{Abelian, IsZero, Monoid, Multiply, Semigroup};
 use differential_dataflow::trace::implementations::ValSpine;
 use differential_dataflow::VecCollection;
@@ -287,13 +290,24 @@ fn add_to<K: std::hash::Hash + Eq, V: Semigroup + Default>(
 ///
 /// Sums are linear, so they need no state beyond the epoch: each event is added to its hourly
 /// cell, and a daily cell is the sum of its hours. Distinct users are not: see the module doc.
-pub fn aggregate<'scope>(deduped: Deduped<'scope>) -> CellChanges<'scope> {
+///
+/// Only the changes of epochs from `from` on come out (see [`Pipeline::ignore_before`]); the
+/// users' state is kept for every epoch.
+///
+/// [`Pipeline::ignore_before`]: crate::pipeline::Pipeline::ignore_before
+pub fn aggregate<'scope>(
+    deduped: Deduped<'scope>,
+    from: Rc<StdCell<Epoch>>,
+) -> CellChanges<'scope> {
     let (sums, user_hours) = fold_and_pass_per_time(
         deduped,
         "Preaggregate: Sums, pass UserHours",
+        from.clone(),
         |(_key, (event, _versions)), diff, hours, users| {
-            let hour = cell_of(&event, Grain::Hourly);
-            add_to(hours, hour, &Sums::of(&event).multiply(&diff));
+            if let Some(hours) = hours {
+                let hour = cell_of(&event, Grain::Hourly);
+                add_to(hours, hour, &Sums::of(&event).multiply(&diff));
+            }
             users.push(UserDay::of(&event));
         },
         |hours, out| {
@@ -321,6 +335,7 @@ pub fn aggregate<'scope>(deduped: Deduped<'scope>) -> CellChanges<'scope> {
     let users = fold_per_time(
         reduce_total(user_hours, "DistinctUsers", hours_present, user_changes),
         "Preaggregate: Users",
+        from,
         |cell, users: isize, cells| *cells.entry(cell).or_insert(0) += users,
         |cells, out| {
             out.extend(

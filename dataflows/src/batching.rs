@@ -18,9 +18,11 @@
 //! few percent (resent events, several events of one user in one hour); an epoch's memory is
 //! bounded by the epoch's size either way, which is what `--epoch-sources` is for.
 
+use std::cell::Cell as StdCell;
 use std::collections::btree_map::BTreeMap;
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::rc::Rc;
 
 use differential_dataflow::batcher::merge::Sealer;
 use differential_dataflow::batcher::{Batcher, Extract};
@@ -163,6 +165,7 @@ pub type FastMap<K, V> = HashMap<K, V, BuildFastHasher>;
 pub fn fold_per_time<'scope, D, R, K, V, D2, R2>(
     input: VecCollection<'scope, Epoch, D, R>,
     name: &str,
+    from: Rc<StdCell<Epoch>>,
     mut add: impl FnMut(D, R, &mut FastMap<K, V>) + 'static,
     finish: impl FnMut(FastMap<K, V>, &mut Vec<(D2, R2)>) + 'static,
 ) -> VecCollection<'scope, Epoch, D2, R2>
@@ -177,7 +180,12 @@ where
     let (folded, _nothing) = fold_and_pass_per_time::<_, _, _, _, _, _, ()>(
         input,
         name,
-        move |record, diff, map, _pass| add(record, diff, map),
+        from,
+        move |record, diff, map, _pass| {
+            if let Some(map) = map {
+                add(record, diff, map)
+            }
+        },
         finish,
     );
     folded
@@ -187,10 +195,15 @@ where
 /// on at once, with the update's time and difference, to a second collection. Where one stream
 /// feeds both a fold and another operator, this reads it once instead of timely copying every
 /// update for a second consumer.
+///
+/// Only times from `from` on are folded (`add` gets no map for earlier ones, and nothing is
+/// emitted for them); every time is passed. A keyed rebuild feeds the state it rebuilds at an
+/// epoch whose changes the mirror ignores: this spares folding and exchanging them.
 pub fn fold_and_pass_per_time<'scope, D, R, K, V, D2, R2, P>(
     input: VecCollection<'scope, Epoch, D, R>,
     name: &str,
-    mut add: impl FnMut(D, R, &mut FastMap<K, V>, &mut Vec<P>) + 'static,
+    from: Rc<StdCell<Epoch>>,
+    mut add: impl FnMut(D, R, Option<&mut FastMap<K, V>>, &mut Vec<P>) + 'static,
     mut finish: impl FnMut(FastMap<K, V>, &mut Vec<(D2, R2)>) + 'static,
 ) -> (
     VecCollection<'scope, Epoch, D2, R2>,
@@ -222,9 +235,12 @@ where
             input.for_each(|capability, data| {
                 let mut session = passed.session_with_builder(&capability);
                 for (record, time, diff) in data.drain(..) {
-                    let (_, map) = stash
-                        .entry(time)
-                        .or_insert_with(|| (capability.delayed(&time, 0), HashMap::default()));
+                    let map = (time >= from.get()).then(|| {
+                        &mut stash
+                            .entry(time)
+                            .or_insert_with(|| (capability.delayed(&time, 0), HashMap::default()))
+                            .1
+                    });
                     add(record, diff.clone(), map, &mut pass);
                     for record in pass.drain(..) {
                         session.give((record, time, diff.clone()));

@@ -29,19 +29,33 @@ pub struct Pipeline {
     pub mirror: Rc<RefCell<PartitionMirror>>,
     /// Keys (on this worker) that currently have more than one distinct version.
     pub conflicted_keys: Rc<StdCell<i64>>,
+    /// The first epoch whose cell changes are wanted.
+    changes_from: Rc<StdCell<Epoch>>,
+}
+
+impl Pipeline {
+    /// Ignores cell changes at epochs before `epoch` from now on: a keyed rebuild feeds part of
+    /// each partition's state at epoch 0, and what that makes of the cells is not theirs (the
+    /// mirror is seeded with their published rows instead). Those changes are neither folded nor
+    /// exchanged; the state they come from is kept.
+    pub fn ignore_before(&mut self, epoch: Epoch) {
+        self.changes_from.set(epoch);
+        self.mirror.borrow_mut().ignore_before(epoch);
+    }
 }
 
 /// Builds the dataflow on `worker`.
 pub fn build(worker: &mut Worker) -> Pipeline {
     let mirror = Rc::new(RefCell::new(PartitionMirror::default()));
     let conflicted_keys = Rc::new(StdCell::new(0i64));
+    let changes_from = Rc::new(StdCell::new(0));
     let probe = ProbeHandle::new();
 
     let input = worker.dataflow_named::<Epoch, _, _>("adsmetrics", |scope| {
         let (input, events) = scope.new_collection::<(DedupKey, EventVersion), isize>();
         let deduped = dedup(events, conflicted_keys.clone());
         let sink = mirror.clone();
-        aggregate(deduped)
+        aggregate(deduped, changes_from.clone())
             .inner
             .exchange(|(cell, _time, _delta)| PartitionId::of(cell).route())
             .as_collection()
@@ -56,5 +70,6 @@ pub fn build(worker: &mut Worker) -> Pipeline {
         probe,
         mirror,
         conflicted_keys,
+        changes_from,
     }
 }
