@@ -77,6 +77,7 @@ pub fn properties() -> WriterProperties {
         // Min/max per column chunk is what readers prune with; per-page statistics on every
         // column cost a tenth of the raw write for nothing they use.
         .set_statistics_enabled(EnabledStatistics::Chunk)
+        .set_compression(parquet::basic::Compression::LZ4_RAW)
         .set_key_value_metadata(Some(vec![KeyValue::new(
             "adsmetrics.key_algorithm".to_string(),
             KEY_ALGORITHM.to_string(),
