@@ -247,6 +247,16 @@ fn seeds(
     Ok((new_events, withdrawn))
 }
 
+/// What a decoded row's key and user-day were when a rebuild round began.
+enum Seen {
+    /// The key is deleted (tombstoned): the row is not taken.
+    Deleted,
+    /// Both were known: the row is taken, and adds nothing to look for.
+    Both,
+    /// One may be new: checked against the sets as they are now.
+    Check,
+}
+
 /// The keyed state of a run; see the module doc.
 pub fn keyed_state(
     warehouse: &Warehouse,
@@ -391,6 +401,7 @@ pub fn keyed_state(
         let cached = cache.as_deref();
         let (wanted_keys, wanted_users) = (&wanted_keys, &wanted_users);
         let (key_filter, user_filter) = (&key_filter, &user_filter);
+        let (known_keys, known_user_days) = (&keys, &user_days);
         let scanned = par_map(&files, threads, |&i| {
             let path = &committed[i];
             let mut opened = None;
@@ -428,6 +439,23 @@ pub fn keyed_state(
                 };
                 file.versions(&rows)?
             };
+            // Each decoded row's user-day, and whether its key and user-day were known when the
+            // round began, found here on every thread: the sets only grow, so a row known to
+            // both then needs nothing more of the serial pass below.
+            let decoded: Vec<_> = decoded
+                .into_iter()
+                .map(|(key, version)| {
+                    let user_day = UserDay::of(&version).0;
+                    let seen = if !tombstones.is_empty() && tombstones.contains(&key) {
+                        Seen::Deleted
+                    } else if known_keys.contains(&key) && known_user_days.contains(&user_day) {
+                        Seen::Both
+                    } else {
+                        Seen::Check
+                    };
+                    (key, version, user_day, seen)
+                })
+                .collect();
             Ok::<_, ScopeError>((i, fresh, from_cache, rows, decoded))
         })?;
 
@@ -448,21 +476,20 @@ pub fn keyed_state(
                 out.files_decoded += 1;
             }
             let rows_in_file = columns.get(&i).map_or(0, |c| c.keys.len());
-            for (row, (key, version)) in rows.into_iter().zip(&file) {
-                if !tombstones.is_empty() && tombstones.contains(key) {
-                    continue;
-                }
-                let user_day = UserDay::of(version).0;
-                let (key_known, user_day_known) =
-                    (keys.contains(key), user_days.contains(&user_day));
+            for (row, (key, version, user_day, seen)) in rows.into_iter().zip(file) {
+                let (key_known, user_day_known) = match seen {
+                    Seen::Deleted => continue,
+                    Seen::Both => (true, true),
+                    Seen::Check => (keys.contains(&key), user_days.contains(&user_day)),
+                };
                 if !key_known && !user_day_known {
                     continue;
                 }
                 taken.entry(i).or_insert_with(|| vec![false; rows_in_file])[row] = true;
-                out.rows.push((*key, *version));
+                out.rows.push((key, version));
                 if !key_known {
-                    keys.insert(*key);
-                    pending_keys.push(*key);
+                    keys.insert(key);
+                    pending_keys.push(key);
                 }
                 if !user_day_known {
                     user_days.insert(user_day);
