@@ -122,6 +122,11 @@ enum Command {
         /// that epoch (its staged files and findings are kept in `_adsmetrics/gated/`) and exit 12.
         #[arg(long)]
         gate: bool,
+        /// The stream keeps one dataflow across epochs, so an epoch costs what it adds; after
+        /// this many rows (events, and earlier rows rebuilt for them) it drops it and starts
+        /// another, which bounds its memory.
+        #[arg(long, value_name = "ROWS", default_value_t = adsmetrics::stream::DEFAULT_DATAFLOW_ROWS)]
+        dataflow_rows: u64,
     },
     /// A Kafka-protocol broker for demos and tests (librdkafka's mock cluster, in memory):
     /// prints its bootstrap address on the first line of stdout and serves until killed.
@@ -964,8 +969,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             verbose,
             metrics_listen,
             gate,
+            dataflow_rows,
         } => {
             let mut options = adsmetrics::stream::StreamOptions::new(brokers, topics);
+            options.dataflow_rows = dataflow_rows;
             // Held until the stream ends: dropping it stops the server.
             let _metrics_server = match metrics_listen {
                 Some(listen) => {

@@ -121,6 +121,28 @@ impl ColumnCache {
     }
 }
 
+/// What a dataflow that lives across runs (a stream's session, see
+/// [`crate::runtime::OpenCache::with_session`]) already holds of the raw files that were committed
+/// when it began: every row of these keys and of these user-days. A run in the session rebuilds
+/// only rows of neither (a row with a covered key or user-day is in the dataflow already), and
+/// what it rebuilds, with its new events' keys and user-days, is covered from then on.
+#[derive(Debug, Default)]
+pub struct Coverage {
+    keys: HashSet<DedupKey, BuildFastHasher>,
+    user_days: HashSet<UserDay, BuildFastHasher>,
+}
+
+impl Coverage {
+    /// Keys covered.
+    pub fn keys(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn holds(&self, key: &DedupKey, user_day: &UserDay) -> bool {
+        self.keys.contains(key) || self.user_days.contains(user_day)
+    }
+}
+
 /// A new source decoded while planning: what it decoded to, and its events' `(key, version)`s.
 pub type Predecoded = (std::sync::Arc<Decoded>, Vec<(DedupKey, EventVersion)>);
 
@@ -251,18 +273,23 @@ fn seeds(
 enum Seen {
     /// The key is deleted (tombstoned): the row is not taken.
     Deleted,
+    /// The session's dataflow holds the row already ([`Coverage`]): not taken.
+    Covered,
     /// Both were known: the row is taken, and adds nothing to look for.
     Both,
     /// One may be new: checked against the sets as they are now.
     Check,
 }
 
-/// The keyed state of a run; see the module doc.
+/// The keyed state of a run; see the module doc. With `coverage`, only the rows a session's
+/// dataflow does not hold yet ([`Coverage`]; `changes.committed` are then the files committed
+/// when the session began), and the coverage grows by what the run adds.
 pub fn keyed_state(
     warehouse: &Warehouse,
     changes: &Changes<'_>,
     threads: usize,
     cache: Option<&mut ColumnCache>,
+    coverage: Option<&mut Coverage>,
 ) -> Result<KeyedState, ScopeError> {
     let Changes {
         committed,
@@ -299,6 +326,7 @@ pub fn keyed_state(
             .chain(withdrawn.iter().flatten())
             .filter(|(key, _)| tombstones.is_empty() || !tombstones.contains(key))
     };
+    let covered = coverage.as_deref();
     let ((mut keys, mut pending_keys), (mut user_days, mut pending_user_days)) =
         std::thread::scope(|scope| {
             let user_days = scope.spawn(|| {
@@ -307,7 +335,9 @@ pub fn keyed_state(
                 let mut pending = Vec::new();
                 for (_, version) in live() {
                     let user_day = UserDay::of(version).0;
-                    if set.insert(user_day) {
+                    if set.insert(user_day)
+                        && !covered.is_some_and(|c| c.user_days.contains(&user_day))
+                    {
                         pending.push(user_day);
                     }
                 }
@@ -317,7 +347,7 @@ pub fn keyed_state(
                 HashSet::with_capacity_and_hasher(seed_rows, BuildFastHasher::default());
             let mut pending = Vec::new();
             for (key, _) in live() {
-                if set.insert(*key) {
+                if set.insert(*key) && !covered.is_some_and(|c| c.keys.contains(key)) {
                     pending.push(*key);
                 }
             }
@@ -402,6 +432,7 @@ pub fn keyed_state(
         let (wanted_keys, wanted_users) = (&wanted_keys, &wanted_users);
         let (key_filter, user_filter) = (&key_filter, &user_filter);
         let (known_keys, known_user_days) = (&keys, &user_days);
+        let covered = coverage.as_deref();
         let scanned = par_map(&files, threads, |&i| {
             let path = &committed[i];
             let mut opened = None;
@@ -448,6 +479,8 @@ pub fn keyed_state(
                     let user_day = UserDay::of(&version).0;
                     let seen = if !tombstones.is_empty() && tombstones.contains(&key) {
                         Seen::Deleted
+                    } else if covered.is_some_and(|c| c.holds(&key, &user_day)) {
+                        Seen::Covered
                     } else if known_keys.contains(&key) && known_user_days.contains(&user_day) {
                         Seen::Both
                     } else {
@@ -478,7 +511,7 @@ pub fn keyed_state(
             let rows_in_file = columns.get(&i).map_or(0, |c| c.keys.len());
             for (row, (key, version, user_day, seen)) in rows.into_iter().zip(file) {
                 let (key_known, user_day_known) = match seen {
-                    Seen::Deleted => continue,
+                    Seen::Deleted | Seen::Covered => continue,
                     Seen::Both => (true, true),
                     Seen::Check => (keys.contains(&key), user_days.contains(&user_day)),
                 };
@@ -500,6 +533,10 @@ pub fn keyed_state(
     }
     if let Some(cache) = cache {
         cache.keep(&used, read_here);
+    }
+    if let Some(coverage) = coverage {
+        coverage.keys.extend(keys);
+        coverage.user_days.extend(user_days);
     }
     Ok(out)
 }

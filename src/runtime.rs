@@ -337,6 +337,116 @@ pub(crate) struct Opened {
 pub struct OpenCache {
     kept: Option<Reusable>,
     columns: Option<rehydrate::ColumnCache>,
+    /// [`OpenCache::with_session`]: the most rows a session's dataflow may take in before it is
+    /// dropped and the next run starts a new one.
+    session_rows: Option<u64>,
+    session: Option<Session>,
+}
+
+/// A stream's dataflow, kept alive across its runs ([`OpenCache::with_session`]): timely workers
+/// started once, each holding its pipeline (dedup, aggregates, the partition mirror) and the
+/// partitions it has seeded, waiting for the next run.
+///
+/// A run in the session rebuilds only what the dataflow does not hold yet: rows of the raw files
+/// committed before the session began, of keys and user-days it has not covered
+/// ([`rehydrate::Coverage`]); the session's own files are in the dataflow already. So a run
+/// costs what it adds, where a fresh dataflow per run rebuilt, every time, every user-day and
+/// key of the day its events touched (and tested every row of the day's files to find them).
+///
+/// Times: a run's epoch 0 (its rebuild) is the session's next time, its epoch `k` that plus `k`;
+/// the mirror ignores the rebuild's time, whose changes the published partitions already hold.
+/// The session ends (its workers stop, its state is dropped) when a run fails, when another
+/// writer changed the warehouse (the open finds it), when a run withdraws rows or needs another
+/// worker count, and when it has taken in its rows; the next run then starts a new one.
+struct Session {
+    workers: usize,
+    jobs: Vec<std::sync::mpsc::Sender<Arc<Shared>>>,
+    done: std::sync::mpsc::Receiver<i64>,
+    guards: Option<timely::communication::WorkerGuards<()>>,
+    /// The dataflow time of the next run's epoch 0.
+    next_time: u64,
+    /// The raw files committed when the session began (the only ones a run rebuilds from).
+    before: BTreeSet<PathBuf>,
+    coverage: rehydrate::Coverage,
+    /// Rows the dataflow has taken in (new events and rebuilt rows).
+    rows: u64,
+}
+
+impl Session {
+    /// Starts `workers` timely workers, each with its pipeline, waiting for runs.
+    fn start(workers: usize, before: BTreeSet<PathBuf>) -> Result<Self, RunError> {
+        let (jobs, receivers): (Vec<_>, Vec<_>) = (0..workers)
+            .map(|_| std::sync::mpsc::channel::<Arc<Shared>>())
+            .unzip();
+        let receivers: Vec<Mutex<Option<std::sync::mpsc::Receiver<Arc<Shared>>>>> =
+            receivers.into_iter().map(|r| Mutex::new(Some(r))).collect();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let done_tx = Mutex::new(done_tx);
+        let guards = timely::execute(timely::Config::process(workers), move |worker| {
+            let jobs = receivers[worker.index()]
+                .lock()
+                .expect("lock")
+                .take()
+                .expect("one worker per index");
+            let done = done_tx.lock().expect("lock").clone();
+            let mut pipeline = pipeline::build(worker);
+            let mut seeded = BTreeSet::new();
+            let mut time = 0;
+            // Each run is the same sequence of steps on every worker; the last worker to hand
+            // in its result does not start the next run before the session sends it.
+            while let Ok(shared) = jobs.recv() {
+                let conflicted =
+                    run_epochs(worker, &mut pipeline, Some(&mut seeded), &shared, time);
+                time += shared.epochs.len() as u64 + 1;
+                drop(shared);
+                if done.send(conflicted).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(RunError::Runtime)?;
+        Ok(Session {
+            workers,
+            jobs,
+            done,
+            guards: Some(guards),
+            next_time: 0,
+            before,
+            coverage: rehydrate::Coverage::default(),
+            rows: 0,
+        })
+    }
+
+    /// Runs `shared`'s epochs on the session's workers. Returns the conflicted keys they found.
+    fn run(&mut self, shared: &Arc<Shared>) -> Result<i64, RunError> {
+        for jobs in &self.jobs {
+            jobs.send(shared.clone())
+                .map_err(|_| RunError::Runtime("a session worker stopped".into()))?;
+        }
+        let mut conflicted = 0;
+        for _ in 0..self.workers {
+            conflicted += self
+                .done
+                .recv()
+                .map_err(|_| RunError::Runtime("a session worker stopped".into()))?;
+        }
+        self.next_time += shared.epochs.len() as u64 + 1;
+        Ok(conflicted)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Closing the channels ends every worker's loop; then they are joined.
+        self.jobs.clear();
+        if let Some(guards) = self.guards.take() {
+            for result in guards.join() {
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "a session worker failed");
+                }
+            }
+        }
+    }
 }
 
 struct Reusable {
@@ -378,9 +488,21 @@ impl OpenCache {
     /// A cache that also keeps up to `max_rows` rows of raw files' key, user and ad columns.
     pub fn with_columns(max_rows: usize) -> Self {
         OpenCache {
-            kept: None,
             columns: Some(rehydrate::ColumnCache::new(max_rows)),
+            ..Default::default()
         }
+    }
+
+    /// Also keeps the dataflow alive from one run to the next ([`Session`]), until it has taken
+    /// in `max_rows` rows (new events and rebuilt rows; its memory grows with them).
+    pub fn with_session(mut self, max_rows: u64) -> Self {
+        self.session_rows = Some(max_rows);
+        self
+    }
+
+    /// Rows the current session's dataflow has taken in (0: none alive).
+    pub fn session_rows(&self) -> u64 {
+        self.session.as_ref().map_or(0, |s| s.rows)
     }
 
     /// Rows of raw-file columns held.
@@ -390,11 +512,13 @@ impl OpenCache {
             .map_or(0, rehydrate::ColumnCache::rows)
     }
 
-    /// Forgets the raw files' columns (they may have been rewritten).
-    fn drop_columns(&mut self) {
+    /// Forgets the raw files' columns (they may have been rewritten) and ends the session (its
+    /// state may no longer be the published one).
+    fn forget(&mut self) {
         if let Some(columns) = &mut self.columns {
             columns.clear();
         }
+        self.session = None;
     }
 
     /// Keeps what a run that ended well leaves, while it still holds the writer lock.
@@ -425,14 +549,14 @@ impl Opened {
     ) -> Result<Self, RunError> {
         let Some(kept) = cache.kept.take() else {
             // The first run, or one after a failure: nothing known of what happened since.
-            cache.drop_columns();
+            cache.forget();
             return Self::open(warehouse);
         };
         let started = Instant::now();
         let lock = crate::lock::WriterLock::acquire(warehouse)?;
         if MetaFingerprint::of(warehouse) != kept.fingerprint {
             tracing::info!("another writer changed the warehouse since this process's last run: reading it afresh");
-            cache.drop_columns();
+            cache.forget();
             return Self::open_locked(warehouse, lock, started);
         }
         let listing = kept.listing;
@@ -1087,8 +1211,24 @@ fn execute_generation(
     let no_days = BTreeSet::new();
     let new_sources: Vec<&SourceFile> = batches.iter().flat_map(|b| &b.sources).collect();
     let all_retracts = retracts.concat();
+    let mut session = session_for(
+        cache,
+        workers,
+        &rehydration,
+        all_retracts.is_empty(),
+        &committed_raw,
+    )
+    .map_err(|e| fail(&mut ledger, &run, e))?;
+    // In a session, only the files committed before it began hold rows its dataflow may lack.
+    let rebuild_from: Option<Vec<PathBuf>> = session.as_ref().map(|s| {
+        committed_raw
+            .iter()
+            .filter(|p| s.before.contains(*p))
+            .cloned()
+            .collect()
+    });
     let changes = scope::Changes {
-        committed: &committed_raw,
+        committed: rebuild_from.as_ref().unwrap_or(&committed_raw),
         new_sources: &new_sources,
         retract: &all_retracts,
         extra_days: match &rehydration {
@@ -1125,9 +1265,14 @@ fn execute_generation(
                     )),
                 ));
             }
-            let state =
-                rehydrate::keyed_state(warehouse, &changes, workers, cache.columns.as_mut())
-                    .map_err(|e| fail(&mut ledger, &run, e.into()))?;
+            let state = rehydrate::keyed_state(
+                warehouse,
+                &changes,
+                workers,
+                cache.columns.as_mut(),
+                session.as_mut().map(|s| &mut s.coverage),
+            )
+            .map_err(|e| fail(&mut ledger, &run, e.into()))?;
             tracing::info!(
                 rows = state.rows.len(),
                 files_scanned = state.files_scanned,
@@ -1195,18 +1340,23 @@ fn execute_generation(
         }),
     });
 
-    let worker_shared = shared.clone();
     let mut conflicted = 0;
-    let ran = timely::execute(timely::Config::process(workers), move |worker| {
-        run_worker(worker, &worker_shared)
-    })
-    .map_err(RunError::Runtime)
-    .and_then(|guards| {
-        for result in guards.join() {
-            conflicted += result.map_err(RunError::Runtime)?;
+    let ran = match session.as_mut() {
+        Some(session) => session.run(&shared).map(|c| conflicted = c),
+        None => {
+            let worker_shared = shared.clone();
+            timely::execute(timely::Config::process(workers), move |worker| {
+                run_worker(worker, &worker_shared)
+            })
+            .map_err(RunError::Runtime)
+            .and_then(|guards| {
+                for result in guards.join() {
+                    conflicted += result.map_err(RunError::Runtime)?;
+                }
+                Ok(())
+            })
         }
-        Ok(())
-    });
+    };
     if let Err(e) = ran {
         // Workers that died committed nothing after their last publish; what the journal holds
         // is recorded with the failure.
@@ -1288,23 +1438,62 @@ fn execute_generation(
         .filter(|p| !retracted.contains(p))
         .collect();
     for (day, (written, prefixes)) in std::mem::take(&mut state.written) {
-        let before = before
-            .get(&Some(day))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        crate::keyindex::extend(warehouse, day, before, &retracted, &written, prefixes);
+        // A session's runs look up keys only in the files from before it began (whose index is
+        // left as it was): rewriting a day's whole index at every run grew with the day.
+        if session.is_none() {
+            let before = before
+                .get(&Some(day))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            crate::keyindex::extend(warehouse, day, before, &retracted, &written, prefixes);
+        }
         listing.extend(written);
     }
+    let mut summary = std::mem::take(&mut state.summary);
     if let Some(journal) = state.journal.take() {
         cache.keep(warehouse, journal, ledger, listing);
+        if let Some(mut session) = session {
+            session.rows += summary.rehydrated_rows + summary.events_accepted;
+            cache.session = Some(session);
+        }
     }
-    let mut summary = std::mem::take(&mut state.summary);
     summary.conflicted_keys += conflicted;
     summary.elapsed = started.elapsed();
     if let Some(metrics) = &options.metrics {
         metrics.add(&summary);
     }
     Ok(summary)
+}
+
+/// The session a run goes through, taken out of `cache` (a run that fails drops it): the live
+/// one, or a new one when `cache` keeps sessions and the live one (if any) cannot take this run
+/// (see [`Session`]); `None` for a run on a dataflow of its own.
+fn session_for(
+    cache: &mut OpenCache,
+    workers: usize,
+    rehydration: &Rehydration,
+    no_retracts: bool,
+    committed: &[PathBuf],
+) -> Result<Option<Session>, RunError> {
+    let live = cache.session.take();
+    let Some(max_rows) = cache.session_rows else {
+        return Ok(None);
+    };
+    if !matches!(rehydration, Rehydration::Keyed) || !no_retracts {
+        return Ok(None);
+    }
+    if let Some(session) = live {
+        if session.workers == workers && session.rows < max_rows {
+            return Ok(Some(session));
+        }
+        tracing::info!(
+            rows = session.rows,
+            keys_covered = session.coverage.keys(),
+            "the stream's dataflow took in its rows: a new one starts"
+        );
+    }
+    let before = committed.iter().cloned().collect();
+    Ok(Some(Session::start(workers, before)?))
 }
 
 /// The request id of a delete whose tombstones are written but whose certificate is not: the
@@ -1351,15 +1540,30 @@ fn assign(sources: &[SourceFile], workers: usize) -> EpochPlan {
     }
 }
 
-/// One worker's whole run. Returns the worker's count of conflicted keys.
+/// One worker's whole run on a dataflow of its own. Returns the worker's count of conflicted keys.
 fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
-    let index = worker.index();
-    let peers = worker.peers();
     let mut pipeline = pipeline::build(worker);
     // Keyed rehydration: the partitions given their published rows so far.
     let mut seeded = matches!(shared.rebuild, Rebuild::Rows(_)).then(BTreeSet::new);
+    run_epochs(worker, &mut pipeline, seeded.as_mut(), shared, 0)
+}
+
+/// A run's epochs on a worker's `pipeline`, the run's epoch `k` at dataflow time `base + k`
+/// (the pipeline's input is at `base`). With `seeded` (a keyed run), the partitions the worker's
+/// mirror holds with their published rows, and the mirror ignores the rebuild (epoch 0).
+/// Returns the conflicted keys the run found.
+fn run_epochs(
+    worker: &mut timely::worker::Worker,
+    pipeline: &mut Pipeline,
+    mut seeded: Option<&mut BTreeSet<PartitionId>>,
+    shared: &Shared,
+    base: u64,
+) -> i64 {
+    let index = worker.index();
+    let peers = worker.peers();
+    let conflicted_before = pipeline.conflicted_keys.get();
     if seeded.is_some() {
-        pipeline.ignore_before(1);
+        pipeline.ignore_before(base + 1);
     }
 
     for epoch in 0..=shared.epochs.len() as u64 {
@@ -1367,8 +1571,8 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
         if let (0, Rebuild::Rows(rows)) = (epoch, &shared.rebuild) {
             // A keyed rebuild publishes nothing (the mirror ignores epoch 0), so epoch 1 starts
             // at once: the dataflow digests the rebuilt state while the first sources are read.
-            let fed = feed_rows(rows, index, peers, worker, &mut pipeline);
-            pipeline.input.advance_to(1);
+            let fed = feed_rows(rows, index, peers, worker, pipeline);
+            pipeline.input.advance_to(base + 1);
             pipeline.input.flush();
             let mut state = shared.state.lock().expect("lock");
             state.summary.rehydrated_rows += fed;
@@ -1383,7 +1587,7 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
                     Rebuild::Files(files, _) => files.as_slice(),
                     Rebuild::Rows(_) => &[],
                 };
-                let read = read_raw(shared, files, 1, index, peers, worker, &mut pipeline)
+                let read = read_raw(shared, files, 1, index, peers, worker, pipeline)
                     .map(|rows| shared.state.lock().expect("lock").summary.rehydrated_rows += rows);
                 (read, None)
             } else {
@@ -1391,31 +1595,23 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
                 // dataflow sees (and publishes) only the difference.
                 let plan = &shared.epochs[epoch as usize - 1];
                 let retracted = if !plan.retract.is_empty() {
-                    read_raw(
-                        shared,
-                        &plan.retract,
-                        -1,
-                        index,
-                        peers,
-                        worker,
-                        &mut pipeline,
-                    )
+                    read_raw(shared, &plan.retract, -1, index, peers, worker, pipeline)
                 } else {
                     Ok(0)
                 };
                 match retracted.and_then(|rows| {
                     shared.state.lock().expect("lock").summary.retracted_rows += rows;
-                    ingest_sources(shared, &plan.by_worker[index], worker, &mut pipeline, scope)
+                    ingest_sources(shared, &plan.by_worker[index], worker, pipeline, scope)
                 }) {
                     Ok(writing) => (Ok(()), writing),
                     Err(e) => (Err(e), None),
                 }
             };
-            pipeline.input.advance_to(epoch + 1);
+            pipeline.input.advance_to(base + epoch + 1);
             pipeline.input.flush();
             let fed = started.elapsed();
             let probe = pipeline.probe.clone();
-            worker.step_or_park_while(None, || probe.less_than(&(epoch + 1)));
+            worker.step_or_park_while(None, || probe.less_than(&(base + epoch + 1)));
             let computed = started.elapsed();
             // The last source's files are written meanwhile; they must be on disk before the
             // publish names their source (and the publish syncs the filesystem to make sure).
@@ -1424,7 +1620,7 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
                     (0, Rebuild::Files(_, days)) => published_in_days(shared, days, index, peers),
                     _ => Vec::new(),
                 };
-                stage_touched(shared, &pipeline, seeded.as_mut(), emptied, peers)
+                stage_touched(shared, pipeline, seeded.as_deref_mut(), emptied, peers)
             });
             let staged = join_writing(writing).and(staged);
             (fed, computed, staged)
@@ -1446,7 +1642,7 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
             break;
         }
     }
-    pipeline.conflicted_keys.get()
+    pipeline.conflicted_keys.get() - conflicted_before
 }
 
 /// Feeds this worker's share of `rows` to the dataflow (+1 each). Returns the rows fed.

@@ -136,6 +136,10 @@ pub struct StreamOptions {
     pub verbose: bool,
     /// The ingest of each epoch (workers, hot window; progress is off).
     pub ingest: IngestOptions,
+    /// Rows (events, and earlier rows rebuilt for them) the stream's dataflow takes in before it
+    /// is dropped and a new one starts ([`runtime::OpenCache::with_session`]): its memory grows
+    /// with them.
+    pub dataflow_rows: u64,
     /// Where to report lag, latency and counts (served on `/metrics` by the caller).
     pub metrics: Option<Arc<StreamMetrics>>,
 }
@@ -159,6 +163,7 @@ impl StreamOptions {
                 ..IngestOptions::default()
             },
             metrics: None,
+            dataflow_rows: DEFAULT_DATAFLOW_ROWS,
         }
     }
 }
@@ -698,6 +703,9 @@ fn read_messages(
 /// 128 MiB), enough for the current day's files at the rates measured here.
 const STREAM_COLUMN_CACHE_ROWS: usize = 1 << 22;
 
+/// The default of [`StreamOptions::dataflow_rows`].
+pub const DEFAULT_DATAFLOW_ROWS: u64 = 50_000_000;
+
 /// The epoch loop: waits until the intake holds an epoch (by time or size; recovering, exactly
 /// the intended ranges), publishes it, and stops when idle at the log end.
 #[allow(clippy::too_many_arguments)]
@@ -717,7 +725,9 @@ fn cut_epochs(
     // The journal, ledger and raw listing as the last epoch left them, and the raw files' key,
     // user and ad columns the epochs' rebuilds scanned (all read afresh whenever another
     // writer, a delete say, wrote in between).
-    let mut cache = runtime::OpenCache::with_columns(STREAM_COLUMN_CACHE_ROWS);
+    // And the dataflow itself, with what it holds, for as long as nothing else writes.
+    let mut cache = runtime::OpenCache::with_columns(STREAM_COLUMN_CACHE_ROWS)
+        .with_session(options.dataflow_rows.max(1));
     let mut g = lock(intake);
     loop {
         if let Some(e) = g.failed.take() {

@@ -118,6 +118,74 @@ fn stream_and_batch_publish_identical_tables() {
     }
 }
 
+/// A stream keeps its dataflow from epoch to epoch: restarted part-way (a new process, a new
+/// dataflow), it rebuilds from the raw layer what its events need of the earlier process's
+/// rows, each at most once, not again at every epoch; and it ends in the batch path's tables.
+#[test]
+fn a_restarted_stream_rebuilds_each_earlier_row_at_most_once_and_ends_in_the_batch_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_generated();
+    generate(&config, &dir.path().join("files"), &|_| {}).unwrap();
+    let batch = Warehouse::new(dir.path().join("batch"));
+    ingest(
+        &batch,
+        &[dir.path().join("files")],
+        IngestOptions {
+            workers: 2,
+            ..IngestOptions::default()
+        },
+    )
+    .unwrap();
+
+    let events = generate_events(&config);
+    let (before, after) = events.split_at(events.len() / 2);
+    let broker = broker(4);
+    let streamed = Warehouse::new(dir.path().join("stream"));
+    send(&broker, before, None);
+    let first = stream(&streamed, &options(&broker)).unwrap();
+    assert_eq!(first.ingest.rehydrated_rows, 0, "nothing to rebuild from");
+    send(&broker, after, None);
+    let second = stream(&streamed, &options(&broker)).unwrap();
+    assert!(second.epochs > 1, "the test wants several epochs");
+    // The second half corrects and repeats users of the first: their rows are rebuilt, once.
+    assert!(second.ingest.rehydrated_rows > 0);
+    assert!(
+        second.ingest.rehydrated_rows <= first.ingest.raw_rows_written,
+        "rebuilt {} rows of {} written before the restart",
+        second.ingest.rehydrated_rows,
+        first.ingest.raw_rows_written
+    );
+
+    assert_eq!(published_tables(&streamed), expected_tables(&events));
+    assert_eq!(
+        TableSnapshot::take(&streamed).unwrap().fingerprint(),
+        TableSnapshot::take(&batch).unwrap().fingerprint(),
+        "stream and batch tables differ"
+    );
+    assert_ledger_accounts_for_tables(&streamed);
+}
+
+/// A stream whose dataflow has taken in its rows drops it and starts another mid-stream: the
+/// tables come out the same.
+#[test]
+fn a_stream_that_starts_new_dataflows_as_they_fill_ends_in_the_expected_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = generate_events(&small_generated());
+    let broker = broker(4);
+    send(&broker, &events, None);
+    let streamed = Warehouse::new(dir.path().join("stream"));
+    let mut options = options(&broker);
+    options.dataflow_rows = 1000;
+    let summary = stream(&streamed, &options).unwrap();
+    assert!(summary.epochs > 2, "the test wants several dataflows");
+    assert!(
+        summary.ingest.rehydrated_rows > 0,
+        "later dataflows rebuild"
+    );
+    assert_eq!(published_tables(&streamed), expected_tables(&events));
+    assert_ledger_accounts_for_tables(&streamed);
+}
+
 #[test]
 fn redelivered_ranges_and_resent_events_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
