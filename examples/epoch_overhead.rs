@@ -1,8 +1,10 @@
 //! What a stream epoch's fixed cost does over a long run: many small epochs, each one
-//! `ingest_inline` run (as `adsmetrics stream` makes them), timed one by one, once opening the
-//! warehouse afresh for every epoch and once reusing what the last epoch left (an
-//! [`OpenCache`] with raw-file columns, as the stream does). Every epoch adds a journal record,
-//! a ledger entry and raw files, which an open reads and the keyed rebuild scans again.
+//! `ingest_inline` run (as `adsmetrics stream` makes them), timed one by one, in three ways:
+//! opening the warehouse afresh for every epoch; reusing what the last epoch left (an
+//! [`OpenCache`] with raw-file columns); and also keeping the dataflow alive across epochs
+//! ([`OpenCache::with_session`], as the stream does). Every epoch adds a journal record, a
+//! ledger entry and raw files, which an open reads and a fresh dataflow's keyed rebuild scans
+//! again.
 //!
 //! ```text
 //! cargo run --release --example epoch_overhead -- --epochs 1000 --events-per-epoch 500
@@ -30,6 +32,9 @@ struct Args {
     /// Timely workers.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Only this way (1: afresh, 2: reusing the open, 3: keeping the dataflow too).
+    #[arg(long)]
+    only: Option<usize>,
 }
 
 fn main() -> Result<()> {
@@ -65,14 +70,21 @@ fn main() -> Result<()> {
         chunk,
         args.workers
     );
-    for reuse in [false, true] {
-        let wh = Warehouse::new(dir.path().join(format!("wh-{reuse}")));
-        let fresh = || {
-            if reuse {
-                OpenCache::with_columns(1 << 22)
-            } else {
-                OpenCache::default()
-            }
+    let modes = [
+        "opening afresh every epoch                   ",
+        "reusing the last epoch's open and raw columns",
+        "keeping the dataflow across epochs too       ",
+    ];
+    for (mode, label) in modes.iter().enumerate() {
+        if args.only.is_some_and(|only| only != mode + 1) {
+            continue;
+        }
+        let reuse = mode > 0;
+        let wh = Warehouse::new(dir.path().join(format!("wh-{mode}")));
+        let fresh = || match mode {
+            0 => OpenCache::default(),
+            1 => OpenCache::with_columns(1 << 22),
+            _ => OpenCache::with_columns(1 << 22).with_session(u64::MAX),
         };
         let mut cache = fresh();
         let mut times = Vec::new();
@@ -108,11 +120,7 @@ fn main() -> Result<()> {
         println!(
             "{}: ms per epoch, epochs 1-10: {:.1}, {}-{}: {:.1}, last 10: {:.1}; total {:.1} s \
              (ledger {} KB, journal {} KB at the end)",
-            if reuse {
-                "reusing the last epoch's open and raw columns"
-            } else {
-                "opening afresh every epoch                   "
-            },
+            label,
             mean(0..10),
             n / 2 - 4,
             n / 2 + 5,

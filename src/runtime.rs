@@ -2046,7 +2046,7 @@ fn stage_touched(
         }
         let rows = chunk
             .iter()
-            .map(|id| Ok((*id, pipeline.mirror.borrow().rows(id)?)))
+            .map(|id| Ok((*id, pipeline.mirror.borrow_mut().settle(id)?)))
             .collect::<Result<Vec<_>, RunError>>()?;
         let staged = rehydrate::par_map(&rows, threads, |(id, rows)| {
             let tampered;

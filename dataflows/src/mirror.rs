@@ -240,6 +240,25 @@ impl PartitionMirror {
         Ok(out)
     }
 
+    /// The partition's rows, as [`PartitionMirror::rows`], folded into its base: the changes
+    /// since are then only the next ones, so a partition read after every epoch (a stream's
+    /// daily partition) sorts each change once, not every change since it was first touched at
+    /// every read.
+    pub fn settle(&mut self, id: &PartitionId) -> Result<Vec<(Dims, MetricRow)>, MirrorError> {
+        let rows = self.rows(id)?;
+        if rows.is_empty() {
+            self.partitions.remove(id);
+        } else if let Some(partition) = self.partitions.get_mut(id) {
+            partition.changes.clear();
+            partition.base.clear();
+            partition.base.extend(
+                rows.iter()
+                    .map(|(dims, row)| (*dims, CellDelta::of_row(row))),
+            );
+        }
+        Ok(rows)
+    }
+
     /// Every partition currently held, in order.
     pub fn partitions(&self) -> impl Iterator<Item = &PartitionId> {
         self.partitions.keys()
@@ -357,6 +376,41 @@ mod tests {
         assert_eq!(ads, vec![2, 3, 4]);
         assert_eq!(rows[1].1, row(2, 2));
         assert_eq!(rows[0].1, row(1, 1));
+    }
+
+    #[test]
+    fn a_settled_partition_reads_the_same_and_takes_later_changes() {
+        let mut mirror = PartitionMirror::default();
+        let id = PartitionId {
+            grain: Grain::Hourly,
+            period: 5,
+        };
+        for ad in [3, 1, 2] {
+            mirror.apply(&cell(5, ad), &impression(1));
+        }
+        let before = mirror.rows(&id).unwrap();
+        assert_eq!(mirror.settle(&id).unwrap(), before);
+        assert_eq!(mirror.rows(&id).unwrap(), before);
+        // After settling: one more impression of ad 2, ad 1 leaves, ad 0 arrives.
+        mirror.apply(&cell(5, 2), &impression(0));
+        let mut minus = impression(1);
+        differential_dataflow::difference::Abelian::negate(&mut minus);
+        mirror.apply(&cell(5, 1), &minus);
+        mirror.apply(&cell(5, 0), &impression(1));
+        let rows = mirror.settle(&id).unwrap();
+        let ads: Vec<(i64, i64)> = rows.iter().map(|(d, r)| (d.ad_id, r.impressions)).collect();
+        assert_eq!(ads, vec![(0, 1), (2, 2), (3, 1)]);
+        // Everything leaves: the partition is gone.
+        for (ad, n) in [(0, 1), (2, 2), (3, 1)] {
+            let mut minus = impression(1);
+            minus.sums.events = n;
+            minus.sums.impressions = n;
+            minus.sums.cost_micros = 10 * n;
+            differential_dataflow::difference::Abelian::negate(&mut minus);
+            mirror.apply(&cell(5, ad), &minus);
+        }
+        assert!(mirror.settle(&id).unwrap().is_empty());
+        assert_eq!(mirror.partitions().count(), 0);
     }
 
     #[test]
