@@ -39,6 +39,9 @@ struct Args {
     /// Epoch length, ms.
     #[arg(long, default_value_t = 1000)]
     epoch_ms: u64,
+    /// Rows the stream's dataflow takes in before a new one starts (`stream --dataflow-rows`).
+    #[arg(long, default_value_t = adsmetrics::stream::DEFAULT_DATAFLOW_ROWS)]
+    dataflow_rows: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,6 +69,7 @@ fn main() -> anyhow::Result<()> {
     options.epoch = Duration::from_millis(args.epoch_ms);
     options.until_idle = Some(Duration::from_secs(3));
     options.ingest.workers = args.workers;
+    options.dataflow_rows = args.dataflow_rows;
 
     let started = Instant::now();
     let producer = if args.rate > 0.0 {
