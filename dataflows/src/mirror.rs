@@ -240,15 +240,22 @@ impl PartitionMirror {
         Ok(out)
     }
 
-    /// The partition's rows, as [`PartitionMirror::rows`], folded into its base: the changes
-    /// since are then only the next ones, so a partition read after every epoch (a stream's
-    /// daily partition) sorts each change once, not every change since it was first touched at
-    /// every read.
+    /// The partition's rows, as [`PartitionMirror::rows`], folded into its base once its changes
+    /// are an eighth of it or more: the changes since are then only the next ones, so a
+    /// partition read after every epoch (a stream's daily partition) sorts each change about
+    /// once, not every change since it was first touched at every read. A correction's few
+    /// changes to a large seeded partition leave it as it is (folding would copy it whole).
     pub fn settle(&mut self, id: &PartitionId) -> Result<Vec<(Dims, MetricRow)>, MirrorError> {
         let rows = self.rows(id)?;
         if rows.is_empty() {
             self.partitions.remove(id);
-        } else if let Some(partition) = self.partitions.get_mut(id) {
+            return Ok(rows);
+        }
+        if let Some(partition) = self
+            .partitions
+            .get_mut(id)
+            .filter(|p| p.changes.len().saturating_mul(8) >= p.base.len())
+        {
             partition.changes.clear();
             partition.base.clear();
             partition.base.extend(
