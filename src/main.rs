@@ -284,6 +284,34 @@ enum Command {
         #[command(subcommand)]
         command: CheckCommand,
     },
+    /// Click tracking over HTTP until Ctrl-C. `GET /click?t=<token>` verifies an impression
+    /// token (signature, key, expiry), appends the click durably to the spool and answers 302 to
+    /// the token's target URL (never one from the query); a forged, expired or malformed token
+    /// gets 400 and is not counted. `GET /metrics`: clicks by outcome, refusals by reason.
+    /// `adsmetrics ingest <spool>` ingests the sealed segments.
+    Serve {
+        /// Address to listen on, `host:port` (port 0 picks a free one, printed on stderr).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// The keyring, JSON: {"signing": "<id>", "keys": [{"id": "<id>", "secret_hex":
+        /// "<64+ hex digits>", "retired": false}, …]} (`adsmetrics token new-key` makes keys).
+        #[arg(long, env = "ADSMETRICS_KEYS", value_name = "FILE")]
+        keys: PathBuf,
+        /// Where accepted clicks are appended: JSON-lines segments, `clicks-*.jsonl` once sealed.
+        #[arg(long, default_value = "./data/click-spool")]
+        spool: PathBuf,
+        /// Seal the open segment this many seconds after its first click (or at 100k clicks).
+        #[arg(long, default_value_t = 10)]
+        seal_secs: u64,
+        /// Impression ids the front-line dedup remembers (an optimisation; ingest dedups anyway).
+        #[arg(long, default_value_t = 1_000_000)]
+        dedup_cache: usize,
+    },
+    /// Impression tokens for `serve`: new keys, and signing (for tests and integrations).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// The audit ledger: every run, and every partition version it produced, hash-chained.
     Audit {
         #[command(subcommand)]
@@ -551,6 +579,46 @@ fn parse_day_arg(flag: &str, value: Option<String>) -> anyhow::Result<Option<i64
                 .ok_or_else(|| anyhow::anyhow!("{flag} {v:?} is not a day (YYYY-MM-DD)"))
         })
         .transpose()
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Print a new key entry (32 random bytes) for the keyring's `keys` list.
+    NewKey {
+        /// The key's id: letters, digits, '-' and '_' (e.g. the month it starts signing).
+        #[arg(long)]
+        id: String,
+    },
+    /// Sign an impression token with the keyring's signing key and print it.
+    Sign {
+        /// The keyring file (see `serve --keys`).
+        #[arg(long, env = "ADSMETRICS_KEYS", value_name = "FILE")]
+        keys: PathBuf,
+        /// The impression: the click's event id.
+        #[arg(long)]
+        impression_id: String,
+        #[arg(long)]
+        ad_id: i64,
+        #[arg(long)]
+        campaign_id: i64,
+        #[arg(long)]
+        advertiser_id: i64,
+        /// Where the click redirects: an absolute http(s) URL.
+        #[arg(long)]
+        target_url: String,
+        /// The viewer.
+        #[arg(long)]
+        user_id: i64,
+        /// The viewer's country, ISO 3166 alpha-2.
+        #[arg(long)]
+        country: String,
+        /// What a click costs the advertiser, micros.
+        #[arg(long)]
+        cost_micros: Option<i64>,
+        /// Seconds the token stays valid.
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: i64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1022,6 +1090,78 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             adsmetrics::demo::run(&warehouse, &data, events, workers)?;
         }
         Command::Audit { command } => audit(&warehouse, command)?,
+        Command::Serve {
+            listen,
+            keys,
+            spool,
+            seal_secs,
+            dedup_cache,
+        } => {
+            let keyring = adsmetrics::token::Keyring::load(&keys)?;
+            let server = adsmetrics::serve::ClickServer::start(adsmetrics::serve::ServeOptions {
+                listen: listen.clone(),
+                keyring,
+                spool: spool.clone(),
+                seal: adsmetrics::spool::SealPolicy {
+                    max_age: std::time::Duration::from_secs(seal_secs.max(1)),
+                    ..Default::default()
+                },
+                dedup_capacity: dedup_cache,
+            })
+            .with_context(|| format!("serve --listen {listen} --spool {}", spool.display()))?;
+            eprintln!(
+                "serving http://{}/click and /metrics; clicks spooled to {}; Ctrl-C stops",
+                server.local_addr(),
+                spool.display()
+            );
+            tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()?
+                .block_on(tokio::signal::ctrl_c())?;
+            drop(server);
+            eprintln!("stopped; the spool's last segment is sealed");
+        }
+        Command::Token { command } => match command {
+            TokenCommand::NewKey { id } => {
+                let entry = adsmetrics::token::KeyEntry {
+                    id,
+                    secret_hex: adsmetrics::token::new_secret_hex(),
+                    retired: false,
+                };
+                println!("{}", serde_json::to_string(&entry)?);
+            }
+            TokenCommand::Sign {
+                keys,
+                impression_id,
+                ad_id,
+                campaign_id,
+                advertiser_id,
+                target_url,
+                user_id,
+                country,
+                cost_micros,
+                ttl_secs,
+            } => {
+                let keyring = adsmetrics::token::Keyring::load(&keys)?;
+                let now = chrono::Utc::now().timestamp();
+                let claims = adsmetrics::token::Claims {
+                    impression_id,
+                    ad_id,
+                    campaign_id,
+                    advertiser_id,
+                    target_url,
+                    user_id,
+                    country,
+                    cost_micros,
+                    issued_at: now,
+                    expires_at: now.saturating_add(ttl_secs.max(1)),
+                };
+                let token = keyring
+                    .sign(&claims)
+                    .map_err(|e| anyhow::anyhow!("cannot sign: {e}"))?;
+                println!("{token}");
+            }
+        },
         Command::Check {
             command: CheckCommand::Reconcile { common },
         } => {
