@@ -254,3 +254,83 @@ fn a_rotated_key_keeps_old_tokens_valid_until_it_is_retired() {
     assert!(body.contains("retired"), "{body}");
     assert_eq!(get(&server2, &format!("t={new}")).0, 302);
 }
+
+/// A `serve` process killed with SIGKILL while clicks arrive loses none it answered 302: its
+/// open segment is sealed at the next start (cut at its last whole line), and ingest counts
+/// every acknowledged click once.
+#[test]
+fn every_click_answered_302_survives_a_sigkill() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let keys = dir.path().join("keys.json");
+    std::fs::write(
+        &keys,
+        serde_json::to_vec(&KeyringFile {
+            signing: "k1".into(),
+            keys: vec![KeyEntry {
+                id: "k1".into(),
+                secret_hex: "a1".repeat(32),
+                retired: false,
+            }],
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    let ring = Keyring::load(&keys).unwrap();
+    let start = || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_adsmetrics"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--keys"])
+            .arg(&keys)
+            .arg("--spool")
+            .arg(&spool)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_string();
+        (child, addr)
+    };
+    let mut acknowledged = 0;
+    for round in 0..3 {
+        let (mut child, addr) = start();
+        for i in 0..200 {
+            let token = ring.sign(&claims(&format!("imp-{round}-{i}"), 7)).unwrap();
+            let status = agent()
+                .get(format!("http://{addr}/click?t={token}"))
+                .call()
+                .unwrap()
+                .status()
+                .as_u16();
+            assert_eq!(status, 302);
+            acknowledged += 1;
+        }
+        child.kill().expect("SIGKILL");
+        child.wait().unwrap();
+    }
+    // The last process's segment is sealed by the next start.
+    let (mut child, _) = start();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let names: Vec<String> = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| n.starts_with("clicks-")), "{names:?}");
+
+    let warehouse = Warehouse::new(dir.path().join("wh"));
+    let summary = ingest(&warehouse, std::slice::from_ref(&spool), IngestOptions::default()).unwrap();
+    assert_eq!(summary.events_accepted, acknowledged);
+    assert_eq!(clicks_published(&warehouse), acknowledged as i64);
+}
