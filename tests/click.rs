@@ -290,16 +290,20 @@ fn every_click_answered_302_survives_a_sigkill() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // The address is on the line that says it serves (warnings may come first).
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
         let mut line = String::new();
-        BufReader::new(child.stderr.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        while !line.contains("serving http://") {
+            line.clear();
+            assert!(stderr.read_line(&mut line).unwrap() > 0, "serve exited");
+        }
         let addr = line
             .split("http://")
             .nth(1)
             .and_then(|rest| rest.split('/').next())
             .unwrap_or_else(|| panic!("no address in {line:?}"))
             .to_string();
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
         (child, addr)
     };
     let mut acknowledged = 0;
@@ -330,7 +334,12 @@ fn every_click_answered_302_survives_a_sigkill() {
     assert!(names.iter().all(|n| n.starts_with("clicks-")), "{names:?}");
 
     let warehouse = Warehouse::new(dir.path().join("wh"));
-    let summary = ingest(&warehouse, std::slice::from_ref(&spool), IngestOptions::default()).unwrap();
+    let summary = ingest(
+        &warehouse,
+        std::slice::from_ref(&spool),
+        IngestOptions::default(),
+    )
+    .unwrap();
     assert_eq!(summary.events_accepted, acknowledged);
     assert_eq!(clicks_published(&warehouse), acknowledged as i64);
 }
