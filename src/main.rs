@@ -590,35 +590,38 @@ enum TokenCommand {
         id: String,
     },
     /// Sign an impression token with the keyring's signing key and print it.
-    Sign {
-        /// The keyring file (see `serve --keys`).
-        #[arg(long, env = "ADSMETRICS_KEYS", value_name = "FILE")]
-        keys: PathBuf,
-        /// The impression: the click's event id.
-        #[arg(long)]
-        impression_id: String,
-        #[arg(long)]
-        ad_id: i64,
-        #[arg(long)]
-        campaign_id: i64,
-        #[arg(long)]
-        advertiser_id: i64,
-        /// Where the click redirects: an absolute http(s) URL.
-        #[arg(long)]
-        target_url: String,
-        /// The viewer.
-        #[arg(long)]
-        user_id: i64,
-        /// The viewer's country, ISO 3166 alpha-2.
-        #[arg(long)]
-        country: String,
-        /// What a click costs the advertiser, micros.
-        #[arg(long)]
-        cost_micros: Option<i64>,
-        /// Seconds the token stays valid.
-        #[arg(long, default_value_t = 86_400)]
-        ttl_secs: i64,
-    },
+    Sign(SignArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SignArgs {
+    /// The keyring file (see `serve --keys`).
+    #[arg(long, env = "ADSMETRICS_KEYS", value_name = "FILE")]
+    keys: PathBuf,
+    /// The impression: the click's event id.
+    #[arg(long)]
+    impression_id: String,
+    #[arg(long)]
+    ad_id: i64,
+    #[arg(long)]
+    campaign_id: i64,
+    #[arg(long)]
+    advertiser_id: i64,
+    /// Where the click redirects: an absolute http(s) URL.
+    #[arg(long)]
+    target_url: String,
+    /// The viewer.
+    #[arg(long)]
+    user_id: i64,
+    /// The viewer's country, ISO 3166 alpha-2.
+    #[arg(long)]
+    country: String,
+    /// What a click costs the advertiser, micros.
+    #[arg(long)]
+    cost_micros: Option<i64>,
+    /// Seconds the token stays valid.
+    #[arg(long, default_value_t = 86_400)]
+    ttl_secs: i64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -1130,31 +1133,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 println!("{}", serde_json::to_string(&entry)?);
             }
-            TokenCommand::Sign {
-                keys,
-                impression_id,
-                ad_id,
-                campaign_id,
-                advertiser_id,
-                target_url,
-                user_id,
-                country,
-                cost_micros,
-                ttl_secs,
-            } => {
-                let keyring = adsmetrics::token::Keyring::load(&keys)?;
+            TokenCommand::Sign(args) => {
+                let keyring = adsmetrics::token::Keyring::load(&args.keys)?;
                 let now = chrono::Utc::now().timestamp();
                 let claims = adsmetrics::token::Claims {
-                    impression_id,
-                    ad_id,
-                    campaign_id,
-                    advertiser_id,
-                    target_url,
-                    user_id,
-                    country,
-                    cost_micros,
+                    impression_id: args.impression_id,
+                    ad_id: args.ad_id,
+                    campaign_id: args.campaign_id,
+                    advertiser_id: args.advertiser_id,
+                    target_url: args.target_url,
+                    user_id: args.user_id,
+                    country: args.country,
+                    cost_micros: args.cost_micros,
                     issued_at: now,
-                    expires_at: now.saturating_add(ttl_secs.max(1)),
+                    expires_at: now.saturating_add(args.ttl_secs.max(1)),
                 };
                 let token = keyring
                     .sign(&claims)

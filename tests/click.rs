@@ -101,6 +101,16 @@ fn spooled_lines(spool: &std::path::Path) -> usize {
         .sum()
 }
 
+/// The spool ingested into `dir/wh`.
+fn ingest_spool(
+    dir: &std::path::Path,
+    spool: &std::path::Path,
+) -> (Warehouse, adsmetrics::runtime::IngestSummary) {
+    let warehouse = Warehouse::new(dir.join("wh"));
+    let summary = ingest(&warehouse, &[spool.to_path_buf()], IngestOptions::default()).unwrap();
+    (warehouse, summary)
+}
+
 fn clicks_published(warehouse: &Warehouse) -> i64 {
     published_tables(warehouse)
         .iter()
@@ -128,13 +138,7 @@ fn a_click_sent_five_times_redirects_every_time_and_counts_once() {
     assert_eq!(spooled_lines(&spool), 2);
     server.seal().unwrap();
 
-    let warehouse = Warehouse::new(dir.path().join("wh"));
-    let summary = ingest(
-        &warehouse,
-        std::slice::from_ref(&spool),
-        IngestOptions::default(),
-    )
-    .unwrap();
+    let (warehouse, summary) = ingest_spool(dir.path(), &spool);
     assert_eq!(summary.events_accepted, 2);
     assert_eq!(summary.quarantined, 0);
     assert_eq!(clicks_published(&warehouse), 2);
@@ -333,13 +337,7 @@ fn every_click_answered_302_survives_a_sigkill() {
         .collect();
     assert!(names.iter().all(|n| n.starts_with("clicks-")), "{names:?}");
 
-    let warehouse = Warehouse::new(dir.path().join("wh"));
-    let summary = ingest(
-        &warehouse,
-        std::slice::from_ref(&spool),
-        IngestOptions::default(),
-    )
-    .unwrap();
+    let (warehouse, summary) = ingest_spool(dir.path(), &spool);
     assert_eq!(summary.events_accepted, acknowledged);
     assert_eq!(clicks_published(&warehouse), acknowledged as i64);
 }

@@ -66,21 +66,28 @@ fn small_generated() -> GenerateConfig {
     }
 }
 
-#[test]
-fn stream_and_batch_publish_identical_tables() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = small_generated();
-    generate(&config, &dir.path().join("files"), &|_| {}).unwrap();
-    let batch = Warehouse::new(dir.path().join("batch"));
+/// `config`'s events generated as files under `dir` and ingested by the batch path into
+/// `dir/batch`.
+fn batch_ingested(config: &GenerateConfig, dir: &std::path::Path) -> Warehouse {
+    generate(config, &dir.join("files"), &|_| {}).unwrap();
+    let batch = Warehouse::new(dir.join("batch"));
     ingest(
         &batch,
-        &[dir.path().join("files")],
+        &[dir.join("files")],
         IngestOptions {
             workers: 2,
             ..IngestOptions::default()
         },
     )
     .unwrap();
+    batch
+}
+
+#[test]
+fn stream_and_batch_publish_identical_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_generated();
+    let batch = batch_ingested(&config, dir.path());
 
     let events = generate_events(&config);
     let broker = broker(4);
@@ -125,17 +132,7 @@ fn stream_and_batch_publish_identical_tables() {
 fn a_restarted_stream_rebuilds_each_earlier_row_at_most_once_and_ends_in_the_batch_tables() {
     let dir = tempfile::tempdir().unwrap();
     let config = small_generated();
-    generate(&config, &dir.path().join("files"), &|_| {}).unwrap();
-    let batch = Warehouse::new(dir.path().join("batch"));
-    ingest(
-        &batch,
-        &[dir.path().join("files")],
-        IngestOptions {
-            workers: 2,
-            ..IngestOptions::default()
-        },
-    )
-    .unwrap();
+    let batch = batch_ingested(&config, dir.path());
 
     let events = generate_events(&config);
     let (before, after) = events.split_at(events.len() / 2);
