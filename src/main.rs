@@ -601,10 +601,13 @@ struct SignArgs {
     /// The impression: the click's event id.
     #[arg(long)]
     impression_id: String,
+    /// The ad shown.
     #[arg(long)]
     ad_id: i64,
+    /// The ad's campaign.
     #[arg(long)]
     campaign_id: i64,
+    /// The campaign's advertiser.
     #[arg(long)]
     advertiser_id: i64,
     /// Where the click redirects: an absolute http(s) URL.
