@@ -306,6 +306,19 @@ enum Command {
         /// Impression ids the front-line dedup remembers (an optimisation; ingest dedups anyway).
         #[arg(long, default_value_t = 1_000_000)]
         dedup_cache: usize,
+        /// Produce clicks to this Kafka cluster (`host:port,…`; what `stream` reads) instead of
+        /// the spool; a click Kafka does not acknowledge in time is spooled instead, and counted.
+        #[arg(long, value_name = "BROKERS")]
+        kafka: Option<String>,
+        /// The click topic for --kafka.
+        #[arg(long, default_value = "ads-click")]
+        kafka_topic: String,
+        /// How long a click waits for Kafka's acknowledgement before it goes to the spool.
+        #[arg(long, default_value_t = 2000)]
+        kafka_timeout_ms: u64,
+        /// A librdkafka setting for a real cluster (security), `key=value`; repeatable.
+        #[arg(long = "kafka-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        kafka_config: Vec<(String, String)>,
     },
     /// Impression tokens for `serve`: new keys, and signing (for tests and integrations).
     Token {
@@ -1102,6 +1115,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             spool,
             seal_secs,
             dedup_cache,
+            kafka,
+            kafka_topic,
+            kafka_timeout_ms,
+            kafka_config,
         } => {
             let keyring = adsmetrics::token::Keyring::load(&keys)?;
             let server = adsmetrics::serve::ClickServer::start(adsmetrics::serve::ServeOptions {
@@ -1113,6 +1130,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ..Default::default()
                 },
                 dedup_capacity: dedup_cache,
+                kafka: kafka.map(|brokers| adsmetrics::serve::KafkaSink {
+                    brokers,
+                    topic: kafka_topic,
+                    timeout: std::time::Duration::from_millis(kafka_timeout_ms.max(1)),
+                    config: kafka_config,
+                }),
             })
             .with_context(|| format!("serve --listen {listen} --spool {}", spool.display()))?;
             eprintln!(

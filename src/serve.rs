@@ -8,7 +8,11 @@
 //!    advertiser, viewer, country and cost from the token; time from this server's clock; ip
 //!    the client's address
 //!    front-line dedup (a bounded set of impression ids seen; an optimisation: the dataflow's
-//!    dedup is the authority) ─▶ appended to the spool and synced (crate::spool)
+//!    dedup is the authority)
+//!    with --kafka: produced to the click topic (acks=all, idempotent), awaited
+//!      └─ not delivered in time ──▶ the spool instead, counted (`spooled_kafka_failed`): an
+//!         ingest of the spool counts it, once, beside what the stream counts (same key)
+//!    else: appended to the spool and synced (crate::spool)
 //!      └─ the spool fails ──▶ 503, counted, no redirect (the client retries; nothing is lost
 //!         silently)
 //!    302, Location = the token's target URL, never anything from the query
@@ -44,6 +48,22 @@ pub struct ServeOptions {
     pub seal: SealPolicy,
     /// Impression ids the front-line dedup remembers (0: off).
     pub dedup_capacity: usize,
+    /// Produce clicks to a Kafka topic (the stream's input) instead of the spool, which then
+    /// only takes what Kafka did not accept in time.
+    pub kafka: Option<KafkaSink>,
+}
+
+/// Where clicks go with `serve --kafka`.
+#[derive(Clone, Debug)]
+pub struct KafkaSink {
+    /// Bootstrap servers, `host:port,…`.
+    pub brokers: String,
+    /// The click topic.
+    pub topic: String,
+    /// How long a click waits for the broker's acknowledgement before it goes to the spool.
+    pub timeout: std::time::Duration,
+    /// Further librdkafka settings (security) for a real cluster.
+    pub config: Vec<(String, String)>,
 }
 
 /// Labels of a refusal.
@@ -61,6 +81,7 @@ struct Outcome {
 struct App {
     keyring: Keyring,
     spool: Spool,
+    kafka: Option<(rdkafka::producer::FutureProducer, String)>,
     seen: Mutex<Seen>,
     clicks: Family<Outcome, Counter>,
     refused: Family<Reason, Counter>,
@@ -111,12 +132,16 @@ impl ClickServer {
     /// the address cannot be bound or the spool cannot be opened.
     pub fn start(options: ServeOptions) -> std::io::Result<Self> {
         let spool = Spool::open(&options.spool, options.seal)?;
+        let kafka = match &options.kafka {
+            Some(sink) => Some((producer(sink)?, sink.topic.clone())),
+            None => None,
+        };
         let mut registry = Registry::default();
         let clicks = Family::<Outcome, Counter>::default();
         let refused = Family::<Reason, Counter>::default();
         registry.register(
             "adsmetrics_clicks",
-            "Clicks by outcome: accepted (spooled), duplicate (seen by the front-line dedup), refused, spool_failed",
+            "Clicks by outcome: accepted (in Kafka, or spooled without Kafka), spooled_kafka_failed, duplicate (seen by the front-line dedup), refused, spool_failed",
             clicks.clone(),
         );
         registry.register(
@@ -127,6 +152,7 @@ impl ClickServer {
         let app = Arc::new(App {
             keyring: options.keyring,
             spool,
+            kafka,
             seen: Mutex::new(Seen {
                 set: HashSet::new(),
                 order: VecDeque::new(),
@@ -285,11 +311,39 @@ async fn click(
         "producer": "click",
     });
     let line = serde_json::to_vec(&line).expect("a JSON value serialises");
+    let mut outcome = "accepted";
+    if let Some((producer, topic)) = &app.kafka {
+        let record = rdkafka::producer::FutureRecord::to(topic)
+            .key(claims.impression_id.as_bytes())
+            .payload(&line);
+        let delivered = match producer.send_result(record) {
+            Ok(delivery) => match delivery.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(e.to_string()),
+                Err(_) => Err("the producer went away".to_string()),
+            },
+            Err((e, _)) => Err(e.to_string()),
+        };
+        match delivered {
+            Ok(()) => {
+                app.clicks
+                    .get_or_create(&Outcome {
+                        outcome: outcome.into(),
+                    })
+                    .inc();
+                return redirect.into_response();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Kafka did not take a click in time: spooled instead");
+                outcome = "spooled_kafka_failed";
+            }
+        }
+    }
     match app.spool.append(line).await {
         Ok(()) => {
             app.clicks
                 .get_or_create(&Outcome {
-                    outcome: "accepted".into(),
+                    outcome: outcome.into(),
                 })
                 .inc();
             redirect.into_response()
@@ -314,6 +368,26 @@ async fn click(
                 .into_response()
         }
     }
+}
+
+/// An idempotent producer that waits for every in-sync replica, and gives up on a click after
+/// the sink's timeout (the click then goes to the spool).
+fn producer(sink: &KafkaSink) -> std::io::Result<rdkafka::producer::FutureProducer> {
+    let mut config = rdkafka::ClientConfig::new();
+    for (key, value) in &sink.config {
+        config.set(key, value);
+    }
+    config
+        .set("bootstrap.servers", &sink.brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "1")
+        .set(
+            "message.timeout.ms",
+            sink.timeout.as_millis().max(1).to_string(),
+        )
+        .create()
+        .map_err(|e| std::io::Error::other(format!("Kafka producer for {}: {e}", sink.brokers)))
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {

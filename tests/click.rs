@@ -62,6 +62,7 @@ fn server(keyring: Keyring, spool: &std::path::Path) -> ClickServer {
             max_age: Duration::from_secs(3600),
         },
         dedup_capacity: 1000,
+        kafka: None,
     })
     .unwrap()
 }
@@ -340,4 +341,76 @@ fn every_click_answered_302_survives_a_sigkill() {
     let (warehouse, summary) = ingest_spool(dir.path(), &spool);
     assert_eq!(summary.events_accepted, acknowledged);
     assert_eq!(clicks_published(&warehouse), acknowledged as i64);
+}
+
+/// With `--kafka`, clicks go to the click topic and the stream counts them; a broker that does
+/// not acknowledge in time sends the click to the spool instead (still a 302), counted, and an
+/// ingest of the spool counts it in the same tables.
+#[test]
+fn clicks_go_to_kafka_and_to_the_spool_when_kafka_does_not_take_them() {
+    use adsmetrics::broker::DevBroker;
+    use adsmetrics::serve::KafkaSink;
+    use adsmetrics::stream::{stream, StreamOptions};
+
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let broker = DevBroker::start(&["ads-click".to_string()], 2).unwrap();
+    let ring = keyring("k1", &[("k1", "a1", false)]);
+    let with_kafka = |brokers: String, timeout_ms: u64| {
+        ClickServer::start(ServeOptions {
+            listen: "127.0.0.1:0".into(),
+            keyring: ring.clone(),
+            spool: spool.clone(),
+            seal: SealPolicy::default(),
+            dedup_capacity: 1000,
+            kafka: Some(KafkaSink {
+                brokers,
+                topic: "ads-click".into(),
+                timeout: Duration::from_millis(timeout_ms),
+                config: Vec::new(),
+            }),
+        })
+        .unwrap()
+    };
+    let server = with_kafka(broker.bootstrap_servers(), 10_000);
+    for i in 0..20 {
+        let token = ring.sign(&claims(&format!("imp-{i}"), 7)).unwrap();
+        assert_eq!(get(&server, &format!("t={token}")).0, 302);
+    }
+    drop(server);
+    assert_eq!(spooled_lines(&spool), 0, "Kafka took every click");
+
+    let warehouse = Warehouse::new(dir.path().join("wh"));
+    let mut options = StreamOptions::new(broker.bootstrap_servers(), vec!["ads-click".into()]);
+    options.epoch = Duration::from_millis(200);
+    options.until_idle = Some(Duration::from_millis(1500));
+    let streamed = stream(&warehouse, &options).unwrap();
+    assert_eq!(streamed.messages, 20);
+    assert_eq!(clicks_published(&warehouse), 20);
+
+    // Nothing listens on port 1: the click waits its timeout, then goes to the spool.
+    let down = with_kafka("127.0.0.1:1".into(), 300);
+    let token = ring.sign(&claims("imp-down", 7)).unwrap();
+    let (status, location, _) = get(&down, &format!("t={token}"));
+    assert_eq!((status, location.as_deref()), (302, Some(TARGET)));
+    let metrics = agent()
+        .get(format!("http://{}/metrics", down.local_addr()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("adsmetrics_clicks_total{outcome=\"spooled_kafka_failed\"} 1"),
+        "{metrics}"
+    );
+    drop(down);
+    assert_eq!(spooled_lines(&spool), 1);
+    ingest(
+        &warehouse,
+        std::slice::from_ref(&spool),
+        IngestOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(clicks_published(&warehouse), 21);
 }
