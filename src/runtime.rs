@@ -363,8 +363,6 @@ struct Session {
     jobs: Vec<std::sync::mpsc::Sender<Arc<Shared>>>,
     done: std::sync::mpsc::Receiver<i64>,
     guards: Option<timely::communication::WorkerGuards<()>>,
-    /// The dataflow time of the next run's epoch 0.
-    next_time: u64,
     /// The raw files committed when the session began (the only ones a run rebuilds from).
     before: BTreeSet<PathBuf>,
     coverage: rehydrate::Coverage,
@@ -410,7 +408,6 @@ impl Session {
             jobs,
             done,
             guards: Some(guards),
-            next_time: 0,
             before,
             coverage: rehydrate::Coverage::default(),
             rows: 0,
@@ -430,7 +427,6 @@ impl Session {
                 .recv()
                 .map_err(|_| RunError::Runtime("a session worker stopped".into()))?;
         }
-        self.next_time += shared.epochs.len() as u64 + 1;
         Ok(conflicted)
     }
 }
@@ -1486,10 +1482,12 @@ fn session_for(
         if session.workers == workers && session.rows < max_rows {
             return Ok(Some(session));
         }
-        tracing::info!(
+        tracing::warn!(
             rows = session.rows,
             keys_covered = session.coverage.keys(),
-            "the stream's dataflow took in its rows: a new one starts"
+            "the stream's dataflow took in its --dataflow-rows: a new one starts, and rebuilds \
+             from the raw layer what its epochs touch of the rows before (slower if it is \
+             mid-day; raise --dataflow-rows if memory allows)"
         );
     }
     let before = committed.iter().cloned().collect();
