@@ -90,6 +90,17 @@ fn get(server: &ClickServer, query: &str) -> (u16, Option<String>, String) {
     (status, location, body)
 }
 
+/// The server's `/metrics` page.
+fn metrics_text(server: &ClickServer) -> String {
+    agent()
+        .get(format!("http://{}/metrics", server.local_addr()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
 fn spooled_lines(spool: &std::path::Path) -> usize {
     std::fs::read_dir(spool)
         .unwrap()
@@ -199,13 +210,7 @@ fn forged_expired_and_tampered_tokens_are_refused_and_never_counted() {
     }
     // Nothing was spooled: the spool holds no segment at all.
     assert_eq!(spooled_lines(&spool), 0);
-    let metrics = agent()
-        .get(format!("http://{}/metrics", server.local_addr()))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = metrics_text(&server);
     assert!(
         metrics.contains("adsmetrics_clicks_total{outcome=\"refused\"} 6"),
         "{metrics}"
@@ -393,13 +398,7 @@ fn clicks_go_to_kafka_and_to_the_spool_when_kafka_does_not_take_them() {
     let token = ring.sign(&claims("imp-down", 7)).unwrap();
     let (status, location, _) = get(&down, &format!("t={token}"));
     assert_eq!((status, location.as_deref()), (302, Some(TARGET)));
-    let metrics = agent()
-        .get(format!("http://{}/metrics", down.local_addr()))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = metrics_text(&down);
     assert!(
         metrics.contains("adsmetrics_clicks_total{outcome=\"spooled_kafka_failed\"} 1"),
         "{metrics}"
