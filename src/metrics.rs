@@ -280,62 +280,68 @@ pub fn render(registry: &Registry) -> String {
     out
 }
 
-/// An HTTP server answering `GET /metrics` from a registry, on a thread of its own; stops when
-/// dropped.
-pub struct MetricsServer {
+/// An axum router served on a thread of its own, with a tokio runtime of its own (so requests
+/// never wait on the caller's work, nor it on them); handlers see the client's address
+/// (`ConnectInfo<SocketAddr>`). Stops, after the requests in flight, when dropped.
+pub struct HttpServer {
     addr: SocketAddr,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl MetricsServer {
-    /// Listens on `listen` (`host:port`; port 0 picks a free one) and serves `registry`. Fails at
+impl HttpServer {
+    /// Listens on `listen` (`host:port`; port 0 picks a free one) and serves `router` on a thread
+    /// named `name`, with `threads` runtime threads (1: the server's own thread only). Fails at
     /// once if the address cannot be bound.
-    pub fn start(listen: &str, registry: Arc<Registry>) -> std::io::Result<Self> {
+    pub fn start(
+        listen: &str,
+        name: &str,
+        threads: usize,
+        router: axum::Router,
+    ) -> std::io::Result<Self> {
         let listener = std::net::TcpListener::bind(listen)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()?;
+        let runtime = if threads <= 1 {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .enable_time()
+                .build()?
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name(format!("{name}-worker"))
+                .enable_io()
+                .enable_time()
+                .build()?
+        };
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let label = name.to_string();
         let thread = std::thread::Builder::new()
-            .name("metrics-http".into())
+            .name(name.to_string())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let app = axum::Router::new().route(
-                        "/metrics",
-                        axum::routing::get(move || {
-                            let registry = registry.clone();
-                            async move {
-                                (
-                                    [(
-                                        axum::http::header::CONTENT_TYPE,
-                                        "text/plain; version=0.0.4; charset=utf-8",
-                                    )],
-                                    render(&registry),
-                                )
-                            }
-                        }),
-                    );
                     let listener = match tokio::net::TcpListener::from_std(listener) {
                         Ok(l) => l,
                         Err(e) => {
-                            tracing::error!(error = %e, "metrics server could not start");
+                            tracing::error!(server = %label, error = %e, "HTTP server could not start");
                             return;
                         }
                     };
-                    let served = axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = stopped.await;
-                        })
-                        .await;
+                    let served = axum::serve(
+                        listener,
+                        router.into_make_service_with_connect_info::<SocketAddr>(),
+                    )
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await;
                     if let Err(e) = served {
-                        tracing::error!(error = %e, "metrics server stopped");
+                        tracing::error!(server = %label, error = %e, "HTTP server stopped");
                     }
                 });
             })?;
-        Ok(MetricsServer {
+        Ok(HttpServer {
             addr,
             shutdown: Some(shutdown),
             thread: Some(thread),
@@ -348,7 +354,7 @@ impl MetricsServer {
     }
 }
 
-impl Drop for MetricsServer {
+impl Drop for HttpServer {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -356,6 +362,40 @@ impl Drop for MetricsServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// The answer to `GET /metrics`: the registry in the text format.
+pub fn metrics_response(registry: &Registry) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        render(registry),
+    )
+}
+
+/// An HTTP server answering `GET /metrics` from a registry ([`HttpServer`]); stops when dropped.
+pub struct MetricsServer(HttpServer);
+
+impl MetricsServer {
+    /// Listens on `listen` (`host:port`; port 0 picks a free one) and serves `registry`. Fails at
+    /// once if the address cannot be bound.
+    pub fn start(listen: &str, registry: Arc<Registry>) -> std::io::Result<Self> {
+        let router = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let registry = registry.clone();
+                async move { metrics_response(&registry) }
+            }),
+        );
+        HttpServer::start(listen, "metrics-http", 1, router).map(MetricsServer)
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.0.local_addr()
     }
 }
 

@@ -32,6 +32,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
+use crate::metrics::HttpServer;
 use crate::spool::{SealPolicy, Spool};
 use crate::token::Keyring;
 
@@ -88,7 +89,25 @@ struct App {
     registry: Registry,
 }
 
-/// A bounded set of recently seen impression ids, oldest forgotten first.
+impl App {
+    /// The front-line dedup (never held across an await).
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen
+            .lock()
+            .expect("no handler panics holding the lock")
+    }
+
+    /// Counts one click with `outcome`.
+    fn count(&self, outcome: &str) {
+        self.clicks
+            .get_or_create(&Outcome {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// A bounded set of the impression ids of recently recorded clicks, oldest forgotten first.
 struct Seen {
     set: HashSet<String>,
     order: VecDeque<String>,
@@ -96,34 +115,30 @@ struct Seen {
 }
 
 impl Seen {
-    /// Whether `id` was seen; remembers it.
-    fn check_and_insert(&mut self, id: &str) -> bool {
-        if self.capacity == 0 {
-            return false;
-        }
-        if self.set.contains(id) {
-            return true;
+    /// Whether a click of `id` was recorded recently.
+    fn contains(&self, id: &str) -> bool {
+        self.set.contains(id)
+    }
+
+    /// Remembers that a click of `id` was recorded.
+    fn insert(&mut self, id: &str) {
+        if self.capacity == 0 || !self.set.insert(id.to_string()) {
+            return;
         }
         if self.order.len() >= self.capacity {
             if let Some(old) = self.order.pop_front() {
                 self.set.remove(&old);
             }
         }
-        self.set.insert(id.to_string());
         self.order.push_back(id.to_string());
-        false
-    }
-
-    fn forget(&mut self, id: &str) {
-        self.set.remove(id);
     }
 }
 
-/// A running click server; stops (and seals its spool) when dropped.
+/// A running click server; stops (and then seals its spool) when dropped.
 pub struct ClickServer {
-    addr: SocketAddr,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    // Declared first, so dropped first: the requests in flight finish before the app (and with
+    // it the spool, which seals its last segment) goes.
+    http: HttpServer,
     app: Arc<App>,
 }
 
@@ -162,73 +177,23 @@ impl ClickServer {
             refused,
             registry,
         });
-        let listener = std::net::TcpListener::bind(&options.listen)?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("click-http")
-            .enable_io()
-            .enable_time()
-            .build()?;
-        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         let router = axum::Router::new()
             .route("/click", axum::routing::get(click))
             .route("/metrics", axum::routing::get(metrics))
             .with_state(app.clone());
-        let thread = std::thread::Builder::new()
-            .name("click-server".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!(error = %e, "click server could not start");
-                            return;
-                        }
-                    };
-                    let served = axum::serve(
-                        listener,
-                        router.into_make_service_with_connect_info::<SocketAddr>(),
-                    )
-                    .with_graceful_shutdown(async {
-                        let _ = stopped.await;
-                    })
-                    .await;
-                    if let Err(e) = served {
-                        tracing::error!(error = %e, "click server stopped");
-                    }
-                });
-            })?;
-        Ok(ClickServer {
-            addr,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
-            app,
-        })
+        let http = HttpServer::start(&options.listen, "click-http", 2, router)?;
+        Ok(ClickServer { http, app })
     }
 
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.http.local_addr()
     }
 
     /// Seals the spool's open segment now (its final path, if it had clicks), so that an ingest
     /// sees every click accepted so far.
     pub fn seal(&self) -> std::io::Result<Option<PathBuf>> {
         self.app.spool.seal()
-    }
-}
-
-impl Drop for ClickServer {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-        // The spool seals when the last handle on the app goes, which is this one.
     }
 }
 
@@ -243,11 +208,7 @@ fn refuse(app: &App, reason: &'static str, message: String) -> Response {
             reason: reason.to_string(),
         })
         .inc();
-    app.clicks
-        .get_or_create(&Outcome {
-            outcome: "refused".into(),
-        })
-        .inc();
+    app.count("refused");
     (
         StatusCode::BAD_REQUEST,
         [(header::CACHE_CONTROL, "no-store")],
@@ -284,17 +245,10 @@ async fn click(
             (header::CACHE_CONTROL, "no-store".to_string()),
         ],
     );
-    let duplicate = app
-        .seen
-        .lock()
-        .expect("no handler panics holding the lock")
-        .check_and_insert(&claims.impression_id);
-    if duplicate {
-        app.clicks
-            .get_or_create(&Outcome {
-                outcome: "duplicate".into(),
-            })
-            .inc();
+    // Remembered only once recorded, so a retry after a failure is not taken for a repeat (two
+    // concurrent repeats may both be recorded: the dataflow's dedup counts them once).
+    if app.seen().contains(&claims.impression_id) {
+        app.count("duplicate");
         return redirect.into_response();
     }
     let line = serde_json::json!({
@@ -326,11 +280,8 @@ async fn click(
         };
         match delivered {
             Ok(()) => {
-                app.clicks
-                    .get_or_create(&Outcome {
-                        outcome: outcome.into(),
-                    })
-                    .inc();
+                app.seen().insert(&claims.impression_id);
+                app.count(outcome);
                 return redirect.into_response();
             }
             Err(e) => {
@@ -341,24 +292,12 @@ async fn click(
     }
     match app.spool.append(line).await {
         Ok(()) => {
-            app.clicks
-                .get_or_create(&Outcome {
-                    outcome: outcome.into(),
-                })
-                .inc();
+            app.seen().insert(&claims.impression_id);
+            app.count(outcome);
             redirect.into_response()
         }
         Err(e) => {
-            // Not recorded: forget it, so the client's retry is not taken for a duplicate.
-            app.seen
-                .lock()
-                .expect("no handler panics holding the lock")
-                .forget(&claims.impression_id);
-            app.clicks
-                .get_or_create(&Outcome {
-                    outcome: "spool_failed".into(),
-                })
-                .inc();
+            app.count("spool_failed");
             tracing::error!(error = %e, "could not spool a click");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -391,12 +330,5 @@ fn producer(sink: &KafkaSink) -> std::io::Result<rdkafka::producer::FutureProduc
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        crate::metrics::render(&app.registry),
-    )
-        .into_response()
+    crate::metrics::metrics_response(&app.registry).into_response()
 }
