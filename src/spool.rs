@@ -48,7 +48,6 @@ enum Message {
 pub struct Spool {
     sender: Option<mpsc::Sender<Message>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    dir: PathBuf,
 }
 
 impl Spool {
@@ -78,13 +77,7 @@ impl Spool {
         Ok(Spool {
             sender: Some(sender),
             thread: Some(thread),
-            dir: dir.to_path_buf(),
         })
-    }
-
-    /// The spool's directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Appends one line (without its newline); resolves once it is on disk.
@@ -250,16 +243,10 @@ impl Writer {
 
 /// Seals a segment a crash left open, cut at its last whole line (or removes it if it has none).
 fn recover(path: &Path) -> io::Result<()> {
-    let bytes = fs::read(path)?;
-    let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    if whole == 0 {
+    // A torn last line was never acknowledged: cut off.
+    let whole = crate::sink::files::complete_lines(path, true)?.unwrap_or_default();
+    if whole.is_empty() {
         return fs::remove_file(path);
-    }
-    if whole < bytes.len() {
-        tracing::warn!(path = %path.display(), cut = bytes.len() - whole, "a spool segment ended in a torn line (never acknowledged): cut");
-        let file = OpenOptions::new().write(true).open(path)?;
-        file.set_len(whole as u64)?;
-        file.sync_all()?;
     }
     let name = path
         .file_name()

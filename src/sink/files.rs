@@ -109,7 +109,16 @@ pub fn append_json_line(path: &Path, record: &impl serde::Serialize) -> io::Resu
 /// never acknowledged — and are ignored; with `repair` they are also cut off the file (synced),
 /// so the next append starts on a line of its own.
 pub fn read_log(path: &Path, repair: bool) -> io::Result<Option<String>> {
-    let bytes = match fs::read(path) {
+    complete_lines(path, repair)?
+        .map(String::from_utf8)
+        .transpose()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// The bytes of the file at `path` up to and including its last newline (`None` if the file does
+/// not exist); a torn last line after it is logged and, with `repair`, cut off the file (synced).
+pub fn complete_lines(path: &Path, repair: bool) -> io::Result<Option<Vec<u8>>> {
+    let mut bytes = match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
@@ -123,9 +132,8 @@ pub fn read_log(path: &Path, repair: bool) -> io::Result<Option<String>> {
             f.sync_all()?;
         }
     }
-    String::from_utf8(bytes[..complete].to_vec())
-        .map(Some)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    bytes.truncate(complete);
+    Ok(Some(bytes))
 }
 
 /// Makes every write and rename so far on the filesystem holding `dir` durable: one `syncfs`
