@@ -254,11 +254,6 @@ impl Keyring {
         Self::from_file(&file).map_err(|e| anyhow::anyhow!("the keyring {}: {e}", path.display()))
     }
 
-    /// The id of the key that signs.
-    pub fn signing_key(&self) -> &str {
-        &self.signing
-    }
-
     /// A token for `claims`, signed with the signing key.
     pub fn sign(&self, claims: &Claims) -> Result<String, String> {
         claims.check()?;
@@ -266,7 +261,7 @@ impl Keyring {
         let payload =
             URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).map_err(|e| e.to_string())?);
         let signed = format!("{VERSION}.{}.{payload}", self.signing);
-        let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
+        let mut mac = mac(secret);
         mac.update(signed.as_bytes());
         let signature = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
         Ok(format!("{signed}.{signature}"))
@@ -305,7 +300,7 @@ impl Keyring {
         let signature = URL_SAFE_NO_PAD
             .decode(signature)
             .map_err(|_| TokenError::Malformed("the signature is not base64url".into()))?;
-        let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length");
+        let mut mac = mac(secret);
         // The signed part: everything before the last dot.
         let signed = version.len() + key_id.len() + payload.len() + 2;
         mac.update(&token.as_bytes()[..signed]);
@@ -326,6 +321,11 @@ impl Keyring {
         claims.check().map_err(TokenError::InvalidClaims)?;
         Ok(claims)
     }
+}
+
+/// An HMAC-SHA256 keyed with `secret`.
+fn mac(secret: &[u8]) -> HmacSha256 {
+    HmacSha256::new_from_slice(secret).expect("HMAC takes keys of any length")
 }
 
 /// A new random secret, hex: 32 bytes of a cryptographically secure generator.
