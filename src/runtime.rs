@@ -364,7 +364,7 @@ struct Session {
     done: std::sync::mpsc::Receiver<i64>,
     guards: Option<timely::communication::WorkerGuards<()>>,
     /// The raw files committed when the session began (the only ones a run rebuilds from).
-    before: BTreeSet<PathBuf>,
+    before: Vec<PathBuf>,
     coverage: rehydrate::Coverage,
     /// Rows the dataflow has taken in (new events and rebuilt rows).
     rows: u64,
@@ -372,7 +372,7 @@ struct Session {
 
 impl Session {
     /// Starts `workers` timely workers, each with its pipeline, waiting for runs.
-    fn start(workers: usize, before: BTreeSet<PathBuf>) -> Result<Self, RunError> {
+    fn start(workers: usize, before: Vec<PathBuf>) -> Result<Self, RunError> {
         let (jobs, receivers): (Vec<_>, Vec<_>) = (0..workers)
             .map(|_| std::sync::mpsc::channel::<Arc<Shared>>())
             .unzip();
@@ -494,11 +494,6 @@ impl OpenCache {
     pub fn with_session(mut self, max_rows: u64) -> Self {
         self.session_rows = Some(max_rows);
         self
-    }
-
-    /// Rows the current session's dataflow has taken in (0: none alive).
-    pub fn session_rows(&self) -> u64 {
-        self.session.as_ref().map_or(0, |s| s.rows)
     }
 
     /// Rows of raw-file columns held.
@@ -1215,16 +1210,14 @@ fn execute_generation(
         &committed_raw,
     )
     .map_err(|e| fail(&mut ledger, &run, e))?;
-    // In a session, only the files committed before it began hold rows its dataflow may lack.
-    let rebuild_from: Option<Vec<PathBuf>> = session.as_ref().map(|s| {
-        committed_raw
-            .iter()
-            .filter(|p| s.before.contains(*p))
-            .cloned()
-            .collect()
-    });
+    // In a session, only the files committed before it began hold rows its dataflow may lack
+    // (they stay committed while it lives: a run that withdraws any ends it).
+    let (rebuild_from, coverage) = match session.as_mut() {
+        Some(s) => (&s.before, Some(&mut s.coverage)),
+        None => (&committed_raw, None),
+    };
     let changes = scope::Changes {
-        committed: rebuild_from.as_ref().unwrap_or(&committed_raw),
+        committed: rebuild_from,
         new_sources: &new_sources,
         retract: &all_retracts,
         extra_days: match &rehydration {
@@ -1266,7 +1259,7 @@ fn execute_generation(
                 &changes,
                 workers,
                 cache.columns.as_mut(),
-                session.as_mut().map(|s| &mut s.coverage),
+                coverage,
             )
             .map_err(|e| fail(&mut ledger, &run, e.into()))?;
             tracing::info!(
@@ -1490,8 +1483,7 @@ fn session_for(
              mid-day; raise --dataflow-rows if memory allows)"
         );
     }
-    let before = committed.iter().cloned().collect();
-    Ok(Some(Session::start(workers, before)?))
+    Ok(Some(Session::start(workers, committed.to_vec())?))
 }
 
 /// The request id of a delete whose tombstones are written but whose certificate is not: the
