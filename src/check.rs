@@ -1026,10 +1026,7 @@ pub fn freshness(
             .keys()
             .filter(|id| id.grain == grain)
             .max_by_key(|id| id.period);
-        let seconds_per_period = match grain {
-            Grain::Hourly => 3600,
-            Grain::Daily => 86_400,
-        };
+        let seconds_per_period = if grain.by_hour() { 3600 } else { 86_400 };
         if grain == Grain::Hourly {
             newest_hour = newest.map(|id| id.period);
         }

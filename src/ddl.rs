@@ -26,9 +26,10 @@ pub fn ddl(location: &str) -> String {
     let mut tables: Vec<(&str, SchemaRef, &str)> = Grain::ALL
         .into_iter()
         .map(|grain| {
-            let partitions = match grain {
-                Grain::Hourly => "dt STRING, hr STRING",
-                Grain::Daily => "dt STRING",
+            let partitions = if grain.by_hour() {
+                "dt STRING, hr STRING"
+            } else {
+                "dt STRING"
             };
             (table_name(grain), table_schema(grain), partitions)
         })

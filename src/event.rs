@@ -14,7 +14,7 @@
 //! Never std's hasher (not stable across releases) nor differential's `Hashable` (it changed its
 //! seed in 0.26). Changing anything here is a new version (`v2`) and a migration, never an edit.
 
-use adsmetrics_dataflows::{ContentHash, Country, DedupKey, EventType, EventVersion};
+use adsmetrics_dataflows::{ContentHash, Country, DedupKey, EventType, EventVersion, Ip};
 use compact_str::CompactString;
 use xxhash_rust::xxh3::xxh3_128;
 
@@ -189,6 +189,8 @@ impl EventView<'_> {
             ad_id: self.ad_id,
             country: self.country,
             user_id: self.user_id,
+            // Validated at decode; an address that does not parse is `::`, never an error here.
+            ip: Ip::parse(self.ip).unwrap_or_default(),
             cost_micros: self.cost_micros.unwrap_or(0),
             revenue_micros: self.revenue_micros.unwrap_or(0),
         }

@@ -337,6 +337,8 @@ pub struct CommitJournal {
     /// The journal's length as this handle last read or wrote it: the fence of every append.
     bytes: u64,
     last_seq: u64,
+    /// The sequence number of the newest committed publish (0: none).
+    last_commit: u64,
     published: BTreeMap<PartitionId, Published>,
     consumed: BTreeSet<String>,
     partitions: BTreeMap<String, String>,
@@ -353,6 +355,7 @@ impl CommitJournal {
             root: root.to_path_buf(),
             bytes: 0,
             last_seq: 0,
+            last_commit: 0,
             published: BTreeMap::new(),
             consumed: BTreeSet::new(),
             partitions: BTreeMap::new(),
@@ -417,6 +420,7 @@ impl CommitJournal {
                 }) = self.pending.take()
                 {
                     if p == *seq {
+                        self.last_commit = p;
                         for r in &retired {
                             if self.partitions.get(&r.partition) == Some(&r.content_hash) {
                                 self.partitions.remove(&r.partition);
@@ -644,6 +648,71 @@ impl CommitJournal {
     /// Content hashes of every committed source.
     pub fn consumed(&self) -> &BTreeSet<String> {
         &self.consumed
+    }
+
+    /// Follows the journal of another process (the query API's view of what is published):
+    /// replays it without ever writing to it, and [`CommitJournal::catch_up`] reads what was
+    /// appended since. Unlike [`CommitJournal::open`], a torn last line is not cut off: it is the
+    /// writer's append in progress, and is read once it is whole.
+    pub fn follow(root: &Path, path: &Path) -> Result<Self, JournalError> {
+        let mut journal = CommitJournal {
+            path: path.to_path_buf(),
+            root: root.to_path_buf(),
+            bytes: 0,
+            last_seq: 0,
+            last_commit: 0,
+            published: BTreeMap::new(),
+            consumed: BTreeSet::new(),
+            partitions: BTreeMap::new(),
+            pending: None,
+            committed: Vec::new(),
+        };
+        journal.catch_up()?;
+        Ok(journal)
+    }
+
+    /// Applies the whole records appended since the last read; whether any was. A follower keeps
+    /// no history of committed publishes (only the published state), so it stays small. A journal
+    /// shorter than what was read (replaced) is replayed from its start.
+    pub fn catch_up(&mut self) -> Result<bool, JournalError> {
+        use std::io::{Read, Seek, SeekFrom};
+        if on_disk_len(&self.path)? < self.bytes {
+            *self = CommitJournal::follow(&self.root, &self.path)?;
+            return Ok(true);
+        }
+        let mut file = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err(&self.path)(e)),
+        };
+        let mut tail = Vec::new();
+        file.seek(SeekFrom::Start(self.bytes))
+            .and_then(|_| file.read_to_end(&mut tail))
+            .map_err(io_err(&self.path))?;
+        let Some(end) = tail.iter().rposition(|b| *b == b'\n') else {
+            return Ok(false);
+        };
+        for (i, line) in tail[..end].split(|b| *b == b'\n').enumerate() {
+            let record = std::str::from_utf8(line)
+                .map_err(|e| e.to_string())
+                .and_then(|line| JournalRecord::parse(line).map_err(|e| e.to_string()))
+                .map_err(|detail| JournalError::Corrupt {
+                    path: self.path.clone(),
+                    // Counted from the first line not read before.
+                    line: i + 1,
+                    detail,
+                })?;
+            self.apply(record);
+        }
+        self.bytes += end as u64 + 1;
+        self.committed.clear();
+        Ok(true)
+    }
+
+    /// The sequence number of the newest committed publish (0: none yet): the state
+    /// [`CommitJournal::published`] is.
+    pub fn last_commit(&self) -> u64 {
+        self.last_commit
     }
 }
 

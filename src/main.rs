@@ -289,6 +289,13 @@ enum Command {
     /// the token's target URL (never one from the query); a forged, expired or malformed token
     /// gets 400 and is not counted. `GET /metrics`: clicks by outcome, refusals by reason.
     /// `adsmetrics ingest <spool>` ingests the sealed segments.
+    ///
+    /// The query API answers from the warehouse's published `ads_clicks_minute`, refreshed as
+    /// publishes land (each answer names the publish it read):
+    /// `GET /v1/ads/{ad_id}/aggregated_count?from=<minute>&to=<minute>&filter=<name>` and
+    /// `GET /v1/ads/popular_ads?count=N&window=M&filter=<name>`; minutes are RFC 3339 or UTC
+    /// `2026-12-06T09:47`, ranges are [from, to), defaults from = now − 1 min, to = now.
+    /// See docs/openapi.yaml.
     Serve {
         /// Address to listen on, `host:port` (port 0 picks a free one, printed on stderr).
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -319,6 +326,20 @@ enum Command {
         /// A librdkafka setting for a real cluster (security), `key=value`; repeatable.
         #[arg(long = "kafka-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
         kafka_config: Vec<(String, String)>,
+        /// Named filters of the query API, JSON: {"filters": {"<name>": {"country": "US",
+        /// "ip": "203.0.113.7", "user_id": 42}, …}} (each field optional, all given must match).
+        #[arg(long, value_name = "FILE")]
+        filters: Option<PathBuf>,
+        /// Hours of ads_clicks_minute the query API holds in memory, the current one included.
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(i64).range(1..=24 * 90))]
+        query_hours: i64,
+        /// How often the query API looks for new publishes, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        query_refresh_ms: u64,
+        /// Pin the query API's "now" to this minute (replays, tests, load runs) instead of the
+        /// system clock.
+        #[arg(long, value_name = "MINUTE", value_parser = parse_query_minute)]
+        query_now: Option<i64>,
     },
     /// Impression tokens for `serve`: new keys, and signing (for tests and integrations).
     Token {
@@ -733,6 +754,11 @@ fn main() -> ExitCode {
 }
 
 /// Writes a successful run's figures to `--metrics-file`, if given.
+/// A `--query-now` minute.
+fn parse_query_minute(s: &str) -> Result<i64, String> {
+    adsmetrics::query::parse_minute(s)
+}
+
 /// Serves `registry` on `http://<listen>/metrics` until the server is dropped, and says where.
 fn serve_metrics(
     listen: &str,
@@ -1119,8 +1145,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             kafka_topic,
             kafka_timeout_ms,
             kafka_config,
+            filters,
+            query_hours,
+            query_refresh_ms,
+            query_now,
         } => {
             let keyring = adsmetrics::token::Keyring::load(&keys)?;
+            let filters = match &filters {
+                Some(path) => adsmetrics::query::Filters::load(path)?,
+                None => Default::default(),
+            };
             let server = adsmetrics::serve::ClickServer::start(adsmetrics::serve::ServeOptions {
                 listen: listen.clone(),
                 keyring,
@@ -1136,11 +1170,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     timeout: std::time::Duration::from_millis(kafka_timeout_ms.max(1)),
                     config: kafka_config,
                 }),
+                queries: Some(adsmetrics::query::QueryOptions {
+                    warehouse: cli.warehouse.clone(),
+                    filters,
+                    retention_hours: query_hours,
+                    refresh: std::time::Duration::from_millis(query_refresh_ms.max(10)),
+                    clock: match query_now {
+                        Some(minute) => adsmetrics::query::Clock::Fixed(minute),
+                        None => adsmetrics::query::Clock::System,
+                    },
+                }),
             })
             .with_context(|| format!("serve --listen {listen} --spool {}", spool.display()))?;
             eprintln!(
-                "serving http://{}/click and /metrics; clicks spooled to {}; Ctrl-C stops",
+                "serving http://{}/click, /metrics and /v1/ads/… (over {}); clicks spooled to {}; Ctrl-C stops",
                 server.local_addr(),
+                cli.warehouse.display(),
                 spool.display()
             );
             tokio::runtime::Builder::new_current_thread()

@@ -1953,7 +1953,7 @@ fn refuse_expired(horizons: &Horizons, source: &str, decoded: &mut crate::decode
 }
 
 /// Per already-published partition, how many of `accepted` fall into it (each event into its
-/// hour's and its day's partition).
+/// hour's and its day's partition, a click also into its hour of `ads_clicks_minute`).
 fn late_events(
     published: &BTreeMap<PartitionId, Published>,
     accepted: &[(DedupKey, &Event)],
@@ -1963,7 +1963,7 @@ fn late_events(
         return late;
     }
     // Sources are mostly ordered by time: look each hour up once per run of events in it.
-    let mut last: Option<(i64, [Option<PartitionId>; 2])> = None;
+    let mut last: Option<(i64, [Option<PartitionId>; 3])> = None;
     for (_, event) in accepted {
         let hour = event
             .event_time_us
@@ -1977,8 +1977,11 @@ fn late_events(
                 ids
             }
         };
+        let click = event.event_type == EventType::Click;
         for id in ids.into_iter().flatten() {
-            *late.entry(id).or_insert(0) += 1;
+            if id.grain != Grain::Minute || click {
+                *late.entry(id).or_insert(0) += 1;
+            }
         }
     }
     late

@@ -17,6 +17,8 @@
 //!         silently)
 //!    302, Location = the token's target URL, never anything from the query
 //!  GET /metrics  Prometheus text: clicks by outcome, refusals by reason, spool errors
+//!  GET /v1/ads/{ad_id}/aggregated_count, GET /v1/ads/popular_ads: the query API over the
+//!    published `ads_clicks_minute` (crate::query)
 //! ```
 
 use std::collections::{HashSet, VecDeque};
@@ -52,6 +54,8 @@ pub struct ServeOptions {
     /// Produce clicks to a Kafka topic (the stream's input) instead of the spool, which then
     /// only takes what Kafka did not accept in time.
     pub kafka: Option<KafkaSink>,
+    /// Serve the query API (`/v1/ads/…`) over this warehouse's `ads_clicks_minute`.
+    pub queries: Option<crate::query::QueryOptions>,
 }
 
 /// Where clicks go with `serve --kafka`.
@@ -140,6 +144,7 @@ pub struct ClickServer {
     // it the spool, which seals its last segment) goes.
     http: HttpServer,
     app: Arc<App>,
+    _refresher: Option<crate::query::Refresher>,
 }
 
 impl ClickServer {
@@ -177,12 +182,23 @@ impl ClickServer {
             refused,
             registry,
         });
-        let router = axum::Router::new()
+        let mut router = axum::Router::new()
             .route("/click", axum::routing::get(click))
             .route("/metrics", axum::routing::get(metrics))
             .with_state(app.clone());
+        let mut refresher = None;
+        if let Some(query) = options.queries {
+            let queries =
+                Arc::new(crate::query::ClickQueries::open(query).map_err(std::io::Error::other)?);
+            router = router.merge(crate::query::router(queries.clone()));
+            refresher = Some(crate::query::Refresher::start(queries)?);
+        }
         let http = HttpServer::start(&options.listen, "click-http", 2, router)?;
-        Ok(ClickServer { http, app })
+        Ok(ClickServer {
+            http,
+            app,
+            _refresher: refresher,
+        })
     }
 
     /// The address it listens on.

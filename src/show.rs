@@ -38,9 +38,8 @@ pub fn show(
 ) -> Result<String, ShowError> {
     let grain = crate::warehouse::grain_of_table(table).ok_or_else(|| {
         ShowError::Usage(format!(
-            "unknown table {table:?}; tables: {}, {}",
-            table_name(Grain::Hourly),
-            table_name(Grain::Daily)
+            "unknown table {table:?}; tables: {}",
+            Grain::ALL.map(table_name).join(", ")
         ))
     })?;
     let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
@@ -87,20 +86,14 @@ pub fn show(
     };
     let day =
         parse_day(dt).ok_or_else(|| ShowError::Usage(format!("--dt {dt:?} is not YYYY-MM-DD")))?;
-    let id = match (grain, hr) {
-        (Grain::Hourly, Some(hr)) if hr < 24 => PartitionId {
+    let id = match (grain.by_hour(), hr) {
+        (true, Some(hr)) if hr < 24 => PartitionId {
             grain,
             period: day * 24 + hr as i64,
         },
-        (Grain::Hourly, _) => {
-            return Err(ShowError::Usage(
-                "ads_metrics_hourly needs --hr 0..23".into(),
-            ))
-        }
-        (Grain::Daily, None) => PartitionId { grain, period: day },
-        (Grain::Daily, Some(_)) => {
-            return Err(ShowError::Usage("ads_metrics_daily has no --hr".into()))
-        }
+        (true, _) => return Err(ShowError::Usage(format!("{table} needs --hr 0..23"))),
+        (false, None) => PartitionId { grain, period: day },
+        (false, Some(_)) => return Err(ShowError::Usage(format!("{table} has no --hr"))),
     };
     let path = warehouse.partition_file(&id);
     if !path.exists() {

@@ -78,6 +78,7 @@ pub fn table_name(grain: Grain) -> &'static str {
     match grain {
         Grain::Hourly => "ads_metrics_hourly",
         Grain::Daily => "ads_metrics_daily",
+        Grain::Minute => "ads_clicks_minute",
     }
 }
 
@@ -89,7 +90,7 @@ pub fn grain_of_table(name: &str) -> Option<Grain> {
 /// The Hive path of a partition inside its table: `dt=…/hr=…` or `dt=…`.
 pub fn partition_path(id: &PartitionId) -> String {
     match id.grain {
-        Grain::Hourly => {
+        Grain::Hourly | Grain::Minute => {
             let day = id.period.div_euclid(24);
             format!("dt={}/hr={:02}", day_string(day), id.period.rem_euclid(24))
         }
@@ -108,7 +109,7 @@ pub fn hour_path(hour: i64) -> String {
 /// Start of a partition's period, UTC micros.
 pub fn period_start_micros(id: &PartitionId) -> i64 {
     match id.grain {
-        Grain::Hourly => id.period * MICROS_PER_HOUR,
+        Grain::Hourly | Grain::Minute => id.period * MICROS_PER_HOUR,
         Grain::Daily => id.period * MICROS_PER_DAY,
     }
 }

@@ -63,6 +63,7 @@ fn server(keyring: Keyring, spool: &std::path::Path) -> ClickServer {
         },
         dedup_capacity: 1000,
         kafka: None,
+        queries: None,
     })
     .unwrap()
 }
@@ -374,6 +375,7 @@ fn clicks_go_to_kafka_and_to_the_spool_when_kafka_does_not_take_them() {
                 timeout: Duration::from_millis(timeout_ms),
                 config: Vec::new(),
             }),
+            queries: None,
         })
         .unwrap()
     };

@@ -1,6 +1,8 @@
-//! Aggregate: exact hourly and daily metrics per (period, dims), incrementally.
+//! Aggregate: exact hourly and daily metrics per (period, dims), and clicks per minute,
+//! incrementally.
 //!
-//! Each distinct event touches two cells, one per grain. Its sums are a difference of type
+//! Each distinct event touches two cells, one per grain, and a click a third, its cell of
+//! `ads_clicks_minute` (whose dims hold the minute, IP and user, so it has no distinct users). Its sums are a difference of type
 //! [`Sums`] on each cell. Its user is counted exactly, never summed from hours: one arrangement
 //! holds, per [`UserDay`] (a user in a daily cell), the hours of the day the user has events in,
 //! and a [`reduce_total`] turns changes of that set of hours into ±1 users on the hourly cells
@@ -177,7 +179,7 @@ fn cell_of(event: &EventVersion, grain: Grain) -> Cell {
     Cell {
         grain,
         period: grain.period_of(event),
-        dims: event.dims(),
+        dims: grain.dims_of(event),
     }
 }
 
@@ -231,7 +233,7 @@ impl UserDay {
         Cell {
             grain,
             period: match grain {
-                Grain::Hourly => day * 24 + i64::from(hour_of_day),
+                Grain::Hourly | Grain::Minute => day * 24 + i64::from(hour_of_day),
                 Grain::Daily => day,
             },
             dims: Dims {
@@ -239,6 +241,7 @@ impl UserDay {
                 campaign_id: self.campaign_id,
                 ad_id: self.ad_id,
                 country: self.country,
+                click: Default::default(),
             },
         }
     }
@@ -305,21 +308,26 @@ pub fn aggregate<'scope>(
         from.clone(),
         |(_key, (event, _versions)), diff, hours, users| {
             if let Some(hours) = hours {
-                let hour = cell_of(&event, Grain::Hourly);
-                add_to(hours, hour, &Sums::of(&event).multiply(&diff));
+                let sums = Sums::of(&event).multiply(&diff);
+                add_to(hours, cell_of(&event, Grain::Hourly), &sums);
+                if Grain::Minute.counts(&event) {
+                    add_to(hours, cell_of(&event, Grain::Minute), &sums);
+                }
             }
             users.push(UserDay::of(&event));
         },
         |hours, out| {
             let mut days = FastMap::default();
-            for (hour, sums) in hours {
-                let day = Cell {
-                    grain: Grain::Daily,
-                    period: hour.period.div_euclid(24),
-                    dims: hour.dims,
-                };
-                add_to(&mut days, day, &sums);
-                out.push((hour, CellDelta { sums, users: 0 }));
+            for (cell, sums) in hours {
+                if cell.grain == Grain::Hourly {
+                    let day = Cell {
+                        grain: Grain::Daily,
+                        period: cell.period.div_euclid(24),
+                        dims: cell.dims,
+                    };
+                    add_to(&mut days, day, &sums);
+                }
+                out.push((cell, CellDelta { sums, users: 0 }));
             }
             out.extend(
                 days.into_iter()
@@ -364,6 +372,7 @@ mod tests {
             ad_id: 3,
             country: Country(*b"DE"),
             user_id: 42,
+            ip: Default::default(),
             cost_micros: 0,
             revenue_micros: 0,
         }
@@ -384,7 +393,7 @@ mod tests {
             let event = event_at(t);
             let (user, hour) = UserDay::of(&event);
             assert!(hour < 24, "hour of day {hour} for t={t}");
-            for grain in Grain::ALL {
+            for grain in [Grain::Hourly, Grain::Daily] {
                 assert_eq!(user.cell(grain, hour), cell_of(&event, grain), "t={t}");
             }
         }

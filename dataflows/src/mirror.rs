@@ -34,9 +34,9 @@ impl PartitionId {
         }
     }
 
-    /// The two partitions an event in hour `hour` (since the Unix epoch) counts into: its hourly
-    /// partition and its daily one.
-    pub fn of_hour(hour: i64) -> [Self; 2] {
+    /// The partitions an event in hour `hour` (since the Unix epoch) counts into: its hourly
+    /// partition, its daily one, and (a click) its hour of `ads_clicks_minute`.
+    pub fn of_hour(hour: i64) -> [Self; 3] {
         [
             PartitionId {
                 grain: Grain::Hourly,
@@ -46,13 +46,17 @@ impl PartitionId {
                 grain: Grain::Daily,
                 period: hour.div_euclid(24),
             },
+            PartitionId {
+                grain: Grain::Minute,
+                period: hour,
+            },
         ]
     }
 
     /// The event day the partition lies in: its day, or its hour's day.
     pub fn day(&self) -> i64 {
         match self.grain {
-            Grain::Hourly => self.period.div_euclid(24),
+            Grain::Hourly | Grain::Minute => self.period.div_euclid(24),
             Grain::Daily => self.period,
         }
     }
@@ -198,12 +202,15 @@ impl PartitionMirror {
                 return Ok(());
             }
             let s = &state.sums;
-            // A cell with events has users and a cell with users has events; anything else is a
-            // half-applied epoch or a bug upstream.
-            if s.events <= 0
-                || state.users <= 0
-                || s.impressions + s.clicks + s.conversions != s.events
-            {
+            // A cell with events has users and a cell with users has events (in a table with
+            // distinct users; a click cell has none); anything else is a half-applied epoch or a
+            // bug upstream.
+            let users_ok = if id.grain.has_unique_users() {
+                state.users > 0
+            } else {
+                state.users == 0 && s.clicks == s.events
+            };
+            if s.events <= 0 || !users_ok || s.impressions + s.clicks + s.conversions != s.events {
                 return Err(MirrorError {
                     partition: *id,
                     detail: format!("cell {dims:?} is inconsistent: {state:?}"),
@@ -284,6 +291,7 @@ mod tests {
             campaign_id: 2,
             ad_id,
             country: Country(*b"US"),
+            click: Default::default(),
         };
         Cell {
             grain: Grain::Hourly,

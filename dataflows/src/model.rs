@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 /// The dataflow's logical time: one per ingest batch. Event time is data, never time.
 pub type Epoch = u64;
 
+/// Microseconds in one minute.
+pub const MICROS_PER_MINUTE: i64 = 60_000_000;
 /// Microseconds in one hour.
 pub const MICROS_PER_HOUR: i64 = 3_600_000_000;
 /// Microseconds in one day.
@@ -101,6 +103,51 @@ impl Country {
     }
 }
 
+/// An IP address as 16 bytes: IPv6 as it is, IPv4 as its IPv4-mapped IPv6 address
+/// (`::ffff:a.b.c.d`). Fixed size and ordered, so it can be a dimension; all zeros (`::`) when
+/// unknown.
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
+)]
+pub struct Ip(pub [u8; 16]);
+
+impl Ip {
+    /// Parses an IPv4 or IPv6 address in any textual form `std::net` accepts.
+    pub fn parse(s: &str) -> Option<Self> {
+        let ip: std::net::IpAddr = s.parse().ok()?;
+        Some(Ip(match ip {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            std::net::IpAddr::V6(v6) => v6.octets(),
+        }))
+    }
+}
+
+impl std::fmt::Display for Ip {
+    /// The canonical text: dotted IPv4 for a mapped address, RFC 5952 IPv6 otherwise.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v6 = std::net::Ipv6Addr::from(self.0);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => write!(f, "{v4}"),
+            None => write!(f, "{v6}"),
+        }
+    }
+}
+
+/// The extra dimensions of a click in `ads_clicks_minute`: its minute within the hour, and the
+/// viewer's IP address and user (the query API filters on them). All zero in the hourly, daily and
+/// weekly tables.
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
+)]
+pub struct ClickDims {
+    /// Minute of the hour, 0–59.
+    pub minute: u8,
+    /// The viewer's IP address.
+    pub ip: Ip,
+    /// The viewer.
+    pub user_id: i64,
+}
+
 /// The dimensions every metrics table groups by, besides its time period.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
 pub struct Dims {
@@ -112,6 +159,8 @@ pub struct Dims {
     pub ad_id: i64,
     /// Country of the viewer.
     pub country: Country,
+    /// Minute, IP and user: only in `ads_clicks_minute` (else zero).
+    pub click: ClickDims,
 }
 
 /// One version of one event, reduced to what the metrics need. Fixed size, no heap.
@@ -142,6 +191,8 @@ pub struct EventVersion {
     pub country: Country,
     /// The viewer, for exact unique-user counts.
     pub user_id: i64,
+    /// The viewer's IP address (a dimension of `ads_clicks_minute` only).
+    pub ip: Ip,
     /// Cost in micros; a null cost is 0 here.
     pub cost_micros: i64,
     /// Revenue in micros; a null revenue is 0 here.
@@ -156,6 +207,23 @@ impl EventVersion {
             campaign_id: self.campaign_id,
             ad_id: self.ad_id,
             country: self.country,
+            click: ClickDims::default(),
+        }
+    }
+
+    /// The dimensions of the event in `ads_clicks_minute`: [`EventVersion::dims`] and its minute,
+    /// IP and user.
+    pub fn click_dims(&self) -> Dims {
+        Dims {
+            click: ClickDims {
+                minute: self
+                    .event_time_us
+                    .div_euclid(MICROS_PER_MINUTE)
+                    .rem_euclid(60) as u8,
+                ip: self.ip,
+                user_id: self.user_id,
+            },
+            ..self.dims()
         }
     }
 
@@ -171,24 +239,56 @@ impl EventVersion {
 }
 
 /// The granularity of a metrics table.
+///
+/// A grain's *period* is its partition: an hour, a day, or (for `ads_clicks_minute`, whose cells
+/// carry their minute in [`ClickDims`]) an hour again, so a late click rewrites one hour's file
+/// and not sixty.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
 pub enum Grain {
     /// `ads_metrics_hourly`: period = hours since the Unix epoch.
     Hourly,
     /// `ads_metrics_daily`: period = days since the Unix epoch.
     Daily,
+    /// `ads_clicks_minute`: clicks only, per minute, ad, country, IP and user; period = hours
+    /// since the Unix epoch.
+    Minute,
 }
 
 impl Grain {
-    /// Both grains, in publish order.
-    pub const ALL: [Grain; 2] = [Grain::Hourly, Grain::Daily];
+    /// Every grain, in publish order.
+    pub const ALL: [Grain; 3] = [Grain::Hourly, Grain::Daily, Grain::Minute];
 
-    /// The period (hour or day index) an event falls into.
+    /// The period (the partition: hour or day index) an event falls into.
     pub fn period_of(self, event: &EventVersion) -> i64 {
         match self {
-            Grain::Hourly => event.hour(),
+            Grain::Hourly | Grain::Minute => event.hour(),
             Grain::Daily => event.day(),
         }
+    }
+
+    /// Whether `event` counts in this grain's table: every event does, but only clicks count in
+    /// `ads_clicks_minute`.
+    pub fn counts(self, event: &EventVersion) -> bool {
+        self != Grain::Minute || event.event_type == EventType::Click
+    }
+
+    /// The dimensions `event` counts under in this grain's table.
+    pub fn dims_of(self, event: &EventVersion) -> Dims {
+        match self {
+            Grain::Minute => event.click_dims(),
+            Grain::Hourly | Grain::Daily => event.dims(),
+        }
+    }
+
+    /// Whether the table's partitions are hours (`dt=…/hr=…`) rather than days (`dt=…`).
+    pub fn by_hour(self) -> bool {
+        self != Grain::Daily
+    }
+
+    /// Whether the table carries `unique_users`. In `ads_clicks_minute` the user is a dimension,
+    /// so each row is one user and the column would say nothing.
+    pub fn has_unique_users(self) -> bool {
+        self != Grain::Minute
     }
 }
 

@@ -32,11 +32,11 @@ pub fn tables(
 ) -> BTreeMap<PartitionId, Vec<(Dims, MetricRow)>> {
     let mut cells: BTreeMap<Cell, (MetricRow, BTreeSet<i64>)> = BTreeMap::new();
     for event in winners.values() {
-        for grain in Grain::ALL {
+        for grain in Grain::ALL.into_iter().filter(|g| g.counts(event)) {
             let cell = Cell {
                 grain,
                 period: grain.period_of(event),
-                dims: event.dims(),
+                dims: grain.dims_of(event),
             };
             let (row, users) = cells.entry(cell).or_default();
             match event.event_type {
@@ -51,7 +51,9 @@ pub fn tables(
     }
     let mut tables: BTreeMap<PartitionId, Vec<(Dims, MetricRow)>> = BTreeMap::new();
     for (cell, (mut row, users)) in cells {
-        row.unique_users = users.len() as i64;
+        if cell.grain.has_unique_users() {
+            row.unique_users = users.len() as i64;
+        }
         tables
             .entry(PartitionId::of(&cell))
             .or_default()

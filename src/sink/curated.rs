@@ -9,7 +9,9 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use adsmetrics_dataflows::{Country, Dims, Grain, MetricRow, PartitionId};
+use adsmetrics_dataflows::{
+    ClickDims, Country, Dims, Grain, Ip, MetricRow, PartitionId, MICROS_PER_MINUTE,
+};
 use arrow::array::{ArrayRef, Date32Array, Int64Array, StringArray, TimestampMicrosecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
@@ -27,8 +29,25 @@ use crate::warehouse::{partition_path, period_start_micros, table_name};
 pub const VERSION_KEY: &str = "adsmetrics.version";
 
 /// The columns of a curated table; hourly tables lead with `event_hour`, both carry `event_date`.
+/// `ads_clicks_minute` leads with `event_minute` and has the click dimensions `ip` and
+/// `user_id`, and only the click metrics.
 pub fn table_schema(grain: Grain) -> SchemaRef {
     let mut fields = Vec::new();
+    if grain == Grain::Minute {
+        return Arc::new(Schema::new(vec![
+            Field::new("event_minute", utc_micros(), false),
+            Field::new("event_date", DataType::Date32, false),
+            Field::new("advertiser_id", DataType::Int64, false),
+            Field::new("campaign_id", DataType::Int64, false),
+            Field::new("ad_id", DataType::Int64, false),
+            Field::new("country", DataType::Utf8, false),
+            Field::new("ip", DataType::Utf8, false),
+            Field::new("user_id", DataType::Int64, false),
+            Field::new("clicks", DataType::Int64, false),
+            Field::new("cost_micros", DataType::Int64, false),
+            Field::new("revenue_micros", DataType::Int64, false),
+        ]));
+    }
     if grain == Grain::Hourly {
         fields.push(Field::new("event_hour", utc_micros(), false));
     }
@@ -60,6 +79,13 @@ pub fn content_version(id: &PartitionId, rows: &[(Dims, MetricRow)]) -> String {
             h.update(&v.to_le_bytes());
         }
         h.update(&d.country.0);
+        if id.grain == Grain::Minute {
+            // Only this table's cells have click dimensions: the other tables' versions stay
+            // what they were before it existed.
+            h.update(&[d.click.minute]);
+            h.update(&d.click.ip.0);
+            h.update(&d.click.user_id.to_le_bytes());
+        }
         for v in [
             r.impressions,
             r.clicks,
@@ -96,6 +122,13 @@ pub fn rows_to_batch(id: &PartitionId, rows: &[(Dims, MetricRow)]) -> RecordBatc
         Arc::new(rows.iter().map(f).collect::<Int64Array>())
     };
     let mut columns: Vec<ArrayRef> = Vec::new();
+    if id.grain == Grain::Minute {
+        let minute = |d: &Dims| start + i64::from(d.click.minute) * MICROS_PER_MINUTE;
+        columns.push(Arc::new(
+            TimestampMicrosecondArray::from_iter_values(rows.iter().map(|(d, _)| minute(d)))
+                .with_timezone("UTC"),
+        ));
+    }
     if id.grain == Grain::Hourly {
         columns.push(Arc::new(
             TimestampMicrosecondArray::from(vec![start; n]).with_timezone("UTC"),
@@ -110,12 +143,24 @@ pub fn rows_to_batch(id: &PartitionId, rows: &[(Dims, MetricRow)]) -> RecordBatc
             .map(|(d, _)| Some(d.country.as_str()))
             .collect::<StringArray>(),
     ));
-    columns.push(int(&|(_, r)| r.impressions));
-    columns.push(int(&|(_, r)| r.clicks));
-    columns.push(int(&|(_, r)| r.conversions));
-    columns.push(int(&|(_, r)| r.cost_micros));
-    columns.push(int(&|(_, r)| r.revenue_micros));
-    columns.push(int(&|(_, r)| r.unique_users));
+    if id.grain == Grain::Minute {
+        columns.push(Arc::new(
+            rows.iter()
+                .map(|(d, _)| Some(d.click.ip.to_string()))
+                .collect::<StringArray>(),
+        ));
+        columns.push(int(&|(d, _)| d.click.user_id));
+        columns.push(int(&|(_, r)| r.clicks));
+        columns.push(int(&|(_, r)| r.cost_micros));
+        columns.push(int(&|(_, r)| r.revenue_micros));
+    } else {
+        columns.push(int(&|(_, r)| r.impressions));
+        columns.push(int(&|(_, r)| r.clicks));
+        columns.push(int(&|(_, r)| r.conversions));
+        columns.push(int(&|(_, r)| r.cost_micros));
+        columns.push(int(&|(_, r)| r.revenue_micros));
+        columns.push(int(&|(_, r)| r.unique_users));
+    }
     RecordBatch::try_new(table_schema(id.grain), columns).expect("columns follow table_schema")
 }
 
@@ -166,26 +211,59 @@ pub fn read_partition(
             .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
             .ok_or("column country missing or not Utf8")?;
         let (adv, camp, ad) = (int("advertiser_id")?, int("campaign_id")?, int("ad_id")?);
-        let (imp, clk, conv) = (int("impressions")?, int("clicks")?, int("conversions")?);
-        let (cost, rev, uu) = (
-            int("cost_micros")?,
-            int("revenue_micros")?,
-            int("unique_users")?,
-        );
+        let (clk, cost, rev) = (int("clicks")?, int("cost_micros")?, int("revenue_micros")?);
+        // `ads_clicks_minute` has its click dimensions and no impression, conversion or user
+        // counts; the other tables have no click dimensions.
+        let click = match batch.column_by_name("event_minute") {
+            Some(minute) => {
+                let minute = minute
+                    .as_any()
+                    .downcast_ref::<TimestampMicrosecondArray>()
+                    .ok_or("column event_minute is not a timestamp")?
+                    .clone();
+                let ip = batch
+                    .column_by_name("ip")
+                    .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
+                    .ok_or("column ip missing or not Utf8")?;
+                Some((minute, ip, int("user_id")?))
+            }
+            None => None,
+        };
+        let counts = match click {
+            Some(_) => None,
+            None => Some((
+                int("impressions")?,
+                int("conversions")?,
+                int("unique_users")?,
+            )),
+        };
         for i in 0..batch.num_rows() {
+            let click = match &click {
+                Some((minute, ip, user)) => ClickDims {
+                    minute: minute.value(i).div_euclid(MICROS_PER_MINUTE).rem_euclid(60) as u8,
+                    ip: Ip::parse(ip.value(i)).ok_or("bad ip in curated file")?,
+                    user_id: user.value(i),
+                },
+                None => ClickDims::default(),
+            };
             let dims = Dims {
                 advertiser_id: adv.value(i),
                 campaign_id: camp.value(i),
                 ad_id: ad.value(i),
                 country: Country::parse(country.value(i)).ok_or("bad country in curated file")?,
+                click,
+            };
+            let (impressions, conversions, unique_users) = match &counts {
+                Some((imp, conv, uu)) => (imp.value(i), conv.value(i), uu.value(i)),
+                None => (0, 0, 0),
             };
             let row = MetricRow {
-                impressions: imp.value(i),
+                impressions,
                 clicks: clk.value(i),
-                conversions: conv.value(i),
+                conversions,
                 cost_micros: cost.value(i),
                 revenue_micros: rev.value(i),
-                unique_users: uu.value(i),
+                unique_users,
             };
             rows.push((dims, row));
         }

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use adsmetrics_dataflows::{Grain, PartitionId, MICROS_PER_DAY};
+use adsmetrics_dataflows::{PartitionId, MICROS_PER_DAY};
 use arrow::array::{
     Array, ArrayRef, Int32Array, Int64Array, StringArray, TimestampMicrosecondArray,
 };
@@ -105,7 +105,7 @@ pub fn write_late(
         ),
         Arc::new(
             late.keys()
-                .map(|id| (id.grain == Grain::Hourly).then(|| id.period.rem_euclid(24) as i32))
+                .map(|id| id.grain.by_hour().then(|| id.period.rem_euclid(24) as i32))
                 .collect::<Int32Array>(),
         ),
         Arc::new(late.values().map(|n| *n as i64).collect::<Int64Array>()),
@@ -186,10 +186,10 @@ pub fn read_lateness(
                     .ok_or_else(|| err(format!("unknown table {}", table.value(i))))?;
                 let day =
                     parse_day(dt.value(i)).ok_or_else(|| err(format!("bad dt {}", dt.value(i))))?;
-                let period = match grain {
-                    Grain::Hourly if hr.is_valid(i) => day * 24 + i64::from(hr.value(i)),
-                    Grain::Hourly => return Err(err("hourly row without hr".into())),
-                    Grain::Daily => day,
+                let period = match grain.by_hour() {
+                    true if hr.is_valid(i) => day * 24 + i64::from(hr.value(i)),
+                    true => return Err(err("hourly row without hr".into())),
+                    false => day,
                 };
                 let record = out.entry(PartitionId { grain, period }).or_default();
                 record.events += u64::try_from(events.value(i)).unwrap_or(0);
