@@ -189,8 +189,12 @@ impl EventView<'_> {
             ad_id: self.ad_id,
             country: self.country,
             user_id: self.user_id,
-            // Validated at decode; an address that does not parse is `::`, never an error here.
-            ip: Ip::parse(self.ip).unwrap_or_default(),
+            // Only a click's address is a dimension (of `ads_clicks_minute`): parsed for clicks
+            // alone. Validated at decode; one that does not parse is `::`, never an error here.
+            ip: match self.event_type {
+                EventType::Click => Ip::parse(self.ip).unwrap_or_default(),
+                _ => Ip::default(),
+            },
             cost_micros: self.cost_micros.unwrap_or(0),
             revenue_micros: self.revenue_micros.unwrap_or(0),
         }

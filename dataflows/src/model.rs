@@ -191,7 +191,8 @@ pub struct EventVersion {
     pub country: Country,
     /// The viewer, for exact unique-user counts.
     pub user_id: i64,
-    /// The viewer's IP address (a dimension of `ads_clicks_minute` only).
+    /// The viewer's IP address: a dimension of `ads_clicks_minute` only, so set for clicks only
+    /// (`::` otherwise).
     pub ip: Ip,
     /// Cost in micros; a null cost is 0 here.
     pub cost_micros: i64,
