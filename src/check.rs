@@ -356,7 +356,8 @@ pub fn gate(
     changes: &[crate::journal::PartitionChange],
     threads: usize,
 ) -> Result<Vec<Finding>, CheckError> {
-    let days: BTreeSet<i64> = changes.iter().map(|c| c.partition.day()).collect();
+    // A week's change needs its seven days recomputed.
+    let days: BTreeSet<i64> = changes.iter().flat_map(|c| c.partition.days()).collect();
     if days.is_empty() {
         return Ok(Vec::new());
     }
@@ -420,7 +421,7 @@ pub fn reconcile(
         to: range.to,
     };
     let Expected {
-        tables: expected,
+        tables: mut expected,
         raw_files,
         raw_rows,
         range_rows,
@@ -435,10 +436,14 @@ pub fn reconcile(
         threads,
     )?;
 
+    // A week is compared only when the range holds all its days: the recompute has the range's
+    // raw rows only, so a week the range cuts would come out short.
+    let in_range = |id: &PartitionId| id.days().all(|d| range.contains(d));
+    expected.retain(|id, _| in_range(id));
     let published: BTreeMap<&PartitionId, &crate::journal::Published> = journal
         .published()
         .iter()
-        .filter(|(id, _)| range.contains(id.day()))
+        .filter(|(id, _)| in_range(id))
         .collect();
     let ids: BTreeSet<&PartitionId> = expected.keys().chain(published.keys().copied()).collect();
     let mut findings = Vec::new();
@@ -1026,11 +1031,18 @@ pub fn freshness(
             .keys()
             .filter(|id| id.grain == grain)
             .max_by_key(|id| id.period);
-        let seconds_per_period = if grain.by_hour() { 3600 } else { 86_400 };
+        // When the newest partition's period ended.
+        let end_s = |id: &PartitionId| {
+            let next = PartitionId {
+                grain,
+                period: id.period + 1,
+            };
+            crate::warehouse::period_start_micros(&next).div_euclid(1_000_000)
+        };
         if grain == Grain::Hourly {
             newest_hour = newest.map(|id| id.period);
         }
-        let age = newest.map(|id| (now_s - (id.period + 1) * seconds_per_period).max(0));
+        let age = newest.map(|id| (now_s - end_s(id)).max(0));
         tables.push(TableFreshness {
             table: table_name(grain),
             newest_partition: newest.map(partition_name),

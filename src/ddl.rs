@@ -26,10 +26,10 @@ pub fn ddl(location: &str) -> String {
     let mut tables: Vec<(&str, SchemaRef, &str)> = Grain::ALL
         .into_iter()
         .map(|grain| {
-            let partitions = if grain.by_hour() {
-                "dt STRING, hr STRING"
-            } else {
-                "dt STRING"
+            let partitions = match grain {
+                Grain::Weekly => "week STRING",
+                _ if grain.by_hour() => "dt STRING, hr STRING",
+                _ => "dt STRING",
             };
             (table_name(grain), table_schema(grain), partitions)
         })

@@ -1555,6 +1555,8 @@ fn run_epochs(
     if seeded.is_some() {
         pipeline.ignore_before(base + 1);
     }
+    // A run that rebuilds whole days: the weeks it has seeded (see `seed_week`).
+    let mut weeks = seeded.is_none().then(BTreeSet::new);
 
     for epoch in 0..=shared.epochs.len() as u64 {
         let started = Instant::now();
@@ -1610,7 +1612,14 @@ fn run_epochs(
                     (0, Rebuild::Files(_, days)) => published_in_days(shared, days, index, peers),
                     _ => Vec::new(),
                 };
-                stage_touched(shared, pipeline, seeded.as_deref_mut(), emptied, peers)
+                stage_touched(
+                    shared,
+                    pipeline,
+                    seeded.as_deref_mut(),
+                    weeks.as_mut(),
+                    emptied,
+                    peers,
+                )
             });
             let staged = join_writing(writing).and(staged);
             (fed, computed, staged)
@@ -1991,7 +2000,8 @@ fn late_events(
 /// published one. With `seeded` (a keyed run), a partition touched for the first time first gets
 /// its published rows.
 /// The published partitions of the event `days` that this worker's mirror holds: after a
-/// whole-day rebuild, those the rebuilt rows did not touch have no rows any more.
+/// whole-day rebuild, those the rebuilt rows did not touch have no rows any more (or, a week,
+/// only its other days').
 fn published_in_days(
     shared: &Shared,
     days: &BTreeSet<i64>,
@@ -2001,7 +2011,7 @@ fn published_in_days(
     let published = shared.state.lock().expect("lock").published.clone();
     published
         .keys()
-        .filter(|id| days.contains(&id.day()) && id.worker(peers) == index)
+        .filter(|id| id.days().any(|d| days.contains(&d)) && id.worker(peers) == index)
         .copied()
         .collect()
 }
@@ -2010,6 +2020,7 @@ fn stage_touched(
     shared: &Shared,
     pipeline: &Pipeline,
     mut seeded: Option<&mut BTreeSet<PartitionId>>,
+    mut weeks: Option<&mut BTreeSet<PartitionId>>,
     also: Vec<PartitionId>,
     threads: usize,
 ) -> Result<Vec<PartitionChange>, RunError> {
@@ -2036,6 +2047,13 @@ fn stage_touched(
         })?;
         for ((id, _), rows) in to_seed.iter().zip(seeds) {
             pipeline.mirror.borrow_mut().seed(id, &rows);
+        }
+        if let Some(weeks) = weeks.as_deref_mut() {
+            for id in chunk.iter().filter(|id| id.grain == Grain::Weekly) {
+                if weeks.insert(*id) {
+                    seed_week(shared, pipeline, id, &published)?;
+                }
+            }
         }
         let rows = chunk
             .iter()
@@ -2123,6 +2141,51 @@ fn hold_gated(
 }
 
 /// The rows of a published partition, checked against the version the journal has for it.
+/// In a run that rebuilds whole days (or adds days never published), a week's cells in the
+/// mirror are the sums of the run's days of it only, whole. So before the run first stages the
+/// week, the mirror gets the week's published rows minus the published daily rows of the days the
+/// run rebuilds: what the week's other days contribute. Sums are linear, so the week comes out
+/// exact; it has no distinct users to get wrong.
+fn seed_week(
+    shared: &Shared,
+    pipeline: &Pipeline,
+    week: &PartitionId,
+    published: &BTreeMap<PartitionId, Published>,
+) -> Result<(), RunError> {
+    let rebuilt = match &shared.rebuild {
+        Rebuild::Files(_, days) => days,
+        Rebuild::Rows(_) => return Ok(()),
+    };
+    if let Some(current) = published.get(week) {
+        let rows = read_published(&shared.warehouse, week, current)?;
+        pipeline.mirror.borrow_mut().seed(week, &rows);
+    }
+    for day in week.days().filter(|d| rebuilt.contains(d)) {
+        let id = PartitionId {
+            grain: Grain::Daily,
+            period: day,
+        };
+        if let Some(current) = published.get(&id) {
+            let negated: Vec<(Dims, MetricRow)> = read_published(&shared.warehouse, &id, current)?
+                .into_iter()
+                .map(|(dims, r)| {
+                    let row = MetricRow {
+                        impressions: -r.impressions,
+                        clicks: -r.clicks,
+                        conversions: -r.conversions,
+                        cost_micros: -r.cost_micros,
+                        revenue_micros: -r.revenue_micros,
+                        unique_users: 0,
+                    };
+                    (dims, row)
+                })
+                .collect();
+            pipeline.mirror.borrow_mut().seed(week, &negated);
+        }
+    }
+    Ok(())
+}
+
 fn read_published(
     warehouse: &Warehouse,
     id: &PartitionId,

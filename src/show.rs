@@ -92,6 +92,10 @@ pub fn show(
             period: day * 24 + hr as i64,
         },
         (true, _) => return Err(ShowError::Usage(format!("{table} needs --hr 0..23"))),
+        (false, None) if grain == Grain::Weekly => PartitionId {
+            grain,
+            period: adsmetrics_dataflows::week_of_day(day),
+        },
         (false, None) => PartitionId { grain, period: day },
         (false, Some(_)) => return Err(ShowError::Usage(format!("{table} has no --hr"))),
     };

@@ -22,7 +22,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use adsmetrics_dataflows::{Grain, PartitionId, MICROS_PER_DAY, MICROS_PER_HOUR};
+use adsmetrics_dataflows::{
+    first_day_of_week, Grain, PartitionId, MICROS_PER_DAY, MICROS_PER_HOUR,
+};
 use chrono::{DateTime, NaiveDate};
 
 /// The fixed name of the one data file of a curated partition.
@@ -79,6 +81,7 @@ pub fn table_name(grain: Grain) -> &'static str {
         Grain::Hourly => "ads_metrics_hourly",
         Grain::Daily => "ads_metrics_daily",
         Grain::Minute => "ads_clicks_minute",
+        Grain::Weekly => "ads_metrics_weekly",
     }
 }
 
@@ -95,6 +98,7 @@ pub fn partition_path(id: &PartitionId) -> String {
             format!("dt={}/hr={:02}", day_string(day), id.period.rem_euclid(24))
         }
         Grain::Daily => format!("dt={}", day_string(id.period)),
+        Grain::Weekly => format!("week={}", day_string(first_day_of_week(id.period))),
     }
 }
 
@@ -111,6 +115,7 @@ pub fn period_start_micros(id: &PartitionId) -> i64 {
     match id.grain {
         Grain::Hourly | Grain::Minute => id.period * MICROS_PER_HOUR,
         Grain::Daily => id.period * MICROS_PER_DAY,
+        Grain::Weekly => first_day_of_week(id.period) * MICROS_PER_DAY,
     }
 }
 

@@ -1,8 +1,9 @@
 //! Aggregate: exact hourly and daily metrics per (period, dims), and clicks per minute,
 //! incrementally.
 //!
-//! Each distinct event touches two cells, one per grain, and a click a third, its cell of
-//! `ads_clicks_minute` (whose dims hold the minute, IP and user, so it has no distinct users). Its sums are a difference of type
+//! Each distinct event touches three cells, hourly, daily and weekly (the week's sums only), and a
+//! click a fourth, its cell of `ads_clicks_minute` (whose dims hold the minute, IP and user, so it
+//! has no distinct users). Its sums are a difference of type
 //! [`Sums`] on each cell. Its user is counted exactly, never summed from hours: one arrangement
 //! holds, per [`UserDay`] (a user in a daily cell), the hours of the day the user has events in,
 //! and a [`reduce_total`] turns changes of that set of hours into ±1 users on the hourly cells
@@ -18,7 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::batching::{fold_and_pass_per_time, fold_per_time, FastMap, RunBatcher};
 use crate::dedup::Deduped;
-use crate::model::{Cell, Country, Dims, Epoch, EventType, EventVersion, Grain, MetricRow};
+use crate::model::{
+    week_of_day, Cell, Country, Dims, Epoch, EventType, EventVersion, Grain, MetricRow,
+};
 use crate::reduce_total::reduce_total;
 
 /// The additive part of an event's metrics, used as a differential difference type.
@@ -235,6 +238,7 @@ impl UserDay {
             period: match grain {
                 Grain::Hourly | Grain::Minute => day * 24 + i64::from(hour_of_day),
                 Grain::Daily => day,
+                Grain::Weekly => week_of_day(day),
             },
             dims: Dims {
                 advertiser_id: self.advertiser_id,
@@ -318,6 +322,7 @@ pub fn aggregate<'scope>(
         },
         |hours, out| {
             let mut days = FastMap::default();
+            let mut weeks = FastMap::default();
             for (cell, sums) in hours {
                 if cell.grain == Grain::Hourly {
                     let day = Cell {
@@ -329,9 +334,19 @@ pub fn aggregate<'scope>(
                 }
                 out.push((cell, CellDelta { sums, users: 0 }));
             }
+            for (day, sums) in days {
+                let week = Cell {
+                    grain: Grain::Weekly,
+                    period: week_of_day(day.period),
+                    dims: day.dims,
+                };
+                add_to(&mut weeks, week, &sums);
+                out.push((day, CellDelta { sums, users: 0 }));
+            }
             out.extend(
-                days.into_iter()
-                    .map(|(day, sums)| (day, CellDelta { sums, users: 0 })),
+                weeks
+                    .into_iter()
+                    .map(|(week, sums)| (week, CellDelta { sums, users: 0 })),
             );
         },
     );
@@ -393,7 +408,7 @@ mod tests {
             let event = event_at(t);
             let (user, hour) = UserDay::of(&event);
             assert!(hour < 24, "hour of day {hour} for t={t}");
-            for grain in [Grain::Hourly, Grain::Daily] {
+            for grain in [Grain::Hourly, Grain::Daily, Grain::Weekly] {
                 assert_eq!(user.cell(grain, hour), cell_of(&event, grain), "t={t}");
             }
         }

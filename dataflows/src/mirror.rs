@@ -14,7 +14,7 @@ use differential_dataflow::difference::{IsZero, Semigroup};
 
 use crate::aggregate::CellDelta;
 use crate::batching::BuildFastHasher;
-use crate::model::{Cell, Dims, Epoch, Grain, MetricRow};
+use crate::model::{first_day_of_week, Cell, Dims, Epoch, Grain, MetricRow};
 
 /// One curated partition: a grain and a period (an hour or a day).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
@@ -53,11 +53,21 @@ impl PartitionId {
         ]
     }
 
-    /// The event day the partition lies in: its day, or its hour's day.
+    /// The event day the partition lies in: its day, or its hour's day; a week's last day (a
+    /// week is past a horizon when all its days are).
     pub fn day(&self) -> i64 {
         match self.grain {
             Grain::Hourly | Grain::Minute => self.period.div_euclid(24),
             Grain::Daily => self.period,
+            Grain::Weekly => first_day_of_week(self.period) + 6,
+        }
+    }
+
+    /// The event days the partition covers: one, or a week's seven.
+    pub fn days(&self) -> std::ops::RangeInclusive<i64> {
+        match self.grain {
+            Grain::Weekly => first_day_of_week(self.period)..=self.day(),
+            _ => self.day()..=self.day(),
         }
     }
 
@@ -208,7 +218,7 @@ impl PartitionMirror {
             let users_ok = if id.grain.has_unique_users() {
                 state.users > 0
             } else {
-                state.users == 0 && s.clicks == s.events
+                state.users == 0 && (id.grain != Grain::Minute || s.clicks == s.events)
             };
             if s.events <= 0 || !users_ok || s.impressions + s.clicks + s.conversions != s.events {
                 return Err(MirrorError {

@@ -253,17 +253,32 @@ pub enum Grain {
     /// `ads_clicks_minute`: clicks only, per minute, ad, country, IP and user; period = hours
     /// since the Unix epoch.
     Minute,
+    /// `ads_metrics_weekly`: ISO weeks (Monday to Sunday, UTC); period = [`week_of_day`] of its
+    /// days. Sums only: a week's distinct users are not a sum of its days'.
+    Weekly,
+}
+
+/// The ISO week (Monday-based, since the week of the Unix epoch) a day falls in.
+pub fn week_of_day(day: i64) -> i64 {
+    // 1970-01-01 was a Thursday: day −3 is the Monday that starts week 0.
+    (day + 3).div_euclid(7)
+}
+
+/// The first day (a Monday) of a week.
+pub fn first_day_of_week(week: i64) -> i64 {
+    week * 7 - 3
 }
 
 impl Grain {
     /// Every grain, in publish order.
-    pub const ALL: [Grain; 3] = [Grain::Hourly, Grain::Daily, Grain::Minute];
+    pub const ALL: [Grain; 4] = [Grain::Hourly, Grain::Daily, Grain::Minute, Grain::Weekly];
 
     /// The period (the partition: hour or day index) an event falls into.
     pub fn period_of(self, event: &EventVersion) -> i64 {
         match self {
             Grain::Hourly | Grain::Minute => event.hour(),
             Grain::Daily => event.day(),
+            Grain::Weekly => week_of_day(event.day()),
         }
     }
 
@@ -277,19 +292,21 @@ impl Grain {
     pub fn dims_of(self, event: &EventVersion) -> Dims {
         match self {
             Grain::Minute => event.click_dims(),
-            Grain::Hourly | Grain::Daily => event.dims(),
+            Grain::Hourly | Grain::Daily | Grain::Weekly => event.dims(),
         }
     }
 
-    /// Whether the table's partitions are hours (`dt=…/hr=…`) rather than days (`dt=…`).
+    /// Whether the table's partitions are hours (`dt=…/hr=…`) rather than days (`dt=…`) or
+    /// weeks (`week=…`).
     pub fn by_hour(self) -> bool {
-        self != Grain::Daily
+        matches!(self, Grain::Hourly | Grain::Minute)
     }
 
     /// Whether the table carries `unique_users`. In `ads_clicks_minute` the user is a dimension,
-    /// so each row is one user and the column would say nothing.
+    /// so each row is one user and the column would say nothing; a week's would need the week's
+    /// users in the dataflow at once, which the hot window (by days) does not hold.
     pub fn has_unique_users(self) -> bool {
-        self != Grain::Minute
+        matches!(self, Grain::Hourly | Grain::Daily)
     }
 }
 
@@ -321,4 +338,34 @@ pub struct MetricRow {
     pub revenue_micros: i64,
     /// Number of distinct `user_id`s among the cell's events.
     pub unique_users: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weeks_start_on_monday() {
+        // 1970-01-01 was a Thursday; 1969-12-29 a Monday; 2026-11-02 (day 20759) a Monday.
+        assert_eq!(week_of_day(0), 0);
+        assert_eq!(week_of_day(-3), 0);
+        assert_eq!(week_of_day(-4), -1);
+        assert_eq!(week_of_day(4), 1);
+        let week = week_of_day(20759);
+        assert_eq!(first_day_of_week(week), 20759);
+        assert_eq!(week_of_day(20759 + 6), week);
+        assert_eq!(week_of_day(20759 - 1), week - 1);
+    }
+
+    #[test]
+    fn ip_addresses_compare_as_addresses_and_print_canonically() {
+        assert_eq!(Ip::parse("2001:DB8:0:0::2"), Ip::parse("2001:db8::2"));
+        assert_eq!(Ip::parse("192.0.2.7").unwrap().to_string(), "192.0.2.7");
+        assert_eq!(
+            Ip::parse("2001:DB8:0::2").unwrap().to_string(),
+            "2001:db8::2"
+        );
+        assert_ne!(Ip::parse("::ffff:192.0.2.7"), Ip::parse("192.0.2.8"));
+        assert!(Ip::parse("192.0.2").is_none());
+    }
 }

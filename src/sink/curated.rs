@@ -28,7 +28,8 @@ use crate::warehouse::{partition_path, period_start_micros, table_name};
 /// Metadata key holding the partition version (content hash of the rows).
 pub const VERSION_KEY: &str = "adsmetrics.version";
 
-/// The columns of a curated table; hourly tables lead with `event_hour`, both carry `event_date`.
+/// The columns of a curated table; hourly tables lead with `event_hour`, hourly and daily carry
+/// `event_date` and `unique_users`, the weekly table `week_start` (a Monday) and no users.
 /// `ads_clicks_minute` leads with `event_minute` and has the click dimensions `ip` and
 /// `user_id`, and only the click metrics.
 pub fn table_schema(grain: Grain) -> SchemaRef {
@@ -51,8 +52,13 @@ pub fn table_schema(grain: Grain) -> SchemaRef {
     if grain == Grain::Hourly {
         fields.push(Field::new("event_hour", utc_micros(), false));
     }
+    let date = if grain == Grain::Weekly {
+        "week_start"
+    } else {
+        "event_date"
+    };
     fields.extend([
-        Field::new("event_date", DataType::Date32, false),
+        Field::new(date, DataType::Date32, false),
         Field::new("advertiser_id", DataType::Int64, false),
         Field::new("campaign_id", DataType::Int64, false),
         Field::new("ad_id", DataType::Int64, false),
@@ -62,8 +68,10 @@ pub fn table_schema(grain: Grain) -> SchemaRef {
         Field::new("conversions", DataType::Int64, false),
         Field::new("cost_micros", DataType::Int64, false),
         Field::new("revenue_micros", DataType::Int64, false),
-        Field::new("unique_users", DataType::Int64, false),
     ]);
+    if grain.has_unique_users() {
+        fields.push(Field::new("unique_users", DataType::Int64, false));
+    }
     Arc::new(Schema::new(fields))
 }
 
@@ -159,7 +167,9 @@ pub fn rows_to_batch(id: &PartitionId, rows: &[(Dims, MetricRow)]) -> RecordBatc
         columns.push(int(&|(_, r)| r.conversions));
         columns.push(int(&|(_, r)| r.cost_micros));
         columns.push(int(&|(_, r)| r.revenue_micros));
-        columns.push(int(&|(_, r)| r.unique_users));
+        if id.grain.has_unique_users() {
+            columns.push(int(&|(_, r)| r.unique_users));
+        }
     }
     RecordBatch::try_new(table_schema(id.grain), columns).expect("columns follow table_schema")
 }
@@ -231,11 +241,12 @@ pub fn read_partition(
         };
         let counts = match click {
             Some(_) => None,
-            None => Some((
-                int("impressions")?,
-                int("conversions")?,
-                int("unique_users")?,
-            )),
+            None => Some((int("impressions")?, int("conversions")?)),
+        };
+        // The weekly table has no distinct users.
+        let users = match batch.column_by_name("unique_users") {
+            Some(_) => Some(int("unique_users")?),
+            None => None,
         };
         for i in 0..batch.num_rows() {
             let click = match &click {
@@ -253,10 +264,11 @@ pub fn read_partition(
                 country: Country::parse(country.value(i)).ok_or("bad country in curated file")?,
                 click,
             };
-            let (impressions, conversions, unique_users) = match &counts {
-                Some((imp, conv, uu)) => (imp.value(i), conv.value(i), uu.value(i)),
-                None => (0, 0, 0),
+            let (impressions, conversions) = match &counts {
+                Some((imp, conv)) => (imp.value(i), conv.value(i)),
+                None => (0, 0),
             };
+            let unique_users = users.as_ref().map_or(0, |uu| uu.value(i));
             let row = MetricRow {
                 impressions,
                 clicks: clk.value(i),
