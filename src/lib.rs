@@ -38,6 +38,7 @@ pub mod ledger;
 pub mod lock;
 pub mod memory;
 pub mod metrics;
+pub mod periodic;
 pub mod query;
 pub mod rehydrate;
 pub mod report;

@@ -323,6 +323,10 @@ enum Command {
         /// How long a click waits for Kafka's acknowledgement before it goes to the spool.
         #[arg(long, default_value_t = 2000)]
         kafka_timeout_ms: u64,
+        /// With --kafka: every this many seconds, send the spool's sealed segments (clicks Kafka
+        /// did not take in time) to Kafka again; a segment sent is renamed `_forwarded-…`.
+        #[arg(long, default_value_t = 5)]
+        forward_secs: u64,
         /// A librdkafka setting for a real cluster (security), `key=value`; repeatable.
         #[arg(long = "kafka-config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
         kafka_config: Vec<(String, String)>,
@@ -1145,6 +1149,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             kafka_topic,
             kafka_timeout_ms,
             kafka_config,
+            forward_secs,
             filters,
             query_hours,
             query_refresh_ms,
@@ -1169,6 +1174,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     topic: kafka_topic,
                     timeout: std::time::Duration::from_millis(kafka_timeout_ms.max(1)),
                     config: kafka_config,
+                    forward_every: std::time::Duration::from_secs(forward_secs.max(1)),
                 }),
                 queries: Some(adsmetrics::query::QueryOptions {
                     warehouse: cli.warehouse.clone(),

@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use adsmetrics_dataflows::{Country, Dims, Grain, Ip, MetricRow, PartitionId};
@@ -573,41 +573,15 @@ impl ClickQueries {
     }
 }
 
-/// Refreshes a [`ClickQueries`] on a thread of its own until dropped.
-pub struct Refresher {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Refresher {
-    /// Starts refreshing `queries` every `options.refresh`; a failed refresh is logged and the
-    /// snapshot kept (queries go on answering from the last good publish).
-    pub fn start(queries: Arc<ClickQueries>) -> std::io::Result<Self> {
-        let (stop, stopped) = mpsc::channel::<()>();
-        let every = queries.options.refresh;
-        let thread = std::thread::Builder::new()
-            .name("query-refresh".into())
-            .spawn(move || {
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                    if let Err(e) = queries.refresh() {
-                        tracing::warn!(error = %e, "query API refresh failed; serving the last snapshot");
-                    }
-                }
-            })?;
-        Ok(Refresher {
-            stop: Some(stop),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Refresher {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+/// Refreshes `queries` every `options.refresh` until dropped; a failed refresh is logged and
+/// the snapshot kept (queries go on answering from the last good publish).
+pub fn refresher(queries: Arc<ClickQueries>) -> std::io::Result<crate::periodic::Periodic> {
+    let every = queries.options.refresh;
+    crate::periodic::Periodic::start("query-refresh", every, move || {
+        if let Err(e) = queries.refresh() {
+            tracing::warn!(error = %e, "query API refresh failed; serving the last snapshot");
         }
-    }
+    })
 }
 
 /// A minute as RFC 3339, `2026-12-06T09:47:00Z`.

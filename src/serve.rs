@@ -10,8 +10,10 @@
 //!    front-line dedup (a bounded set of impression ids seen; an optimisation: the dataflow's
 //!    dedup is the authority)
 //!    with --kafka: produced to the click topic (acks=all, idempotent), awaited
-//!      └─ not delivered in time ──▶ the spool instead, counted (`spooled_kafka_failed`): an
-//!         ingest of the spool counts it, once, beside what the stream counts (same key)
+//!      └─ not delivered in time ──▶ the spool instead, counted (`spooled_kafka_failed`); every
+//!         --forward-secs the spool's sealed segments are sent to Kafka again, each renamed
+//!         `_forwarded-…` once acknowledged (an ingest of the spool, which skips those names,
+//!         would count a click once beside the stream anyway: same key)
 //!    else: appended to the spool and synced (crate::spool)
 //!      └─ the spool fails ──▶ 503, counted, no redirect (the client retries; nothing is lost
 //!         silently)
@@ -22,6 +24,7 @@
 //! ```
 
 use std::collections::{HashSet, VecDeque};
+use std::fs::File;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -69,6 +72,9 @@ pub struct KafkaSink {
     pub timeout: std::time::Duration,
     /// Further librdkafka settings (security) for a real cluster.
     pub config: Vec<(String, String)>,
+    /// How often the spool's sealed segments (clicks Kafka did not take in time) are sent to
+    /// Kafka again.
+    pub forward_every: std::time::Duration,
 }
 
 /// Labels of a refusal.
@@ -144,7 +150,7 @@ pub struct ClickServer {
     // it the spool, which seals its last segment) goes.
     http: HttpServer,
     app: Arc<App>,
-    _refresher: Option<crate::query::Refresher>,
+    _tasks: Vec<crate::periodic::Periodic>,
 }
 
 impl ClickServer {
@@ -163,6 +169,12 @@ impl ClickServer {
             "adsmetrics_clicks",
             "Clicks by outcome: accepted (in Kafka, or spooled without Kafka), spooled_kafka_failed, duplicate (seen by the front-line dedup), refused, spool_failed",
             clicks.clone(),
+        );
+        let forwarded = Counter::<u64>::default();
+        registry.register(
+            "adsmetrics_clicks_forwarded",
+            "Spooled clicks (Kafka had not taken them in time) sent on to Kafka later",
+            forwarded.clone(),
         );
         registry.register(
             "adsmetrics_clicks_refused",
@@ -186,18 +198,37 @@ impl ClickServer {
             .route("/click", axum::routing::get(click))
             .route("/metrics", axum::routing::get(metrics))
             .with_state(app.clone());
-        let mut refresher = None;
+        let mut tasks = Vec::new();
+        if let (Some((producer, topic)), Some(sink)) = (&app.kafka, &options.kafka) {
+            let forwarded = forwarded.clone();
+            let (producer, topic, dir) = (producer.clone(), topic.clone(), options.spool.clone());
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()?;
+            tasks.push(crate::periodic::Periodic::start(
+                "spool-forward",
+                sink.forward_every,
+                move || match runtime.block_on(forward_sealed(&dir, &producer, &topic)) {
+                    Ok(0) => {}
+                    Ok(clicks) => {
+                        forwarded.inc_by(clicks);
+                        tracing::info!(clicks, "sent spooled clicks on to Kafka");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "spooled clicks not sent to Kafka yet"),
+                },
+            )?);
+        }
         if let Some(query) = options.queries {
             let queries =
                 Arc::new(crate::query::ClickQueries::open(query).map_err(std::io::Error::other)?);
             router = router.merge(crate::query::router(queries.clone()));
-            refresher = Some(crate::query::Refresher::start(queries)?);
+            tasks.push(crate::query::refresher(queries)?);
         }
         let http = HttpServer::start(&options.listen, "click-http", 2, router)?;
         Ok(ClickServer {
             http,
             app,
-            _refresher: refresher,
+            _tasks: tasks,
         })
     }
 
@@ -323,6 +354,70 @@ async fn click(
                 .into_response()
         }
     }
+}
+
+/// Sends the spool's sealed segments to Kafka, oldest first, each whole: every click of a segment
+/// produced and acknowledged, then the segment renamed `_forwarded-<name>` (which ingest skips,
+/// and which stays as a record). A segment Kafka does not take stays for the next round. A crash
+/// between the acknowledgement and the rename sends the segment again: the dataflow's dedup
+/// counts its clicks once. Returns the clicks sent.
+async fn forward_sealed(
+    dir: &std::path::Path,
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+) -> Result<u64, String> {
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("clicks-") && n.ends_with(".jsonl"))
+        })
+        .collect();
+    segments.sort();
+    let mut sent = 0;
+    for segment in segments {
+        let text =
+            std::fs::read_to_string(&segment).map_err(|e| format!("{}: {e}", segment.display()))?;
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let mut deliveries = Vec::with_capacity(lines.len());
+        for line in &lines {
+            let key = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| {
+                    v.get("event_id")
+                        .and_then(|id| id.as_str())
+                        .map(String::from)
+                })
+                .unwrap_or_default();
+            let record = rdkafka::producer::FutureRecord::to(topic)
+                .key(key.as_bytes())
+                .payload(*line);
+            deliveries.push(
+                producer
+                    .send_result(record)
+                    .map_err(|(e, _)| e.to_string())?,
+            );
+        }
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(e.to_string()),
+                Err(_) => return Err("the producer went away".into()),
+            }
+        }
+        let name = segment
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        std::fs::rename(&segment, dir.join(format!("_forwarded-{name}")))
+            .and_then(|()| File::open(dir)?.sync_all())
+            .map_err(|e| format!("{}: {e}", segment.display()))?;
+        sent += lines.len() as u64;
+    }
+    Ok(sent)
 }
 
 /// An idempotent producer that waits for every in-sync replica, and gives up on a click after
