@@ -347,10 +347,9 @@ pub struct CommitJournal {
 }
 
 impl CommitJournal {
-    /// Opens (or starts) the journal of the warehouse at `root` and replays it. Does not recover:
-    /// call [`CommitJournal::recover`] before publishing.
-    pub fn open(root: &Path, path: &Path) -> Result<Self, JournalError> {
-        let mut journal = CommitJournal {
+    /// The state of a journal with no records.
+    fn empty(root: &Path, path: &Path) -> Self {
+        CommitJournal {
             path: path.to_path_buf(),
             root: root.to_path_buf(),
             bytes: 0,
@@ -361,7 +360,13 @@ impl CommitJournal {
             partitions: BTreeMap::new(),
             pending: None,
             committed: Vec::new(),
-        };
+        }
+    }
+
+    /// Opens (or starts) the journal of the warehouse at `root` and replays it. Does not recover:
+    /// call [`CommitJournal::recover`] before publishing.
+    pub fn open(root: &Path, path: &Path) -> Result<Self, JournalError> {
+        let mut journal = CommitJournal::empty(root, path);
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(journal),
@@ -655,18 +660,7 @@ impl CommitJournal {
     /// appended since. Unlike [`CommitJournal::open`], a torn last line is not cut off: it is the
     /// writer's append in progress, and is read once it is whole.
     pub fn follow(root: &Path, path: &Path) -> Result<Self, JournalError> {
-        let mut journal = CommitJournal {
-            path: path.to_path_buf(),
-            root: root.to_path_buf(),
-            bytes: 0,
-            last_seq: 0,
-            last_commit: 0,
-            published: BTreeMap::new(),
-            consumed: BTreeSet::new(),
-            partitions: BTreeMap::new(),
-            pending: None,
-            committed: Vec::new(),
-        };
+        let mut journal = CommitJournal::empty(root, path);
         journal.catch_up()?;
         Ok(journal)
     }
