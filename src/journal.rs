@@ -787,3 +787,80 @@ mod parse_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod follow_tests {
+    use super::*;
+    use adsmetrics_dataflows::Grain;
+
+    fn publish(seq: u64, period: i64, version: &str) -> String {
+        let prepare = JournalRecord::Prepare {
+            seq,
+            run_id: format!("run-{seq}"),
+            run_key: None,
+            epoch: 1,
+            sources: Vec::new(),
+            partitions: vec![PartitionChange {
+                partition: PartitionId {
+                    grain: Grain::Minute,
+                    period,
+                },
+                old_version: None,
+                new_version: Some(version.into()),
+                rows: 1,
+                staged: None,
+                old_totals: None,
+                new_totals: None,
+            }],
+            ledger: None,
+            retired: Vec::new(),
+        };
+        format!(
+            "{}\n{}\n",
+            serde_json::to_string(&prepare).unwrap(),
+            serde_json::to_string(&JournalRecord::Commit { seq }).unwrap()
+        )
+    }
+
+    #[test]
+    fn a_follower_reads_whole_records_only_and_never_cuts_the_writers_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.jsonl");
+        let mut follower = CommitJournal::follow(dir.path(), &path).unwrap();
+        assert_eq!(
+            follower.last_commit(),
+            0,
+            "no journal yet: nothing published"
+        );
+
+        let first = publish(1, 10, "v1");
+        std::fs::write(&path, &first).unwrap();
+        assert!(follower.catch_up().unwrap());
+        assert_eq!(follower.last_commit(), 1);
+
+        // The writer is halfway through its next append: the follower neither applies nor cuts it.
+        let second = publish(2, 11, "v2");
+        let half = format!("{first}{}", &second[..second.len() / 2]);
+        std::fs::write(&path, &half).unwrap();
+        assert!(!follower.catch_up().unwrap());
+        assert_eq!(follower.published().len(), 1);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), half);
+
+        std::fs::write(&path, format!("{first}{second}")).unwrap();
+        assert!(follower.catch_up().unwrap());
+        assert_eq!(follower.last_commit(), 2);
+        assert_eq!(follower.published().len(), 2);
+        assert!(
+            follower.committed().is_empty(),
+            "a follower keeps no history"
+        );
+
+        // A prepare without its commit is not published yet.
+        let third = publish(3, 12, "v3");
+        let prepared_only = third.lines().next().unwrap();
+        std::fs::write(&path, format!("{first}{second}{prepared_only}\n")).unwrap();
+        assert!(follower.catch_up().unwrap());
+        assert_eq!(follower.last_commit(), 2);
+        assert_eq!(follower.published().len(), 2);
+    }
+}
