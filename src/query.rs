@@ -473,11 +473,16 @@ pub struct ClickQueries {
     warehouse: Warehouse,
     journal: Mutex<CommitJournal>,
     current: RwLock<Arc<Snapshot>>,
+    /// The last load did not finish (a read error, or a publish landing): the next refresh loads
+    /// again even if the journal did not move.
+    stale: std::sync::atomic::AtomicBool,
 }
 
 impl ClickQueries {
-    /// Follows the warehouse's journal and loads the retained hours (a warehouse with nothing
-    /// published yet is an empty snapshot, not an error).
+    /// Follows the warehouse's journal and loads the retained hours. A warehouse with nothing
+    /// published yet is an empty snapshot, not an error; so is one whose partitions cannot be
+    /// read now (logged, and loaded again at the next refresh): the clicks the same server takes
+    /// must not wait for the query API. Only a journal that cannot be read is an error.
     pub fn open(options: QueryOptions) -> Result<Self, QueryError> {
         let warehouse = Warehouse::new(&options.warehouse);
         let journal = CommitJournal::follow(warehouse.root(), &warehouse.journal_path())?;
@@ -486,8 +491,11 @@ impl ClickQueries {
             warehouse,
             journal: Mutex::new(journal),
             current: RwLock::new(Arc::new(Snapshot::default())),
+            stale: std::sync::atomic::AtomicBool::new(true),
         };
-        queries.load()?;
+        if let Err(e) = queries.load() {
+            tracing::warn!(error = %e, "the query API starts empty; it loads again at the next refresh");
+        }
         Ok(queries)
     }
 
@@ -509,20 +517,25 @@ impl ClickQueries {
             .catch_up()?;
         let old = self.snapshot();
         let first_hour = self.first_hour();
-        if !changed && old.first_minute == first_hour * 60 {
+        let stale = self.stale.load(std::sync::atomic::Ordering::Relaxed);
+        if !changed && !stale && old.first_minute == first_hour * 60 {
             return Ok(false);
         }
         self.load()
     }
 
+    /// The first hour held: `retention_hours` hours up to the current one, counted from the
+    /// minute before now, so that the default range `[now − 1, now)` is always held.
     fn first_hour(&self) -> i64 {
-        self.options.clock.minute().div_euclid(60) - (self.options.retention_hours - 1)
+        (self.options.clock.minute() - 1).div_euclid(60) - (self.options.retention_hours - 1)
     }
 
     /// Builds the snapshot of the journal's current published state, reusing the hours whose
     /// version did not change. A file that is not the journal's version means a publish landed
     /// after the journal was read: nothing is swapped, and the next refresh tries again.
     fn load(&self) -> Result<bool, QueryError> {
+        use std::sync::atomic::Ordering;
+        self.stale.store(true, Ordering::Relaxed);
         let journal = self.journal.lock().expect("one refresher at a time");
         let old = self.snapshot();
         let first_hour = self.first_hour();
@@ -532,7 +545,11 @@ impl ClickQueries {
             grain: Grain::Minute,
             period: first_hour,
         };
-        for (id, published) in journal.published().range(from..) {
+        let to = PartitionId {
+            grain: Grain::Minute,
+            period: i64::MAX,
+        };
+        for (id, published) in journal.published().range(from..=to) {
             if let Some(hour) = old
                 .hours
                 .get(&id.period)
@@ -569,6 +586,7 @@ impl ClickQueries {
             .current
             .write()
             .expect("no reader panics holding the lock") = Arc::new(snapshot);
+        self.stale.store(false, Ordering::Relaxed);
         Ok(true)
     }
 }

@@ -2143,9 +2143,9 @@ fn hold_gated(
 /// The rows of a published partition, checked against the version the journal has for it.
 /// In a run that rebuilds whole days (or adds days never published), a week's cells in the
 /// mirror are the sums of the run's days of it only, whole. So before the run first stages the
-/// week, the mirror gets the week's published rows minus the published daily rows of the days the
-/// run rebuilds: what the week's other days contribute. Sums are linear, so the week comes out
-/// exact; it has no distinct users to get wrong.
+/// week, the mirror gets the published daily rows of the week's other days: what they contribute.
+/// Sums are linear, so the week comes out exact (it has no distinct users to get wrong), whether
+/// or not the week was published before (a warehouse older than the weekly table).
 fn seed_week(
     shared: &Shared,
     pipeline: &Pipeline,
@@ -2156,31 +2156,23 @@ fn seed_week(
         Rebuild::Files(_, days) => days,
         Rebuild::Rows(_) => return Ok(()),
     };
-    if let Some(current) = published.get(week) {
-        let rows = read_published(&shared.warehouse, week, current)?;
-        pipeline.mirror.borrow_mut().seed(week, &rows);
-    }
-    for day in week.days().filter(|d| rebuilt.contains(d)) {
+    for day in week.days().filter(|d| !rebuilt.contains(d)) {
         let id = PartitionId {
             grain: Grain::Daily,
             period: day,
         };
         if let Some(current) = published.get(&id) {
-            let negated: Vec<(Dims, MetricRow)> = read_published(&shared.warehouse, &id, current)?
+            let rows: Vec<(Dims, MetricRow)> = read_published(&shared.warehouse, &id, current)?
                 .into_iter()
-                .map(|(dims, r)| {
+                .map(|(dims, row)| {
                     let row = MetricRow {
-                        impressions: -r.impressions,
-                        clicks: -r.clicks,
-                        conversions: -r.conversions,
-                        cost_micros: -r.cost_micros,
-                        revenue_micros: -r.revenue_micros,
                         unique_users: 0,
+                        ..row
                     };
                     (dims, row)
                 })
                 .collect();
-            pipeline.mirror.borrow_mut().seed(week, &negated);
+            pipeline.mirror.borrow_mut().seed(week, &rows);
         }
     }
     Ok(())

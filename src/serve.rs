@@ -199,9 +199,15 @@ impl ClickServer {
             .route("/metrics", axum::routing::get(metrics))
             .with_state(app.clone());
         let mut tasks = Vec::new();
-        if let (Some((producer, topic)), Some(sink)) = (&app.kafka, &options.kafka) {
+        if let Some(sink) = &options.kafka {
             let forwarded = forwarded.clone();
-            let (producer, topic, dir) = (producer.clone(), topic.clone(), options.spool.clone());
+            // A producer of its own, with a longer timeout: a segment's burst neither fills the
+            // queue the live clicks use nor times out behind them.
+            let producer = producer(&KafkaSink {
+                timeout: FORWARD_TIMEOUT,
+                ..sink.clone()
+            })?;
+            let (topic, dir) = (sink.topic.clone(), options.spool.clone());
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
                 .build()?;
@@ -356,6 +362,11 @@ async fn click(
     }
 }
 
+/// Clicks a forwarding round has in flight at most.
+const FORWARD_IN_FLIGHT: usize = 10_000;
+/// How long a forwarded click waits for Kafka's acknowledgement.
+const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Sends the spool's sealed segments to Kafka, oldest first, each whole: every click of a segment
 /// produced and acknowledged, then the segment renamed `_forwarded-<name>` (which ingest skips,
 /// and which stays as a record). A segment Kafka does not take stays for the next round. A crash
@@ -382,30 +393,34 @@ async fn forward_sealed(
         let text =
             std::fs::read_to_string(&segment).map_err(|e| format!("{}: {e}", segment.display()))?;
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        let mut deliveries = Vec::with_capacity(lines.len());
-        for line in &lines {
-            let key = serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| {
-                    v.get("event_id")
-                        .and_then(|id| id.as_str())
-                        .map(String::from)
-                })
-                .unwrap_or_default();
-            let record = rdkafka::producer::FutureRecord::to(topic)
-                .key(key.as_bytes())
-                .payload(*line);
-            deliveries.push(
-                producer
-                    .send_result(record)
-                    .map_err(|(e, _)| e.to_string())?,
-            );
-        }
-        for delivery in deliveries {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(e.to_string()),
-                Err(_) => return Err("the producer went away".into()),
+        // A bounded number in flight: a whole segment (100k clicks) at once would fill the
+        // producer's queue.
+        for chunk in lines.chunks(FORWARD_IN_FLIGHT) {
+            let mut deliveries = Vec::with_capacity(chunk.len());
+            for line in chunk {
+                let key = serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| {
+                        v.get("event_id")
+                            .and_then(|id| id.as_str())
+                            .map(String::from)
+                    })
+                    .unwrap_or_default();
+                let record = rdkafka::producer::FutureRecord::to(topic)
+                    .key(key.as_bytes())
+                    .payload(*line);
+                deliveries.push(
+                    producer
+                        .send_result(record)
+                        .map_err(|(e, _)| e.to_string())?,
+                );
+            }
+            for delivery in deliveries {
+                match delivery.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) => return Err(e.to_string()),
+                    Err(_) => return Err("the producer went away".into()),
+                }
             }
         }
         let name = segment
