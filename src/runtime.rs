@@ -1996,9 +1996,6 @@ fn late_events(
     late
 }
 
-/// Stages every partition this worker's mirror saw change whose version differs from the
-/// published one. With `seeded` (a keyed run), a partition touched for the first time first gets
-/// its published rows.
 /// The published partitions of the event `days` that this worker's mirror holds: after a
 /// whole-day rebuild, those the rebuilt rows did not touch have no rows any more (or, a week,
 /// only its other days').
@@ -2016,6 +2013,10 @@ fn published_in_days(
         .collect()
 }
 
+/// Stages every partition this worker's mirror saw change whose version differs from the
+/// published one. With `seeded` (a keyed run), a partition touched for the first time first gets
+/// its published rows; with `weeks` (a run that rebuilds whole days), a week touched for the
+/// first time first gets its other days' (`seed_week`).
 fn stage_touched(
     shared: &Shared,
     pipeline: &Pipeline,
@@ -2140,7 +2141,6 @@ fn hold_gated(
     }
 }
 
-/// The rows of a published partition, checked against the version the journal has for it.
 /// In a run that rebuilds whole days (or adds days never published), a week's cells in the
 /// mirror are the sums of the run's days of it only, whole. So before the run first stages the
 /// week, the mirror gets the published daily rows of the week's other days: what they contribute.
@@ -2178,6 +2178,7 @@ fn seed_week(
     Ok(())
 }
 
+/// The rows of a published partition, checked against the version the journal has for it.
 fn read_published(
     warehouse: &Warehouse,
     id: &PartitionId,
