@@ -32,6 +32,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use crate::journal::CommitJournal;
+use crate::sink::curated::PublishedReadError;
 use crate::warehouse::Warehouse;
 
 /// Most ads one `popular_ads` answer lists.
@@ -52,13 +53,8 @@ pub enum QueryError {
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
     /// A published partition file could not be read.
-    #[error("{path}: {detail}")]
-    Partition {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        detail: String,
-    },
+    #[error(transparent)]
+    Partition(#[from] PublishedReadError),
 }
 
 /// One named filter as written in the filters file: every field given must match.
@@ -559,15 +555,14 @@ impl ClickQueries {
                 continue;
             }
             let path = self.warehouse.partition_file(id);
-            let rows =
-                crate::sink::curated::read_partition(&path).map_err(|e| QueryError::Partition {
-                    path: path.clone(),
-                    detail: e.to_string(),
-                })?;
-            if crate::sink::curated::content_version(id, &rows) != published.version {
-                tracing::debug!(path = %path.display(), "a newer publish is landing; retrying");
-                return Ok(false);
-            }
+            let rows = match crate::sink::curated::read_published(&path, id, &published.version) {
+                Ok(rows) => rows,
+                Err(e @ PublishedReadError::OtherVersion { .. }) => {
+                    tracing::debug!(error = %e, "a newer publish is landing; retrying");
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            };
             let hour = Hour::index(
                 published.version.clone(),
                 &rows,

@@ -2184,18 +2184,8 @@ fn read_published(
     id: &PartitionId,
     current: &Published,
 ) -> Result<Vec<(Dims, MetricRow)>, RunError> {
-    let path = warehouse.partition_file(id);
-    let rows = crate::sink::curated::read_partition(&path)
-        .map_err(|e| RunError::Published(format!("{}: {e}", path.display())))?;
-    let version = crate::sink::curated::content_version(id, &rows);
-    if version != current.version {
-        return Err(RunError::Published(format!(
-            "{}: its rows are version {version}, the journal published {}",
-            path.display(),
-            current.version
-        )));
-    }
-    Ok(rows)
+    crate::sink::curated::read_published(&warehouse.partition_file(id), id, &current.version)
+        .map_err(|e| RunError::Published(e.to_string()))
 }
 
 /// Worker 0, between the barriers: publishes what all workers staged for `epoch`, with the

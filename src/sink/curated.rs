@@ -198,6 +198,52 @@ pub fn file_version(path: &std::path::Path) -> Option<String> {
         .and_then(|k| k.value.clone())
 }
 
+/// Why a published partition's file could not be taken as the version the journal has for it.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishedReadError {
+    /// The file could not be read as a curated partition.
+    #[error("{path}: {detail}")]
+    Unreadable {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// Its rows are another version (a publish replaced it after the journal was read, or it
+    /// was altered).
+    #[error("{path}: its rows are version {file}, the journal published {journal}")]
+    OtherVersion {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The version of its rows.
+        file: String,
+        /// The version the journal has.
+        journal: String,
+    },
+}
+
+/// Reads the file of published partition `id` and checks that its rows are `version`, the one
+/// the journal has for it.
+pub fn read_published(
+    path: &std::path::Path,
+    id: &PartitionId,
+    version: &str,
+) -> Result<Vec<(Dims, MetricRow)>, PublishedReadError> {
+    let rows = read_partition(path).map_err(|e| PublishedReadError::Unreadable {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    let file = content_version(id, &rows);
+    if file != version {
+        return Err(PublishedReadError::OtherVersion {
+            path: path.to_path_buf(),
+            file,
+            journal: version.to_string(),
+        });
+    }
+    Ok(rows)
+}
+
 /// Reads a partition file back into rows (used by `show` and tests).
 pub fn read_partition(
     path: &std::path::Path,
