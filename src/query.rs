@@ -206,12 +206,17 @@ struct Ads {
 }
 
 impl Ads {
-    fn index_of(&mut self, ad_id: i64) -> u32 {
-        let next = self.ids.len() as u32;
-        *self.index.entry(ad_id).or_insert_with(|| {
-            self.ids.push(ad_id);
-            next
-        })
+    /// The index of `ad_id`, added if new. The dictionary is shared with the snapshot being
+    /// replaced: it is copied only when an ad is new, not at every refresh.
+    fn index_of(ads: &mut Arc<Ads>, ad_id: i64) -> u32 {
+        if let Some(&index) = ads.index.get(&ad_id) {
+            return index;
+        }
+        let ads = Arc::make_mut(ads);
+        let next = ads.ids.len() as u32;
+        ads.ids.push(ad_id);
+        ads.index.insert(ad_id, next);
+        next
     }
 }
 
@@ -235,12 +240,12 @@ impl Hour {
         version: String,
         rows: &[(Dims, MetricRow)],
         filters: &Filters,
-        ads: &mut Ads,
+        ads: &mut Arc<Ads>,
     ) -> Self {
         let tables = filters.filters.len() + 1;
         let mut minutes: Vec<Vec<Vec<(u32, i64)>>> = vec![vec![Vec::new(); tables]; 60];
         for (dims, row) in rows {
-            let ad = ads.index_of(dims.ad_id);
+            let ad = Ads::index_of(ads, dims.ad_id);
             let minute = &mut minutes[usize::from(dims.click.minute.min(59))];
             for f in filters.matching(dims) {
                 minute[f].push((ad, row.clicks));
@@ -567,7 +572,7 @@ impl ClickQueries {
                 published.version.clone(),
                 &rows,
                 &self.options.filters,
-                Arc::make_mut(&mut ads),
+                &mut ads,
             );
             hours.insert(id.period, Arc::new(hour));
         }
@@ -804,7 +809,7 @@ mod tests {
     }
 
     fn snapshot(filters: &Filters) -> Snapshot {
-        let mut ads = Ads::default();
+        let mut ads = Arc::new(Ads::default());
         let rows = [
             row(0, 7, "US", 1, 2),
             row(0, 5, "DE", 1, 1),
@@ -816,7 +821,7 @@ mod tests {
             publish: 1,
             first_minute: 0,
             hours: [(10, Arc::new(hour))].into(),
-            ads: Arc::new(ads),
+            ads,
         }
     }
 
