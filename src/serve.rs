@@ -24,7 +24,6 @@
 //! ```
 
 use std::collections::{HashSet, VecDeque};
-use std::fs::File;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -324,11 +323,7 @@ async fn click(
             .key(claims.impression_id.as_bytes())
             .payload(&line);
         let delivered = match producer.send_result(record) {
-            Ok(delivery) => match delivery.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((e, _))) => Err(e.to_string()),
-                Err(_) => Err("the producer went away".to_string()),
-            },
+            Ok(delivery) => acknowledged(delivery).await,
             Err((e, _)) => Err(e.to_string()),
         };
         match delivered {
@@ -362,6 +357,15 @@ async fn click(
     }
 }
 
+/// Waits for Kafka's acknowledgement of one produced click.
+async fn acknowledged(delivery: rdkafka::producer::DeliveryFuture) -> Result<(), String> {
+    match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(e.to_string()),
+        Err(_) => Err("the producer went away".to_string()),
+    }
+}
+
 /// Clicks a forwarding round has in flight at most.
 const FORWARD_IN_FLIGHT: usize = 10_000;
 /// How long a forwarded click waits for Kafka's acknowledgement.
@@ -377,17 +381,8 @@ async fn forward_sealed(
     producer: &rdkafka::producer::FutureProducer,
     topic: &str,
 ) -> Result<u64, String> {
-    let mut segments: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| {
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("clicks-") && n.ends_with(".jsonl"))
-        })
-        .collect();
-    segments.sort();
+    let segments =
+        crate::spool::sealed_segments(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut sent = 0;
     for segment in segments {
         let text =
@@ -416,19 +411,10 @@ async fn forward_sealed(
                 );
             }
             for delivery in deliveries {
-                match delivery.await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err((e, _))) => return Err(e.to_string()),
-                    Err(_) => return Err("the producer went away".into()),
-                }
+                acknowledged(delivery).await?;
             }
         }
-        let name = segment
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
-        std::fs::rename(&segment, dir.join(format!("_forwarded-{name}")))
-            .and_then(|()| File::open(dir)?.sync_all())
+        crate::spool::mark_forwarded(&segment)
             .map_err(|e| format!("{}: {e}", segment.display()))?;
         sent += lines.len() as u64;
     }

@@ -5,6 +5,7 @@
 //! ```text
 //!  <dir>/_open-<start µs>-<pid>.jsonl        the segment being written (ingest skips `_` names)
 //!  <dir>/clicks-<start µs>-<pid>-<seq>.jsonl  sealed: never written again, ingested once
+//!  <dir>/_forwarded-clicks-….jsonl             sent on to Kafka by `serve --kafka` (skipped)
 //! ```
 //!
 //! One writer thread takes every request's line, writes what has queued up as one batch,
@@ -239,6 +240,35 @@ impl Writer {
         File::open(&self.dir)?.sync_all()?;
         Ok(Some(sealed))
     }
+}
+
+/// The spool's sealed segments, oldest first (by name: their start time leads).
+pub fn sealed_segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut segments = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name.starts_with("clicks-") && name.ends_with(".jsonl") {
+            segments.push(path);
+        }
+    }
+    segments.sort();
+    Ok(segments)
+}
+
+/// Marks a sealed segment as sent on to Kafka: renamed `_forwarded-<name>` (ingest skips `_`
+/// names; the file stays as a record), the directory synced.
+pub fn mark_forwarded(segment: &Path) -> io::Result<()> {
+    let name = segment
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = segment.parent().unwrap_or(Path::new("."));
+    fs::rename(segment, dir.join(format!("_forwarded-{name}")))?;
+    File::open(dir)?.sync_all()
 }
 
 /// Seals a segment a crash left open, cut at its last whole line (or removes it if it has none).
