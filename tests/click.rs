@@ -23,21 +23,6 @@ use common::*;
 
 const TARGET: &str = "https://shop.example/landing?campaign=3&x=%20y";
 
-fn keyring(signing: &str, keys: &[(&str, &str, bool)]) -> Keyring {
-    Keyring::from_file(&KeyringFile {
-        signing: signing.into(),
-        keys: keys
-            .iter()
-            .map(|(id, fill, retired)| KeyEntry {
-                id: id.to_string(),
-                secret_hex: fill.repeat(64 / fill.len()),
-                retired: *retired,
-            })
-            .collect(),
-    })
-    .unwrap()
-}
-
 fn claims(impression_id: &str, ad_id: i64) -> Claims {
     let now = chrono::Utc::now().timestamp();
     Claims {

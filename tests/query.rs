@@ -19,7 +19,6 @@ use adsmetrics::query::{Clock, Filters, QueryOptions};
 use adsmetrics::runtime::{ingest, IngestOptions};
 use adsmetrics::serve::{ClickServer, ServeOptions};
 use adsmetrics::spool::SealPolicy;
-use adsmetrics::token::{KeyEntry, Keyring, KeyringFile};
 use adsmetrics::warehouse::Warehouse;
 use adsmetrics_dataflows::{Country, EventType, Ip};
 use common::*;
@@ -179,15 +178,7 @@ struct Api {
 
 impl Api {
     fn start(warehouse: &Warehouse, spool: &std::path::Path) -> Api {
-        let keyring = Keyring::from_file(&KeyringFile {
-            signing: "k1".into(),
-            keys: vec![KeyEntry {
-                id: "k1".into(),
-                secret_hex: "ab".repeat(32),
-                retired: false,
-            }],
-        })
-        .unwrap();
+        let keyring = keyring("k1", &[("k1", "ab", false)]);
         let server = ClickServer::start(ServeOptions {
             listen: "127.0.0.1:0".into(),
             keyring,

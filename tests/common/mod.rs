@@ -295,3 +295,21 @@ impl Drop for Broker {
         let _ = self.child.wait();
     }
 }
+
+/// A keyring signing with `signing`, of `(id, hex fill, retired)` keys: each secret is the fill
+/// repeated to 64 hex digits.
+pub fn keyring(signing: &str, keys: &[(&str, &str, bool)]) -> adsmetrics::token::Keyring {
+    use adsmetrics::token::{KeyEntry, Keyring, KeyringFile};
+    Keyring::from_file(&KeyringFile {
+        signing: signing.into(),
+        keys: keys
+            .iter()
+            .map(|(id, fill, retired)| KeyEntry {
+                id: id.to_string(),
+                secret_hex: fill.repeat(64 / fill.len()),
+                retired: *retired,
+            })
+            .collect(),
+    })
+    .unwrap()
+}
