@@ -3,17 +3,10 @@
 
 mod common;
 
-use adsmetrics::runtime::{ingest, IngestOptions};
+use adsmetrics::runtime::ingest;
 use adsmetrics::snapshot::TableSnapshot;
 use adsmetrics::warehouse::Warehouse;
 use common::*;
-
-fn options() -> IngestOptions {
-    IngestOptions {
-        workers: 2,
-        ..Default::default()
-    }
-}
 
 #[test]
 fn a_correction_rebuilds_only_the_days_it_touches_and_is_exact() {

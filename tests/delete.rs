@@ -8,18 +8,11 @@ use std::collections::BTreeSet;
 use adsmetrics::delete::{delete, DeleteRequest};
 use adsmetrics::event::Event;
 use adsmetrics::ledger::{Outcome, RunKind};
-use adsmetrics::runtime::{ingest, IngestOptions};
+use adsmetrics::runtime::ingest;
 use adsmetrics::snapshot::TableSnapshot;
 use adsmetrics::warehouse::Warehouse;
 use adsmetrics_dataflows::{DedupKey, EventType};
 use common::*;
-
-fn options() -> IngestOptions {
-    IngestOptions {
-        workers: 2,
-        ..Default::default()
-    }
-}
 
 /// Every event left in the raw layer.
 fn raw_events(wh: &Warehouse) -> Vec<Event> {

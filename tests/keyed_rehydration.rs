@@ -6,7 +6,7 @@ mod common;
 
 use adsmetrics::delete::{delete, DeleteRequest};
 use adsmetrics::event::Event;
-use adsmetrics::runtime::{ingest, IngestOptions, RunError};
+use adsmetrics::runtime::{ingest, RunError};
 use adsmetrics::snapshot::TableSnapshot;
 use adsmetrics::warehouse::Warehouse;
 use adsmetrics_dataflows::{Country, EventType};
@@ -15,13 +15,6 @@ use common::*;
 const HOUR_US: i64 = 3_600_000_000;
 /// 2026-11-03T00:00:00Z.
 const DAY0: i64 = 1_793_750_400_000_000;
-
-fn options() -> IngestOptions {
-    IngestOptions {
-        workers: 2,
-        ..Default::default()
-    }
-}
 
 fn event(id: &str, hour: i64, user: i64) -> Event {
     Event {

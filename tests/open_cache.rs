@@ -6,17 +6,10 @@ mod common;
 
 use adsmetrics::delete::{delete, DeleteRequest};
 use adsmetrics::ledger::RunKind;
-use adsmetrics::runtime::{ingest_inline, IngestOptions, InlineRun, OpenCache};
+use adsmetrics::runtime::{ingest_inline, InlineRun, OpenCache};
 use adsmetrics::source::identify;
 use adsmetrics::warehouse::Warehouse;
 use common::*;
-
-fn options() -> IngestOptions {
-    IngestOptions {
-        workers: 2,
-        ..Default::default()
-    }
-}
 
 fn run(wh: &Warehouse, file: &std::path::Path, cache: &mut OpenCache) -> u64 {
     let sources = identify(&[file.to_path_buf()], 1).unwrap();

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use adsmetrics::event::Event;
 use adsmetrics::query::{Clock, Filters, QueryOptions};
-use adsmetrics::runtime::{ingest, IngestOptions};
+use adsmetrics::runtime::ingest;
 use adsmetrics::serve::{ClickServer, ServeOptions};
 use adsmetrics::spool::SealPolicy;
 use adsmetrics::warehouse::Warehouse;
@@ -276,13 +276,6 @@ fn compare(api: &Api, clicks: &[Event], rng: &mut ChaCha8Rng, queries: usize) {
                 "{path}"
             );
         }
-    }
-}
-
-fn options() -> IngestOptions {
-    IngestOptions {
-        workers: 2,
-        ..Default::default()
     }
 }
 

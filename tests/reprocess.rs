@@ -7,18 +7,11 @@ mod common;
 use std::collections::BTreeSet;
 
 use adsmetrics::journal::CommitJournal;
-use adsmetrics::runtime::{ingest, reprocess, IngestOptions};
+use adsmetrics::runtime::{ingest, reprocess};
 use adsmetrics::sink::publish::{publish_epoch, stage_partition, PublishOrigin};
 use adsmetrics::warehouse::Warehouse;
 use adsmetrics_dataflows::{Grain, PartitionId};
 use common::*;
-
-fn options() -> IngestOptions {
-    IngestOptions {
-        workers: 2,
-        ..Default::default()
-    }
-}
 
 #[test]
 fn reprocess_rewrites_wrong_partitions_and_removes_phantom_ones() {

@@ -313,3 +313,11 @@ pub fn keyring(signing: &str, keys: &[(&str, &str, bool)]) -> adsmetrics::token:
     })
     .unwrap()
 }
+
+/// Ingest on two workers, everything else as the defaults: what most tests run with.
+pub fn options() -> adsmetrics::runtime::IngestOptions {
+    adsmetrics::runtime::IngestOptions {
+        workers: 2,
+        ..Default::default()
+    }
+}
