@@ -213,7 +213,7 @@ pub struct PartitionChange {
 
 /// The audit ledger's newest entry when a publish was prepared: ties the ledger to the journal,
 /// so entries cut from the ledger are found by `audit verify`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerAnchor {
     /// The entry's sequence number (0: the ledger was empty).
     pub seq: u64,
@@ -348,7 +348,7 @@ pub struct CommitJournal {
 
 impl CommitJournal {
     /// The state of a journal with no records.
-    fn empty(root: &Path, path: &Path) -> Self {
+    pub(crate) fn empty(root: &Path, path: &Path) -> Self {
         CommitJournal {
             path: path.to_path_buf(),
             root: root.to_path_buf(),

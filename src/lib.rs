@@ -25,6 +25,7 @@
 pub mod backfill;
 pub mod broker;
 pub mod check;
+pub mod cluster;
 pub mod dashboard;
 pub mod ddl;
 pub mod decode;

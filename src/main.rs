@@ -163,6 +163,8 @@ enum Command {
         gate: bool,
         #[command(flatten)]
         metrics: RunMetricsArgs,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// Replace source partitions with their current contents: every file below --source in a
     /// Hive `dt=YYYY-MM-DD` folder from --from to --to is a source partition (named by its path
@@ -691,6 +693,61 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Cluster mode: one run on several processes (timely's `-n -p -h`, with `--workers` as `-w`).
+#[derive(clap::Args, Debug)]
+struct ClusterArgs {
+    /// Run as one process of a cluster of this many: start the same command on every process
+    /// (same inputs, same --warehouse path on a filesystem all of them see, same --workers),
+    /// each with its own --process. The processes exchange rows by key over TCP; process 0
+    /// plans, publishes and keeps the audit ledger.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    processes: usize,
+    /// This process's index in the cluster, 0..N; 0 is the coordinator.
+    #[arg(long, value_name = "I", default_value_t = 0)]
+    process: usize,
+    /// The cluster's addresses, one `host:port` per line in process order (default:
+    /// 127.0.0.1:2101, :2102, …).
+    #[arg(long, value_name = "FILE")]
+    hostfile: Option<PathBuf>,
+}
+
+impl ClusterArgs {
+    /// The cluster, or `None` for a process alone.
+    fn cluster(&self) -> anyhow::Result<Option<adsmetrics::cluster::Cluster>> {
+        adsmetrics::cluster::Cluster::new(self.processes, self.process, self.hostfile.as_deref())
+            .map_err(anyhow::Error::msg)
+    }
+}
+
+/// Runs a command as this process's part of `cluster`: a follower runs what the coordinator
+/// orders, and says nothing of its own (`Ok(None)`); the coordinator (or a process alone) runs
+/// `run` and then tells the followers the command is over, with its error if it failed.
+fn in_cluster<T>(
+    warehouse: &Warehouse,
+    cluster: Option<adsmetrics::cluster::Cluster>,
+    workers: usize,
+    run: impl FnOnce(Option<adsmetrics::cluster::Cluster>) -> anyhow::Result<T>,
+) -> anyhow::Result<Option<T>> {
+    let Some(cluster) = cluster else {
+        return run(None).map(Some);
+    };
+    adsmetrics::cluster::stop_when_a_peer_is_lost();
+    if !cluster.is_coordinator() {
+        let runs = adsmetrics::cluster::follow(warehouse, &cluster, workers.max(1))?;
+        eprintln!(
+            "process {} of {}: ran {runs} generation(s) of the coordinator's run",
+            cluster.process, cluster.processes
+        );
+        return Ok(None);
+    }
+    let result = run(Some(cluster.clone()));
+    let error = result.as_ref().err().map(|e| format!("{e:#}"));
+    if let Err(e) = adsmetrics::cluster::release(&cluster, workers.max(1), error) {
+        tracing::warn!(error = %e, "could not tell the followers that the command is over");
+    }
+    result.map(Some)
+}
+
 /// `--hot-window`, shared by the commands that take it.
 #[derive(clap::Args, Debug)]
 struct HotWindowArg {
@@ -914,20 +971,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             quiet,
             gate,
             metrics,
+            cluster,
         } => {
-            let (_server, counters) = metrics.serve()?;
-            let options = IngestOptions {
-                workers,
-                epoch_sources,
-                progress: !quiet,
-                hot_window_days: hot_window.days.0,
-                gate,
-                metrics: counters,
-                ..IngestOptions::default()
-            };
-            let summary = ingest(&warehouse, &inputs, options)?;
-            print!("{}", adsmetrics::report::ingest_report(&summary));
-            metrics.write("ingest", &summary)?;
+            let cluster = cluster.cluster()?;
+            let ran = in_cluster(&warehouse, cluster, workers, |cluster| {
+                let (_server, counters) = metrics.serve()?;
+                let options = IngestOptions {
+                    workers,
+                    epoch_sources,
+                    progress: !quiet,
+                    hot_window_days: hot_window.days.0,
+                    gate,
+                    metrics: counters,
+                    cluster,
+                    ..IngestOptions::default()
+                };
+                Ok(ingest(&warehouse, &inputs, options)?)
+            })?;
+            if let Some(summary) = ran {
+                print!("{}", adsmetrics::report::ingest_report(&summary));
+                metrics.write("ingest", &summary)?;
+            }
         }
         Command::Backfill {
             source,

@@ -42,7 +42,9 @@ use adsmetrics_dataflows::{
     DedupKey, Dims, EventType, EventVersion, Grain, MetricRow, MirrorError, PartitionId,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
 
+use crate::cluster::{Control, Json, Message, Order};
 use crate::event::Event;
 use crate::journal::{
     CommitJournal, JournalError, LedgerAnchor, PartitionChange, Published, RetiredSource,
@@ -87,6 +89,9 @@ pub struct IngestOptions {
     pub tamper_for_test: bool,
     /// Counters for `/metrics`, added to as each generation finishes.
     pub metrics: Option<Arc<crate::metrics::RunCounters>>,
+    /// Cluster mode ([`crate::cluster`]): this process is the coordinator of these processes,
+    /// each with [`IngestOptions::workers`] workers. `None`: this process alone.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 /// The default hot window: 48 hours of source days.
@@ -103,12 +108,13 @@ impl Default for IngestOptions {
             gate: false,
             tamper_for_test: false,
             metrics: None,
+            cluster: None,
         }
     }
 }
 
 /// What one generation of a run (see [`IngestOptions::hot_window_days`]) left in memory.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GenerationMemory {
     /// The newest source day the generation ingested (days since the Unix epoch), if its
     /// sources have one.
@@ -122,7 +128,7 @@ pub struct GenerationMemory {
 }
 
 /// What an ingest run did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IngestSummary {
     /// Files found under the inputs.
     pub sources_found: u64,
@@ -135,6 +141,7 @@ pub struct IngestSummary {
     /// Records of ingested sources accepted as events (after in-source dedup).
     pub events_accepted: u64,
     /// The accepted events by event type and producer (`impression`, `web`).
+    #[serde(with = "pairs")]
     pub accepted_by_kind: BTreeMap<(String, String), u64>,
     /// Records dropped because the same key appeared again in the same source.
     pub in_source_duplicates: u64,
@@ -169,6 +176,31 @@ pub struct IngestSummary {
     pub conflicted_keys: i64,
     /// Wall time of the run.
     pub elapsed: Duration,
+}
+
+/// A map with tuple keys as a list of pairs (JSON keys are strings).
+mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer, K: Serialize, V: Serialize>(
+        map: &BTreeMap<K, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<
+        'de,
+        D: Deserializer<'de>,
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+    >(
+        d: D,
+    ) -> Result<BTreeMap<K, V>, D::Error> {
+        Vec::<(K, V)>::deserialize(d).map(|pairs| pairs.into_iter().collect())
+    }
 }
 
 /// Why a run stopped. `Source`, `Write` and I/O failures may be retried by running the same
@@ -242,7 +274,8 @@ impl RunError {
 }
 
 /// The sources of one epoch, already assigned to workers.
-struct EpochPlan {
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct EpochPlan {
     by_worker: Vec<Vec<SourceFile>>,
     /// Raw files whose rows this epoch retracts (replaced source partitions).
     retract: Vec<PathBuf>,
@@ -277,7 +310,10 @@ struct Shared {
     /// Threads the gate reads raw files with.
     threads: usize,
     epochs: Vec<EpochPlan>,
+    /// Between this process's workers.
     barrier: Barrier,
+    /// Cluster mode: this process's part in it.
+    cluster: Option<Role>,
     progress: ProgressBar,
     state: Mutex<SharedState>,
 }
@@ -293,6 +329,52 @@ struct SharedState {
     fail_point: Option<FailPoint>,
     /// Per event day: the raw files this run wrote and their keys' index prefixes, to bring the
     /// day's key index up to date at the end of the run.
+    written: BTreeMap<i64, (Vec<PathBuf>, Vec<u64>)>,
+}
+
+/// A process's part in a cluster run ([`crate::cluster`]).
+struct Role {
+    cluster: crate::cluster::Cluster,
+    /// Worker threads of each process.
+    workers: usize,
+    /// The coordinator's: the plan it sends the followers.
+    job: Option<Job>,
+    /// A follower's: its read-only view of the journal, caught up after each publish.
+    journal: Option<Mutex<CommitJournal>>,
+}
+
+impl Role {
+    /// This worker's index among its process's workers.
+    fn local(&self, index: usize) -> usize {
+        index % self.workers
+    }
+}
+
+/// A generation as the coordinator planned it, for the followers: what they need to run their
+/// part (they read the tombstones themselves; a keyed rebuild's rows stay on the coordinator,
+/// whose workers feed them all, and the dataflow sends each row to its key's worker).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Job {
+    run_id: String,
+    started_at_us: i64,
+    ledger_anchor: LedgerAnchor,
+    horizons: Horizons,
+    /// A whole-day rebuild's files and days; `None` for a keyed rebuild.
+    rebuild_files: Option<(Vec<PathBuf>, BTreeSet<i64>)>,
+    partition_of: HashMap<String, String>,
+    progress_in_sources: bool,
+    tamper: bool,
+    epochs: Vec<EpochPlan>,
+}
+
+/// A follower's part of an epoch, for worker 0's publish: what its workers staged and ingested.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Report {
+    process: usize,
+    changes: Vec<PartitionChange>,
+    sources: Vec<SourceRecord>,
+    summary: IngestSummary,
+    errors: Vec<String>,
     written: BTreeMap<i64, (Vec<PathBuf>, Vec<u64>)>,
 }
 
@@ -393,8 +475,14 @@ impl Session {
             // Each run is the same sequence of steps on every worker; the last worker to hand
             // in its result does not start the next run before the session sends it.
             while let Ok(shared) = jobs.recv() {
-                let conflicted =
-                    run_epochs(worker, &mut pipeline, Some(&mut seeded), &shared, time);
+                let conflicted = run_epochs(
+                    worker,
+                    &mut pipeline,
+                    Some(&mut seeded),
+                    &shared,
+                    time,
+                    None,
+                );
                 time += shared.epochs.len() as u64 + 1;
                 drop(shared);
                 if done.send(conflicted).is_err() {
@@ -1167,6 +1255,8 @@ fn execute_generation(
     let source_count = batches.iter().map(|b| b.sources.len() as u64).sum();
 
     let workers = options.workers.max(1);
+    // Sources are spread over the workers of every process of a cluster.
+    let processes = options.cluster.as_ref().map_or(1, |c| c.processes);
     // Committed raw files, of days retention has not dropped (a retention run that stopped
     // before deleting them must not have them rebuilt into curated partitions it removed).
     let listed = raw_listing
@@ -1285,7 +1375,7 @@ fn execute_generation(
             retract,
             retired: batch.retired,
             adopt: batch.adopt,
-            ..assign(&batch.sources, workers)
+            ..assign(&batch.sources, workers * processes)
         })
         .collect();
 
@@ -1302,11 +1392,31 @@ fn execute_generation(
         )
     });
 
+    let ledger_anchor = ledger.anchor();
+    let role = options.cluster.clone().map(|cluster| Role {
+        job: Some(Job {
+            run_id: run.run_id.clone(),
+            started_at_us,
+            ledger_anchor: ledger_anchor.clone(),
+            horizons,
+            rebuild_files: match &rebuild {
+                Rebuild::Files(files, days) => Some((files.clone(), days.clone())),
+                Rebuild::Rows(_) => None,
+            },
+            partition_of: partition_of.clone(),
+            progress_in_sources,
+            tamper: options.tamper_for_test,
+            epochs: epochs.clone(),
+        }),
+        cluster,
+        workers,
+        journal: None,
+    });
     let shared = Arc::new(Shared {
         warehouse: warehouse.clone(),
         run_id: run.run_id.clone(),
         started_at_us,
-        ledger_anchor: ledger.anchor(),
+        ledger_anchor,
         tombstones,
         horizons,
         rebuild,
@@ -1318,6 +1428,7 @@ fn execute_generation(
         threads: workers.max(2),
         epochs,
         barrier: Barrier::new(workers),
+        cluster: role,
         progress,
         progress_events_before,
         state: Mutex::new(SharedState {
@@ -1334,16 +1445,18 @@ fn execute_generation(
         Some(session) => session.run(&shared).map(|c| conflicted = c),
         None => {
             let worker_shared = shared.clone();
-            timely::execute(timely::Config::process(workers), move |worker| {
-                run_worker(worker, &worker_shared)
-            })
-            .map_err(RunError::Runtime)
-            .and_then(|guards| {
-                for result in guards.join() {
-                    conflicted += result.map_err(RunError::Runtime)?;
-                }
-                Ok(())
-            })
+            let config = match &options.cluster {
+                Some(cluster) => cluster.config(workers),
+                None => timely::Config::process(workers),
+            };
+            timely::execute(config, move |worker| run_worker(worker, &worker_shared))
+                .map_err(RunError::Runtime)
+                .and_then(|guards| {
+                    for result in guards.join() {
+                        conflicted += result.map_err(RunError::Runtime)?;
+                    }
+                    Ok(())
+                })
         }
     };
     if let Err(e) = ran {
@@ -1532,10 +1645,238 @@ fn assign(sources: &[SourceFile], workers: usize) -> EpochPlan {
 
 /// One worker's whole run on a dataflow of its own. Returns the worker's count of conflicted keys.
 fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
+    // In a cluster, the control dataflow first, on every process (see `follow_once`).
+    let mut control = shared.cluster.as_ref().map(|_| Control::build(worker));
     let mut pipeline = pipeline::build(worker);
+    if let (Some(control), Some(role)) = (control.as_mut(), shared.cluster.as_ref()) {
+        // Round 0: the plan, to every worker of the followers.
+        let out = match (&role.job, worker.index()) {
+            (Some(job), 0) => (role.workers..worker.peers())
+                .map(|to| (to, Message::Order(Order::Run(Json::encode(job)))))
+                .collect(),
+            _ => Vec::new(),
+        };
+        control.round(worker, out);
+    }
     // Keyed rehydration: the partitions given their published rows so far.
     let mut seeded = matches!(shared.rebuild, Rebuild::Rows(_)).then(BTreeSet::new);
-    run_epochs(worker, &mut pipeline, seeded.as_mut(), shared, 0)
+    run_epochs(
+        worker,
+        &mut pipeline,
+        seeded.as_mut(),
+        shared,
+        0,
+        control.as_mut(),
+    )
+}
+
+/// A follower's part in one timely run of its cluster ([`crate::cluster::follow`]): the
+/// generation the coordinator orders at round 0, run like the coordinator's workers run theirs.
+/// `Ok(None)` after a generation; `Ok(Some(error))` when the coordinator said the command is over.
+pub(crate) fn follow_once(
+    warehouse: &Warehouse,
+    cluster: &crate::cluster::Cluster,
+    workers: usize,
+) -> Result<Option<Option<String>>, RunError> {
+    let done: Arc<Mutex<Option<Option<String>>>> = Arc::default();
+    let state: Arc<std::sync::OnceLock<Arc<Shared>>> = Arc::default();
+    let (warehouse, role) = (warehouse.clone(), cluster.clone());
+    let (told, run) = (done.clone(), state.clone());
+    let guards = timely::execute(cluster.config(workers), move |worker| {
+        let mut control = Control::build(worker);
+        let mut pipeline = pipeline::build(worker);
+        let order = control
+            .round(worker, Vec::new())
+            .into_iter()
+            .find_map(|m| match m {
+                Message::Order(order) => Some(order),
+                _ => None,
+            });
+        match order {
+            Some(Order::Run(job)) => {
+                let shared = run
+                    .get_or_init(|| Arc::new(follower_shared(&warehouse, &role, workers, &job)))
+                    .clone();
+                let mut seeded = matches!(shared.rebuild, Rebuild::Rows(_)).then(BTreeSet::new);
+                run_epochs(
+                    worker,
+                    &mut pipeline,
+                    seeded.as_mut(),
+                    &shared,
+                    0,
+                    Some(&mut control),
+                );
+            }
+            Some(Order::Done(error)) => *told.lock().expect("lock") = Some(error),
+            None => {
+                *told.lock().expect("lock") =
+                    Some(Some("the coordinator sent this worker no order".into()))
+            }
+        }
+    })
+    .map_err(RunError::Runtime)?;
+    for result in guards.join() {
+        result.map_err(RunError::Runtime)?;
+    }
+    let done = done.lock().expect("lock").take();
+    Ok(done)
+}
+
+/// A follower's state for a generation the coordinator planned. What it cannot read goes on its
+/// errors (reported at the first epoch's report, which stops the whole run there).
+fn follower_shared(
+    warehouse: &Warehouse,
+    cluster: &crate::cluster::Cluster,
+    workers: usize,
+    job: &Json,
+) -> Shared {
+    let mut errors = Vec::new();
+    let job: Job = job.decode().unwrap_or_else(|e| {
+        // Then nothing to run: the first report says why, and the run stops there.
+        errors.push(RunError::Runtime(e));
+        Job::default()
+    });
+    let tombstones = Tombstones::open(&warehouse.tombstones_path()).unwrap_or_else(|e| {
+        errors.push(RunError::from(e));
+        Tombstones::default()
+    });
+    let journal = CommitJournal::follow(warehouse.root(), &warehouse.journal_path())
+        .unwrap_or_else(|e| {
+            errors.push(RunError::from(e));
+            CommitJournal::empty(warehouse.root(), &warehouse.journal_path())
+        });
+    let published = Arc::new(journal.published().clone());
+    Shared {
+        warehouse: warehouse.clone(),
+        run_id: job.run_id,
+        started_at_us: job.started_at_us,
+        ledger_anchor: job.ledger_anchor,
+        tombstones,
+        horizons: job.horizons,
+        rebuild: match job.rebuild_files {
+            Some((files, days)) => Rebuild::Files(files, days),
+            None => Rebuild::Rows(Vec::new()),
+        },
+        predecoded: Mutex::default(),
+        partition_of: job.partition_of,
+        progress_in_sources: job.progress_in_sources,
+        progress_events_before: 0,
+        gate: false,
+        tamper: job.tamper,
+        threads: workers.max(2),
+        epochs: job.epochs,
+        barrier: Barrier::new(workers),
+        cluster: Some(Role {
+            cluster: cluster.clone(),
+            workers,
+            job: None,
+            journal: Some(Mutex::new(journal)),
+        }),
+        progress: ProgressBar::hidden(),
+        state: Mutex::new(SharedState {
+            published,
+            errors,
+            ..Default::default()
+        }),
+    }
+}
+
+/// Cluster mode, once this process's workers have staged `epoch`: the followers report what they
+/// staged and ingested to worker 0, which publishes it all as one epoch; then everyone hears how
+/// it went, so every process stops at the same epoch when anything failed.
+fn publish_in_cluster(
+    worker: &mut timely::worker::Worker,
+    control: &mut Control,
+    shared: &Shared,
+    epoch: u64,
+) {
+    let Some(role) = &shared.cluster else {
+        return;
+    };
+    let index = worker.index();
+    let reports_for_process = role.local(index) == 0 && !role.cluster.is_coordinator();
+    let out = if reports_for_process {
+        let mut state = shared.state.lock().expect("lock");
+        let report = Report {
+            process: role.cluster.process,
+            changes: std::mem::take(&mut state.changes),
+            sources: std::mem::take(&mut state.sources),
+            summary: std::mem::take(&mut state.summary),
+            errors: state.errors.drain(..).map(|e| e.to_string()).collect(),
+            written: std::mem::take(&mut state.written),
+        };
+        vec![(0, Message::Report(Json::encode(&report)))]
+    } else {
+        Vec::new()
+    };
+    let mut reports: Vec<Report> = control
+        .round(worker, out)
+        .into_iter()
+        .filter_map(|m| match m {
+            Message::Report(report) => Some(report.decode().unwrap_or_else(|e| Report {
+                errors: vec![e],
+                ..Report::default()
+            })),
+            _ => None,
+        })
+        .collect();
+    let mut outcome = Vec::new();
+    if index == 0 {
+        reports.sort_by_key(|r| r.process);
+        {
+            let mut state = shared.state.lock().expect("lock");
+            for report in reports {
+                state.changes.extend(report.changes);
+                state.sources.extend(report.sources);
+                state.summary.absorb(&report.summary);
+                for e in report.errors {
+                    state.errors.push(RunError::Runtime(format!(
+                        "process {}: {e}",
+                        report.process
+                    )));
+                }
+                for (day, (paths, prefixes)) in report.written {
+                    let entry = state.written.entry(day).or_default();
+                    entry.0.extend(paths);
+                    entry.1.extend(prefixes);
+                }
+            }
+        }
+        publish(shared, epoch);
+        let errors: Vec<String> = shared
+            .state
+            .lock()
+            .expect("lock")
+            .errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        outcome = (role.workers..worker.peers())
+            .step_by(role.workers)
+            .map(|to| (to, Message::Outcome(errors.clone())))
+            .collect();
+    }
+    let heard = control.round(worker, outcome);
+    if reports_for_process {
+        let mut state = shared.state.lock().expect("lock");
+        for message in heard {
+            if let Message::Outcome(errors) = message {
+                state
+                    .errors
+                    .extend(errors.into_iter().map(RunError::Runtime));
+            }
+        }
+        if let Some(journal) = &role.journal {
+            let mut journal = journal.lock().expect("lock");
+            if let Err(e) = journal.catch_up() {
+                // The other processes go on to the next epoch: stopping only this one's workers
+                // would leave them waiting; a lost peer stops them all.
+                eprintln!("error: process {}: {e}", role.cluster.process);
+                std::process::exit(i32::from(crate::cluster::EXIT_PEER_LOST));
+            }
+            state.published = Arc::new(journal.published().clone());
+        }
+    }
 }
 
 /// A run's epochs on a worker's `pipeline`, the run's epoch `k` at dataflow time `base + k`
@@ -1548,9 +1889,15 @@ fn run_epochs(
     mut seeded: Option<&mut BTreeSet<PartitionId>>,
     shared: &Shared,
     base: u64,
+    mut control: Option<&mut Control>,
 ) -> i64 {
     let index = worker.index();
     let peers = worker.peers();
+    // A keyed rebuild's rows are the coordinator's alone, fed by its workers.
+    let (feed_index, feed_peers) = match &shared.cluster {
+        Some(role) => (role.local(index), role.workers),
+        None => (index, peers),
+    };
     let conflicted_before = pipeline.conflicted_keys.get();
     if seeded.is_some() {
         pipeline.ignore_before(base + 1);
@@ -1563,7 +1910,7 @@ fn run_epochs(
         if let (0, Rebuild::Rows(rows)) = (epoch, &shared.rebuild) {
             // A keyed rebuild publishes nothing (the mirror ignores epoch 0), so epoch 1 starts
             // at once: the dataflow digests the rebuilt state while the first sources are read.
-            let fed = feed_rows(rows, index, peers, worker, pipeline);
+            let fed = feed_rows(rows, feed_index, feed_peers, worker, pipeline);
             pipeline.input.advance_to(base + 1);
             pipeline.input.flush();
             let mut state = shared.state.lock().expect("lock");
@@ -1633,15 +1980,36 @@ fn run_epochs(
             }
         }
         shared.barrier.wait();
-        if index == 0 {
-            publish(shared, epoch);
+        match control.as_deref_mut() {
+            Some(control) => publish_in_cluster(worker, control, shared, epoch),
+            None if index == 0 => publish(shared, epoch),
+            None => {}
         }
         shared.barrier.wait();
         if !shared.state.lock().expect("lock").errors.is_empty() {
             break;
         }
     }
-    pipeline.conflicted_keys.get() - conflicted_before
+    let conflicted = pipeline.conflicted_keys.get() - conflicted_before;
+    match (control, &shared.cluster) {
+        // Worker 0 counts the followers' in with its own.
+        (Some(control), Some(role)) if !role.cluster.is_coordinator() => {
+            control.round(worker, vec![(0, Message::Conflicted(conflicted))]);
+            0
+        }
+        (Some(control), Some(_)) => {
+            let heard = control.round(worker, Vec::new());
+            conflicted
+                + heard
+                    .iter()
+                    .map(|m| match m {
+                        Message::Conflicted(n) => *n,
+                        _ => 0,
+                    })
+                    .sum::<i64>()
+        }
+        _ => conflicted,
+    }
 }
 
 /// Feeds this worker's share of `rows` to the dataflow (+1 each). Returns the rows fed.

@@ -17,8 +17,8 @@ use xxhash_rust::xxh3::xxh3_128;
 
 use crate::decode::Decoded;
 
-/// A source file with its identity.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A source file with its identity. Serialized (a cluster's plan) without its inline records.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SourceFile {
     /// Where it is.
     pub path: PathBuf,
@@ -30,6 +30,7 @@ pub struct SourceFile {
     pub bytes: u64,
     /// A source that is not a file (a range of a Kafka partition): its records, already decoded
     /// (and `path` is only its label). `None` for a file, which is read from `path`.
+    #[serde(skip)]
     pub inline: Option<Arc<Decoded>>,
 }
 

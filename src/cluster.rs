@@ -1,0 +1,318 @@
+//! Cluster mode: one run on several processes, as timely's own cluster (`--processes N --process
+//! I --hostfile F --workers W`, timely's `-n -p -h -w`), the dataflow exchanging rows by key over
+//! TCP between them. Every process runs the same command with its own `--process`.
+//!
+//! ```text
+//!  process 0, the coordinator                        processes 1..N, the followers
+//!  writer lock, recovery, the plan (as alone)        wait for the coordinator
+//!  ── timely cluster: every worker builds the control dataflow, then the pipeline ──
+//!  round 0: the plan ─────────────────────────────▶  a run state of their own from it
+//!  every epoch, every worker of the cluster: its share of the sources (by global worker
+//!     index), of the raw files to rebuild or retract; a keyed rebuild's rows on the
+//!     coordinator only; the dataflow exchanges by key; each curated partition has one
+//!     writer in the cluster (its mirror's worker), which stages it
+//!  report round: each follower's staged changes, sources, counts, errors ─▶ worker 0
+//!  worker 0 publishes (journal, renames) ─▶ outcome round: errors ─▶ every follower,
+//!     which catches its read-only view of the journal up
+//!  end of the run: conflicted-key counts ─▶ worker 0; the coordinator's ledger entry
+//!  end of the command: round 0 of one last cluster says "done" (and the error, if any)
+//! ```
+//!
+//! The journal is the cluster's one commit point, written by worker 0 only: a follower never
+//! takes the writer lock, never writes the journal or the ledger, and publishes nothing itself.
+//! The warehouse must be the same directory (path) on every process: one filesystem, or a
+//! shared mount. A process that loses a peer stops at once (exit 70): what was published
+//! stays, what was staged is cleared by the next writer, and running every process again
+//! converges to the same tables (the journal skips what was committed).
+
+use std::cell::RefCell;
+use std::path::Path;
+use std::rc::Rc;
+
+use serde::{Deserialize, Serialize};
+use timely::dataflow::operators::{Exchange, Input, Inspect, Probe};
+use timely::dataflow::{InputHandleVec, ProbeHandle};
+use timely::worker::Worker;
+
+/// The exit code of a process that lost the connection to another process of its cluster.
+pub const EXIT_PEER_LOST: u8 = 70;
+
+/// The first port of the default addresses (`127.0.0.1:2101`, `:2102`, …), as timely's.
+const DEFAULT_PORT: u16 = 2101;
+
+/// Where this process is in a cluster of processes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    /// Processes in the cluster.
+    pub processes: usize,
+    /// This process's index, `0..processes`; 0 is the coordinator.
+    pub process: usize,
+    /// `host:port` of every process, in process order.
+    pub addresses: Vec<String>,
+}
+
+impl Cluster {
+    /// Process `process` of `processes`, at the addresses of `hostfile` (one `host:port` per
+    /// line, in process order; blank lines and `#` comments skipped) or, without one, at
+    /// `127.0.0.1:2101`, `:2102`, …. `None` for a cluster of one process.
+    pub fn new(
+        processes: usize,
+        process: usize,
+        hostfile: Option<&Path>,
+    ) -> Result<Option<Self>, String> {
+        if processes == 0 {
+            return Err("--processes must be at least 1".into());
+        }
+        if process >= processes {
+            return Err(format!(
+                "--process {process} is not one of 0..{processes} (--processes {processes})"
+            ));
+        }
+        let addresses: Vec<String> = match hostfile {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("--hostfile {}: {e}", path.display()))?
+                .lines()
+                .map(str::trim)
+                .filter(|line| !line.is_empty() && !line.starts_with('#'))
+                .map(str::to_string)
+                .collect(),
+            None => (0..processes)
+                .map(|i| format!("127.0.0.1:{}", DEFAULT_PORT as usize + i))
+                .collect(),
+        };
+        if addresses.len() < processes {
+            return Err(format!(
+                "--hostfile has {} addresses, --processes {processes} needs one per process",
+                addresses.len()
+            ));
+        }
+        if let Some(bad) = addresses.iter().find(|a| a.rsplit_once(':').is_none()) {
+            return Err(format!("--hostfile: {bad:?} is not host:port"));
+        }
+        if processes == 1 {
+            return Ok(None);
+        }
+        Ok(Some(Cluster {
+            processes,
+            process,
+            addresses: addresses.into_iter().take(processes).collect(),
+        }))
+    }
+
+    /// Whether this process is the coordinator (process 0: plans, publishes, keeps the ledger).
+    pub fn is_coordinator(&self) -> bool {
+        self.process == 0
+    }
+
+    /// The timely configuration of this process with `workers` threads.
+    pub(crate) fn config(&self, workers: usize) -> timely::Config {
+        timely::Config {
+            communication: timely::CommunicationConfig::Cluster {
+                threads: workers,
+                process: self.process,
+                addresses: self.addresses.clone(),
+                report: false,
+                zerocopy: false,
+            },
+            worker: timely::WorkerConfig::default(),
+        }
+    }
+}
+
+/// What the coordinator tells the cluster at round 0 of each timely run: run this, or stop.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) enum Order {
+    /// Run a planned generation (a [`crate::runtime::Job`]).
+    Run(Json),
+    /// The command is over: with the coordinator's error, if it failed.
+    Done(Option<String>),
+}
+
+/// A message on the control dataflow.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) enum Message {
+    /// Round 0: the coordinator's order.
+    Order(Order),
+    /// A follower's part of an epoch (a [`crate::runtime::Report`]), to worker 0.
+    Report(Json),
+    /// Worker 0's publish of an epoch: the run's errors so far (none: it published).
+    Outcome(Vec<String>),
+    /// A follower worker's conflicted keys at the end of a run.
+    Conflicted(i64),
+}
+
+/// A value as JSON, inside a control message. Timely encodes its messages with bincode, which
+/// cannot read back what serde leaves out (the journal's records skip empty fields), so what the
+/// journal's types make up travels as JSON: the format they are written in anyway.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Json(Vec<u8>);
+
+impl Json {
+    pub(crate) fn encode<T: Serialize>(value: &T) -> Self {
+        Json(serde_json::to_vec(value).expect("control messages serialize to JSON"))
+    }
+
+    pub(crate) fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, String> {
+        serde_json::from_slice(&self.0).map_err(|e| format!("a control message: {e}"))
+    }
+}
+
+/// A tiny dataflow beside the pipeline that carries the cluster's control messages, a round at
+/// a time: every worker takes part in every round (a barrier of the whole cluster), and gets the
+/// messages sent to it in that round. Built on every worker, before the pipeline.
+///
+/// A message carries its round: a worker that left round `r` may send its round `r + 1`
+/// messages while this one is still stepping in round `r`, and they must wait for their round.
+pub(crate) struct Control {
+    input: InputHandleVec<u64, (u64, u64, Message)>,
+    probe: ProbeHandle<u64>,
+    /// Messages received, with their round.
+    inbox: Rc<RefCell<Vec<(u64, Message)>>>,
+    round: u64,
+}
+
+impl Control {
+    pub(crate) fn build(worker: &mut Worker) -> Self {
+        let mut input = InputHandleVec::new();
+        let probe = ProbeHandle::new();
+        let inbox = Rc::new(RefCell::new(Vec::new()));
+        let sink = inbox.clone();
+        worker.dataflow_named::<u64, _, _>("adsmetrics-control", |scope| {
+            scope
+                .input_from(&mut input)
+                .exchange(|(to, _, _): &(u64, u64, Message)| *to)
+                .inspect(move |(_, round, message): &(u64, u64, Message)| {
+                    sink.borrow_mut().push((*round, message.clone()))
+                })
+                .probe_with(&probe);
+        });
+        Control {
+            input,
+            probe,
+            inbox,
+            round: 0,
+        }
+    }
+
+    /// Sends `out` (`(worker index, message)`) and waits until every worker of the cluster has
+    /// finished this round; returns the messages sent to this worker in it.
+    pub(crate) fn round(
+        &mut self,
+        worker: &mut Worker,
+        out: Vec<(usize, Message)>,
+    ) -> Vec<Message> {
+        let round = self.round;
+        for (to, message) in out {
+            self.input.send((to as u64, round, message));
+        }
+        self.round += 1;
+        self.input.advance_to(self.round);
+        let probe = self.probe.clone();
+        worker.step_or_park_while(None, || probe.less_than(&(round + 1)));
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut *self.inbox.borrow_mut())
+            .into_iter()
+            .partition(|(r, _)| *r == round);
+        *self.inbox.borrow_mut() = later;
+        now.into_iter().map(|(_, message)| message).collect()
+    }
+}
+
+/// Makes a lost peer stop this process (exit [`EXIT_PEER_LOST`]) with a message saying what to
+/// do, rather than leave its workers waiting for it forever: timely's network threads panic
+/// when a connection breaks, and the workers would never hear of it.
+pub fn stop_when_a_peer_is_lost() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.contains("timely communication error") {
+            eprintln!(
+                "error: lost the connection to another process of the cluster ({message}); this \
+                 process stops. What was published stays published; run every process of the \
+                 cluster again to finish (already committed sources are skipped)"
+            );
+            std::process::exit(i32::from(EXIT_PEER_LOST));
+        }
+        default(info);
+    }));
+}
+
+/// The coordinator's last word at the end of a command: one more cluster round telling every
+/// follower that the command is over, with its error if it failed.
+pub fn release(cluster: &Cluster, workers: usize, error: Option<String>) -> Result<(), String> {
+    let order = Order::Done(error);
+    let peers = cluster.processes * workers;
+    let guards = timely::execute(cluster.config(workers), move |worker| {
+        let mut control = Control::build(worker);
+        let _pipeline = adsmetrics_dataflows::pipeline::build(worker);
+        let out = if worker.index() == 0 {
+            (workers..peers)
+                .map(|to| (to, Message::Order(order.clone())))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        control.round(worker, out);
+    })?;
+    for result in guards.join() {
+        result?;
+    }
+    Ok(())
+}
+
+/// A follower's whole command: runs every generation the coordinator orders, until it says the
+/// command is over. Returns the generations run, or the coordinator's error.
+pub fn follow(
+    warehouse: &crate::warehouse::Warehouse,
+    cluster: &Cluster,
+    workers: usize,
+) -> Result<u64, crate::runtime::RunError> {
+    let mut runs = 0;
+    loop {
+        match crate::runtime::follow_once(warehouse, cluster, workers)? {
+            None => runs += 1,
+            Some(None) => return Ok(runs),
+            Some(Some(error)) => {
+                return Err(crate::runtime::RunError::Runtime(format!(
+                    "the coordinator (process 0) failed: {error}"
+                )))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_come_from_the_hostfile_or_default_to_localhost() {
+        assert_eq!(Cluster::new(1, 0, None), Ok(None));
+        let two = Cluster::new(2, 1, None).unwrap().unwrap();
+        assert_eq!(two.addresses, ["127.0.0.1:2101", "127.0.0.1:2102"]);
+        assert!(!two.is_coordinator());
+        assert!(Cluster::new(2, 2, None).is_err());
+        assert!(Cluster::new(0, 0, None).is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(
+            &hosts,
+            "# the cluster\nhost-a:4000\n\nhost-b:4000\nhost-c:4000\n",
+        )
+        .unwrap();
+        let c = Cluster::new(2, 0, Some(&hosts)).unwrap().unwrap();
+        assert_eq!(c.addresses, ["host-a:4000", "host-b:4000"]);
+        assert!(Cluster::new(4, 0, Some(&hosts))
+            .unwrap_err()
+            .contains("3 addresses"));
+        std::fs::write(&hosts, "host-a\nhost-b:1\n").unwrap();
+        assert!(Cluster::new(2, 0, Some(&hosts))
+            .unwrap_err()
+            .contains("host:port"));
+    }
+}
