@@ -196,6 +196,8 @@ enum Command {
         gate: bool,
         #[command(flatten)]
         metrics: RunMetricsArgs,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// Write a self-contained HTML page (SVG charts, nothing fetched, no script): duplicate rate
     /// per producer and hour, late arrivals per event day, partition versions published over
@@ -234,6 +236,8 @@ enum Command {
         workers: usize,
         #[command(flatten)]
         metrics: RunMetricsArgs,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// Bring the warehouse to a clean state after a crash, and nothing else: finish a publish
     /// that stopped midway (roll forward), remove staging leftovers, record on the audit ledger
@@ -1002,27 +1006,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             quiet,
             gate,
             metrics,
+            cluster,
         } => {
             let (from_day, to_day) = parse_day_range(&from, &to)?;
-            let (_server, counters) = metrics.serve()?;
-            let summary = adsmetrics::backfill::backfill(
-                &warehouse,
-                adsmetrics::backfill::BackfillOptions {
-                    source,
-                    from_day,
-                    to_day,
-                    run: IngestOptions {
-                        workers,
-                        progress: !quiet,
-                        hot_window_days: hot_window.days.0,
-                        gate,
-                        metrics: counters,
-                        ..IngestOptions::default()
+            let cluster = cluster.cluster()?;
+            let ran = in_cluster(&warehouse, cluster, workers, |cluster| {
+                let (_server, counters) = metrics.serve()?;
+                Ok(adsmetrics::backfill::backfill(
+                    &warehouse,
+                    adsmetrics::backfill::BackfillOptions {
+                        source,
+                        from_day,
+                        to_day,
+                        run: IngestOptions {
+                            workers,
+                            progress: !quiet,
+                            hot_window_days: hot_window.days.0,
+                            gate,
+                            metrics: counters,
+                            cluster,
+                            ..IngestOptions::default()
+                        },
                     },
-                },
-            )?;
-            print!("{}", adsmetrics::report::ingest_report(&summary));
-            metrics.write("backfill", &summary)?;
+                )?)
+            })?;
+            if let Some(summary) = ran {
+                print!("{}", adsmetrics::report::ingest_report(&summary));
+                metrics.write("backfill", &summary)?;
+            }
         }
         Command::Report {
             out,
@@ -1050,24 +1061,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             to,
             workers,
             metrics,
+            cluster,
         } => {
             let (from_day, to_day) = parse_day_range(&from, &to)?;
-            let (_server, counters) = metrics.serve()?;
-            let summary = adsmetrics::runtime::reprocess(
-                &warehouse,
-                (from_day..=to_day).collect(),
-                IngestOptions {
-                    workers,
-                    progress: false,
-                    metrics: counters,
-                    ..IngestOptions::default()
-                },
-            )?;
-            println!(
-                "reprocessed {from}..{to}: {} raw rows recomputed; {} partitions published, {} unchanged",
-                summary.rehydrated_rows, summary.partitions_published, summary.partitions_unchanged
-            );
-            metrics.write("reprocess", &summary)?;
+            let cluster = cluster.cluster()?;
+            let ran = in_cluster(&warehouse, cluster, workers, |cluster| {
+                let (_server, counters) = metrics.serve()?;
+                Ok(adsmetrics::runtime::reprocess(
+                    &warehouse,
+                    (from_day..=to_day).collect(),
+                    IngestOptions {
+                        workers,
+                        progress: false,
+                        metrics: counters,
+                        cluster,
+                        ..IngestOptions::default()
+                    },
+                )?)
+            })?;
+            if let Some(summary) = ran {
+                println!(
+                    "reprocessed {from}..{to}: {} raw rows recomputed; {} partitions published, {} unchanged",
+                    summary.rehydrated_rows, summary.partitions_published, summary.partitions_unchanged
+                );
+                metrics.write("reprocess", &summary)?;
+            }
         }
         Command::Recover => {
             let done = adsmetrics::runtime::recover(&warehouse)?;

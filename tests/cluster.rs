@@ -1,8 +1,9 @@
-//! Cluster mode ([`adsmetrics::cluster`]): `adsmetrics ingest` as two processes on 127.0.0.1,
-//! exchanging rows over TCP, writes the same bytes as one process — every curated partition and
-//! every raw-layer file — through several epochs, two hot-window generations and a second
-//! ingest of late events into published days; and a process killed mid-run stops the other,
-//! after which running both again converges to the same tables.
+//! Cluster mode ([`adsmetrics::cluster`]): `adsmetrics ingest`, `backfill` and `reprocess` as
+//! two processes on 127.0.0.1, exchanging rows over TCP, write the same bytes as one process —
+//! every curated partition and every raw-layer file — through several epochs, two hot-window
+//! generations, a backfill of late events into published days and a reprocess of every day;
+//! and a process killed mid-run stops the other, after which running both again converges to
+//! the same tables.
 
 mod common;
 
@@ -58,26 +59,44 @@ fn hostfile(dir: &Path, processes: usize) -> PathBuf {
     path
 }
 
-fn ingest(warehouse: &Path, input: &Path, args: &[&str]) -> Command {
+/// The commands the test runs, in one process or in a cluster.
+#[derive(Clone, Copy)]
+enum Job<'a> {
+    /// `ingest <dir>`, a dozen sources per epoch.
+    Ingest(&'a Path),
+    /// `backfill --source <dir>` over 2026-11-01..04.
+    Backfill(&'a Path),
+    /// `reprocess` 2026-11-01..04.
+    Reprocess,
+}
+
+fn command(warehouse: &Path, job: Job<'_>, args: &[&str]) -> Command {
     let mut c = Command::new(BIN);
-    c.arg("--warehouse")
-        .arg(warehouse)
-        .arg("ingest")
-        .arg(input)
-        .args(["--quiet", "--epoch-sources", "12"])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    c.arg("--warehouse").arg(warehouse);
+    // The three event days, and the day after them that late deliveries land in.
+    let days = ["--from", "2026-11-01", "--to", "2026-11-04"];
+    match job {
+        Job::Ingest(input) => c
+            .arg("ingest")
+            .arg(input)
+            .args(["--quiet", "--epoch-sources", "12"]),
+        Job::Backfill(source) => c
+            .args(["backfill", "--quiet", "--source"])
+            .arg(source)
+            .args(days),
+        Job::Reprocess => c.arg("reprocess").args(days),
+    };
+    c.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
     c
 }
 
 /// Starts process `process` of a two-process cluster of two workers each.
-fn start(warehouse: &Path, input: &Path, hosts: &Path, process: usize) -> Child {
+fn start(warehouse: &Path, job: Job<'_>, hosts: &Path, process: usize) -> Child {
     let process = process.to_string();
     let hosts = hosts.to_str().unwrap();
-    ingest(
+    command(
         warehouse,
-        input,
+        job,
         &[
             "--workers",
             "2",
@@ -103,19 +122,19 @@ fn finish(child: Child, what: &str) -> (ExitStatus, String) {
     (out.status, stderr)
 }
 
-/// Runs both processes of a cluster ingest to the end; what the follower said.
-fn cluster_ingest(dir: &Path, warehouse: &Path, input: &Path) -> String {
+/// Runs both processes of a cluster to the end; what the follower said.
+fn in_cluster(dir: &Path, warehouse: &Path, job: Job<'_>) -> String {
     let hosts = hostfile(dir, 2);
-    let follower = start(warehouse, input, &hosts, 1);
-    let coordinator = start(warehouse, input, &hosts, 0);
+    let follower = start(warehouse, job, &hosts, 1);
+    let coordinator = start(warehouse, job, &hosts, 0);
     assert!(finish(coordinator, "process 0").0.success());
     let (status, said) = finish(follower, "process 1");
     assert!(status.success());
     said
 }
 
-fn alone_ingest(warehouse: &Path, input: &Path) {
-    let out = ingest(warehouse, input, &["--workers", "2"])
+fn alone(warehouse: &Path, job: Job<'_>) {
+    let out = command(warehouse, job, &["--workers", "2"])
         .output()
         .unwrap();
     assert!(
@@ -150,12 +169,13 @@ fn two_processes_write_the_bytes_one_process_writes() {
     let dir = tempfile::tempdir().unwrap();
     let (first, second) = two_batches(dir.path(), 60_000);
 
-    let alone = dir.path().join("alone");
-    alone_ingest(&alone, &first);
-    alone_ingest(&alone, &second);
+    let single = dir.path().join("alone");
+    alone(&single, Job::Ingest(&first));
+    alone(&single, Job::Backfill(&second));
+    alone(&single, Job::Reprocess);
 
     let clustered = dir.path().join("cluster");
-    let said = cluster_ingest(dir.path(), &clustered, &first);
+    let said = in_cluster(dir.path(), &clustered, Job::Ingest(&first));
     assert!(said.contains("ran 2 generation(s)"), "{said}");
     let after_first = contents(&clustered);
     assert!(
@@ -165,9 +185,17 @@ fn two_processes_write_the_bytes_one_process_writes() {
             .any(|id| id.grain == adsmetrics_dataflows::Grain::Weekly),
         "every table is written"
     );
-    cluster_ingest(dir.path(), &clustered, &second);
+    in_cluster(dir.path(), &clustered, Job::Backfill(&second));
+    let after_backfill = contents(&clustered);
+    assert!(
+        after_backfill.0 != after_first.0,
+        "the backfill changed days"
+    );
+    // Rebuilding every day from the raw layer, split over both processes, changes nothing.
+    in_cluster(dir.path(), &clustered, Job::Reprocess);
+    assert!(contents(&clustered) == after_backfill);
 
-    let (alone_tables, alone_raw) = contents(&alone);
+    let (alone_tables, alone_raw) = contents(&single);
     let (tables, raw) = contents(&clustered);
     assert_eq!(tables.len(), alone_tables.len());
     assert!(tables == alone_tables, "a curated partition differs");
@@ -183,7 +211,7 @@ fn two_processes_write_the_bytes_one_process_writes() {
     assert_ledger_accounts_for_tables(&Warehouse::new(&clustered));
 
     // A rerun of the cluster over the same input changes nothing.
-    cluster_ingest(dir.path(), &clustered, &first);
+    in_cluster(dir.path(), &clustered, Job::Ingest(&first));
     assert!(contents(&clustered).0 == tables);
 }
 
@@ -191,13 +219,13 @@ fn two_processes_write_the_bytes_one_process_writes() {
 fn a_process_killed_mid_run_stops_the_other_and_a_rerun_converges() {
     let dir = tempfile::tempdir().unwrap();
     let (first, _) = two_batches(dir.path(), 400_000);
-    let alone = dir.path().join("alone");
-    alone_ingest(&alone, &first);
+    let single = dir.path().join("alone");
+    alone(&single, Job::Ingest(&first));
 
     let clustered = dir.path().join("cluster");
     let hosts = hostfile(dir.path(), 2);
-    let mut follower = start(&clustered, &first, &hosts, 1);
-    let coordinator = start(&clustered, &first, &hosts, 0);
+    let mut follower = start(&clustered, Job::Ingest(&first), &hosts, 1);
+    let coordinator = start(&clustered, Job::Ingest(&first), &hosts, 0);
     // Kill the follower once the cluster has committed an epoch and is into the next ones.
     let journal = Warehouse::new(&clustered).journal_path();
     let waited = Instant::now();
@@ -220,11 +248,11 @@ fn a_process_killed_mid_run_stops_the_other_and_a_rerun_converges() {
     );
     let partial = contents(&clustered).0;
     assert!(
-        partial != contents(&alone).0,
+        partial != contents(&single).0,
         "the kill left the run unfinished"
     );
 
-    cluster_ingest(dir.path(), &clustered, &first);
-    assert!(contents(&clustered).0 == contents(&alone).0);
+    in_cluster(dir.path(), &clustered, Job::Ingest(&first));
+    assert!(contents(&clustered).0 == contents(&single).0);
     assert_ledger_accounts_for_tables(&Warehouse::new(&clustered));
 }
