@@ -20,9 +20,9 @@ the watermark passes them, so after the data a sentinel event far in the future 
 stream to close the last windows (it is never emitted itself). The rows the watermark dropped as
 too late are counted and printed: zero means the streaming result is exact.
 
-What is timed, per engine, each run as a child process (peak RSS = the largest sum of the RSS
-of the child's whole process tree, sampled every 0.2 s, so Spark's JVM and Python workers are
-included, and at least the child's own `wait4` peak):
+What is timed, per engine, each run as a child process (peak RSS: the child's, from `wait4`
+like `/usr/bin/time -v`; for Spark, the Python driver's plus its JVM's peak, `VmHWM`, which the
+child reads before it stops — the JVM's heap is `--spark-memory`, and it grows towards it):
   - the full load into an empty output;
   - a correction of ~1% of the raw rows (`--correction`), spread over every day: half revised
     versions (revision + 10, changed amount) of sampled events, half new events of the same
@@ -31,7 +31,9 @@ included, and at least the child's own `wait4` peak):
     correction touches: it reads those days' delivery folders, the folder of the day after
     (which holds their late deliveries), and the correction, deduplicates, keeps the winners of
     the touched days and rewrites those days' partitions (Spark batch: dynamic partition
-    overwrite; DuckDB and the stream: a staging folder whose dt= folders replace the old ones).
+    overwrite; DuckDB and the stream: a staging folder whose dt= folders replace the old ones;
+    the stream's recompute is a fresh query, its input in one micro-batch, since the
+    correction is weeks later than any watermark that keeps state small).
     This is exact because no version of a key is delivered more than a day after its event day
     and a correction does not move an event to another day.
 After each phase every peer's two tables are compared with adsmetrics' (read with DuckDB, as
@@ -65,7 +67,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -320,54 +321,22 @@ def write_correction(events_dir, fix_dir, last_day, fraction, raw_rows):
     return touched, len(rows)
 
 
-class TreeRss(threading.Thread):
-    """Samples the summed RSS of a process and its descendants; `peak` in bytes."""
-
-    def __init__(self, pid):
-        super().__init__(daemon=True)
-        self.pid, self.peak, self.done = pid, 0, threading.Event()
-        self.page = os.sysconf("SC_PAGE_SIZE")
-
-    def run(self):
-        while not self.done.wait(0.2):
-            children = {}
-            for entry in os.listdir("/proc"):
-                if not entry.isdigit():
-                    continue
-                try:
-                    stat = open(f"/proc/{entry}/stat").read()
-                except OSError:
-                    continue
-                ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-            total, todo = 0, [self.pid]
-            while todo:
-                pid = todo.pop()
-                todo += children.get(pid, [])
-                try:
-                    total += int(open(f"/proc/{pid}/statm").read().split()[1]) * self.page
-                except OSError:
-                    pass
-            self.peak = max(self.peak, total)
-
-
 def run_measured(cmd, log):
     """Runs `cmd` (output to `log`); wall seconds, peak RSS, exit status, `job_seconds=`."""
     with open(log, "w") as out:
         started = time.perf_counter()
         child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        sampler = TreeRss(child.pid)
-        sampler.start()
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - started
-        sampler.done.set()
-        sampler.join()
         child.returncode = os.waitstatus_to_exitcode(status)
     text = open(log).read()
-    job = next((float(w.split("=", 1)[1]) for w in text.split() if w.startswith("job_seconds=")),
-               None)
-    return {"seconds": seconds, "job_seconds": job, "status": child.returncode, "log": text,
-            "peak_mb": max(sampler.peak / 2**20, usage.ru_maxrss / 1024)}
+    def reported(name):
+        return next((float(w.split("=", 1)[1]) for w in text.split() if w.startswith(name + "=")),
+                    None)
+    # A Spark child reports its own peak plus its JVM's (the JVM is not always waited for).
+    return {"seconds": seconds, "job_seconds": reported("job_seconds"),
+            "status": child.returncode, "log": text,
+            "peak_mb": max(usage.ru_maxrss / 1024, reported("peak_rss_mb") or 0)}
 
 
 def tail(path, n=30):
@@ -515,14 +484,16 @@ def keyed(df, F):
             .withColumn("hr", F.date_format("event_time", "HH")))
 
 
-def metrics(df, F, period_cols, group):
+def metrics(df, F, period_cols, group, streaming=False):
     return (df.groupBy(*group, "advertiser_id", "campaign_id", "ad_id", "country")
             .agg(F.count(F.when(F.col("event_type") == "impression", 1)).alias("impressions"),
                  F.count(F.when(F.col("event_type") == "click", 1)).alias("clicks"),
                  F.count(F.when(F.col("event_type") == "conversion", 1)).alias("conversions"),
                  F.coalesce(F.sum("cost_micros"), F.lit(0)).cast("long").alias("cost_micros"),
                  F.coalesce(F.sum("revenue_micros"), F.lit(0)).cast("long").alias("revenue_micros"),
-                 F.size(F.collect_set("user_id")).cast("long").alias("unique_users"))
+                 # A stream has no COUNT DISTINCT; the set is exact too, and slower in a batch.
+                 (F.size(F.collect_set("user_id")) if streaming else F.countDistinct("user_id"))
+                 .cast("long").alias("unique_users"))
             .select(*period_cols, "advertiser_id", "campaign_id", "ad_id", "country", "impressions",
                     "clicks", "conversions", "cost_micros", "revenue_micros", "unique_users"))
 
@@ -557,11 +528,16 @@ def child_spark(args, only_days):
     else:
         child_stream(spark, args, only_days, F)
     done = time.perf_counter()
-    jvm = spark.sparkContext._gateway.proc.pid
-    hwm = next((l.split()[1] for l in open(f"/proc/{jvm}/status") if l.startswith("VmHWM")), "0")
+    jvm = peak_rss_mb(spark.sparkContext._gateway.proc.pid)  # the launcher exec'd into java
     spark.stop()
     print(f"{args.child} startup_seconds={ready - started:.3f} job_seconds={done - ready:.3f} "
-          f"jvm_peak_rss_mb={int(hwm) // 1024}")
+          f"jvm_peak_rss_mb={jvm:.0f} peak_rss_mb={jvm + peak_rss_mb('self'):.0f}")
+
+
+def peak_rss_mb(pid):
+    """VmHWM of a process, in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
 
 
 def child_stream(spark, args, only_days, F):
@@ -598,10 +574,10 @@ def child_stream(spark, args, only_days, F):
                                   F.to_date("h.start").alias("event_date"),
                                   F.date_format("h.start", "yyyy-MM-dd").alias("dt"),
                                   F.date_format("h.start", "HH").alias("hr")],
-                     [F.window("wt", "1 hour").alias("h")])
+                     [F.window("wt", "1 hour").alias("h")], streaming=True)
     daily = metrics(winners, F, [F.to_date("d.start").alias("event_date"),
                                  F.date_format("d.start", "yyyy-MM-dd").alias("dt")],
-                    [F.window("wt", "1 day").alias("d")])
+                    [F.window("wt", "1 day").alias("d")], streaming=True)
     if only_days is not None:
         hourly = hourly.where(F.col("dt").isin(only_days))
         daily = daily.where(F.col("dt").isin(only_days))
