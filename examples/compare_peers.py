@@ -62,7 +62,6 @@ import datetime as dt
 import importlib.util
 import json
 import os
-import resource
 import shlex
 import shutil
 import subprocess
