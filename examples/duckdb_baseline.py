@@ -18,6 +18,10 @@ adsmetrics lines. Prints one line per setting:
   duckdb threads=2 with_raw=1 raw_rows=R seconds=S raw_rows_per_s=X winners=W hourly_rows=H daily_rows=D
 
 `--both` runs the setting without the raw layer too (a fresh connection and output directory).
+
+The steps are importable (`connect`, `create_winners`, `copy_tables`, `run`) so that
+examples/compare_peers.py runs this very SQL as its DuckDB peer, also over a chosen list of input
+folders and restricted to chosen event days (its correction recompute).
 """
 import argparse
 import os
@@ -39,16 +43,18 @@ WITH src AS (
          coalesce(event_id, concat_ws('|', event_type, epoch_us(event_time), ad_id, campaign_id,
                   advertiser_id, country, user_id, ip, cost_micros, revenue_micros, producer,
                   revision)) AS k
-  FROM read_parquet('{data}/**/*.parquet', hive_partitioning = false)
+  FROM read_parquet({source}, hive_partitioning = false)
   WHERE {valid}
+), deduped AS (
+  SELECT * EXCLUDE (k),
+         strftime(event_time::TIMESTAMP, '%Y-%m-%d') AS dt,
+         strftime(event_time::TIMESTAMP, '%H') AS hr
+  FROM src
+  QUALIFY row_number() OVER (
+    PARTITION BY producer, event_type, k
+    ORDER BY revision DESC, cost_micros DESC, revenue_micros DESC) = 1
 )
-SELECT * EXCLUDE (k),
-       strftime(event_time::TIMESTAMP, '%Y-%m-%d') AS dt,
-       strftime(event_time::TIMESTAMP, '%H') AS hr
-FROM src
-QUALIFY row_number() OVER (
-  PARTITION BY producer, event_type, k
-  ORDER BY revision DESC, cost_micros DESC, revenue_micros DESC) = 1
+SELECT * FROM deduped {where_days}
 """
 
 METRICS = """
@@ -68,11 +74,14 @@ HOURLY_COLS = "date_trunc('hour', event_time::TIMESTAMP) AS event_hour, " \
 DAILY_COLS = "event_time::TIMESTAMP::DATE AS event_date, dt"
 
 
-def run(data, out, threads, with_raw):
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
-    started = time.perf_counter()
+def parquet_source(inputs):
+    """The read_parquet argument for input folders (walked) and files: a DuckDB list literal."""
+    globs = [os.path.join(p, "**/*.parquet") if os.path.isdir(p) else p for p in inputs]
+    return "[" + ", ".join("'" + g.replace("'", "''") + "'" for g in globs) + "]"
+
+
+def connect(threads):
+    """A fresh in-memory connection on `threads` threads, in UTC."""
     con = duckdb.connect()
     con.execute(f"SET threads = {threads}")
     con.execute("SET preserve_insertion_order = false")
@@ -80,15 +89,44 @@ def run(data, out, threads, with_raw):
         con.execute("SET TimeZone = 'UTC'")
     except duckdb.Error:
         pass  # without ICU, TIMESTAMPTZ casts are UTC anyway
-    con.execute(WINNERS.format(data=data, valid=VALID))
-    if with_raw:
-        con.execute(f"COPY winners TO '{out}/raw' (FORMAT parquet, PARTITION_BY (dt, hr))")
+    return con
+
+
+def create_winners(con, inputs, days=None):
+    """Creates the temp table `winners`: the valid rows of `inputs`, deduplicated.
+
+    With `days` (event dates, YYYY-MM-DD), only the winners of those days are kept; the dedup
+    itself runs over every input row, so a key whose versions are all in `inputs` gets its
+    right winner whatever day the rows were delivered on.
+    """
+    where_days = ""
+    if days is not None:
+        where_days = "WHERE dt IN (" + ", ".join(f"'{d}'" for d in sorted(days)) + ")"
+    con.execute(WINNERS.format(source=parquet_source(inputs), valid=VALID, where_days=where_days))
+
+
+def copy_tables(con, out):
+    """Writes `ads_metrics_hourly` (dt, hr) and `ads_metrics_daily` (dt) under `out` from
+    `winners`; returns their row counts."""
     hourly = con.execute(
         f"COPY ({METRICS.format(period_cols=HOURLY_COLS)}) TO '{out}/ads_metrics_hourly' "
         "(FORMAT parquet, PARTITION_BY (dt, hr))").fetchone()[0]
     daily = con.execute(
         f"COPY ({METRICS.format(period_cols=DAILY_COLS)}) TO '{out}/ads_metrics_daily' "
         "(FORMAT parquet, PARTITION_BY (dt))").fetchone()[0]
+    return hourly, daily
+
+
+def run(data, out, threads, with_raw):
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    started = time.perf_counter()
+    con = connect(threads)
+    create_winners(con, [data])
+    if with_raw:
+        con.execute(f"COPY winners TO '{out}/raw' (FORMAT parquet, PARTITION_BY (dt, hr))")
+    hourly, daily = copy_tables(con, out)
     seconds = time.perf_counter() - started
     winners = con.execute("SELECT count(*) FROM winners").fetchone()[0]
     con.close()
