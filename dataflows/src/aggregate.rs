@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::batching::{fold_and_pass_per_time, fold_per_time, FastMap, RunBatcher};
 use crate::dedup::Deduped;
 use crate::model::{
-    week_of_day, Cell, Country, Dims, Epoch, EventType, EventVersion, Grain, MetricRow,
+    week_of_day, AdDims, Cell, Country, Epoch, EventType, EventVersion, Grain, MetricRow,
 };
 use crate::reduce_total::reduce_total;
 
@@ -186,6 +186,23 @@ fn cell_of(event: &EventVersion, grain: Grain) -> Cell {
     }
 }
 
+/// The hourly, daily or weekly cell `event` falls into, as the dataflow adds it up.
+fn ad_cell_of(event: &EventVersion, grain: Grain) -> Cell<AdDims> {
+    Cell {
+        grain,
+        period: grain.period_of(event),
+        dims: event.ad_dims(),
+    }
+}
+
+/// A worker's sums of one epoch: the hourly cells under their compact dimensions, the clicks'
+/// minute cells under theirs.
+#[derive(Default)]
+struct EpochSums {
+    hours: FastMap<Cell<AdDims>, Sums>,
+    clicks: FastMap<Cell, Sums>,
+}
+
 /// One user in one daily cell: the key under which the user's hours of that day are kept.
 ///
 /// Flat rather than `(Cell, user)`, with the day as `i32`: 40 bytes instead of 56, and there are as
@@ -231,7 +248,7 @@ impl UserDay {
         self.ad_id
     }
 
-    fn cell(&self, grain: Grain, hour_of_day: u8) -> Cell {
+    fn cell(&self, grain: Grain, hour_of_day: u8) -> Cell<AdDims> {
         let day = i64::from(self.day);
         Cell {
             grain,
@@ -240,12 +257,11 @@ impl UserDay {
                 Grain::Daily => day,
                 Grain::Weekly => week_of_day(day),
             },
-            dims: Dims {
+            dims: AdDims {
                 advertiser_id: self.advertiser_id,
                 campaign_id: self.campaign_id,
                 ad_id: self.ad_id,
                 country: self.country,
-                click: Default::default(),
             },
         }
     }
@@ -267,7 +283,7 @@ fn users_delta(users: i64) -> CellDelta {
 }
 
 /// The ±1 users on each cell when a user's hours of a day go from `before` to `after`.
-fn user_changes(user: &UserDay, before: &u32, after: &u32, out: &mut Vec<(Cell, isize)>) {
+fn user_changes(user: &UserDay, before: &u32, after: &u32, out: &mut Vec<(Cell<AdDims>, isize)>) {
     let (before, after) = (*before, *after);
     let mut flipped = before ^ after;
     while flipped != 0 {
@@ -310,29 +326,27 @@ pub fn aggregate<'scope>(
         deduped,
         "Preaggregate: Sums, pass UserHours",
         from.clone(),
-        |(_key, (event, _versions)), diff, hours, users| {
-            if let Some(hours) = hours {
+        |(_key, (event, _versions)), diff, epoch: Option<&mut EpochSums>, users| {
+            if let Some(epoch) = epoch {
                 let sums = Sums::of(&event).multiply(&diff);
-                add_to(hours, cell_of(&event, Grain::Hourly), &sums);
+                add_to(&mut epoch.hours, ad_cell_of(&event, Grain::Hourly), &sums);
                 if Grain::Minute.counts(&event) {
-                    add_to(hours, cell_of(&event, Grain::Minute), &sums);
+                    add_to(&mut epoch.clicks, cell_of(&event, Grain::Minute), &sums);
                 }
             }
             users.push(UserDay::of(&event));
         },
-        |hours, out| {
+        |epoch, out| {
             let mut days = FastMap::default();
             let mut weeks = FastMap::default();
-            for (cell, sums) in hours {
-                if cell.grain == Grain::Hourly {
-                    let day = Cell {
-                        grain: Grain::Daily,
-                        period: cell.period.div_euclid(24),
-                        dims: cell.dims,
-                    };
-                    add_to(&mut days, day, &sums);
-                }
-                out.push((cell, CellDelta { sums, users: 0 }));
+            for (hour, sums) in epoch.hours {
+                let day = Cell {
+                    grain: Grain::Daily,
+                    period: hour.period.div_euclid(24),
+                    dims: hour.dims,
+                };
+                add_to(&mut days, day, &sums);
+                out.push((hour.widen(), CellDelta { sums, users: 0 }));
             }
             for (day, sums) in days {
                 let week = Cell {
@@ -341,12 +355,18 @@ pub fn aggregate<'scope>(
                     dims: day.dims,
                 };
                 add_to(&mut weeks, week, &sums);
-                out.push((day, CellDelta { sums, users: 0 }));
+                out.push((day.widen(), CellDelta { sums, users: 0 }));
             }
             out.extend(
                 weeks
                     .into_iter()
-                    .map(|(week, sums)| (week, CellDelta { sums, users: 0 })),
+                    .map(|(week, sums)| (week.widen(), CellDelta { sums, users: 0 })),
+            );
+            out.extend(
+                epoch
+                    .clicks
+                    .into_iter()
+                    .map(|(click, sums)| (click, CellDelta { sums, users: 0 })),
             );
         },
     );
@@ -360,11 +380,11 @@ pub fn aggregate<'scope>(
         "Preaggregate: Users",
         from,
         |cell, users: isize, cells| *cells.entry(cell).or_insert(0) += users,
-        |cells, out| {
+        |cells: FastMap<Cell<AdDims>, isize>, out| {
             out.extend(
                 cells
                     .into_iter()
-                    .map(|(cell, users)| (cell, users_delta(users as i64))),
+                    .map(|(cell, users)| (cell.widen(), users_delta(users as i64))),
             )
         },
     );
@@ -409,7 +429,12 @@ mod tests {
             let (user, hour) = UserDay::of(&event);
             assert!(hour < 24, "hour of day {hour} for t={t}");
             for grain in [Grain::Hourly, Grain::Daily, Grain::Weekly] {
-                assert_eq!(user.cell(grain, hour), cell_of(&event, grain), "t={t}");
+                assert_eq!(
+                    user.cell(grain, hour).widen(),
+                    cell_of(&event, grain),
+                    "t={t}"
+                );
+                assert_eq!(user.cell(grain, hour), ad_cell_of(&event, grain), "t={t}");
             }
         }
         let _ = DedupKey(Hash128::from(0));

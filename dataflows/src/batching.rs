@@ -177,7 +177,7 @@ where
     D2: ExchangeData,
     R2: ExchangeData + Semigroup,
 {
-    let (folded, _nothing) = fold_and_pass_per_time::<_, _, _, _, _, _, ()>(
+    let (folded, _nothing) = fold_and_pass_per_time::<_, _, FastMap<K, V>, _, _, ()>(
         input,
         name,
         from,
@@ -196,15 +196,17 @@ where
 /// feeds both a fold and another operator, this reads it once instead of timely copying every
 /// update for a second consumer.
 ///
-/// Only times from `from` on are folded (`add` gets no map for earlier ones, and nothing is
+/// Only times from `from` on are folded (`add` gets no state for earlier ones, and nothing is
 /// emitted for them); every time is passed. A keyed rebuild feeds the state it rebuilds at an
 /// epoch whose changes the mirror ignores: this spares folding and exchanging them.
-pub fn fold_and_pass_per_time<'scope, D, R, K, V, D2, R2, P>(
+///
+/// The state of a time is any `S` (a map, or several: one per kind of key).
+pub fn fold_and_pass_per_time<'scope, D, R, S, D2, R2, P>(
     input: VecCollection<'scope, Epoch, D, R>,
     name: &str,
     from: Rc<StdCell<Epoch>>,
-    mut add: impl FnMut(D, R, Option<&mut FastMap<K, V>>, &mut Vec<P>) + 'static,
-    mut finish: impl FnMut(FastMap<K, V>, &mut Vec<(D2, R2)>) + 'static,
+    mut add: impl FnMut(D, R, Option<&mut S>, &mut Vec<P>) + 'static,
+    mut finish: impl FnMut(S, &mut Vec<(D2, R2)>) + 'static,
 ) -> (
     VecCollection<'scope, Epoch, D2, R2>,
     VecCollection<'scope, Epoch, P, R>,
@@ -212,8 +214,7 @@ pub fn fold_and_pass_per_time<'scope, D, R, K, V, D2, R2, P>(
 where
     D: ExchangeData,
     R: ExchangeData + Semigroup,
-    K: 'static,
-    V: 'static,
+    S: Default + 'static,
     D2: ExchangeData,
     R2: ExchangeData + Semigroup,
     P: ExchangeData,
@@ -226,7 +227,7 @@ where
         OutputBuilder::<_, CapacityContainerBuilder<Vec<(D2, Epoch, R2)>>>::from(folded);
     let mut passed = OutputBuilder::<_, CapacityContainerBuilder<Vec<(P, Epoch, R)>>>::from(passed);
     builder.build(move |_initial_capabilities| {
-        let mut stash: BTreeMap<Epoch, (Capability<Epoch>, FastMap<K, V>)> = BTreeMap::new();
+        let mut stash: BTreeMap<Epoch, (Capability<Epoch>, S)> = BTreeMap::new();
         let mut pass = Vec::new();
         let mut out = Vec::new();
         move |frontiers| {
@@ -238,7 +239,7 @@ where
                     let map = (time >= from.get()).then(|| {
                         &mut stash
                             .entry(time)
-                            .or_insert_with(|| (capability.delayed(&time, 0), HashMap::default()))
+                            .or_insert_with(|| (capability.delayed(&time, 0), S::default()))
                             .1
                     });
                     add(record, diff.clone(), map, &mut pass);
