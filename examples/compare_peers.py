@@ -24,7 +24,9 @@ What is timed, per engine, each run as a child process (peak RSS: the child's, f
 like `/usr/bin/time -v`; for Spark, the Python driver's plus its JVM's peak, `VmHWM`, which the
 child reads before it stops — the JVM's heap is `--spark-memory`, and it grows towards it):
   - the full load into an empty output;
-  - a correction of ~1% of the raw rows (`--correction`), spread over every day: half revised
+  - a correction of ~1% of the raw rows (`--correction`), spread over every day (or, with
+    `--correction-days K`, taken from the newest K delivery days: late events into the newest
+    days of 30 days of state, the everyday case): half revised
     versions (revision + 10, changed amount) of sampled events, half new events of the same
     ads and users with new ids, all delivered late in one file of a new delivery day. adsmetrics
     ingests just that file into its warehouse (incremental). Each peer recomputes the days the
@@ -91,6 +93,9 @@ def main():
                    help="comma-separated subset of " + ",".join(ENGINES))
     p.add_argument("--correction", type=float, default=0.01,
                    help="size of the correction as a fraction of the raw rows (0: none)")
+    p.add_argument("--correction-days", type=int, default=0, metavar="K",
+                   help="take the correction's rows from the newest K delivery days only (late "
+                        "events into the newest days of the state); 0: from every day")
     p.add_argument("--lateness", type=int, default=6,
                    help="the stream's watermark, in hours (at least the data's lateness)")
     p.add_argument("--spark-memory", default="4g", help="spark.driver.memory (local mode heap)")
@@ -196,7 +201,8 @@ def main():
 
     if args.correction > 0:
         print("\ncorrection:")
-        touched, n = write_correction(events_dir, fix_dir, days[-1], args.correction, raw_rows)
+        touched, n = write_correction(events_dir, fix_dir, days, args.correction, raw_rows,
+                                      args.correction_days)
         print(f"  # written by this program: {n} rows ({100 * n / raw_rows:.2f}% of the raw rows) "
               f"into {fix_dir}, touching {len(touched)} event days")
         measure("correction", "adsmetrics",
@@ -279,19 +285,26 @@ def parquet_rows(inputs):
     return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(inputs))
 
 
-def write_correction(events_dir, fix_dir, last_day, fraction, raw_rows):
+def write_correction(events_dir, fix_dir, days, fraction, raw_rows, newest_days=0):
     """Writes ~`fraction` of the raw rows as one late file; returns (touched event days, rows).
 
-    Every 1/fraction-th valid row with an event id, in every file: alternately a revised version
-    (revision + 10, so it beats every generated revision; cost, or revenue for conversions,
-    + 1000) and a new event (id `late-<n>`, same ad, user and time).
+    Evenly sampled valid rows with an event id, from every file or, with `newest_days`, from the
+    files of the newest `newest_days` event days only (their delivery folders, and the folder
+    after them, which holds their late deliveries): alternately a revised version (revision + 10, so it
+    beats every generated revision; cost, or revenue for conversions, + 1000) and a new event (id
+    `late-<n>`, same ad, user and time).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    step = max(1, round(1 / fraction))
+    if newest_days:
+        sources = [os.path.join(events_dir, f"dt={d}") for d in days[-newest_days - 1:]]
+    else:
+        sources = [events_dir]
+    files = parquet_files(sources)
+    step = max(1, round(parquet_rows(sources) / max(1, fraction * raw_rows)))
     picked = []
-    for f in parquet_files([events_dir]):
+    for f in files:
         t = pq.read_table(f)
         t = t.take(list(range(0, t.num_rows, step)))
         ok = pc.and_(pc.is_valid(t["event_id"]),
@@ -312,7 +325,7 @@ def write_correction(events_dir, fix_dir, last_day, fraction, raw_rows):
             r["event_id"] = f"late-{i}"
     table = pa.Table.from_pylist(rows, schema=picked[0].schema)
     shutil.rmtree(fix_dir, ignore_errors=True)
-    folder = os.path.join(fix_dir, f"dt={next_day(last_day)}", "hr=00", "producer=mixed")
+    folder = os.path.join(fix_dir, f"dt={next_day(days[-1])}", "hr=00", "producer=mixed")
     os.makedirs(folder)
     pq.write_table(table, os.path.join(folder, "part-0000.parquet"))
     touched = sorted({r["event_time"].astimezone(dt.timezone.utc).date().isoformat()
