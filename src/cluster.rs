@@ -28,6 +28,8 @@
 use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use timely::dataflow::operators::{Exchange, Input, Inspect, Probe};
@@ -40,6 +42,10 @@ pub const EXIT_PEER_LOST: u8 = 70;
 /// The first port of the default addresses (`127.0.0.1:2101`, `:2102`, …), as timely's.
 const DEFAULT_PORT: u16 = 2101;
 
+/// How long a process waits by default for the others to connect (a follower also waits this
+/// long for the coordinator's next hot-window generation, which it plans in between).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Where this process is in a cluster of processes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cluster {
@@ -49,6 +55,8 @@ pub struct Cluster {
     pub process: usize,
     /// `host:port` of every process, in process order.
     pub addresses: Vec<String>,
+    /// How long to wait for the other processes to connect, each time the cluster starts.
+    pub connect_timeout: Duration,
 }
 
 impl Cluster {
@@ -86,8 +94,15 @@ impl Cluster {
                 addresses.len()
             ));
         }
-        if let Some(bad) = addresses.iter().find(|a| a.rsplit_once(':').is_none()) {
+        if let Some(bad) = addresses.iter().find(|a| {
+            a.rsplit_once(':')
+                .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+        }) {
             return Err(format!("--hostfile: {bad:?} is not host:port"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(twice) = addresses[..processes].iter().find(|a| !seen.insert(*a)) {
+            return Err(format!("--hostfile: {twice} is given twice"));
         }
         if processes == 1 {
             return Ok(None);
@@ -96,6 +111,7 @@ impl Cluster {
             processes,
             process,
             addresses: addresses.into_iter().take(processes).collect(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }))
     }
 
@@ -104,8 +120,45 @@ impl Cluster {
         self.process == 0
     }
 
+    /// Starts this process's `workers` timely workers running `work`, once the cluster's
+    /// processes have connected; a process left waiting longer than
+    /// [`Cluster::connect_timeout`] stops (exit [`EXIT_PEER_LOST`]) rather than wait forever.
+    pub(crate) fn execute<T, F>(
+        &self,
+        workers: usize,
+        work: F,
+    ) -> Result<timely::communication::WorkerGuards<T>, String>
+    where
+        T: Send + 'static,
+        F: Fn(&mut Worker) -> T + Send + Sync + 'static,
+    {
+        let (connected, waiting) = std::sync::mpsc::channel::<()>();
+        let (process, timeout, addresses) =
+            (self.process, self.connect_timeout, self.addresses.clone());
+        std::thread::spawn(move || {
+            if let Err(RecvTimeoutError::Timeout) = waiting.recv_timeout(timeout) {
+                eprintln!(
+                    "error: process {process}: the other processes of the cluster ({}) did not \
+                     connect within {}s: is every process running, with the same --processes, \
+                     --hostfile and --workers? (--connect-timeout)",
+                    addresses.join(", "),
+                    timeout.as_secs()
+                );
+                std::process::exit(i32::from(EXIT_PEER_LOST));
+            }
+        });
+        let started = timely::execute(self.config(workers), work);
+        let _ = connected.send(());
+        started.map_err(|e| {
+            format!(
+                "process {} could not join the cluster at {}: {e}",
+                self.process, self.addresses[self.process]
+            )
+        })
+    }
+
     /// The timely configuration of this process with `workers` threads.
-    pub(crate) fn config(&self, workers: usize) -> timely::Config {
+    fn config(&self, workers: usize) -> timely::Config {
         timely::Config {
             communication: timely::CommunicationConfig::Cluster {
                 threads: workers,
@@ -217,9 +270,10 @@ impl Control {
     }
 }
 
-/// Makes a lost peer stop this process (exit [`EXIT_PEER_LOST`]) with a message saying what to
-/// do, rather than leave its workers waiting for it forever: timely's network threads panic
-/// when a connection breaks, and the workers would never hear of it.
+/// Makes a lost peer, or any panic, stop this process (exit [`EXIT_PEER_LOST`]) with a message
+/// saying what to do, rather than leave workers waiting forever: timely's network threads panic
+/// when a connection breaks, and the workers would never hear of it; a worker that panics would
+/// leave this process's other workers, and every other process, waiting for its next round.
 pub fn stop_when_a_peer_is_lost() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -235,9 +289,14 @@ pub fn stop_when_a_peer_is_lost() {
                  process stops. What was published stays published; run every process of the \
                  cluster again to finish (already committed sources are skipped)"
             );
-            std::process::exit(i32::from(EXIT_PEER_LOST));
+        } else {
+            default(info);
+            eprintln!(
+                "error: a thread of this cluster process panicked (above); the process stops, and \
+                 the other processes stop when they lose it. Run every process again to finish"
+            );
         }
-        default(info);
+        std::process::exit(i32::from(EXIT_PEER_LOST));
     }));
 }
 
@@ -246,7 +305,7 @@ pub fn stop_when_a_peer_is_lost() {
 pub fn release(cluster: &Cluster, workers: usize, error: Option<String>) -> Result<(), String> {
     let order = Order::Done(error);
     let peers = cluster.processes * workers;
-    let guards = timely::execute(cluster.config(workers), move |worker| {
+    let guards = cluster.execute(workers, move |worker| {
         let mut control = Control::build(worker);
         let _pipeline = adsmetrics_dataflows::pipeline::build(worker);
         let out = if worker.index() == 0 {
@@ -314,5 +373,13 @@ mod tests {
         assert!(Cluster::new(2, 0, Some(&hosts))
             .unwrap_err()
             .contains("host:port"));
+        std::fs::write(&hosts, "host-a:x\nhost-b:1\n").unwrap();
+        assert!(Cluster::new(2, 0, Some(&hosts))
+            .unwrap_err()
+            .contains("host:port"));
+        std::fs::write(&hosts, "host-a:1\nhost-a:1\n").unwrap();
+        assert!(Cluster::new(2, 0, Some(&hosts))
+            .unwrap_err()
+            .contains("twice"));
     }
 }

@@ -708,6 +708,11 @@ impl CommitJournal {
     pub fn last_commit(&self) -> u64 {
         self.last_commit
     }
+
+    /// Bytes of the journal file this handle has read (and, a writer's, written).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes
+    }
 }
 
 fn on_disk_len(path: &Path) -> Result<u64, JournalError> {

@@ -701,9 +701,10 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 #[derive(clap::Args, Debug)]
 struct ClusterArgs {
     /// Run as one process of a cluster of this many: start the same command on every process
-    /// (same inputs, same --warehouse path on a filesystem all of them see, same --workers),
-    /// each with its own --process. The processes exchange rows by key over TCP; process 0
-    /// plans, publishes and keeps the audit ledger.
+    /// (same inputs, same --warehouse path on a filesystem all of them see, same --workers:
+    /// threads per process), each with its own --process. The processes exchange rows by key
+    /// over TCP; process 0 plans, publishes and keeps the audit ledger. A process that loses
+    /// another, or waits for it past --connect-timeout, exits 70: run them all again.
     #[arg(long, value_name = "N", default_value_t = 1)]
     processes: usize,
     /// This process's index in the cluster, 0..N; 0 is the coordinator.
@@ -713,13 +714,26 @@ struct ClusterArgs {
     /// 127.0.0.1:2101, :2102, …).
     #[arg(long, value_name = "FILE")]
     hostfile: Option<PathBuf>,
+    /// How long a process waits for the others to connect, each time the cluster starts (a
+    /// follower also waits this long for the coordinator's next hot-window generation), e.g.
+    /// 90s, 10m.
+    #[arg(long, value_name = "WAIT", default_value = "10m", value_parser = parse_age)]
+    connect_timeout: i64,
 }
 
 impl ClusterArgs {
     /// The cluster, or `None` for a process alone.
     fn cluster(&self) -> anyhow::Result<Option<adsmetrics::cluster::Cluster>> {
-        adsmetrics::cluster::Cluster::new(self.processes, self.process, self.hostfile.as_deref())
-            .map_err(anyhow::Error::msg)
+        let cluster = adsmetrics::cluster::Cluster::new(
+            self.processes,
+            self.process,
+            self.hostfile.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        Ok(cluster.map(|c| adsmetrics::cluster::Cluster {
+            connect_timeout: std::time::Duration::from_secs(self.connect_timeout.max(1) as u64),
+            ..c
+        }))
     }
 }
 
@@ -746,10 +760,15 @@ fn in_cluster<T>(
     }
     let result = run(Some(cluster.clone()));
     let error = result.as_ref().err().map(|e| format!("{e:#}"));
-    if let Err(e) = adsmetrics::cluster::release(&cluster, workers.max(1), error) {
-        tracing::warn!(error = %e, "could not tell the followers that the command is over");
-    }
-    result.map(Some)
+    let released = adsmetrics::cluster::release(&cluster, workers.max(1), error);
+    let ran = result?;
+    released.map_err(|e| {
+        anyhow::anyhow!(
+            "the run finished, but the other processes could not be told so ({e}): stop them \
+             (they exit 70 after --connect-timeout)"
+        )
+    })?;
+    Ok(Some(ran))
 }
 
 /// `--hot-window`, shared by the commands that take it.

@@ -355,6 +355,11 @@ impl Role {
 /// whose workers feed them all, and the dataflow sends each row to its key's worker).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Job {
+    /// The coordinator's build (every process must run the same: they exchange its types).
+    version: String,
+    /// The journal's length when the coordinator planned: a follower whose `--warehouse` is not
+    /// the same directory sees another.
+    journal_bytes: u64,
     run_id: String,
     started_at_us: i64,
     ledger_anchor: LedgerAnchor,
@@ -1393,8 +1398,11 @@ fn execute_generation(
     });
 
     let ledger_anchor = ledger.anchor();
+    let shared_journal_bytes = journal.bytes_read();
     let role = options.cluster.clone().map(|cluster| Role {
         job: Some(Job {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            journal_bytes: shared_journal_bytes,
             run_id: run.run_id.clone(),
             started_at_us,
             ledger_anchor: ledger_anchor.clone(),
@@ -1445,18 +1453,19 @@ fn execute_generation(
         Some(session) => session.run(&shared).map(|c| conflicted = c),
         None => {
             let worker_shared = shared.clone();
-            let config = match &options.cluster {
-                Some(cluster) => cluster.config(workers),
-                None => timely::Config::process(workers),
-            };
-            timely::execute(config, move |worker| run_worker(worker, &worker_shared))
-                .map_err(RunError::Runtime)
-                .and_then(|guards| {
-                    for result in guards.join() {
-                        conflicted += result.map_err(RunError::Runtime)?;
-                    }
-                    Ok(())
-                })
+            let work =
+                move |worker: &mut timely::worker::Worker| run_worker(worker, &worker_shared);
+            match &options.cluster {
+                Some(cluster) => cluster.execute(workers, work),
+                None => timely::execute(timely::Config::process(workers), work),
+            }
+            .map_err(RunError::Runtime)
+            .and_then(|guards| {
+                for result in guards.join() {
+                    conflicted += result.map_err(RunError::Runtime)?;
+                }
+                Ok(())
+            })
         }
     };
     if let Err(e) = ran {
@@ -1682,42 +1691,45 @@ pub(crate) fn follow_once(
     let state: Arc<std::sync::OnceLock<Arc<Shared>>> = Arc::default();
     let (warehouse, role) = (warehouse.clone(), cluster.clone());
     let (told, run) = (done.clone(), state.clone());
-    let guards = timely::execute(cluster.config(workers), move |worker| {
-        let mut control = Control::build(worker);
-        let mut pipeline = pipeline::build(worker);
-        let order = control
-            .round(worker, Vec::new())
-            .into_iter()
-            .find_map(|m| match m {
-                Message::Order(order) => Some(order),
-                _ => None,
-            });
-        match order {
-            Some(Order::Run(job)) => {
-                let shared = run
-                    .get_or_init(|| Arc::new(follower_shared(&warehouse, &role, workers, &job)))
-                    .clone();
-                let mut seeded = matches!(shared.rebuild, Rebuild::Rows(_)).then(BTreeSet::new);
-                run_epochs(
-                    worker,
-                    &mut pipeline,
-                    seeded.as_mut(),
-                    &shared,
-                    0,
-                    Some(&mut control),
-                );
+    let guards = cluster
+        .execute(workers, move |worker| {
+            let mut control = Control::build(worker);
+            let mut pipeline = pipeline::build(worker);
+            let order = control
+                .round(worker, Vec::new())
+                .into_iter()
+                .find_map(|m| match m {
+                    Message::Order(order) => Some(order),
+                    _ => None,
+                });
+            match order {
+                Some(Order::Run(job)) => {
+                    let shared = run
+                        .get_or_init(|| Arc::new(follower_shared(&warehouse, &role, workers, &job)))
+                        .clone();
+                    let mut seeded = matches!(shared.rebuild, Rebuild::Rows(_)).then(BTreeSet::new);
+                    run_epochs(
+                        worker,
+                        &mut pipeline,
+                        seeded.as_mut(),
+                        &shared,
+                        0,
+                        Some(&mut control),
+                    );
+                }
+                Some(Order::Done(error)) => *told.lock().expect("lock") = Some(error),
+                None => {
+                    *told.lock().expect("lock") =
+                        Some(Some("the coordinator sent this worker no order".into()))
+                }
             }
-            Some(Order::Done(error)) => *told.lock().expect("lock") = Some(error),
-            None => {
-                *told.lock().expect("lock") =
-                    Some(Some("the coordinator sent this worker no order".into()))
-            }
-        }
-    })
-    .map_err(RunError::Runtime)?;
+        })
+        .map_err(RunError::Runtime)?;
     for result in guards.join() {
         result.map_err(RunError::Runtime)?;
     }
+    // As between a process's own hot-window generations: hand what the dataflow freed back.
+    crate::memory::release_free_memory();
     let done = done.lock().expect("lock").take();
     Ok(done)
 }
@@ -1745,6 +1757,23 @@ fn follower_shared(
             errors.push(RunError::from(e));
             CommitJournal::empty(warehouse.root(), &warehouse.journal_path())
         });
+    if errors.is_empty() && job.version != env!("CARGO_PKG_VERSION") {
+        errors.push(RunError::Refused(format!(
+            "this process runs adsmetrics {}, the coordinator {}: every process of a cluster must \
+             run the same build",
+            env!("CARGO_PKG_VERSION"),
+            job.version
+        )));
+    }
+    if errors.is_empty() && journal.bytes_read() != job.journal_bytes {
+        errors.push(RunError::Refused(format!(
+            "the commit journal at {} is {} bytes here and {} bytes on the coordinator: every \
+             process needs the same warehouse (one directory on a filesystem all of them see)",
+            warehouse.journal_path().display(),
+            journal.bytes_read(),
+            job.journal_bytes
+        )));
+    }
     let published = Arc::new(journal.published().clone());
     Shared {
         warehouse: warehouse.clone(),
@@ -1796,7 +1825,16 @@ fn publish_in_cluster(
     let index = worker.index();
     let reports_for_process = role.local(index) == 0 && !role.cluster.is_coordinator();
     let out = if reports_for_process {
+        // What this process wrote is on disk before worker 0 commits an epoch that names it (it
+        // syncs only its own filesystem view).
+        let synced = sync_filesystem(shared.warehouse.root());
         let mut state = shared.state.lock().expect("lock");
+        if let Err(e) = synced {
+            state.errors.push(RunError::Runtime(format!(
+                "could not sync {}: {e}",
+                shared.warehouse.root().display()
+            )));
+        }
         let report = Report {
             process: role.cluster.process,
             changes: std::mem::take(&mut state.changes),
@@ -1825,6 +1863,16 @@ fn publish_in_cluster(
         reports.sort_by_key(|r| r.process);
         {
             let mut state = shared.state.lock().expect("lock");
+            let heard: BTreeSet<usize> = reports.iter().map(|r| r.process).collect();
+            let silent: Vec<usize> = (1..role.cluster.processes)
+                .filter(|p| !heard.contains(p))
+                .collect();
+            if !silent.is_empty() {
+                state.errors.push(RunError::Runtime(format!(
+                    "process(es) {silent:?} sent no report of epoch {epoch}: they are not \
+                     running this plan (another build, or a plan they could not read)"
+                )));
+            }
             for report in reports {
                 state.changes.extend(report.changes);
                 state.sources.extend(report.sources);
@@ -1920,8 +1968,14 @@ fn run_epochs(
             }
             continue;
         }
+        // A follower that could not set up (see `follower_shared`) writes nothing; it still takes
+        // every step and round, and its first report stops the run.
+        let failed =
+            shared.cluster.is_some() && !shared.state.lock().expect("lock").errors.is_empty();
         let (fed, computed, staged) = std::thread::scope(|scope| {
-            let (local, writing) = if epoch == 0 {
+            let (local, writing) = if failed {
+                (Ok(()), None)
+            } else if epoch == 0 {
                 let files = match &shared.rebuild {
                     Rebuild::Files(files, _) => files.as_slice(),
                     Rebuild::Rows(_) => &[],
@@ -1955,6 +2009,9 @@ fn run_epochs(
             // The last source's files are written meanwhile; they must be on disk before the
             // publish names their source (and the publish syncs the filesystem to make sure).
             let staged = local.and_then(|()| {
+                if failed {
+                    return Ok(Vec::new());
+                }
                 let emptied = match (epoch, &shared.rebuild) {
                     (0, Rebuild::Files(_, days)) => published_in_days(shared, days, index, peers),
                     _ => Vec::new(),

@@ -10,6 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use adsmetrics::generate::{generate, GenerateConfig};
@@ -44,19 +45,40 @@ fn contents(root: &Path) -> Contents {
     (tables, raw)
 }
 
-/// Free ports on 127.0.0.1, one per process, as a timely hostfile.
+/// Free ports on 127.0.0.1, one per process, as a timely hostfile. Below the ephemeral range
+/// (32768 and up on Linux), so no outgoing connection takes one between this check and the
+/// cluster's bind; a block of its own per test process and call.
 fn hostfile(dir: &Path, processes: usize) -> PathBuf {
-    let listeners: Vec<_> = (0..processes)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let lines: Vec<String> = listeners
-        .iter()
-        .map(|l| format!("127.0.0.1:{}\n", l.local_addr().unwrap().port()))
-        .collect();
-    let port = listeners[0].local_addr().unwrap().port();
-    let path = dir.join(format!("hosts-{port}"));
-    std::fs::write(&path, lines.concat()).unwrap();
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 200) as u16 * 50;
+    let mut lines = String::new();
+    let mut first = None;
+    while lines.lines().count() < processes {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 50;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            first.get_or_insert(port);
+            lines.push_str(&format!("127.0.0.1:{port}\n"));
+        }
+    }
+    let path = dir.join(format!("hosts-{}", first.unwrap()));
+    std::fs::write(&path, lines).unwrap();
     path
+}
+
+/// A cluster process; killed if the test stops before it has ended (a failed assertion must not
+/// leave a process waiting for its peer).
+struct Process {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// The commands the test runs, in one process or in a cluster.
@@ -86,15 +108,18 @@ fn command(warehouse: &Path, job: Job<'_>, args: &[&str]) -> Command {
             .args(days),
         Job::Reprocess => c.arg("reprocess").args(days),
     };
-    c.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+    c.args(args).stdout(Stdio::null());
     c
 }
 
-/// Starts process `process` of a two-process cluster of two workers each.
-fn start(warehouse: &Path, job: Job<'_>, hosts: &Path, process: usize) -> Child {
+/// Starts process `process` of a two-process cluster of two workers each; its stderr goes to a
+/// file beside the hostfile (a pipe nobody reads could fill and stall it).
+fn start(warehouse: &Path, job: Job<'_>, hosts: &Path, process: usize) -> Process {
+    let stderr = hosts.with_extension(format!("p{process}.log"));
+    let log = std::fs::File::create(&stderr).unwrap();
     let process = process.to_string();
     let hosts = hosts.to_str().unwrap();
-    command(
+    let child = command(
         warehouse,
         job,
         &[
@@ -106,20 +131,31 @@ fn start(warehouse: &Path, job: Job<'_>, hosts: &Path, process: usize) -> Child 
             &process,
             "--hostfile",
             hosts,
+            "--connect-timeout",
+            "120s",
         ],
     )
+    .stderr(log)
     .spawn()
-    .unwrap()
+    .unwrap();
+    Process { child, stderr }
 }
 
-/// Waits for a process; its exit status and what it wrote on stderr.
-fn finish(child: Child, what: &str) -> (ExitStatus, String) {
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    if !out.status.success() {
+/// Waits for a process (at most ten minutes); its exit status and what it wrote on stderr.
+fn finish(mut process: Process, what: &str) -> (ExitStatus, String) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let status = loop {
+        if let Some(status) = process.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{what} did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::fs::read_to_string(&process.stderr).unwrap_or_default();
+    if !status.success() {
         eprintln!("{what}: {stderr}");
     }
-    (out.status, stderr)
+    (status, stderr)
 }
 
 /// Runs both processes of a cluster to the end; what the follower said.
@@ -237,8 +273,8 @@ fn a_process_killed_mid_run_stops_the_other_and_a_rerun_converges() {
         assert!(waited.elapsed() < Duration::from_secs(300), "no publish");
         std::thread::sleep(Duration::from_millis(20));
     }
-    follower.kill().unwrap();
-    follower.wait().unwrap();
+    follower.child.kill().unwrap();
+    follower.child.wait().unwrap();
     let (stopped, _) = finish(coordinator, "process 0");
     assert_eq!(
         stopped.code(),
@@ -255,4 +291,35 @@ fn a_process_killed_mid_run_stops_the_other_and_a_rerun_converges() {
     in_cluster(dir.path(), &clustered, Job::Ingest(&first));
     assert!(contents(&clustered).0 == contents(&single).0);
     assert_ledger_accounts_for_tables(&Warehouse::new(&clustered));
+}
+
+#[test]
+fn a_follower_on_another_warehouse_is_refused_and_nothing_is_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = two_batches(dir.path(), 20_000);
+    let warehouse = dir.path().join("shared");
+    alone(&warehouse, Job::Ingest(&first));
+    let before = contents(&warehouse);
+
+    // The follower is given an empty directory where the coordinator's warehouse should be.
+    let hosts = hostfile(dir.path(), 2);
+    let elsewhere = dir.path().join("elsewhere");
+    let follower = start(&elsewhere, Job::Ingest(&second), &hosts, 1);
+    let coordinator = start(&warehouse, Job::Ingest(&second), &hosts, 0);
+    let (status, said) = finish(coordinator, "process 0");
+    assert!(!status.success());
+    assert!(said.contains("same warehouse"), "{said}");
+    let (status, said) = finish(follower, "process 1");
+    assert!(!status.success());
+    assert!(
+        said.contains("the coordinator (process 0) failed"),
+        "{said}"
+    );
+    // (The coordinator's own raw files of the refused epoch stay, uncommitted: every run
+    // ignores them, as after a crash.)
+    assert!(contents(&warehouse).0 == before.0, "nothing was published");
+    assert!(
+        !elsewhere.join("raw").exists(),
+        "the refused follower wrote no raw files"
+    );
 }
