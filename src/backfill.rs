@@ -82,11 +82,12 @@ pub fn backfill(
     let mut run = opened.record(
         RunKind::Backfill,
         format!(
-            "backfill --source {} --from {} --to {} --hot-window {}",
+            "backfill --source {} --from {} --to {} --hot-window {}{}",
             options.source.display(),
             day_string(options.from_day),
             day_string(options.to_day),
-            crate::runtime::hot_window_flag(options.run.hot_window_days)
+            crate::runtime::hot_window_flag(options.run.hot_window_days),
+            options.run.cluster_flag()
         ),
     );
     run.sources_skipped = 0;

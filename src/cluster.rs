@@ -336,7 +336,7 @@ pub fn follow(
             None => runs += 1,
             Some(None) => return Ok(runs),
             Some(Some(error)) => {
-                return Err(crate::runtime::RunError::Runtime(format!(
+                return Err(crate::runtime::RunError::Cluster(format!(
                     "the coordinator (process 0) failed: {error}"
                 )))
             }

@@ -94,6 +94,16 @@ pub struct IngestOptions {
     pub cluster: Option<crate::cluster::Cluster>,
 }
 
+impl IngestOptions {
+    /// ` --processes N` for a cluster run, as the ledger records its command; else nothing.
+    pub(crate) fn cluster_flag(&self) -> String {
+        self.cluster
+            .as_ref()
+            .map(|c| format!(" --processes {}", c.processes))
+            .unwrap_or_default()
+    }
+}
+
 /// The default hot window: 48 hours of source days.
 pub const DEFAULT_HOT_WINDOW_DAYS: u32 = 2;
 
@@ -258,6 +268,9 @@ pub enum RunError {
     /// Timely could not start or a worker died.
     #[error("dataflow runtime: {0}")]
     Runtime(String),
+    /// Another process of the cluster failed (the message is its error, as it said it).
+    #[error("{0}")]
+    Cluster(String),
 }
 
 impl RunError {
@@ -803,8 +816,9 @@ pub fn ingest(
     let run = opened.record(
         RunKind::Ingest,
         format!(
-            "ingest --workers {} --hot-window {} {}",
+            "ingest --workers {}{} --hot-window {} {}",
             options.workers,
+            options.cluster_flag(),
             hot_window_flag(options.hot_window_days),
             inputs
                 .iter()
@@ -963,10 +977,11 @@ pub fn reprocess(
     let run = opened.record(
         RunKind::Reprocess,
         format!(
-            "reprocess --from {} --to {} --workers {}",
+            "reprocess --from {} --to {} --workers {}{}",
             crate::warehouse::day_string(first),
             crate::warehouse::day_string(last),
-            options.workers
+            options.workers,
+            options.cluster_flag()
         ),
     );
     let plan = Plan {
@@ -1868,7 +1883,7 @@ fn publish_in_cluster(
                 .filter(|p| !heard.contains(p))
                 .collect();
             if !silent.is_empty() {
-                state.errors.push(RunError::Runtime(format!(
+                state.errors.push(RunError::Cluster(format!(
                     "process(es) {silent:?} sent no report of epoch {epoch}: they are not \
                      running this plan (another build, or a plan they could not read)"
                 )));
@@ -1878,7 +1893,7 @@ fn publish_in_cluster(
                 state.sources.extend(report.sources);
                 state.summary.absorb(&report.summary);
                 for e in report.errors {
-                    state.errors.push(RunError::Runtime(format!(
+                    state.errors.push(RunError::Cluster(format!(
                         "process {}: {e}",
                         report.process
                     )));
@@ -1911,7 +1926,7 @@ fn publish_in_cluster(
             if let Message::Outcome(errors) = message {
                 state
                     .errors
-                    .extend(errors.into_iter().map(RunError::Runtime));
+                    .extend(errors.into_iter().map(RunError::Cluster));
             }
         }
         if let Some(journal) = &role.journal {

@@ -244,7 +244,17 @@ fn two_processes_write_the_bytes_one_process_writes() {
         published_tables(&Warehouse::new(&clustered)),
         expected_tables(&events)
     );
-    assert_ledger_accounts_for_tables(&Warehouse::new(&clustered));
+    let ledger = assert_ledger_accounts_for_tables(&Warehouse::new(&clustered));
+    // The coordinator's ledger says how each run ran.
+    for kind in ["ingest", "backfill", "reprocess"] {
+        assert!(
+            ledger
+                .iter()
+                .any(|e| e.body.command.starts_with(kind)
+                    && e.body.command.contains("--processes 2")),
+            "{kind}"
+        );
+    }
 
     // A rerun of the cluster over the same input changes nothing.
     in_cluster(dir.path(), &clustered, Job::Ingest(&first));
