@@ -42,10 +42,6 @@ pub const EXIT_PEER_LOST: u8 = 70;
 /// The first port of the default addresses (`127.0.0.1:2101`, `:2102`, …), as timely's.
 const DEFAULT_PORT: u16 = 2101;
 
-/// How long a process waits by default for the others to connect (a follower also waits this
-/// long for the coordinator's next hot-window generation, which it plans in between).
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
-
 /// Where this process is in a cluster of processes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cluster {
@@ -67,6 +63,7 @@ impl Cluster {
         processes: usize,
         process: usize,
         hostfile: Option<&Path>,
+        connect_timeout: Duration,
     ) -> Result<Option<Self>, String> {
         if processes == 0 {
             return Err("--processes must be at least 1".into());
@@ -111,7 +108,7 @@ impl Cluster {
             processes,
             process,
             addresses: addresses.into_iter().take(processes).collect(),
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            connect_timeout,
         }))
     }
 
@@ -247,6 +244,27 @@ impl Control {
         }
     }
 
+    /// Round 0 of a timely run of the cluster: worker 0 sends `order` (the coordinator's, given
+    /// there only) to every worker of the other processes, which have `workers` each; returns the
+    /// order this worker received (a follower's).
+    pub(crate) fn order(
+        &mut self,
+        worker: &mut Worker,
+        workers: usize,
+        order: Option<Order>,
+    ) -> Option<Order> {
+        let out = match order {
+            Some(order) => (workers..worker.peers())
+                .map(|to| (to, Message::Order(order.clone())))
+                .collect(),
+            None => Vec::new(),
+        };
+        self.round(worker, out).into_iter().find_map(|m| match m {
+            Message::Order(order) => Some(order),
+            _ => None,
+        })
+    }
+
     /// Sends `out` (`(worker index, message)`) and waits until every worker of the cluster has
     /// finished this round; returns the messages sent to this worker in it.
     pub(crate) fn round(
@@ -304,18 +322,11 @@ pub fn stop_when_a_peer_is_lost() {
 /// follower that the command is over, with its error if it failed.
 pub fn release(cluster: &Cluster, workers: usize, error: Option<String>) -> Result<(), String> {
     let order = Order::Done(error);
-    let peers = cluster.processes * workers;
     let guards = cluster.execute(workers, move |worker| {
         let mut control = Control::build(worker);
         let _pipeline = adsmetrics_dataflows::pipeline::build(worker);
-        let out = if worker.index() == 0 {
-            (workers..peers)
-                .map(|to| (to, Message::Order(order.clone())))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        control.round(worker, out);
+        let order = (worker.index() == 0).then(|| order.clone());
+        control.order(worker, workers, order);
     })?;
     for result in guards.join() {
         result?;
@@ -348,14 +359,16 @@ pub fn follow(
 mod tests {
     use super::*;
 
+    const WAIT: Duration = Duration::from_secs(1);
+
     #[test]
     fn addresses_come_from_the_hostfile_or_default_to_localhost() {
-        assert_eq!(Cluster::new(1, 0, None), Ok(None));
-        let two = Cluster::new(2, 1, None).unwrap().unwrap();
+        assert_eq!(Cluster::new(1, 0, None, WAIT), Ok(None));
+        let two = Cluster::new(2, 1, None, WAIT).unwrap().unwrap();
         assert_eq!(two.addresses, ["127.0.0.1:2101", "127.0.0.1:2102"]);
         assert!(!two.is_coordinator());
-        assert!(Cluster::new(2, 2, None).is_err());
-        assert!(Cluster::new(0, 0, None).is_err());
+        assert!(Cluster::new(2, 2, None, WAIT).is_err());
+        assert!(Cluster::new(0, 0, None, WAIT).is_err());
 
         let dir = tempfile::tempdir().unwrap();
         let hosts = dir.path().join("hosts");
@@ -364,21 +377,21 @@ mod tests {
             "# the cluster\nhost-a:4000\n\nhost-b:4000\nhost-c:4000\n",
         )
         .unwrap();
-        let c = Cluster::new(2, 0, Some(&hosts)).unwrap().unwrap();
+        let c = Cluster::new(2, 0, Some(&hosts), WAIT).unwrap().unwrap();
         assert_eq!(c.addresses, ["host-a:4000", "host-b:4000"]);
-        assert!(Cluster::new(4, 0, Some(&hosts))
+        assert!(Cluster::new(4, 0, Some(&hosts), WAIT)
             .unwrap_err()
             .contains("3 addresses"));
         std::fs::write(&hosts, "host-a\nhost-b:1\n").unwrap();
-        assert!(Cluster::new(2, 0, Some(&hosts))
+        assert!(Cluster::new(2, 0, Some(&hosts), WAIT)
             .unwrap_err()
             .contains("host:port"));
         std::fs::write(&hosts, "host-a:x\nhost-b:1\n").unwrap();
-        assert!(Cluster::new(2, 0, Some(&hosts))
+        assert!(Cluster::new(2, 0, Some(&hosts), WAIT)
             .unwrap_err()
             .contains("host:port"));
         std::fs::write(&hosts, "host-a:1\nhost-a:1\n").unwrap();
-        assert!(Cluster::new(2, 0, Some(&hosts))
+        assert!(Cluster::new(2, 0, Some(&hosts), WAIT)
             .unwrap_err()
             .contains("twice"));
     }

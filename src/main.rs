@@ -724,16 +724,13 @@ struct ClusterArgs {
 impl ClusterArgs {
     /// The cluster, or `None` for a process alone.
     fn cluster(&self) -> anyhow::Result<Option<adsmetrics::cluster::Cluster>> {
-        let cluster = adsmetrics::cluster::Cluster::new(
+        adsmetrics::cluster::Cluster::new(
             self.processes,
             self.process,
             self.hostfile.as_deref(),
+            std::time::Duration::from_secs(self.connect_timeout.max(1) as u64),
         )
-        .map_err(anyhow::Error::msg)?;
-        Ok(cluster.map(|c| adsmetrics::cluster::Cluster {
-            connect_timeout: std::time::Duration::from_secs(self.connect_timeout.max(1) as u64),
-            ..c
-        }))
+        .map_err(anyhow::Error::msg)
     }
 }
 
@@ -742,11 +739,11 @@ impl ClusterArgs {
 /// `run` and then tells the followers the command is over, with its error if it failed.
 fn in_cluster<T>(
     warehouse: &Warehouse,
-    cluster: Option<adsmetrics::cluster::Cluster>,
+    args: &ClusterArgs,
     workers: usize,
     run: impl FnOnce(Option<adsmetrics::cluster::Cluster>) -> anyhow::Result<T>,
 ) -> anyhow::Result<Option<T>> {
-    let Some(cluster) = cluster else {
+    let Some(cluster) = args.cluster()? else {
         return run(None).map(Some);
     };
     adsmetrics::cluster::stop_when_a_peer_is_lost();
@@ -996,8 +993,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics,
             cluster,
         } => {
-            let cluster = cluster.cluster()?;
-            let ran = in_cluster(&warehouse, cluster, workers, |cluster| {
+            let ran = in_cluster(&warehouse, &cluster, workers, |cluster| {
                 let (_server, counters) = metrics.serve()?;
                 let options = IngestOptions {
                     workers,
@@ -1028,8 +1024,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cluster,
         } => {
             let (from_day, to_day) = parse_day_range(&from, &to)?;
-            let cluster = cluster.cluster()?;
-            let ran = in_cluster(&warehouse, cluster, workers, |cluster| {
+            let ran = in_cluster(&warehouse, &cluster, workers, |cluster| {
                 let (_server, counters) = metrics.serve()?;
                 Ok(adsmetrics::backfill::backfill(
                     &warehouse,
@@ -1083,8 +1078,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cluster,
         } => {
             let (from_day, to_day) = parse_day_range(&from, &to)?;
-            let cluster = cluster.cluster()?;
-            let ran = in_cluster(&warehouse, cluster, workers, |cluster| {
+            let ran = in_cluster(&warehouse, &cluster, workers, |cluster| {
                 let (_server, counters) = metrics.serve()?;
                 Ok(adsmetrics::runtime::reprocess(
                     &warehouse,

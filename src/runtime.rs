@@ -345,6 +345,17 @@ struct SharedState {
     written: BTreeMap<i64, (Vec<PathBuf>, Vec<u64>)>,
 }
 
+impl SharedState {
+    /// Adds raw files written (and their keys' index prefixes), by event day, to the run's.
+    fn add_written(&mut self, written: BTreeMap<i64, (Vec<PathBuf>, Vec<u64>)>) {
+        for (day, (paths, prefixes)) in written {
+            let entry = self.written.entry(day).or_default();
+            entry.0.extend(paths);
+            entry.1.extend(prefixes);
+        }
+    }
+}
+
 /// A process's part in a cluster run ([`crate::cluster`]).
 struct Role {
     cluster: crate::cluster::Cluster,
@@ -1674,13 +1685,10 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
     let mut pipeline = pipeline::build(worker);
     if let (Some(control), Some(role)) = (control.as_mut(), shared.cluster.as_ref()) {
         // Round 0: the plan, to every worker of the followers.
-        let out = match (&role.job, worker.index()) {
-            (Some(job), 0) => (role.workers..worker.peers())
-                .map(|to| (to, Message::Order(Order::Run(Json::encode(job)))))
-                .collect(),
-            _ => Vec::new(),
-        };
-        control.round(worker, out);
+        let plan = (worker.index() == 0)
+            .then(|| role.job.as_ref().map(|job| Order::Run(Json::encode(job))))
+            .flatten();
+        control.order(worker, role.workers, plan);
     }
     // Keyed rehydration: the partitions given their published rows so far.
     let mut seeded = matches!(shared.rebuild, Rebuild::Rows(_)).then(BTreeSet::new);
@@ -1710,14 +1718,7 @@ pub(crate) fn follow_once(
         .execute(workers, move |worker| {
             let mut control = Control::build(worker);
             let mut pipeline = pipeline::build(worker);
-            let order = control
-                .round(worker, Vec::new())
-                .into_iter()
-                .find_map(|m| match m {
-                    Message::Order(order) => Some(order),
-                    _ => None,
-                });
-            match order {
+            match control.order(worker, workers, None) {
                 Some(Order::Run(job)) => {
                     let shared = run
                         .get_or_init(|| Arc::new(follower_shared(&warehouse, &role, workers, &job)))
@@ -1898,11 +1899,7 @@ fn publish_in_cluster(
                         report.process
                     )));
                 }
-                for (day, (paths, prefixes)) in report.written {
-                    let entry = state.written.entry(day).or_default();
-                    entry.0.extend(paths);
-                    entry.1.extend(prefixes);
-                }
+                state.add_written(report.written);
             }
         }
         publish(shared, epoch);
@@ -2358,11 +2355,7 @@ fn write_source(
         events as f64 / secs
     ));
     state.sources.push(record);
-    for (day, (paths, prefixes)) in written_days {
-        let entry = state.written.entry(day).or_default();
-        entry.0.extend(paths);
-        entry.1.extend(prefixes);
-    }
+    state.add_written(written_days);
     Ok(())
 }
 
