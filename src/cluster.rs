@@ -169,13 +169,52 @@ impl Cluster {
     }
 }
 
+/// How an error ends a command, so that every process of a cluster exits as the process that
+/// failed would have alone (an orchestrator retries exit 75, and a held-back publish is 12 on
+/// every process, not only on the one that published).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitClass {
+    /// Any other failure (exit 1).
+    #[default]
+    Failed,
+    /// The writer lock was busy past the wait, or the publish was fenced (exit 75).
+    Temporary,
+    /// The publish gate held an epoch back (exit 12).
+    Gated,
+}
+
+/// An error of another process of the cluster: its message as it said it, and its class.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteError {
+    /// The error as the process that had it printed it.
+    pub message: String,
+    /// How it ends the command.
+    pub class: ExitClass,
+}
+
+impl RemoteError {
+    /// The same error, its message prefixed with `context` (which process, which role).
+    pub fn context(self, context: impl std::fmt::Display) -> Self {
+        RemoteError {
+            message: format!("{context}: {}", self.message),
+            ..self
+        }
+    }
+}
+
+impl std::fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// What the coordinator tells the cluster at round 0 of each timely run: run this, or stop.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) enum Order {
     /// Run a planned generation (a [`crate::runtime::Job`]).
     Run(Json),
     /// The command is over: with the coordinator's error, if it failed.
-    Done(Option<String>),
+    Done(Option<RemoteError>),
 }
 
 /// A message on the control dataflow.
@@ -186,7 +225,7 @@ pub(crate) enum Message {
     /// A follower's part of an epoch (a [`crate::runtime::Report`]), to worker 0.
     Report(Json),
     /// Worker 0's publish of an epoch: the run's errors so far (none: it published).
-    Outcome(Vec<String>),
+    Outcome(Vec<RemoteError>),
     /// A follower worker's conflicted keys at the end of a run.
     Conflicted(i64),
 }
@@ -320,7 +359,11 @@ pub fn stop_when_a_peer_is_lost() {
 
 /// The coordinator's last word at the end of a command: one more cluster round telling every
 /// follower that the command is over, with its error if it failed.
-pub fn release(cluster: &Cluster, workers: usize, error: Option<String>) -> Result<(), String> {
+pub fn release(
+    cluster: &Cluster,
+    workers: usize,
+    error: Option<RemoteError>,
+) -> Result<(), String> {
     let order = Order::Done(error);
     let guards = cluster.execute(workers, move |worker| {
         let mut control = Control::build(worker);
@@ -347,9 +390,9 @@ pub fn follow(
             None => runs += 1,
             Some(None) => return Ok(runs),
             Some(Some(error)) => {
-                return Err(crate::runtime::RunError::Cluster(format!(
-                    "the coordinator (process 0) failed: {error}"
-                )))
+                return Err(crate::runtime::RunError::Cluster(
+                    error.context("the coordinator (process 0) failed"),
+                ))
             }
         }
     }

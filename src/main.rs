@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use adsmetrics::cluster::ExitClass;
 use adsmetrics::runtime::{ingest, IngestOptions};
 use adsmetrics::warehouse::Warehouse;
 use anyhow::Context as _;
@@ -756,7 +757,13 @@ fn in_cluster<T>(
         return Ok(None);
     }
     let result = run(Some(cluster.clone()));
-    let error = result.as_ref().err().map(|e| format!("{e:#}"));
+    let error = result
+        .as_ref()
+        .err()
+        .map(|e| adsmetrics::cluster::RemoteError {
+            message: format!("{e:#}"),
+            class: exit_class(e),
+        });
     let released = adsmetrics::cluster::release(&cluster, workers.max(1), error);
     let ran = result?;
     released.map_err(|e| {
@@ -820,14 +827,12 @@ fn main() -> ExitCode {
             Some(CheckFailed(code)) => ExitCode::from(*code),
             None => {
                 eprintln!("error: {e:#}");
-                if is_gated(&e) {
-                    ExitCode::from(adsmetrics::check::EXIT_RECONCILE)
-                } else if is_temporary(&e) {
+                match exit_class(&e) {
+                    ExitClass::Gated => ExitCode::from(adsmetrics::check::EXIT_RECONCILE),
                     // EX_TEMPFAIL: another writer held or changed the warehouse; nothing was
                     // published, and running again converges.
-                    ExitCode::from(75)
-                } else {
-                    ExitCode::FAILURE
+                    ExitClass::Temporary => ExitCode::from(75),
+                    ExitClass::Failed => ExitCode::FAILURE,
                 }
             }
         },
@@ -901,13 +906,13 @@ impl RunMetricsArgs {
     }
 }
 
-/// Whether `e` is a writer-lock timeout or a fenced publish (exit code 75).
-fn is_temporary(e: &anyhow::Error) -> bool {
+/// How `e` ends the command: a writer-lock timeout or a fenced publish exits 75, a publish the
+/// gate held back 12 (as `check reconcile`), here or on the cluster process it happened on.
+fn exit_class(e: &anyhow::Error) -> adsmetrics::cluster::ExitClass {
     use adsmetrics::delete::DeleteError;
     use adsmetrics::runtime::RunError;
     use adsmetrics::stream::StreamError;
-    let run = e
-        .downcast_ref::<RunError>()
+    e.downcast_ref::<RunError>()
         .or_else(|| match e.downcast_ref::<DeleteError>() {
             Some(DeleteError::Run(r)) => Some(r),
             _ => None,
@@ -915,24 +920,8 @@ fn is_temporary(e: &anyhow::Error) -> bool {
         .or_else(|| match e.downcast_ref::<StreamError>() {
             Some(StreamError::Run(r)) => Some(r),
             _ => None,
-        });
-    run.is_some_and(RunError::is_temporary)
-}
-
-/// Whether `e` is a publish the gate held back (exit code 12, as `check reconcile`).
-fn is_gated(e: &anyhow::Error) -> bool {
-    use adsmetrics::delete::DeleteError;
-    use adsmetrics::runtime::RunError;
-    use adsmetrics::stream::StreamError;
-    matches!(e.downcast_ref::<RunError>(), Some(RunError::Gated { .. }))
-        || matches!(
-            e.downcast_ref::<StreamError>(),
-            Some(StreamError::Run(RunError::Gated { .. }))
-        )
-        || matches!(
-            e.downcast_ref::<DeleteError>(),
-            Some(DeleteError::Run(RunError::Gated { .. }))
-        )
+        })
+        .map_or(adsmetrics::cluster::ExitClass::Failed, RunError::exit_class)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

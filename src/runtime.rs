@@ -44,7 +44,7 @@ use adsmetrics_dataflows::{
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{Control, Json, Message, Order};
+use crate::cluster::{Control, ExitClass, Json, Message, Order, RemoteError};
 use crate::event::Event;
 use crate::journal::{
     CommitJournal, JournalError, LedgerAnchor, PartitionChange, Published, RetiredSource,
@@ -268,9 +268,9 @@ pub enum RunError {
     /// Timely could not start or a worker died.
     #[error("dataflow runtime: {0}")]
     Runtime(String),
-    /// Another process of the cluster failed (the message is its error, as it said it).
+    /// Another process of the cluster failed (its error as it said it, and how it ends the run).
     #[error("{0}")]
-    Cluster(String),
+    Cluster(crate::cluster::RemoteError),
 }
 
 impl RunError {
@@ -282,7 +282,38 @@ impl RunError {
             RunError::Lock(crate::lock::LockError::Busy { .. })
                 | RunError::Journal(JournalError::Fenced { .. })
                 | RunError::Publish(PublishError::Journal(JournalError::Fenced { .. }))
-        )
+        ) || self.remote_class() == Some(ExitClass::Temporary)
+    }
+
+    /// The publish gate held an epoch back, here or on the process that published.
+    pub fn is_gated(&self) -> bool {
+        matches!(self, RunError::Gated { .. }) || self.remote_class() == Some(ExitClass::Gated)
+    }
+
+    fn remote_class(&self) -> Option<ExitClass> {
+        match self {
+            RunError::Cluster(remote) => Some(remote.class),
+            _ => None,
+        }
+    }
+
+    /// How this error ends the command (its exit code).
+    pub fn exit_class(&self) -> ExitClass {
+        if self.is_gated() {
+            ExitClass::Gated
+        } else if self.is_temporary() {
+            ExitClass::Temporary
+        } else {
+            ExitClass::Failed
+        }
+    }
+
+    /// This error as another process of the cluster is told it.
+    pub fn remote(&self) -> RemoteError {
+        RemoteError {
+            message: self.to_string(),
+            class: self.exit_class(),
+        }
     }
 }
 
@@ -403,7 +434,7 @@ pub(crate) struct Report {
     changes: Vec<PartitionChange>,
     sources: Vec<SourceRecord>,
     summary: IngestSummary,
-    errors: Vec<String>,
+    errors: Vec<RemoteError>,
     written: BTreeMap<i64, (Vec<PathBuf>, Vec<u64>)>,
 }
 
@@ -1709,8 +1740,8 @@ pub(crate) fn follow_once(
     warehouse: &Warehouse,
     cluster: &crate::cluster::Cluster,
     workers: usize,
-) -> Result<Option<Option<String>>, RunError> {
-    let done: Arc<Mutex<Option<Option<String>>>> = Arc::default();
+) -> Result<Option<Option<RemoteError>>, RunError> {
+    let done: Arc<Mutex<Option<Option<RemoteError>>>> = Arc::default();
     let state: Arc<std::sync::OnceLock<Arc<Shared>>> = Arc::default();
     let (warehouse, role) = (warehouse.clone(), cluster.clone());
     let (told, run) = (done.clone(), state.clone());
@@ -1735,8 +1766,10 @@ pub(crate) fn follow_once(
                 }
                 Some(Order::Done(error)) => *told.lock().expect("lock") = Some(error),
                 None => {
-                    *told.lock().expect("lock") =
-                        Some(Some("the coordinator sent this worker no order".into()))
+                    *told.lock().expect("lock") = Some(Some(RemoteError {
+                        message: "the coordinator sent this worker no order".into(),
+                        class: ExitClass::Failed,
+                    }))
                 }
             }
         })
@@ -1856,7 +1889,7 @@ fn publish_in_cluster(
             changes: std::mem::take(&mut state.changes),
             sources: std::mem::take(&mut state.sources),
             summary: std::mem::take(&mut state.summary),
-            errors: state.errors.drain(..).map(|e| e.to_string()).collect(),
+            errors: state.errors.drain(..).map(|e| e.remote()).collect(),
             written: std::mem::take(&mut state.written),
         };
         vec![(0, Message::Report(Json::encode(&report)))]
@@ -1868,7 +1901,10 @@ fn publish_in_cluster(
         .into_iter()
         .filter_map(|m| match m {
             Message::Report(report) => Some(report.decode().unwrap_or_else(|e| Report {
-                errors: vec![e],
+                errors: vec![RemoteError {
+                    message: e,
+                    class: ExitClass::Failed,
+                }],
                 ..Report::default()
             })),
             _ => None,
@@ -1884,32 +1920,33 @@ fn publish_in_cluster(
                 .filter(|p| !heard.contains(p))
                 .collect();
             if !silent.is_empty() {
-                state.errors.push(RunError::Cluster(format!(
-                    "process(es) {silent:?} sent no report of epoch {epoch}: they are not \
-                     running this plan (another build, or a plan they could not read)"
-                )));
+                state.errors.push(RunError::Cluster(RemoteError {
+                    message: format!(
+                        "process(es) {silent:?} sent no report of epoch {epoch}: they are not \
+                         running this plan (another build, or a plan they could not read)"
+                    ),
+                    class: ExitClass::Failed,
+                }));
             }
             for report in reports {
                 state.changes.extend(report.changes);
                 state.sources.extend(report.sources);
                 state.summary.absorb(&report.summary);
                 for e in report.errors {
-                    state.errors.push(RunError::Cluster(format!(
-                        "process {}: {e}",
-                        report.process
-                    )));
+                    let process = format!("process {}", report.process);
+                    state.errors.push(RunError::Cluster(e.context(process)));
                 }
                 state.add_written(report.written);
             }
         }
         publish(shared, epoch);
-        let errors: Vec<String> = shared
+        let errors: Vec<RemoteError> = shared
             .state
             .lock()
             .expect("lock")
             .errors
             .iter()
-            .map(|e| e.to_string())
+            .map(RunError::remote)
             .collect();
         outcome = (role.workers..worker.peers())
             .step_by(role.workers)

@@ -115,6 +115,17 @@ fn command(warehouse: &Path, job: Job<'_>, args: &[&str]) -> Command {
 /// Starts process `process` of a two-process cluster of two workers each; its stderr goes to a
 /// file beside the hostfile (a pipe nobody reads could fill and stall it).
 fn start(warehouse: &Path, job: Job<'_>, hosts: &Path, process: usize) -> Process {
+    start_with(warehouse, job, hosts, process, &[])
+}
+
+/// [`start`], with more arguments.
+fn start_with(
+    warehouse: &Path,
+    job: Job<'_>,
+    hosts: &Path,
+    process: usize,
+    more: &[&str],
+) -> Process {
     let stderr = hosts.with_extension(format!("p{process}.log"));
     let log = std::fs::File::create(&stderr).unwrap();
     let process = process.to_string();
@@ -135,6 +146,7 @@ fn start(warehouse: &Path, job: Job<'_>, hosts: &Path, process: usize) -> Proces
             "120s",
         ],
     )
+    .args(more)
     .stderr(log)
     .spawn()
     .unwrap();
@@ -332,4 +344,38 @@ fn a_follower_on_another_warehouse_is_refused_and_nothing_is_published() {
         !elsewhere.join("raw").exists(),
         "the refused follower wrote no raw files"
     );
+}
+
+#[test]
+fn every_process_exits_as_the_coordinator_does_when_the_warehouse_is_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = two_batches(dir.path(), 5_000);
+    let warehouse = dir.path().join("shared");
+    alone(&warehouse, Job::Ingest(&first));
+    let before = contents(&warehouse);
+
+    // Another writer holds the warehouse: the coordinator cannot lock it, and exits 75 (retry
+    // later); the follower, told so, exits 75 too, so an orchestrator retries both alike.
+    let _held = adsmetrics::lock::WriterLock::acquire(&Warehouse::new(&warehouse)).unwrap();
+    let hosts = hostfile(dir.path(), 2);
+    let busy = |process| {
+        start_with(
+            &warehouse,
+            Job::Ingest(&second),
+            &hosts,
+            process,
+            &["--lock-wait", "0s"],
+        )
+    };
+    let follower = busy(1);
+    let coordinator = busy(0);
+    let (status, said) = finish(coordinator, "process 0");
+    assert_eq!(status.code(), Some(75), "{said}");
+    let (status, said) = finish(follower, "process 1");
+    assert_eq!(status.code(), Some(75), "{said}");
+    assert!(
+        said.contains("the coordinator (process 0) failed"),
+        "{said}"
+    );
+    assert!(contents(&warehouse) == before, "nothing was written");
 }
