@@ -374,6 +374,8 @@ struct SharedState {
     /// Per event day: the raw files this run wrote and their keys' index prefixes, to bring the
     /// day's key index up to date at the end of the run.
     written: BTreeMap<i64, (Vec<PathBuf>, Vec<u64>)>,
+    /// A follower's: how far its (hidden) progress bar was when it last reported.
+    progress_reported: u64,
 }
 
 impl SharedState {
@@ -436,6 +438,9 @@ pub(crate) struct Report {
     summary: IngestSummary,
     errors: Vec<RemoteError>,
     written: BTreeMap<i64, (Vec<PathBuf>, Vec<u64>)>,
+    /// Its work done since its last report, in the coordinator's progress bar's unit (sources
+    /// or bytes), so that the bar counts the whole cluster's.
+    progress: u64,
 }
 
 /// A warehouse opened for a run: the journal recovered, the ledger verified and caught up, the
@@ -1884,8 +1889,12 @@ fn publish_in_cluster(
                 shared.warehouse.root().display()
             )));
         }
+        let position = shared.progress.position();
+        let progress = position - state.progress_reported;
+        state.progress_reported = position;
         let report = Report {
             process: role.cluster.process,
+            progress,
             changes: std::mem::take(&mut state.changes),
             sources: std::mem::take(&mut state.sources),
             summary: std::mem::take(&mut state.summary),
@@ -1929,6 +1938,7 @@ fn publish_in_cluster(
                 }));
             }
             for report in reports {
+                shared.progress.inc(report.progress);
                 state.changes.extend(report.changes);
                 state.sources.extend(report.sources);
                 state.summary.absorb(&report.summary);
