@@ -5,9 +5,13 @@
 //! - `dataflow/dedup_aggregate`: the whole dataflow (`adsmetrics_dataflows::pipeline::build`) on
 //!   one worker, every keyed version fed in one epoch, stepped until the probe passes it;
 //! - `encode/curated_partition`: the largest curated partition the dataflow produced (the daily
-//!   one, tens of thousands of rows) encoded as Parquet bytes.
+//!   one, tens of thousands of rows) encoded as Parquet bytes;
+//! - `encode/raw_layer`: the events cut into sources of `SOURCE_EVENTS` (the size of a generated
+//!   30-day input's delivery files), each written to the raw layer of a fresh warehouse in a
+//!   temporary directory (one file per source and event hour: encoding, staging, rename).
 //!
-//! Throughput is in elements: events for the first three, rows for the encoder. Input is built
+//! Throughput is in elements: events for the first three and the raw layer, rows for the
+//! curated encoder. Input is built
 //! once, outside the measurements. Sample sizes are small so the whole run takes a few minutes:
 //! `cargo bench --bench stages` (or `-- decode` for one group).
 
@@ -21,6 +25,8 @@ use adsmetrics::event::Event;
 use adsmetrics::generate::{generate_events, writer_properties, GenerateConfig};
 use adsmetrics::schema::events_to_batch;
 use adsmetrics::sink::curated::{content_version, encode_partition};
+use adsmetrics::sink::raw;
+use adsmetrics::warehouse::Warehouse;
 use adsmetrics_dataflows::pipeline::build;
 use adsmetrics_dataflows::{DedupKey, Dims, EventVersion, MetricRow, PartitionId};
 use chrono::DateTime;
@@ -81,6 +87,40 @@ fn jsonl_bytes(events: &[Event]) -> Vec<u8> {
         out.push(b'\n');
     }
     out
+}
+
+/// Events per source in `encode/raw_layer`: 5.26M raw rows in 2,894 delivery files, as
+/// `generate --events 5000000 --hours 720` writes them.
+const SOURCE_EVENTS: usize = 1_800;
+
+/// The events cut into sources of [`SOURCE_EVENTS`], each with its events' dedup keys, unique
+/// within the source (the first of each key, as the in-source dedup keeps one).
+fn sources(events: &[Event]) -> Vec<Vec<(DedupKey, &Event)>> {
+    events
+        .chunks(SOURCE_EVENTS)
+        .map(|chunk| {
+            let mut seen = std::collections::HashSet::new();
+            chunk
+                .iter()
+                .map(|e| (e.keyed_version().0, e))
+                .filter(|(key, _)| seen.insert(*key))
+                .collect()
+        })
+        .collect()
+}
+
+/// Writes every source to the raw layer of a new warehouse (returned, so that removing it is
+/// not timed); the rows written.
+fn write_raw_layer(sources: &[Vec<(DedupKey, &Event)>]) -> (tempfile::TempDir, u64) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let warehouse = Warehouse::new(dir.path());
+    let mut rows = 0;
+    for (i, source) in sources.iter().enumerate() {
+        let hash = format!("{i:016x}");
+        rows += raw::write_source(&warehouse, &format!("bench-{i}.parquet"), &hash, source)
+            .expect("writing the raw layer");
+    }
+    (dir, rows)
 }
 
 /// A partition and its rows.
@@ -194,7 +234,42 @@ fn stages(c: &mut Criterion) {
     group.bench_function("curated_partition", |b| {
         b.iter(|| encode_partition(&id, black_box(&rows), &version, path).expect("encoding"))
     });
+    let sources = sources(&events);
+    let (dir, written) = write_raw_layer(&sources);
+    let files = walkdir(dir.path().join("raw").as_path());
+    eprintln!(
+        "stages: raw layer of {} sources: {written} rows in {files} files",
+        sources.len()
+    );
+    group.throughput(Throughput::Elements(written));
+    group.sampling_mode(SamplingMode::Flat);
+    group.bench_function("raw_layer", |b| {
+        b.iter_batched(
+            || (),
+            |()| write_raw_layer(&sources),
+            BatchSize::PerIteration,
+        )
+    });
     group.finish();
+}
+
+/// Files below `dir`.
+fn walkdir(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| {
+                    let path = e.path();
+                    if path.is_dir() {
+                        walkdir(&path)
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 criterion_group!(benches, stages);
