@@ -11,12 +11,17 @@
 //!     index), of the raw files to rebuild or retract; a keyed rebuild's rows on the
 //!     coordinator only; the dataflow exchanges by key; each curated partition has one
 //!     writer in the cluster (its mirror's worker), which stages it
-//!  report round: each follower's staged changes, sources, counts, errors ─▶ worker 0
+//!  report round: each follower's staged changes, sources, counts, progress, errors (with
+//!     their exit class) ─▶ worker 0
 //!  worker 0 publishes (journal, renames) ─▶ outcome round: errors ─▶ every follower,
 //!     which catches its read-only view of the journal up
 //!  end of the run: conflicted-key counts ─▶ worker 0; the coordinator's ledger entry
-//!  end of the command: round 0 of one last cluster says "done" (and the error, if any)
+//!  end of the command: round 0 of one last cluster says "done" (and the error, if any, with
+//!     its class: every process exits with the code the coordinator exits with)
 //! ```
+//!
+//! Commands: `ingest`, `backfill`, `reprocess`, and `delete` (whose rebuild runs on the cluster;
+//! finding the events and rewriting the raw files that held them is the coordinator's).
 //!
 //! The journal is the cluster's one commit point, written by worker 0 only: a follower never
 //! takes the writer lock, never writes the journal or the ledger, and publishes nothing itself.

@@ -162,8 +162,9 @@ pub fn delete(
     let mut run = opened.record(
         RunKind::Delete,
         format!(
-            "delete --request-id {} ({} user ids, {} event ids): {}",
+            "delete --request-id {}{} ({} user ids, {} event ids): {}",
             request.request_id,
+            options.cluster_flag(),
             request.user_ids.len(),
             request.event_ids.len(),
             request.reason

@@ -264,6 +264,10 @@ enum Command {
         /// Timely worker threads.
         #[arg(long, short = 'w', default_value_t = 1)]
         workers: usize,
+        /// The rebuild of the days that held the events runs on the cluster; finding the events
+        /// and rewriting the raw files that held them is the coordinator's.
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// Generate events, ingest them, replay them (same files, then re-batched), and show that
     /// the tables did not change.
@@ -1110,6 +1114,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             request_id,
             reason,
             workers,
+            cluster,
         } => {
             let event_ids = match event_ids {
                 Some(path) => std::fs::read_to_string(&path)
@@ -1121,19 +1126,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .collect(),
                 None => Vec::new(),
             };
-            let outcome = adsmetrics::delete::delete(
-                &warehouse,
-                &adsmetrics::delete::DeleteRequest {
-                    request_id,
-                    reason,
-                    user_ids,
-                    event_ids,
-                },
-                IngestOptions {
-                    workers,
-                    ..Default::default()
-                },
-            )?;
+            let request = adsmetrics::delete::DeleteRequest {
+                request_id,
+                reason,
+                user_ids,
+                event_ids,
+            };
+            let ran = in_cluster(&warehouse, &cluster, workers, |cluster| {
+                Ok(adsmetrics::delete::delete(
+                    &warehouse,
+                    &request,
+                    IngestOptions {
+                        workers,
+                        cluster,
+                        ..Default::default()
+                    },
+                )?)
+            })?;
+            let Some(outcome) = ran else {
+                return Ok(());
+            };
             let c = &outcome.certificate;
             if outcome.already_applied {
                 println!(

@@ -1,9 +1,9 @@
 //! Cluster mode ([`adsmetrics::cluster`]): `adsmetrics ingest`, `backfill` and `reprocess` as
 //! two processes on 127.0.0.1, exchanging rows over TCP, write the same bytes as one process —
 //! every curated partition and every raw-layer file — through several epochs, two hot-window
-//! generations, a backfill of late events into published days and a reprocess of every day;
-//! and a process killed mid-run stops the other, after which running both again converges to
-//! the same tables.
+//! generations, a backfill of late events into published days, a reprocess of every day and a
+//! compliance delete; a process killed mid-run stops the other, after which running both again
+//! converges to the same tables; and every process exits as the coordinator does.
 
 mod common;
 
@@ -90,6 +90,8 @@ enum Job<'a> {
     Backfill(&'a Path),
     /// `reprocess` 2026-11-01..04.
     Reprocess,
+    /// `delete --user-id <user>`, request `forget-<user>`.
+    Delete(i64),
 }
 
 fn command(warehouse: &Path, job: Job<'_>, args: &[&str]) -> Command {
@@ -107,6 +109,10 @@ fn command(warehouse: &Path, job: Job<'_>, args: &[&str]) -> Command {
             .arg(source)
             .args(days),
         Job::Reprocess => c.arg("reprocess").args(days),
+        Job::Delete(user) => c
+            .args(["delete", "--reason", "a compliance request"])
+            .args(["--user-id", &user.to_string()])
+            .args(["--request-id", &format!("forget-{user}")]),
     };
     c.args(args).stdout(Stdio::null());
     c
@@ -271,6 +277,31 @@ fn two_processes_write_the_bytes_one_process_writes() {
     // A rerun of the cluster over the same input changes nothing.
     in_cluster(dir.path(), &clustered, Job::Ingest(&first));
     assert!(contents(&clustered).0 == tables);
+
+    // A compliance delete: the days that held the user's events rebuilt on both processes, the
+    // raw files rewritten by the coordinator; the same bytes as a process alone, and the tables
+    // of every event but the user's.
+    let user = events[0].user_id;
+    alone(&single, Job::Delete(user));
+    let said = in_cluster(dir.path(), &clustered, Job::Delete(user));
+    assert!(said.contains("ran 1 generation(s)"), "{said}");
+    let (tables, raw) = contents(&clustered);
+    assert!(tables != alone_tables, "the delete changed partitions");
+    assert!(tables == contents(&single).0, "a curated partition differs");
+    assert!(raw == contents(&single).1, "a raw file differs");
+    events.retain(|e| e.user_id != user);
+    assert_eq!(
+        published_tables(&Warehouse::new(&clustered)),
+        expected_tables(&events)
+    );
+    assert!(clustered
+        .join(format!("_adsmetrics/deletions/forget-{user}.json"))
+        .exists());
+    let ledger = assert_ledger_accounts_for_tables(&Warehouse::new(&clustered));
+    assert!(ledger.iter().any(|e| e
+        .body
+        .command
+        .starts_with(&format!("delete --request-id forget-{user} --processes 2"))));
 }
 
 #[test]
