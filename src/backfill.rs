@@ -97,7 +97,7 @@ pub fn backfill(
         .into_iter()
         .filter(|p| day_of_path(&identity(&options.source, p)).is_some_and(in_range))
         .collect();
-    let mut identified = source::identify(&files, options.run.workers)?;
+    let mut identified = crate::runtime::identify(&files, &options.run)?;
     // Day order, then path: when two source partitions hold the same content, the earlier day's
     // epoch reads it and later ones adopt it, so no adoption commits before its content does.
     identified.sort_by_cached_key(|f| {

@@ -4,8 +4,12 @@
 //!
 //! ```text
 //!  process 0, the coordinator                        processes 1..N, the followers
-//!  writer lock, recovery, the plan (as alone)        wait for the coordinator
+//!  writer lock, recovery, the input files listed     wait for the coordinator
 //!  ── timely cluster: every worker builds the control dataflow, then the pipeline ──
+//!  round 0: identify these files ────────────────▶  hash every N-th
+//!  round 1: ◀──────────────────────── (index, content hash, size) of each
+//!  the plan (as alone, from the identified files)
+//!  ── the next timely cluster, one per hot-window generation ──
 //!  round 0: the plan ─────────────────────────────▶  a run state of their own from it
 //!  every epoch, every worker of the cluster: its share of the sources (by global worker
 //!     index), of the raw files to rebuild or retract; a keyed rebuild's rows on the
@@ -31,15 +35,19 @@
 //! converges to the same tables (the journal skips what was committed).
 
 use std::cell::RefCell;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::mpsc::RecvTimeoutError;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use timely::dataflow::operators::{Exchange, Input, Inspect, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 use timely::worker::Worker;
+
+use crate::runtime::RunError;
+use crate::source::SourceFile;
 
 /// The exit code of a process that lost the connection to another process of its cluster.
 pub const EXIT_PEER_LOST: u8 = 70;
@@ -218,6 +226,8 @@ impl std::fmt::Display for RemoteError {
 pub(crate) enum Order {
     /// Run a planned generation (a [`crate::runtime::Job`]).
     Run(Json),
+    /// Identify these input files ([`identify`]): each process hashes its share.
+    Identify(Vec<PathBuf>),
     /// The command is over: with the coordinator's error, if it failed.
     Done(Option<RemoteError>),
 }
@@ -233,6 +243,9 @@ pub(crate) enum Message {
     Outcome(Vec<RemoteError>),
     /// A follower worker's conflicted keys at the end of a run.
     Conflicted(i64),
+    /// A process's share of an [`Order::Identify`]: each file's index in the order's list and
+    /// what it is, or why one could not be read.
+    Identified(Result<Vec<(usize, SourceFile)>, String>),
 }
 
 /// A value as JSON, inside a control message. Timely encodes its messages with bincode, which
@@ -382,25 +395,160 @@ pub fn release(
     Ok(())
 }
 
+/// What a follower did in one timely run of its cluster.
+pub(crate) enum Followed {
+    /// Ran a generation of the coordinator's plan.
+    Generation,
+    /// Hashed its share of the input files: this many.
+    Identified(usize),
+    /// The command is over, with the coordinator's error if it failed.
+    Done(Option<RemoteError>),
+}
+
+/// What a follower did in a command.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FollowerWork {
+    /// Generations of the coordinator's plan run.
+    pub generations: u64,
+    /// Input files it identified (read and hashed) for the coordinator's plan.
+    pub files_identified: u64,
+}
+
 /// A follower's whole command: runs every generation the coordinator orders, until it says the
-/// command is over. Returns the generations run, or the coordinator's error.
+/// command is over. Returns what it did, or the coordinator's error.
 pub fn follow(
     warehouse: &crate::warehouse::Warehouse,
     cluster: &Cluster,
     workers: usize,
-) -> Result<u64, crate::runtime::RunError> {
-    let mut runs = 0;
+) -> Result<FollowerWork, RunError> {
+    let mut work = FollowerWork::default();
     loop {
         match crate::runtime::follow_once(warehouse, cluster, workers)? {
-            None => runs += 1,
-            Some(None) => return Ok(runs),
-            Some(Some(error)) => {
-                return Err(crate::runtime::RunError::Cluster(
+            Followed::Generation => work.generations += 1,
+            Followed::Identified(files) => work.files_identified += files as u64,
+            Followed::Done(None) => return Ok(work),
+            Followed::Done(Some(error)) => {
+                return Err(RunError::Cluster(
                     error.context("the coordinator (process 0) failed"),
                 ))
             }
         }
     }
+}
+
+/// The input files of a cluster run identified (content hash and size, as
+/// [`crate::source::identify`], in the same order) by every process of the cluster: each reads
+/// and hashes every `processes`-th file, on its `workers` threads, so that the coordinator does
+/// not read every input byte itself before the run (the warehouse's filesystem, and so the
+/// inputs, are shared). One cluster round; the followers answer in [`share_of_identify`].
+pub fn identify(
+    cluster: &Cluster,
+    workers: usize,
+    files: &[PathBuf],
+) -> Result<Vec<SourceFile>, RunError> {
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let files = Arc::new(files.to_vec());
+    let found: Arc<Mutex<Vec<Option<SourceFile>>>> = Arc::new(Mutex::new(vec![None; files.len()]));
+    let errors: Arc<Mutex<Vec<RemoteError>>> = Arc::default();
+    let (list, into, failed) = (files.clone(), found.clone(), errors.clone());
+    let (process, processes) = (cluster.process, cluster.processes);
+    let guards = cluster
+        .execute(workers, move |worker| {
+            let mut control = Control::build(worker);
+            let _pipeline = adsmetrics_dataflows::pipeline::build(worker);
+            let order = (worker.index() == 0).then(|| Order::Identify(list.to_vec()));
+            control.order(worker, workers, order);
+            let mine =
+                (worker.index() == 0).then(|| hash_share(&list, process, processes, workers));
+            let heard = control.round(worker, Vec::new());
+            let Some(mine) = mine else { return };
+            let mut found = into.lock().expect("lock");
+            let mut failed = failed.lock().expect("lock");
+            let shares = std::iter::once((0, mine)).chain(
+                heard.into_iter().enumerate().filter_map(|(i, m)| match m {
+                    Message::Identified(share) => Some((i + 1, share)),
+                    _ => None,
+                }),
+            );
+            for (from, share) in shares {
+                match share {
+                    Ok(files) => {
+                        for (i, file) in files {
+                            found[i] = Some(file);
+                        }
+                    }
+                    Err(e) => failed.push(RemoteError {
+                        message: if from == 0 {
+                            e
+                        } else {
+                            format!("a process of the cluster: {e}")
+                        },
+                        class: ExitClass::Failed,
+                    }),
+                }
+            }
+        })
+        .map_err(RunError::Runtime)?;
+    for result in guards.join() {
+        result.map_err(RunError::Runtime)?;
+    }
+    if let Some(e) = errors.lock().expect("lock").pop() {
+        return Err(RunError::Cluster(e));
+    }
+    let found = std::mem::take(&mut *found.lock().expect("lock"));
+    let missing = found.iter().filter(|f| f.is_none()).count();
+    if missing > 0 {
+        return Err(RunError::Cluster(RemoteError {
+            message: format!(
+                "{missing} of {} input files were not identified by any process of the cluster",
+                found.len()
+            ),
+            class: ExitClass::Failed,
+        }));
+    }
+    Ok(found.into_iter().flatten().collect())
+}
+
+/// A follower's answer to [`Order::Identify`], sent by its first worker in the round after the
+/// order (its other workers take part in the round and send nothing). Returns the files this
+/// worker identified.
+pub(crate) fn share_of_identify(
+    worker: &mut Worker,
+    control: &mut Control,
+    cluster: &Cluster,
+    workers: usize,
+    files: &[PathBuf],
+) -> usize {
+    let (out, identified) = if worker.index().is_multiple_of(workers) {
+        let share = hash_share(files, cluster.process, cluster.processes, workers);
+        let identified = share.as_ref().map_or(0, Vec::len);
+        (vec![(0, Message::Identified(share))], identified)
+    } else {
+        (Vec::new(), 0)
+    };
+    control.round(worker, out);
+    identified
+}
+
+/// Process `process`'s share of `files` (every `processes`-th, from its index), identified on
+/// `threads` threads, with each file's index in `files`.
+fn hash_share(
+    files: &[PathBuf],
+    process: usize,
+    processes: usize,
+    threads: usize,
+) -> Result<Vec<(usize, SourceFile)>, String> {
+    let (indices, mine): (Vec<usize>, Vec<PathBuf>) = files
+        .iter()
+        .enumerate()
+        .skip(process)
+        .step_by(processes)
+        .map(|(i, path)| (i, path.clone()))
+        .unzip();
+    let identified = crate::source::identify(&mine, threads).map_err(|e| e.to_string())?;
+    Ok(indices.into_iter().zip(identified).collect())
 }
 
 #[cfg(test)]

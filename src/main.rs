@@ -753,10 +753,11 @@ fn in_cluster<T>(
     };
     adsmetrics::cluster::stop_when_a_peer_is_lost();
     if !cluster.is_coordinator() {
-        let runs = adsmetrics::cluster::follow(warehouse, &cluster, workers.max(1))?;
+        let work = adsmetrics::cluster::follow(warehouse, &cluster, workers.max(1))?;
         eprintln!(
-            "process {} of {}: ran {runs} generation(s) of the coordinator's run",
-            cluster.process, cluster.processes
+            "process {} of {}: identified {} input file(s), ran {} generation(s) of the \
+             coordinator's run",
+            cluster.process, cluster.processes, work.files_identified, work.generations
         );
         return Ok(None);
     }

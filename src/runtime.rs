@@ -44,7 +44,7 @@ use adsmetrics_dataflows::{
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{Control, ExitClass, Json, Message, Order, RemoteError};
+use crate::cluster::{Control, ExitClass, Followed, Json, Message, Order, RemoteError};
 use crate::event::Event;
 use crate::journal::{
     CommitJournal, JournalError, LedgerAnchor, PartitionChange, Published, RetiredSource,
@@ -853,6 +853,17 @@ enum Rebuild {
     Rows(Vec<(DedupKey, EventVersion)>),
 }
 
+/// `files` identified (content hash and size): by this process, or shared out over the cluster.
+pub(crate) fn identify(
+    files: &[PathBuf],
+    options: &IngestOptions,
+) -> Result<Vec<SourceFile>, RunError> {
+    match &options.cluster {
+        Some(cluster) => crate::cluster::identify(cluster, options.workers.max(1), files),
+        None => Ok(source::identify(files, options.workers)?),
+    }
+}
+
 /// Ingests the files under `inputs` into `warehouse`; rerun-safe.
 pub fn ingest(
     warehouse: &Warehouse,
@@ -876,7 +887,7 @@ pub fn ingest(
     );
     tracing::debug!("opened");
     let files = source::discover(inputs)?;
-    let identified = source::identify(&files, options.workers)?;
+    let identified = identify(&files, &options)?;
     tracing::debug!("identified");
     let (new_sources, summary) = skip_consumed(&opened, identified);
     // Under a hot window the sources go in source-day order (a source with no `dt=` folder in
@@ -1738,15 +1749,15 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
     )
 }
 
-/// A follower's part in one timely run of its cluster ([`crate::cluster::follow`]): the
-/// generation the coordinator orders at round 0, run like the coordinator's workers run theirs.
-/// `Ok(None)` after a generation; `Ok(Some(error))` when the coordinator said the command is over.
+/// A follower's part in one timely run of its cluster ([`crate::cluster::follow`]): what the
+/// coordinator orders at round 0 — a generation, run like the coordinator's workers run theirs;
+/// its share of the input files to identify; or the end of the command.
 pub(crate) fn follow_once(
     warehouse: &Warehouse,
     cluster: &crate::cluster::Cluster,
     workers: usize,
-) -> Result<Option<Option<RemoteError>>, RunError> {
-    let done: Arc<Mutex<Option<Option<RemoteError>>>> = Arc::default();
+) -> Result<Followed, RunError> {
+    let done: Arc<Mutex<Option<Followed>>> = Arc::default();
     let state: Arc<std::sync::OnceLock<Arc<Shared>>> = Arc::default();
     let (warehouse, role) = (warehouse.clone(), cluster.clone());
     let (told, run) = (done.clone(), state.clone());
@@ -1769,12 +1780,29 @@ pub(crate) fn follow_once(
                         Some(&mut control),
                     );
                 }
-                Some(Order::Done(error)) => *told.lock().expect("lock") = Some(error),
+                Some(Order::Identify(files)) => {
+                    let n = crate::cluster::share_of_identify(
+                        worker,
+                        &mut control,
+                        &role,
+                        workers,
+                        &files,
+                    );
+                    let mut told = told.lock().expect("lock");
+                    let before = match *told {
+                        Some(Followed::Identified(before)) => before,
+                        _ => 0,
+                    };
+                    *told = Some(Followed::Identified(before + n));
+                }
+                Some(Order::Done(error)) => {
+                    *told.lock().expect("lock") = Some(Followed::Done(error))
+                }
                 None => {
-                    *told.lock().expect("lock") = Some(Some(RemoteError {
+                    *told.lock().expect("lock") = Some(Followed::Done(Some(RemoteError {
                         message: "the coordinator sent this worker no order".into(),
                         class: ExitClass::Failed,
-                    }))
+                    })))
                 }
             }
         })
@@ -1784,8 +1812,9 @@ pub(crate) fn follow_once(
     }
     // As between a process's own hot-window generations: hand what the dataflow freed back.
     crate::memory::release_free_memory();
+    // No other word from round 0: it was a generation.
     let done = done.lock().expect("lock").take();
-    Ok(done)
+    Ok(done.unwrap_or(Followed::Generation))
 }
 
 /// A follower's state for a generation the coordinator planned. What it cannot read goes on its

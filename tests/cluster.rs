@@ -231,6 +231,15 @@ fn two_processes_write_the_bytes_one_process_writes() {
     let clustered = dir.path().join("cluster");
     let said = in_cluster(dir.path(), &clustered, Job::Ingest(&first));
     assert!(said.contains("ran 2 generation(s)"), "{said}");
+    // The follower read and hashed every other input file for the plan (the coordinator the rest).
+    let inputs = adsmetrics::source::discover(std::slice::from_ref(&first))
+        .unwrap()
+        .len();
+    assert!(inputs > 10);
+    assert!(
+        said.contains(&format!("identified {} input file(s)", inputs / 2)),
+        "{said}"
+    );
     let after_first = contents(&clustered);
     assert!(
         after_first
