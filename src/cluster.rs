@@ -449,6 +449,15 @@ pub fn identify(
     if files.is_empty() {
         return Ok(Vec::new());
     }
+    // Paths travel between the processes as text (serde's), which a name that is not UTF-8
+    // cannot be: refused here, before any process starts, rather than a panic in the exchange.
+    if let Some(odd) = files.iter().find(|p| p.to_str().is_none()) {
+        return Err(RunError::Refused(format!(
+            "input file {} has a name that is not UTF-8: cluster mode sends file names between \
+             the processes as text; rename it, or run in one process",
+            odd.to_string_lossy()
+        )));
+    }
     let files = Arc::new(files.to_vec());
     let found: Arc<Mutex<Vec<Option<SourceFile>>>> = Arc::new(Mutex::new(vec![None; files.len()]));
     let errors: Arc<Mutex<Vec<RemoteError>>> = Arc::default();
@@ -556,6 +565,17 @@ mod tests {
     use super::*;
 
     const WAIT: Duration = Duration::from_secs(1);
+
+    #[cfg(unix)]
+    #[test]
+    fn an_input_file_whose_name_is_not_utf8_is_refused_before_the_cluster_starts() {
+        use std::os::unix::ffi::OsStrExt;
+        let two = Cluster::new(2, 0, None, WAIT).unwrap().unwrap();
+        let odd = PathBuf::from(std::ffi::OsStr::from_bytes(b"in/part-\xff.parquet"));
+        let e = identify(&two, 1, &[PathBuf::from("in/a.parquet"), odd]).unwrap_err();
+        assert!(matches!(e, RunError::Refused(_)), "{e}");
+        assert!(e.to_string().contains("not UTF-8"), "{e}");
+    }
 
     #[test]
     fn addresses_come_from_the_hostfile_or_default_to_localhost() {
