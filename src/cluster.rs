@@ -206,6 +206,14 @@ pub struct RemoteError {
 }
 
 impl RemoteError {
+    /// An error that ends the command with exit 1.
+    pub fn failed(message: impl Into<String>) -> Self {
+        RemoteError {
+            message: message.into(),
+            class: ExitClass::Failed,
+        }
+    }
+
     /// The same error, its message prefixed with `context` (which process, which role).
     pub fn context(self, context: impl std::fmt::Display) -> Self {
         RemoteError {
@@ -440,7 +448,8 @@ pub fn follow(
 /// [`crate::source::identify`], in the same order) by every process of the cluster: each reads
 /// and hashes every `processes`-th file, on its `workers` threads, so that the coordinator does
 /// not read every input byte itself before the run (the warehouse's filesystem, and so the
-/// inputs, are shared). One cluster round; the followers answer in [`share_of_identify`].
+/// inputs, are shared). One cluster round, in which every process answers with
+/// [`share_of_identify`].
 pub fn identify(
     cluster: &Cluster,
     workers: usize,
@@ -462,40 +471,25 @@ pub fn identify(
     let found: Arc<Mutex<Vec<Option<SourceFile>>>> = Arc::new(Mutex::new(vec![None; files.len()]));
     let errors: Arc<Mutex<Vec<RemoteError>>> = Arc::default();
     let (list, into, failed) = (files.clone(), found.clone(), errors.clone());
-    let (process, processes) = (cluster.process, cluster.processes);
+    let role = cluster.clone();
     let guards = cluster
         .execute(workers, move |worker| {
             let mut control = Control::build(worker);
             let _pipeline = adsmetrics_dataflows::pipeline::build(worker);
             let order = (worker.index() == 0).then(|| Order::Identify(list.to_vec()));
             control.order(worker, workers, order);
-            let mine =
-                (worker.index() == 0).then(|| hash_share(&list, process, processes, workers));
-            let heard = control.round(worker, Vec::new());
-            let Some(mine) = mine else { return };
+            let (_, heard) = share_of_identify(worker, &mut control, &role, workers, &list);
             let mut found = into.lock().expect("lock");
             let mut failed = failed.lock().expect("lock");
-            let shares = std::iter::once((0, mine)).chain(
-                heard.into_iter().enumerate().filter_map(|(i, m)| match m {
-                    Message::Identified(share) => Some((i + 1, share)),
-                    _ => None,
-                }),
-            );
-            for (from, share) in shares {
-                match share {
-                    Ok(files) => {
+            for message in heard {
+                match message {
+                    Message::Identified(Ok(files)) => {
                         for (i, file) in files {
                             found[i] = Some(file);
                         }
                     }
-                    Err(e) => failed.push(RemoteError {
-                        message: if from == 0 {
-                            e
-                        } else {
-                            format!("a process of the cluster: {e}")
-                        },
-                        class: ExitClass::Failed,
-                    }),
+                    Message::Identified(Err(e)) => failed.push(RemoteError::failed(e)),
+                    _ => {}
                 }
             }
         })
@@ -509,27 +503,25 @@ pub fn identify(
     let found = std::mem::take(&mut *found.lock().expect("lock"));
     let missing = found.iter().filter(|f| f.is_none()).count();
     if missing > 0 {
-        return Err(RunError::Cluster(RemoteError {
-            message: format!(
-                "{missing} of {} input files were not identified by any process of the cluster",
-                found.len()
-            ),
-            class: ExitClass::Failed,
-        }));
+        return Err(RunError::Cluster(RemoteError::failed(format!(
+            "{missing} of {} input files were not identified by any process of the cluster",
+            found.len()
+        ))));
     }
     Ok(found.into_iter().flatten().collect())
 }
 
-/// A follower's answer to [`Order::Identify`], sent by its first worker in the round after the
-/// order (its other workers take part in the round and send nothing). Returns the files this
-/// worker identified.
+/// Every process's part in the round after [`Order::Identify`], the coordinator's included: its
+/// first worker identifies the process's share of `files` and sends it to worker 0 (its other
+/// workers take part in the round and send nothing). Returns the files this worker identified
+/// and what it received (worker 0: every process's share).
 pub(crate) fn share_of_identify(
     worker: &mut Worker,
     control: &mut Control,
     cluster: &Cluster,
     workers: usize,
     files: &[PathBuf],
-) -> usize {
+) -> (usize, Vec<Message>) {
     let (out, identified) = if worker.index().is_multiple_of(workers) {
         let share = hash_share(files, cluster.process, cluster.processes, workers);
         let identified = share.as_ref().map_or(0, Vec::len);
@@ -537,12 +529,11 @@ pub(crate) fn share_of_identify(
     } else {
         (Vec::new(), 0)
     };
-    control.round(worker, out);
-    identified
+    (identified, control.round(worker, out))
 }
 
 /// Process `process`'s share of `files` (every `processes`-th, from its index), identified on
-/// `threads` threads, with each file's index in `files`.
+/// `threads` threads, with each file's index in `files`; or why one could not be read.
 fn hash_share(
     files: &[PathBuf],
     process: usize,
@@ -556,7 +547,8 @@ fn hash_share(
         .step_by(processes)
         .map(|(i, path)| (i, path.clone()))
         .unzip();
-    let identified = crate::source::identify(&mine, threads).map_err(|e| e.to_string())?;
+    let identified =
+        crate::source::identify(&mine, threads).map_err(|e| format!("process {process}: {e}"))?;
     Ok(indices.into_iter().zip(identified).collect())
 }
 
@@ -598,17 +590,13 @@ mod tests {
         assert!(Cluster::new(4, 0, Some(&hosts), WAIT)
             .unwrap_err()
             .contains("3 addresses"));
-        std::fs::write(&hosts, "host-a\nhost-b:1\n").unwrap();
-        assert!(Cluster::new(2, 0, Some(&hosts), WAIT)
-            .unwrap_err()
-            .contains("host:port"));
-        std::fs::write(&hosts, "host-a:x\nhost-b:1\n").unwrap();
-        assert!(Cluster::new(2, 0, Some(&hosts), WAIT)
-            .unwrap_err()
-            .contains("host:port"));
-        std::fs::write(&hosts, "host-a:1\nhost-a:1\n").unwrap();
-        assert!(Cluster::new(2, 0, Some(&hosts), WAIT)
-            .unwrap_err()
-            .contains("twice"));
+        // A hostfile of two processes with these lines: why it is refused.
+        let refused = |lines: &str| {
+            std::fs::write(&hosts, lines).unwrap();
+            Cluster::new(2, 0, Some(&hosts), WAIT).unwrap_err()
+        };
+        assert!(refused("host-a\nhost-b:1\n").contains("host:port"));
+        assert!(refused("host-a:x\nhost-b:1\n").contains("host:port"));
+        assert!(refused("host-a:1\nhost-a:1\n").contains("twice"));
     }
 }

@@ -1781,7 +1781,7 @@ pub(crate) fn follow_once(
                     );
                 }
                 Some(Order::Identify(files)) => {
-                    let n = crate::cluster::share_of_identify(
+                    let (n, _) = crate::cluster::share_of_identify(
                         worker,
                         &mut control,
                         &role,
@@ -1799,10 +1799,9 @@ pub(crate) fn follow_once(
                     *told.lock().expect("lock") = Some(Followed::Done(error))
                 }
                 None => {
-                    *told.lock().expect("lock") = Some(Followed::Done(Some(RemoteError {
-                        message: "the coordinator sent this worker no order".into(),
-                        class: ExitClass::Failed,
-                    })))
+                    *told.lock().expect("lock") = Some(Followed::Done(Some(RemoteError::failed(
+                        "the coordinator sent this worker no order",
+                    ))))
                 }
             }
         })
@@ -1939,10 +1938,7 @@ fn publish_in_cluster(
         .into_iter()
         .filter_map(|m| match m {
             Message::Report(report) => Some(report.decode().unwrap_or_else(|e| Report {
-                errors: vec![RemoteError {
-                    message: e,
-                    class: ExitClass::Failed,
-                }],
+                errors: vec![RemoteError::failed(e)],
                 ..Report::default()
             })),
             _ => None,
@@ -1958,13 +1954,12 @@ fn publish_in_cluster(
                 .filter(|p| !heard.contains(p))
                 .collect();
             if !silent.is_empty() {
-                state.errors.push(RunError::Cluster(RemoteError {
-                    message: format!(
+                state
+                    .errors
+                    .push(RunError::Cluster(RemoteError::failed(format!(
                         "process(es) {silent:?} sent no report of epoch {epoch}: they are not \
-                         running this plan (another build, or a plan they could not read)"
-                    ),
-                    class: ExitClass::Failed,
-                }));
+                     running this plan (another build, or a plan they could not read)"
+                    ))));
             }
             for report in reports {
                 shared.progress.inc(report.progress);
