@@ -236,6 +236,11 @@ pub(crate) enum Order {
     Run(Json),
     /// Identify these input files ([`identify`]): each process hashes its share.
     Identify(Vec<PathBuf>),
+    /// A stream starts ([`crate::stream`]): the partitions, the positions and the ranges to cut
+    /// again, for every process to take its share.
+    Stream(Json),
+    /// Cut the stream's next epoch ([`cut`]): each process what it has read of its partitions.
+    Cut,
     /// The command is over: with the coordinator's error, if it failed.
     Done(Option<RemoteError>),
 }
@@ -254,6 +259,48 @@ pub(crate) enum Message {
     /// A process's share of an [`Order::Identify`]: each file's index in the order's list and
     /// what it is, or why one could not be read.
     Identified(Result<Vec<(usize, SourceFile)>, String>),
+    /// A process's cut of an [`Order::Cut`], or why it could not cut.
+    Cut(Result<CutShare, String>),
+}
+
+/// What one process cut of its share of a stream's partitions, for the coordinator to plan the
+/// epoch: the sources (their messages stay with the process, whose workers ingest them), the
+/// keys their events carry, and whether the process is idle.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CutShare {
+    /// The process.
+    pub process: usize,
+    /// Its ranges' sources, one per partition it read from.
+    pub sources: Vec<CutSource>,
+    /// Nothing is left buffered, no message came for the stream's `--until-idle`, and every
+    /// partition of its share is read to its log end.
+    pub idle: bool,
+}
+
+/// One range of a Kafka partition as cut by the process that read it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CutSource {
+    /// Its identity (label, content hash, bytes), without its messages.
+    pub source: SourceFile,
+    /// Its events' keys and versions (what the coordinator's keyed rebuild needs).
+    pub keyed: Vec<(
+        adsmetrics_dataflows::DedupKey,
+        adsmetrics_dataflows::EventVersion,
+    )>,
+    /// The Kafka timestamp of each message that has one, ms (for the ingest-to-visible latency).
+    pub times_ms: Vec<i64>,
+    /// Messages in the range.
+    pub messages: u64,
+}
+
+/// One process's part of a stream in cluster mode: what its workers do at an [`Order::Cut`] and
+/// when a run's plan names a range it cut.
+pub trait StreamPart: Send + Sync {
+    /// Cuts this process's next epoch (waiting, when it is cutting again a crashed epoch's
+    /// ranges, until they are complete) and keeps its messages for the run that ingests it.
+    fn cut(&self) -> Result<CutShare, String>;
+    /// The messages of a range this process cut, by content hash.
+    fn messages(&self, content_hash: &str) -> Option<Arc<crate::decode::Decoded>>;
 }
 
 /// A value as JSON, inside a control message. Timely encodes its messages with bincode, which
@@ -390,7 +437,11 @@ pub fn release(
     workers: usize,
     error: Option<RemoteError>,
 ) -> Result<(), String> {
-    let order = Order::Done(error);
+    announce(cluster, workers, Order::Done(error))
+}
+
+/// One cluster round in which the coordinator tells every follower `order`, and nothing else.
+pub(crate) fn announce(cluster: &Cluster, workers: usize, order: Order) -> Result<(), String> {
     let guards = cluster.execute(workers, move |worker| {
         let mut control = Control::build(worker);
         let _pipeline = adsmetrics_dataflows::pipeline::build(worker);
@@ -409,6 +460,10 @@ pub(crate) enum Followed {
     Generation,
     /// Hashed its share of the input files: this many.
     Identified(usize),
+    /// Was told a stream starts, with this.
+    Stream(Json),
+    /// Cut its share of a stream's epoch.
+    Cut,
     /// The command is over, with the coordinator's error if it failed.
     Done(Option<RemoteError>),
 }
@@ -431,9 +486,18 @@ pub fn follow(
 ) -> Result<FollowerWork, RunError> {
     let mut work = FollowerWork::default();
     loop {
-        match crate::runtime::follow_once(warehouse, cluster, workers)? {
+        match crate::runtime::follow_once(warehouse, cluster, workers, None)? {
             Followed::Generation => work.generations += 1,
             Followed::Identified(files) => work.files_identified += files as u64,
+            // Answered with an error already: this process runs no stream.
+            Followed::Cut => {}
+            Followed::Stream(_) => {
+                return Err(RunError::Refused(
+                    "the coordinator (process 0) runs `stream`, this process another command: \
+                     run the same command on every process"
+                        .into(),
+                ))
+            }
             Followed::Done(None) => return Ok(work),
             Followed::Done(Some(error)) => {
                 return Err(RunError::Cluster(
@@ -550,6 +614,77 @@ fn hash_share(
     let identified =
         crate::source::identify(&mine, threads).map_err(|e| format!("process {process}: {e}"))?;
     Ok(indices.into_iter().zip(identified).collect())
+}
+
+/// The stream's next epoch, cut by every process of the cluster: one cluster round in which each
+/// process's first worker cuts what it has read of its partitions ([`StreamPart::cut`], the
+/// coordinator's `part` here) and sends it to worker 0. Every process's share, by process.
+pub fn cut(
+    cluster: &Cluster,
+    workers: usize,
+    part: Arc<dyn StreamPart>,
+) -> Result<Vec<CutShare>, RunError> {
+    let shares: Arc<Mutex<Vec<CutShare>>> = Arc::default();
+    let errors: Arc<Mutex<Vec<RemoteError>>> = Arc::default();
+    let (into, failed) = (shares.clone(), errors.clone());
+    let guards = cluster
+        .execute(workers, move |worker| {
+            let mut control = Control::build(worker);
+            let _pipeline = adsmetrics_dataflows::pipeline::build(worker);
+            let order = (worker.index() == 0).then_some(Order::Cut);
+            control.order(worker, workers, order);
+            for message in share_of_cut(worker, &mut control, workers, Some(part.as_ref())) {
+                match message {
+                    Message::Cut(Ok(share)) => into.lock().expect("lock").push(share),
+                    Message::Cut(Err(e)) => {
+                        failed.lock().expect("lock").push(RemoteError::failed(e))
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .map_err(RunError::Runtime)?;
+    for result in guards.join() {
+        result.map_err(RunError::Runtime)?;
+    }
+    if let Some(e) = errors.lock().expect("lock").pop() {
+        return Err(RunError::Cluster(e));
+    }
+    let mut shares = std::mem::take(&mut *shares.lock().expect("lock"));
+    shares.sort_by_key(|s| s.process);
+    if shares.len() != cluster.processes {
+        return Err(RunError::Cluster(RemoteError::failed(format!(
+            "{} of {} processes cut their share of the epoch: the others run another command",
+            shares.len(),
+            cluster.processes
+        ))));
+    }
+    Ok(shares)
+}
+
+/// Every process's part in the round after [`Order::Cut`]: its first worker cuts the process's
+/// share (or, with no `part`, says it runs no stream) and sends it to worker 0. Returns what this
+/// worker received (worker 0: every process's share).
+pub(crate) fn share_of_cut(
+    worker: &mut Worker,
+    control: &mut Control,
+    workers: usize,
+    part: Option<&dyn StreamPart>,
+) -> Vec<Message> {
+    let out = if worker.index().is_multiple_of(workers) {
+        let cut = match part {
+            Some(part) => part.cut(),
+            None => Err(format!(
+                "process {}: runs another command than `stream`: run the same command on every \
+                 process",
+                worker.index() / workers
+            )),
+        };
+        vec![(0, Message::Cut(cut))]
+    } else {
+        Vec::new()
+    };
+    control.round(worker, out)
 }
 
 #[cfg(test)]

@@ -128,6 +128,12 @@ enum Command {
         /// another, which bounds its memory.
         #[arg(long, value_name = "ROWS", default_value_t = adsmetrics::stream::DEFAULT_DATAFLOW_ROWS)]
         dataflow_rows: u64,
+        /// In a cluster every process reads its share of the partitions (those whose index in
+        /// the topics' sorted partitions is its --process modulo --processes) and the epochs
+        /// are cut and published by the cluster as one, every --epoch-ms; the dataflow is not
+        /// kept across epochs (--dataflow-rows does not apply).
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// A Kafka-protocol broker for demos and tests (librdkafka's mock cluster, in memory):
     /// prints its bootstrap address on the first line of stdout and serves until killed.
@@ -748,17 +754,31 @@ fn in_cluster<T>(
     workers: usize,
     run: impl FnOnce(Option<adsmetrics::cluster::Cluster>) -> anyhow::Result<T>,
 ) -> anyhow::Result<Option<T>> {
-    let Some(cluster) = args.cluster()? else {
-        return run(None).map(Some);
-    };
-    adsmetrics::cluster::stop_when_a_peer_is_lost();
-    if !cluster.is_coordinator() {
-        let work = adsmetrics::cluster::follow(warehouse, &cluster, workers.max(1))?;
+    let follow = |cluster: &adsmetrics::cluster::Cluster| -> anyhow::Result<()> {
+        let work = adsmetrics::cluster::follow(warehouse, cluster, workers.max(1))?;
         eprintln!(
             "process {} of {}: identified {} input file(s), ran {} generation(s) of the \
              coordinator's run",
             cluster.process, cluster.processes, work.files_identified, work.generations
         );
+        Ok(())
+    };
+    in_cluster_following(args, workers, follow, run)
+}
+
+/// [`in_cluster`], a follower doing `follow` (a command with its own part on every process).
+fn in_cluster_following<T>(
+    args: &ClusterArgs,
+    workers: usize,
+    follow: impl FnOnce(&adsmetrics::cluster::Cluster) -> anyhow::Result<()>,
+    run: impl FnOnce(Option<adsmetrics::cluster::Cluster>) -> anyhow::Result<T>,
+) -> anyhow::Result<Option<T>> {
+    let Some(cluster) = args.cluster()? else {
+        return run(None).map(Some);
+    };
+    adsmetrics::cluster::stop_when_a_peer_is_lost();
+    if !cluster.is_coordinator() {
+        follow(&cluster)?;
         return Ok(None);
     }
     let result = run(Some(cluster.clone()));
@@ -1184,6 +1204,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_listen,
             gate,
             dataflow_rows,
+            cluster,
         } => {
             let mut options = adsmetrics::stream::StreamOptions::new(brokers, topics);
             options.dataflow_rows = dataflow_rows;
@@ -1211,8 +1232,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             options.ingest.hot_window_days = hot_window.days.0;
             options.ingest.gate = gate;
             options.verbose = verbose;
-            let summary = adsmetrics::stream::stream(&warehouse, &options)?;
-            print!("{}", adsmetrics::stream::report(&summary));
+            let follow = |c: &adsmetrics::cluster::Cluster| -> anyhow::Result<()> {
+                let work = adsmetrics::stream::cluster::follow(&warehouse, &options, c)?;
+                eprintln!(
+                    "process {} of {}: read {} message(s) of {} partition(s), ran {} epoch(s) of \
+                     the coordinator's stream",
+                    c.process, c.processes, work.messages, work.partitions, work.epochs
+                );
+                Ok(())
+            };
+            let streamed = in_cluster_following(&cluster, workers, follow, |c| {
+                let options = adsmetrics::stream::StreamOptions {
+                    ingest: adsmetrics::runtime::IngestOptions {
+                        cluster: c,
+                        ..options.ingest.clone()
+                    },
+                    ..options.clone()
+                };
+                Ok(adsmetrics::stream::stream(&warehouse, &options)?)
+            })?;
+            if let Some(summary) = streamed {
+                print!("{}", adsmetrics::stream::report(&summary));
+            }
         }
         Command::DevBroker { topics, partitions } => {
             let broker = adsmetrics::broker::DevBroker::start(&topics, partitions)?;

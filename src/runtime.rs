@@ -1453,7 +1453,7 @@ fn execute_generation(
             retract,
             retired: batch.retired,
             adopt: batch.adopt,
-            ..assign(&batch.sources, workers * processes)
+            ..assign(&batch.sources, workers, processes)
         })
         .collect();
 
@@ -1706,14 +1706,22 @@ fn fail(ledger: &mut Ledger, run: &RunRecord, e: RunError) -> RunError {
     e
 }
 
-/// Spreads sources over workers, largest first onto the least-loaded worker (deterministic).
-fn assign(sources: &[SourceFile], workers: usize) -> EpochPlan {
+/// Spreads sources over the workers of `processes` processes of `workers` each, largest first
+/// onto the least-loaded worker (deterministic). A source held in memory (a stream's range) goes
+/// to a worker of the process that holds it: this one's (the coordinator's), or its
+/// [`SourceFile::held_by`]'s.
+fn assign(sources: &[SourceFile], workers: usize, processes: usize) -> EpochPlan {
     let mut order: Vec<&SourceFile> = sources.iter().collect();
     order.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.path.cmp(&b.path)));
-    let mut by_worker: Vec<Vec<SourceFile>> = vec![Vec::new(); workers];
-    let mut load = vec![0u64; workers];
+    let mut by_worker: Vec<Vec<SourceFile>> = vec![Vec::new(); workers * processes];
+    let mut load = vec![0u64; workers * processes];
     for s in order {
-        let w = (0..workers).min_by_key(|&w| (load[w], w)).unwrap_or(0);
+        let candidates = match (&s.held_by, &s.inline) {
+            (Some(held), _) => held.process * workers..(held.process + 1) * workers,
+            (None, Some(_)) => 0..workers,
+            (None, None) => 0..workers * processes,
+        };
+        let w = candidates.min_by_key(|&w| (load[w], w)).unwrap_or(0);
         load[w] += s.bytes.max(1);
         by_worker[w].push(s.clone());
     }
@@ -1751,11 +1759,13 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
 
 /// A follower's part in one timely run of its cluster ([`crate::cluster::follow`]): what the
 /// coordinator orders at round 0 — a generation, run like the coordinator's workers run theirs;
-/// its share of the input files to identify; or the end of the command.
+/// its share of the input files to identify; a stream's start, or its share of a stream's epoch
+/// to cut (`part`: this process's part of the stream); or the end of the command.
 pub(crate) fn follow_once(
     warehouse: &Warehouse,
     cluster: &crate::cluster::Cluster,
     workers: usize,
+    part: Option<Arc<dyn crate::cluster::StreamPart>>,
 ) -> Result<Followed, RunError> {
     let done: Arc<Mutex<Option<Followed>>> = Arc::default();
     let state: Arc<std::sync::OnceLock<Arc<Shared>>> = Arc::default();
@@ -1768,7 +1778,15 @@ pub(crate) fn follow_once(
             match control.order(worker, workers, None) {
                 Some(Order::Run(job)) => {
                     let shared = run
-                        .get_or_init(|| Arc::new(follower_shared(&warehouse, &role, workers, &job)))
+                        .get_or_init(|| {
+                            Arc::new(follower_shared(
+                                &warehouse,
+                                &role,
+                                workers,
+                                &job,
+                                part.as_deref(),
+                            ))
+                        })
                         .clone();
                     let mut seeded = matches!(shared.rebuild, Rebuild::Rows(_)).then(BTreeSet::new);
                     run_epochs(
@@ -1794,6 +1812,13 @@ pub(crate) fn follow_once(
                         _ => 0,
                     };
                     *told = Some(Followed::Identified(before + n));
+                }
+                Some(Order::Stream(start)) => {
+                    *told.lock().expect("lock") = Some(Followed::Stream(start))
+                }
+                Some(Order::Cut) => {
+                    crate::cluster::share_of_cut(worker, &mut control, workers, part.as_deref());
+                    *told.lock().expect("lock") = Some(Followed::Cut);
                 }
                 Some(Order::Done(error)) => {
                     *told.lock().expect("lock") = Some(Followed::Done(error))
@@ -1823,13 +1848,34 @@ fn follower_shared(
     cluster: &crate::cluster::Cluster,
     workers: usize,
     job: &Json,
+    part: Option<&dyn crate::cluster::StreamPart>,
 ) -> Shared {
     let mut errors = Vec::new();
-    let job: Job = job.decode().unwrap_or_else(|e| {
+    let mut job: Job = job.decode().unwrap_or_else(|e| {
         // Then nothing to run: the first report says why, and the run stops there.
         errors.push(RunError::Runtime(e));
         Job::default()
     });
+    // A stream's ranges this process cut are ingested from the messages it holds.
+    let mine = cluster.process * workers..(cluster.process + 1) * workers;
+    for epoch in &mut job.epochs {
+        for source in epoch
+            .by_worker
+            .get_mut(mine.clone())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            source.inline = part.and_then(|p| p.messages(&source.content_hash));
+            if source.inline.is_none() && source.label.starts_with(crate::stream::SOURCE_PREFIX) {
+                errors.push(RunError::Refused(format!(
+                    "process {} does not hold the messages of {} (it was restarted since it \
+                     cut them): run every process of the stream again",
+                    cluster.process, source.label
+                )));
+            }
+        }
+    }
     let tombstones = Tombstones::open(&warehouse.tombstones_path()).unwrap_or_else(|e| {
         errors.push(RunError::from(e));
         Tombstones::default()

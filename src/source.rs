@@ -15,6 +15,8 @@ use std::sync::Arc;
 
 use xxhash_rust::xxh3::xxh3_128;
 
+use adsmetrics_dataflows::{DedupKey, EventVersion};
+
 use crate::decode::Decoded;
 
 /// A source file with its identity. Serialized (a cluster's plan) without its inline records.
@@ -32,6 +34,20 @@ pub struct SourceFile {
     /// (and `path` is only its label). `None` for a file, which is read from `path`.
     #[serde(skip)]
     pub inline: Option<Arc<Decoded>>,
+    /// A stream's source that another process of a cluster read and holds (a range of one of
+    /// its Kafka partitions): which process, and what planning the run needs of it. `None` for a
+    /// file, or a source held by this process.
+    #[serde(skip)]
+    pub held_by: Option<Arc<HeldBy>>,
+}
+
+/// A source another process of a cluster holds ([`SourceFile::held_by`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldBy {
+    /// The process that holds its messages (and whose workers ingest it).
+    pub process: usize,
+    /// Its events' keys and versions, for the coordinator's keyed rebuild.
+    pub keyed: Vec<(DedupKey, EventVersion)>,
 }
 
 impl SourceFile {
@@ -126,6 +142,7 @@ pub fn identify(files: &[PathBuf], threads: usize) -> Result<Vec<SourceFile>, So
                                 content_hash: format!("{:032x}", xxh3_128(&bytes)),
                                 bytes: bytes.len() as u64,
                                 inline: None,
+                                held_by: None,
                             })
                         })
                         .collect()

@@ -33,6 +33,8 @@
 //! A message that does not decode is quarantined with its topic, partition and offset (the
 //! source label and `offset N`) and the reason.
 
+pub mod cluster;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -381,6 +383,7 @@ fn range_source(range: &Range, records: &[Record]) -> SourceFile {
         content_hash: format!("{:032x}", hash.digest128()),
         bytes,
         inline: Some(Arc::new(decoded)),
+        held_by: None,
     }
 }
 
@@ -429,6 +432,9 @@ pub fn stream(
              use --brokers and --group for the address and the group)"
         )));
     }
+    if let Some(cluster) = &options.ingest.cluster {
+        return cluster::coordinate(warehouse, options, cluster);
+    }
     let committed = runtime::committed_sources(warehouse)?;
     let mut next = committed_positions(&committed);
     drop(committed);
@@ -456,48 +462,12 @@ pub fn stream(
         .create()
         .map_err(kafka("creating the consumer"))?;
     let partitions = topic_partitions(&consumer, &options.topics, &options.brokers)?;
-    let mut assignment = TopicPartitionList::new();
-    let mut log_start = BTreeMap::new();
-    for (topic, partition) in &partitions {
-        let (low, _) = watermarks(&consumer, topic, *partition)?;
-        let at = next.get(&(topic.clone(), *partition)).copied();
-        if let Some(at) = at.filter(|at| *at < low) {
-            return Err(StreamError::Gone {
-                topic: topic.clone(),
-                partition: *partition,
-                from: at,
-                to: low,
-            });
-        }
-        if at.is_none() && low > 0 {
-            tracing::warn!(
-                topic, partition, low,
-                "the partition's log starts at offset {low}: earlier messages were removed by the broker's retention before this warehouse read them"
-            );
-        }
-        log_start.insert((topic.clone(), *partition), low);
-        let offset = match (options.rewind, at) {
-            (false, Some(at)) => Offset::Offset(at),
-            _ => Offset::Beginning,
-        };
-        assignment
-            .add_partition_offset(topic, *partition, offset)
-            .map_err(kafka("assigning partitions"))?;
-    }
-    consumer
-        .assign(&assignment)
-        .map_err(kafka("assigning partitions"))?;
+    let wanted = assign_partitions(&consumer, &partitions, &next, options.rewind)?;
     tracing::info!(
         partitions = partitions.len(),
         resumed = next.len(),
         "stream assigned"
     );
-
-    // Per partition, the next offset wanted: past what is committed and what is buffered.
-    let mut wanted = next.clone();
-    for (tp, low) in log_start {
-        wanted.entry(tp).or_insert(low);
-    }
     if let Some(metrics) = &options.metrics {
         for ((topic, partition), at) in &wanted {
             metrics.set_position(topic, *partition, *at);
@@ -505,38 +475,13 @@ pub fn stream(
     }
     // An intended range of a partition no longer read (other topics this time) cannot complete.
     recovering.retain(|tp, _| partitions.contains(tp));
-    let intake = Intake {
-        buffered: BTreeMap::new(),
-        count: 0,
-        first_at: None,
-        last_message: Instant::now(),
-        redelivered: 0,
-        wanted,
-        failed: None,
-        recovering: !recovering.is_empty(),
-    };
+    let intake = Intake::new(wanted, !recovering.is_empty());
     let shared = (std::sync::Mutex::new(intake), std::sync::Condvar::new());
     let stop = std::sync::atomic::AtomicBool::new(false);
     let mut summary = StreamSummary::default();
     // The reader polls on while an epoch runs, so fetching the next epoch overlaps this one.
     let outcome = std::thread::scope(|scope| {
-        scope.spawn(|| {
-            let _report = ReaderExit(&shared);
-            read_messages(&consumer, options, &shared, &stop)
-        });
-        if let Some(metrics) = &options.metrics {
-            scope.spawn(|| {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    refresh_lag(&consumer, &partitions, metrics);
-                    for _ in 0..LAG_REFRESH_TICKS {
-                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            });
-        }
+        spawn_readers(scope, &consumer, &partitions, options, &shared, &stop);
         // Stops the reader however the epoch loop ends (an error, a panic).
         let _stop = StopOnDrop(&stop);
         cut_epochs(
@@ -564,6 +509,83 @@ pub fn stream(
     summary.positions = next;
     summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+/// Assigns `partitions` to `consumer`, each at its `next` offset (or its start: without one, or
+/// with `rewind`). Returns the next offset wanted of each: `next`'s, or the log start. A next
+/// offset the broker no longer has is an error ([`StreamError::Gone`]).
+fn assign_partitions(
+    consumer: &BaseConsumer,
+    partitions: &[TopicPartition],
+    next: &BTreeMap<TopicPartition, i64>,
+    rewind: bool,
+) -> Result<BTreeMap<TopicPartition, i64>, StreamError> {
+    let mut assignment = TopicPartitionList::new();
+    let mut log_start = BTreeMap::new();
+    for (topic, partition) in partitions {
+        let (low, _) = watermarks(consumer, topic, *partition)?;
+        let at = next.get(&(topic.clone(), *partition)).copied();
+        if let Some(at) = at.filter(|at| *at < low) {
+            return Err(StreamError::Gone {
+                topic: topic.clone(),
+                partition: *partition,
+                from: at,
+                to: low,
+            });
+        }
+        if at.is_none() && low > 0 {
+            tracing::warn!(
+                topic, partition, low,
+                "the partition's log starts at offset {low}: earlier messages were removed by the broker's retention before this warehouse read them"
+            );
+        }
+        log_start.insert((topic.clone(), *partition), low);
+        let offset = match (rewind, at) {
+            (false, Some(at)) => Offset::Offset(at),
+            _ => Offset::Beginning,
+        };
+        assignment
+            .add_partition_offset(topic, *partition, offset)
+            .map_err(kafka("assigning partitions"))?;
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(kafka("assigning partitions"))?;
+    // Per partition, the next offset wanted: past what is committed and what is buffered.
+    let mut wanted = next.clone();
+    for (tp, low) in log_start {
+        wanted.entry(tp).or_insert(low);
+    }
+    Ok(wanted)
+}
+
+/// Spawns the reader thread (which polls on while an epoch runs, so fetching the next epoch
+/// overlaps this one) and, with metrics, the thread that refreshes the lag; both stop at `stop`.
+fn spawn_readers<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    consumer: &'env BaseConsumer,
+    partitions: &'env [TopicPartition],
+    options: &'env StreamOptions,
+    shared: &'env SharedIntake,
+    stop: &'env std::sync::atomic::AtomicBool,
+) {
+    scope.spawn(move || {
+        let _report = ReaderExit(shared);
+        read_messages(consumer, options, shared, stop)
+    });
+    if let Some(metrics) = &options.metrics {
+        scope.spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                refresh_lag(consumer, partitions, metrics);
+                for _ in 0..LAG_REFRESH_TICKS {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        });
+    }
 }
 
 /// The lag is refreshed every this many tenths of a second.
@@ -615,6 +637,23 @@ struct Intake {
     /// An uncommitted epoch is being cut again: the reader must not hold off, or the ranges it
     /// waits for may never complete.
     recovering: bool,
+}
+
+impl Intake {
+    /// Nothing read yet; `wanted`: the next offset of each partition; `recovering`: an
+    /// uncommitted epoch is to be cut again.
+    fn new(wanted: BTreeMap<TopicPartition, i64>, recovering: bool) -> Self {
+        Intake {
+            buffered: BTreeMap::new(),
+            count: 0,
+            first_at: None,
+            last_message: Instant::now(),
+            redelivered: 0,
+            wanted,
+            failed: None,
+            recovering,
+        }
+    }
 }
 
 type SharedIntake = (std::sync::Mutex<Intake>, std::sync::Condvar);
@@ -784,30 +823,7 @@ fn cut_epochs(
             // Idle is not done while the log holds more (a slow first fetch, a busy broker).
             let wanted = g.wanted.clone();
             drop(g);
-            // Read up to the log end: the consumer's position passes transaction markers, which
-            // no message offset does. A failed fetch counts as behind (asked again next time).
-            let position: BTreeMap<TopicPartition, i64> = consumer
-                .position()
-                .map(|tpl| {
-                    tpl.elements()
-                        .iter()
-                        .filter_map(|e| match e.offset() {
-                            Offset::Offset(at) => {
-                                Some(((e.topic().to_string(), e.partition()), at))
-                            }
-                            _ => None,
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            let behind = partitions.iter().find(|tp| {
-                let read = wanted
-                    .get(*tp)
-                    .copied()
-                    .unwrap_or(0)
-                    .max(position.get(*tp).copied().unwrap_or(0));
-                watermarks(consumer, &tp.0, tp.1).map_or(true, |(_, high)| high > read)
-            });
+            let behind = behind(consumer, partitions, &wanted);
             g = lock(intake);
             match behind {
                 None if g.count == 0 => return Ok(()),
@@ -835,6 +851,37 @@ fn cut_epochs(
             .unwrap_or_else(|p| p.into_inner())
             .0;
     }
+}
+
+/// A partition of `partitions` not yet read to its log end, given the next offset `wanted` of
+/// each; `None` when every one is.
+fn behind<'a>(
+    consumer: &BaseConsumer,
+    partitions: &'a [TopicPartition],
+    wanted: &BTreeMap<TopicPartition, i64>,
+) -> Option<&'a TopicPartition> {
+    // Read up to the log end: the consumer's position passes transaction markers, which
+    // no message offset does. A failed fetch counts as behind (asked again next time).
+    let position: BTreeMap<TopicPartition, i64> = consumer
+        .position()
+        .map(|tpl| {
+            tpl.elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(at) => Some(((e.topic().to_string(), e.partition()), at)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    partitions.iter().find(|tp| {
+        let read = wanted
+            .get(*tp)
+            .copied()
+            .unwrap_or(0)
+            .max(position.get(*tp).copied().unwrap_or(0));
+        watermarks(consumer, &tp.0, tp.1).map_or(true, |(_, high)| high > read)
+    })
 }
 
 /// The buffered records of the epoch to publish: all of them, or (recovering) exactly the
@@ -874,6 +921,37 @@ fn publish_epoch(
     summary: &mut StreamSummary,
     cache: &mut runtime::OpenCache,
 ) -> Result<(), StreamError> {
+    let (ranges, sources) = decode_epoch(&epoch, options.ingest.workers);
+    let times: Vec<i64> = epoch
+        .iter()
+        .flat_map(|(_, records)| records.iter().filter_map(|r| r.timestamp_ms))
+        .collect();
+    let messages: u64 = epoch.iter().map(|(_, r)| r.len() as u64).sum();
+    run_epoch(
+        warehouse,
+        options,
+        EpochRun {
+            ranges: &ranges,
+            sources,
+            times_ms: &times,
+            messages,
+        },
+        summary,
+        cache,
+    )?;
+    for range in &ranges {
+        next.insert((range.topic.clone(), range.partition), range.last + 1);
+    }
+    commit_to_group(consumer, next);
+    Ok(())
+}
+
+/// An epoch's ranges and their sources, decoded on `threads` threads (decoding is most of an
+/// epoch's work outside the dataflow).
+fn decode_epoch(
+    epoch: &[(TopicPartition, Vec<Record>)],
+    threads: usize,
+) -> (Vec<Range>, Vec<SourceFile>) {
     let ranges: Vec<Range> = epoch
         .iter()
         .map(|((topic, partition), records)| Range {
@@ -883,25 +961,61 @@ fn publish_epoch(
             last: records.last().map_or(0, |r| r.offset),
         })
         .collect();
+    let pairs: Vec<(&Range, &[Record])> = ranges
+        .iter()
+        .zip(epoch)
+        .map(|(range, (_, records))| (range, records.as_slice()))
+        .collect();
+    let sources = crate::rehydrate::par_map(&pairs, threads.max(1), |(range, records)| {
+        Ok::<_, std::convert::Infallible>(range_source(range, records))
+    })
+    .unwrap_or_else(|never| match never {});
+    (ranges, sources)
+}
+
+/// Commits `next` to the consumer group (lag monitoring only: never read back).
+fn commit_to_group(consumer: &BaseConsumer, next: &BTreeMap<TopicPartition, i64>) {
+    let mut commit = TopicPartitionList::new();
+    for ((topic, partition), at) in next {
+        let _ = commit.add_partition_offset(topic, *partition, Offset::Offset(*at));
+    }
+    if commit.count() == 0 {
+        return;
+    }
+    if let Err(e) = consumer.commit(&commit, CommitMode::Async) {
+        tracing::debug!(error = %e, "consumer group commit (lag monitoring only) failed");
+    }
+}
+
+/// One epoch to publish: its ranges, their sources, and its messages' Kafka timestamps.
+struct EpochRun<'a> {
+    ranges: &'a [Range],
+    sources: Vec<SourceFile>,
+    times_ms: &'a [i64],
+    messages: u64,
+}
+
+/// Writes the epoch's intent, ingests its sources as one run, and counts it: the summary, the
+/// latency of each message, the metrics.
+fn run_epoch(
+    warehouse: &Warehouse,
+    options: &StreamOptions,
+    epoch: EpochRun<'_>,
+    summary: &mut StreamSummary,
+    cache: &mut runtime::OpenCache,
+) -> Result<(), StreamError> {
+    let EpochRun {
+        ranges,
+        sources,
+        times_ms,
+        messages,
+    } = epoch;
     write_intent(
         warehouse,
         &Intent {
-            ranges: ranges.clone(),
+            ranges: ranges.to_vec(),
         },
     )?;
-    // Decoding is most of an epoch's work outside the dataflow: the ranges on every core.
-    let pairs: Vec<(&Range, &[Record])> = ranges
-        .iter()
-        .zip(&epoch)
-        .map(|(range, (_, records))| (range, records.as_slice()))
-        .collect();
-    let threads = options.ingest.workers.max(1);
-    let sources: Vec<SourceFile> =
-        crate::rehydrate::par_map(&pairs, threads, |(range, records)| {
-            Ok::<_, std::convert::Infallible>(range_source(range, records))
-        })
-        .unwrap_or_else(|never| match never {});
-    let messages: u64 = epoch.iter().map(|(_, r)| r.len() as u64).sum();
     let command = format!(
         "stream epoch {}: {}",
         summary.epochs + 1,
@@ -911,10 +1025,11 @@ fn publish_epoch(
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let times = epoch
+    let message_times_ms = times_ms
         .iter()
-        .flat_map(|(_, records)| records.iter().filter_map(|r| r.timestamp_ms));
-    let message_times_ms = times.clone().min().zip(times.max());
+        .min()
+        .copied()
+        .zip(times_ms.iter().max().copied());
     let ingested = runtime::ingest_inline(
         warehouse,
         sources,
@@ -930,24 +1045,12 @@ fn publish_epoch(
         cache,
     )?;
     let visible_ms = chrono::Utc::now().timestamp_millis();
-    for (_, records) in &epoch {
-        for ts in records.iter().filter_map(|r| r.timestamp_ms) {
-            let ms = visible_ms.saturating_sub(ts).max(0);
-            summary.latency.record(ms as u64);
-            if let Some(m) = &options.metrics {
-                m.latency.observe(ms as f64 / 1000.0);
-            }
+    for ts in times_ms {
+        let ms = visible_ms.saturating_sub(*ts).max(0);
+        summary.latency.record(ms as u64);
+        if let Some(m) = &options.metrics {
+            m.latency.observe(ms as f64 / 1000.0);
         }
-    }
-    let mut commit = TopicPartitionList::new();
-    for range in &ranges {
-        next.insert((range.topic.clone(), range.partition), range.last + 1);
-    }
-    for ((topic, partition), at) in next.iter() {
-        let _ = commit.add_partition_offset(topic, *partition, Offset::Offset(*at));
-    }
-    if let Err(e) = consumer.commit(&commit, CommitMode::Async) {
-        tracing::debug!(error = %e, "consumer group commit (lag monitoring only) failed");
     }
     summary.epochs += 1;
     summary.messages += messages;
@@ -957,7 +1060,7 @@ fn publish_epoch(
         m.messages.inc_by(messages);
         m.epoch_seconds.observe(ingested.elapsed.as_secs_f64());
         m.last_publish.set(visible_ms as f64 / 1000.0);
-        for range in &ranges {
+        for range in ranges {
             m.set_position(&range.topic, range.partition, range.last + 1);
         }
     }

@@ -19,6 +19,7 @@ use adsmetrics::warehouse::Warehouse;
 use common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_adsmetrics");
+const TOPIC: &str = "ads-events";
 
 /// Every published partition's bytes, by partition, and every raw file's, by path below the
 /// warehouse.
@@ -92,6 +93,9 @@ enum Job<'a> {
     Reprocess,
     /// `delete --user-id <user>`, request `forget-<user>`.
     Delete(i64),
+    /// `stream` the topic from these brokers until idle, a process holding at most 2,000 messages
+    /// at a cut.
+    Stream(&'a str),
 }
 
 fn command(warehouse: &Path, job: Job<'_>, args: &[&str]) -> Command {
@@ -113,6 +117,16 @@ fn command(warehouse: &Path, job: Job<'_>, args: &[&str]) -> Command {
             .args(["delete", "--reason", "a compliance request"])
             .args(["--user-id", &user.to_string()])
             .args(["--request-id", &format!("forget-{user}")]),
+        Job::Stream(brokers) => c
+            .args(["stream", "--brokers", brokers, "--topics", TOPIC])
+            .args([
+                "--epoch-ms",
+                "200",
+                "--epoch-events",
+                "1000",
+                "--until-idle",
+                "3",
+            ]),
     };
     c.args(args).stdout(Stdio::null());
     c
@@ -418,4 +432,78 @@ fn every_process_exits_as_the_coordinator_does_when_the_warehouse_is_busy() {
         "{said}"
     );
     assert!(contents(&warehouse) == before, "nothing was written");
+}
+
+/// `stream` on two processes: each reads its half of the topic's partitions on its own
+/// consumer, the cluster cuts and publishes the epochs as one, and the tables are the bytes one
+/// process streams; the journal's offsets reach the log end, and a rerun changes nothing.
+#[test]
+fn a_stream_on_two_processes_publishes_the_tables_one_process_streams() {
+    use adsmetrics::broker::{produce, DevBroker, ProduceOptions};
+    use adsmetrics::stream::{committed_positions, log_end_offsets};
+    let dir = tempfile::tempdir().unwrap();
+    let config = GenerateConfig {
+        events: 8000,
+        hours: 6,
+        ads: 50,
+        users: 2000,
+        late_rate: 0.05,
+        correction_rate: 0.01,
+        seed: 21,
+        ..GenerateConfig::default()
+    };
+    let events = adsmetrics::generate::generate_events(&config);
+    let broker = DevBroker::start(&[TOPIC.to_string()], 4).unwrap();
+    let brokers = broker.bootstrap_servers();
+    let sending = ProduceOptions {
+        bad_every: Some(500),
+        ..ProduceOptions::new(&brokers, TOPIC)
+    };
+    produce(&sending, &events, &|_| {}).unwrap();
+
+    let single = dir.path().join("alone");
+    alone(&single, Job::Stream(&brokers));
+    let clustered = dir.path().join("cluster");
+    let said = in_cluster(dir.path(), &clustered, Job::Stream(&brokers));
+
+    // The follower read partitions 1 and 3 (every other of the sorted four), every message.
+    let ends = log_end_offsets(&brokers, &[TOPIC.to_string()]).unwrap();
+    let followers: i64 = ends
+        .iter()
+        .filter(|((_, partition), _)| partition % 2 == 1)
+        .map(|(_, end)| end)
+        .sum();
+    assert!(followers > 0);
+    assert!(
+        said.contains(&format!("read {followers} message(s) of 2 partition(s)")),
+        "{said}"
+    );
+    let tables = contents(&clustered).0;
+    assert_eq!(tables, contents(&single).0, "the cluster's tables differ");
+    let warehouse = Warehouse::new(&clustered);
+    assert_eq!(published_tables(&warehouse), expected_tables(&events));
+    let committed = adsmetrics::runtime::committed_sources(&warehouse).unwrap();
+    assert_eq!(committed_positions(&committed), ends);
+    // At most 2,000 messages a process at a cut (twice --epoch-events: its reader holds off
+    // there), so at least three epochs; some name both processes' ranges.
+    let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path()).unwrap();
+    let publishes = journal.committed();
+    assert!(publishes.len() >= 3, "{} publishes", publishes.len());
+    assert!(publishes.iter().any(|p| {
+        let partitions: Vec<i32> = p
+            .sources
+            .iter()
+            .filter_map(|s| adsmetrics::stream::Range::parse(&s.source))
+            .map(|r| r.partition % 2)
+            .collect();
+        partitions.contains(&0) && partitions.contains(&1)
+    }));
+    assert_ledger_accounts_for_tables(&warehouse);
+
+    // Run again: everything is committed, nothing is read, nothing changes.
+    let said = in_cluster(dir.path(), &clustered, Job::Stream(&brokers));
+    assert!(said.contains("read 0 message(s)"), "{said}");
+    assert_eq!(contents(&clustered).0, tables);
+    let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path()).unwrap();
+    assert_eq!(journal.committed().len(), publishes.len());
 }
