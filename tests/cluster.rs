@@ -507,3 +507,65 @@ fn a_stream_on_two_processes_publishes_the_tables_one_process_streams() {
     let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path()).unwrap();
     assert_eq!(journal.committed().len(), publishes.len());
 }
+
+/// A stream's follower killed after the cluster has published epochs: the coordinator stops
+/// (exit 70, at once or when the follower does not come back for the next cut), and running
+/// both processes again re-cuts what was cut and not committed and ends in the tables one
+/// process streams.
+#[test]
+fn a_stream_follower_killed_mid_stream_stops_the_coordinator_and_a_rerun_converges() {
+    use adsmetrics::broker::{produce, DevBroker, ProduceOptions};
+    use adsmetrics::stream::{committed_positions, log_end_offsets};
+    let dir = tempfile::tempdir().unwrap();
+    let config = GenerateConfig {
+        events: 30_000,
+        hours: 6,
+        seed: 23,
+        ..GenerateConfig::default()
+    };
+    let events = adsmetrics::generate::generate_events(&config);
+    let broker = DevBroker::start(&[TOPIC.to_string()], 4).unwrap();
+    let brokers = broker.bootstrap_servers();
+    produce(&ProduceOptions::new(&brokers, TOPIC), &events, &|_| {}).unwrap();
+    let single = dir.path().join("alone");
+    alone(&single, Job::Stream(&brokers));
+
+    let clustered = dir.path().join("cluster");
+    let hosts = hostfile(dir.path(), 2);
+    let mut follower = start(&clustered, Job::Stream(&brokers), &hosts, 1);
+    let coordinator = start(&clustered, Job::Stream(&brokers), &hosts, 0);
+    // At most 4,000 messages an epoch, so more than eight epochs: kill after the second.
+    let journal = Warehouse::new(&clustered).journal_path();
+    let waited = Instant::now();
+    while std::fs::read_to_string(&journal)
+        .map(|j| j.matches("\"commit\"").count())
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(waited.elapsed() < Duration::from_secs(300), "no publish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    follower.child.kill().unwrap();
+    follower.child.wait().unwrap();
+    let (stopped, said) = finish(coordinator, "process 0");
+    assert_eq!(
+        stopped.code(),
+        Some(i32::from(adsmetrics::cluster::EXIT_PEER_LOST)),
+        "{said}"
+    );
+    assert!(
+        contents(&clustered).0 != contents(&single).0,
+        "the kill left the stream unfinished"
+    );
+
+    in_cluster(dir.path(), &clustered, Job::Stream(&brokers));
+    assert!(contents(&clustered).0 == contents(&single).0);
+    let warehouse = Warehouse::new(&clustered);
+    assert_eq!(published_tables(&warehouse), expected_tables(&events));
+    let committed = adsmetrics::runtime::committed_sources(&warehouse).unwrap();
+    assert_eq!(
+        committed_positions(&committed),
+        log_end_offsets(&brokers, &[TOPIC.to_string()]).unwrap()
+    );
+    assert_ledger_accounts_for_tables(&warehouse);
+}
