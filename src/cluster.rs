@@ -157,28 +157,100 @@ impl Cluster {
                 std::process::exit(i32::from(EXIT_PEER_LOST));
             }
         });
-        let started = timely::execute(self.config(workers), work);
+        let sockets = self.connect();
         let _ = connected.send(());
-        started.map_err(|e| {
+        let joined = |e: std::io::Error| {
             format!(
                 "process {} could not join the cluster at {}: {e}",
                 self.process, self.addresses[self.process]
             )
-        })
+        };
+        // As timely's own cluster configuration builds it, from the connected sockets.
+        use timely::communication::allocator::zero_copy::initialize::initialize_networking_from_sockets;
+        use timely::communication::allocator::ProcessBuilder;
+        let hooks = timely::communication::Hooks::default();
+        let local =
+            ProcessBuilder::new_typed_vector(workers, hooks.refill.clone(), hooks.spill.clone());
+        let (builders, guard) = initialize_networking_from_sockets(
+            local,
+            sockets.map_err(joined)?,
+            self.process,
+            workers,
+            hooks,
+        )
+        .map_err(joined)?;
+        timely::execute::execute_from(
+            builders
+                .into_iter()
+                .map(timely::communication::AllocatorBuilder::Tcp)
+                .collect(),
+            Box::new(guard),
+            timely::WorkerConfig::default(),
+            work,
+        )
     }
 
-    /// The timely configuration of this process with `workers` threads.
-    fn config(&self, workers: usize) -> timely::Config {
-        timely::Config {
-            communication: timely::CommunicationConfig::Cluster {
-                threads: workers,
-                process: self.process,
-                addresses: self.addresses.clone(),
-                report: false,
-                zerocopy: false,
-            },
-            worker: timely::WorkerConfig::default(),
+    /// A TCP connection to every other process of the cluster, at index `p` for process `p`
+    /// (`None` at this one's): this process connects to every lower-numbered one and accepts
+    /// every higher-numbered one, each connection opened by the connecting process's index.
+    ///
+    /// What timely's cluster configuration does, but polling every 2 ms: timely's sleeps a
+    /// second between attempts on both sides, which a cluster that starts a timely run per
+    /// generation, and a stream two per epoch, paid at every start (and it printed every retry).
+    fn connect(&self) -> std::io::Result<Vec<Option<std::net::TcpStream>>> {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        const POLL: Duration = Duration::from_millis(2);
+        let listener = TcpListener::bind(&self.addresses[self.process])?;
+        listener.set_nonblocking(true)?;
+        let higher = self.processes - self.process - 1;
+        let accepting = std::thread::spawn(move || -> std::io::Result<Vec<(usize, TcpStream)>> {
+            let mut accepted = Vec::with_capacity(higher);
+            while accepted.len() < higher {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        stream.set_nonblocking(false)?;
+                        stream.set_nodelay(true)?;
+                        let mut index = [0u8; 8];
+                        stream.read_exact(&mut index)?;
+                        accepted.push((u64::from_be_bytes(index) as usize, stream));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(POLL)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(accepted)
+        });
+        let mut sockets: Vec<Option<TcpStream>> = (0..self.processes).map(|_| None).collect();
+        for (index, address) in self.addresses.iter().enumerate().take(self.process) {
+            let mut stream = loop {
+                match TcpStream::connect(address) {
+                    Ok(stream) => break stream,
+                    // Not listening yet (between two of its runs, or not started): again soon.
+                    Err(_) => std::thread::sleep(POLL),
+                }
+            };
+            stream.set_nodelay(true)?;
+            stream.write_all(&(self.process as u64).to_be_bytes())?;
+            sockets[index] = Some(stream);
         }
+        let accepted = accepting
+            .join()
+            .map_err(|_| std::io::Error::other("the thread accepting connections panicked"))??;
+        for (index, stream) in accepted {
+            match sockets.get_mut(index) {
+                Some(slot @ None) if index > self.process => *slot = Some(stream),
+                _ => {
+                    return Err(std::io::Error::other(format!(
+                        "a connection claimed to be process {index}, which this process does not \
+                         accept (two processes with the same --process?)"
+                    )))
+                }
+            }
+        }
+        Ok(sockets)
     }
 }
 
@@ -702,6 +774,52 @@ mod tests {
         let e = identify(&two, 1, &[PathBuf::from("in/a.parquet"), odd]).unwrap_err();
         assert!(matches!(e, RunError::Refused(_)), "{e}");
         assert!(e.to_string().contains("not UTF-8"), "{e}");
+    }
+
+    #[test]
+    fn three_processes_connect_each_to_each_other_once() {
+        use std::io::{Read, Write};
+        let free: Vec<String> = (0..3)
+            .map(|_| {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                listener.local_addr().unwrap().to_string()
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, free.join("\n")).unwrap();
+        // Started in reverse order: the connecting side retries until the other listens.
+        let connecting: Vec<_> = (0..3)
+            .rev()
+            .map(|process| {
+                let cluster = Cluster::new(3, process, Some(&hosts), WAIT)
+                    .unwrap()
+                    .unwrap();
+                std::thread::spawn(move || cluster.connect().unwrap())
+            })
+            .collect();
+        let mut sockets: Vec<Vec<Option<std::net::TcpStream>>> =
+            connecting.into_iter().map(|t| t.join().unwrap()).collect();
+        sockets.reverse();
+        for (process, mine) in sockets.iter().enumerate() {
+            assert!(mine[process].is_none(), "no socket to itself");
+            assert_eq!(mine.iter().flatten().count(), 2);
+        }
+        // Each pair's two ends are one connection.
+        for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+            sockets[a][b]
+                .as_mut()
+                .unwrap()
+                .write_all(&[a as u8, b as u8])
+                .unwrap();
+            let mut heard = [0u8; 2];
+            sockets[b][a]
+                .as_mut()
+                .unwrap()
+                .read_exact(&mut heard)
+                .unwrap();
+            assert_eq!(heard, [a as u8, b as u8]);
+        }
     }
 
     #[test]
