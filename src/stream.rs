@@ -398,6 +398,22 @@ const OWNED_SETTINGS: [&str; 7] = [
     "enable.partition.eof",
 ];
 
+/// Refuses a `--kafka-config` setting the exactly-once design owns ([`OWNED_SETTINGS`]),
+/// before anything is read or written.
+fn refuse_owned_settings(options: &StreamOptions) -> Result<(), StreamError> {
+    match options
+        .kafka_config
+        .iter()
+        .find(|(k, _)| OWNED_SETTINGS.contains(&k.as_str()))
+    {
+        Some((key, _)) => Err(StreamError::Config(format!(
+            "--kafka-config {key} is set by the stream itself (offsets come from the journal; \
+             use --brokers and --group for the address and the group)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// A Kafka client configuration for `options`.
 fn client_config(options: &StreamOptions) -> ClientConfig {
     let mut config = ClientConfig::new();
@@ -422,16 +438,7 @@ pub fn stream(
     options: &StreamOptions,
 ) -> Result<StreamSummary, StreamError> {
     let started = Instant::now();
-    if let Some((key, _)) = options
-        .kafka_config
-        .iter()
-        .find(|(k, _)| OWNED_SETTINGS.contains(&k.as_str()))
-    {
-        return Err(StreamError::Config(format!(
-            "--kafka-config {key} is set by the stream itself (offsets come from the journal; \
-             use --brokers and --group for the address and the group)"
-        )));
-    }
+    refuse_owned_settings(options)?;
     if let Some(cluster) = &options.ingest.cluster {
         return cluster::coordinate(warehouse, options, cluster);
     }

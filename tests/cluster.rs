@@ -569,3 +569,37 @@ fn a_stream_follower_killed_mid_stream_stops_the_coordinator_and_a_rerun_converg
     );
     assert_ledger_accounts_for_tables(&warehouse);
 }
+
+/// A stream's follower given a Kafka setting the stream owns (one that could skip or re-read
+/// messages) refuses it as a process alone does, and the whole stream stops before anything is
+/// read into the warehouse: the coordinator hears it at its first cut.
+#[test]
+fn a_stream_follower_with_a_setting_the_stream_owns_stops_the_stream_before_it_publishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = adsmetrics::broker::DevBroker::start(&[TOPIC.to_string()], 2).unwrap();
+    let brokers = broker.bootstrap_servers();
+    let warehouse = dir.path().join("shared");
+    let hosts = hostfile(dir.path(), 2);
+    let follower = start_with(
+        &warehouse,
+        Job::Stream(&brokers),
+        &hosts,
+        1,
+        &["--kafka-config", "auto.offset.reset=latest"],
+    );
+    let coordinator = start(&warehouse, Job::Stream(&brokers), &hosts, 0);
+    let (status, said) = finish(coordinator, "process 0");
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("process 1") && said.contains("auto.offset.reset"),
+        "{said}"
+    );
+    let (status, said) = finish(follower, "process 1");
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(said.contains("auto.offset.reset"), "{said}");
+    let journal = Warehouse::new(&warehouse).journal_path();
+    assert!(
+        std::fs::read_to_string(journal).map_or(true, |j| !j.contains("\"commit\"")),
+        "nothing was published"
+    );
+}

@@ -468,6 +468,9 @@ pub fn follow(
     cluster: &Cluster,
 ) -> Result<FollowerStream, StreamError> {
     let workers = options.ingest.workers.max(1);
+    // Refused here too: a follower's consumer must not skip or re-read either. The coordinator
+    // hears of it at its first cut (this process answers with it), and stops every process.
+    let refused = super::refuse_owned_settings(options);
     let start: Start = loop {
         match runtime::follow_once(warehouse, cluster, workers, None)? {
             Followed::Stream(start) => break start.decode().map_err(RunError::Runtime)?,
@@ -483,9 +486,12 @@ pub fn follow(
             Followed::Cut => {}
         }
     };
-    let part = client_config(options)
-        .create()
-        .map_err(kafka("creating the consumer"))
+    let part = refused
+        .and_then(|()| {
+            client_config(options)
+                .create()
+                .map_err(kafka("creating the consumer"))
+        })
         .and_then(|consumer| {
             Part::start(
                 options,
