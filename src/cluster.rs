@@ -1,6 +1,7 @@
-//! Cluster mode: one run on several processes, as timely's own cluster (`--processes N --process
+//! Cluster mode: one run on several processes, as a timely cluster (`--processes N --process
 //! I --hostfile F --workers W`, timely's `-n -p -h -w`), the dataflow exchanging rows by key over
-//! TCP between them. Every process runs the same command with its own `--process`.
+//! TCP between them. Every process runs the same command with its own `--process`. The processes
+//! connect to each other themselves ([`Cluster::connect`]) and hand timely the sockets.
 //!
 //! ```text
 //!  process 0, the coordinator                        processes 1..N, the followers
@@ -24,8 +25,10 @@
 //!     its class: every process exits with the code the coordinator exits with)
 //! ```
 //!
-//! Commands: `ingest`, `backfill`, `reprocess`, and `delete` (whose rebuild runs on the cluster;
-//! finding the events and rewriting the raw files that held them is the coordinator's).
+//! Commands: `ingest`, `backfill`, `reprocess`, `delete` (whose rebuild runs on the cluster;
+//! finding the events and rewriting the raw files that held them is the coordinator's) and
+//! `stream` (each process reads its share of the Kafka partitions; two more kinds of round,
+//! [`Order::Stream`] and [`Order::Cut`]: see [`crate::stream::cluster`]).
 //!
 //! The journal is the cluster's one commit point, written by worker 0 only: a follower never
 //! takes the writer lock, never writes the journal or the ledger, and publishes nothing itself.
@@ -51,6 +54,9 @@ use crate::source::SourceFile;
 
 /// The exit code of a process that lost the connection to another process of its cluster.
 pub const EXIT_PEER_LOST: u8 = 70;
+
+/// Opens every connection between the processes of a cluster ([`Cluster::connect`]).
+const HELLO: u64 = u64::from_be_bytes(*b"adsmcl01");
 
 /// The first port of the default addresses (`127.0.0.1:2101`, `:2102`, …), as timely's.
 const DEFAULT_PORT: u16 = 2101;
@@ -201,24 +207,50 @@ impl Cluster {
         use std::io::{Read, Write};
         use std::net::{TcpListener, TcpStream};
         const POLL: Duration = Duration::from_millis(2);
+        // The connecting process's hello: this protocol, the cluster's size and its index.
+        let processes = self.processes;
+        let hello = move |process: usize| -> [u8; 24] {
+            let mut bytes = [0u8; 24];
+            bytes[..8].copy_from_slice(&HELLO.to_be_bytes());
+            bytes[8..16].copy_from_slice(&(processes as u64).to_be_bytes());
+            bytes[16..].copy_from_slice(&(process as u64).to_be_bytes());
+            bytes
+        };
         let listener = TcpListener::bind(&self.addresses[self.process])?;
         listener.set_nonblocking(true)?;
-        let higher = self.processes - self.process - 1;
+        let me = self.process;
         let accepting = std::thread::spawn(move || -> std::io::Result<Vec<(usize, TcpStream)>> {
-            let mut accepted = Vec::with_capacity(higher);
-            while accepted.len() < higher {
-                match listener.accept() {
-                    Ok((mut stream, _)) => {
-                        stream.set_nonblocking(false)?;
-                        stream.set_nodelay(true)?;
-                        let mut index = [0u8; 8];
-                        stream.read_exact(&mut index)?;
-                        accepted.push((u64::from_be_bytes(index) as usize, stream));
-                    }
+            let mut accepted: Vec<(usize, TcpStream)> = Vec::new();
+            while accepted.len() < processes - me - 1 {
+                let mut stream = match listener.accept() {
+                    Ok((stream, _)) => stream,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(POLL)
+                        std::thread::sleep(POLL);
+                        continue;
                     }
                     Err(e) => return Err(e),
+                };
+                stream.set_nonblocking(false)?;
+                stream.set_nodelay(true)?;
+                // A connection that is not a higher process of this cluster saying hello within
+                // a second (a port scan, another program, a cluster of another size, a process
+                // connected already) is dropped, and the wait goes on for the real one.
+                stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+                let mut said = [0u8; 24];
+                let from = stream
+                    .read_exact(&mut said)
+                    .ok()
+                    .and_then(|()| (me + 1..processes).find(|p| hello(*p) == said))
+                    .filter(|p| accepted.iter().all(|(q, _)| q != p));
+                match from {
+                    Some(process) => {
+                        stream.set_read_timeout(None)?;
+                        accepted.push((process, stream));
+                    }
+                    None => tracing::warn!(
+                        peer = ?stream.peer_addr().ok(),
+                        "dropped a connection that is not another process of this cluster"
+                    ),
                 }
             }
             Ok(accepted)
@@ -233,22 +265,14 @@ impl Cluster {
                 }
             };
             stream.set_nodelay(true)?;
-            stream.write_all(&(self.process as u64).to_be_bytes())?;
+            stream.write_all(&hello(self.process))?;
             sockets[index] = Some(stream);
         }
         let accepted = accepting
             .join()
             .map_err(|_| std::io::Error::other("the thread accepting connections panicked"))??;
         for (index, stream) in accepted {
-            match sockets.get_mut(index) {
-                Some(slot @ None) if index > self.process => *slot = Some(stream),
-                _ => {
-                    return Err(std::io::Error::other(format!(
-                        "a connection claimed to be process {index}, which this process does not \
-                         accept (two processes with the same --process?)"
-                    )))
-                }
-            }
+            sockets[index] = Some(stream);
         }
         Ok(sockets)
     }
@@ -724,10 +748,12 @@ pub fn cut(
     }
     let mut shares = std::mem::take(&mut *shares.lock().expect("lock"));
     shares.sort_by_key(|s| s.process);
-    if shares.len() != cluster.processes {
+    // Each process once, by its index (a share's index places its sources on its workers).
+    let processes: Vec<usize> = shares.iter().map(|s| s.process).collect();
+    if processes != (0..cluster.processes).collect::<Vec<_>>() {
         return Err(RunError::Cluster(RemoteError::failed(format!(
-            "{} of {} processes cut their share of the epoch: the others run another command",
-            shares.len(),
+            "processes {processes:?} cut their share of the epoch, not each of 0..{} once: the \
+             others run another command",
             cluster.processes
         ))));
     }
@@ -820,6 +846,48 @@ mod tests {
                 .unwrap();
             assert_eq!(heard, [a as u8, b as u8]);
         }
+    }
+
+    #[test]
+    fn a_connection_that_is_not_a_process_of_the_cluster_is_dropped() {
+        use std::io::Write;
+        let free: Vec<String> = (0..2)
+            .map(|_| {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                listener.local_addr().unwrap().to_string()
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, free.join("\n")).unwrap();
+        let cluster = |process| {
+            Cluster::new(2, process, Some(&hosts), WAIT)
+                .unwrap()
+                .unwrap()
+        };
+        let coordinator = cluster(0);
+        let accepting = std::thread::spawn(move || coordinator.connect().unwrap());
+        // A stranger saying something else, and one saying nothing: both dropped.
+        let connect = || loop {
+            if let Ok(stream) = std::net::TcpStream::connect(&free[0]) {
+                break stream;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        connect().write_all(&[7u8; 24]).unwrap();
+        let _silent = connect();
+        let follower = cluster(1).connect().unwrap();
+        let coordinator = accepting.join().unwrap();
+        assert!(coordinator[1].is_some() && follower[0].is_some());
+        let (a, b) = (
+            coordinator[1].as_ref().unwrap(),
+            follower[0].as_ref().unwrap(),
+        );
+        assert_eq!(
+            a.peer_addr().unwrap(),
+            b.local_addr().unwrap(),
+            "the follower's own"
+        );
     }
 
     #[test]
