@@ -32,6 +32,9 @@
 //! used: producers key by event or user id).
 //! A message that does not decode is quarantined with its topic, partition and offset (the
 //! source label and `offset N`) and the reason.
+//!
+//! On a cluster of processes ([`cluster`]) each process reads its share of the partitions and
+//! the coordinator cuts every process's epoch at once; the steps above are otherwise the same.
 
 pub mod cluster;
 
@@ -331,6 +334,22 @@ fn read_intent(warehouse: &Warehouse) -> Intent {
     }
 }
 
+/// The ranges of the intent that the journal has not committed (`next`: its next offset of each
+/// partition): an epoch cut before a crash, to cut again exactly.
+fn uncommitted_intent(warehouse: &Warehouse, next: &BTreeMap<TopicPartition, i64>) -> Vec<Range> {
+    read_intent(warehouse)
+        .ranges
+        .into_iter()
+        .filter(|r| {
+            r.first
+                >= next
+                    .get(&(r.topic.clone(), r.partition))
+                    .copied()
+                    .unwrap_or(0)
+        })
+        .collect()
+}
+
 /// Not synced by itself: the epoch's publish syncs the filesystem before its journal record, and
 /// an intent lost with a crash before that costs only raw files that no commit names (ignored).
 fn write_intent(warehouse: &Warehouse, intent: &Intent) -> Result<(), WriteError> {
@@ -446,16 +465,8 @@ pub fn stream(
     let mut next = committed_positions(&committed);
     drop(committed);
     // An epoch cut before a crash and not committed: its ranges are cut again, exactly.
-    let mut recovering: BTreeMap<TopicPartition, i64> = read_intent(warehouse)
-        .ranges
+    let mut recovering: BTreeMap<TopicPartition, i64> = uncommitted_intent(warehouse, &next)
         .into_iter()
-        .filter(|r| {
-            r.first
-                >= next
-                    .get(&(r.topic.clone(), r.partition))
-                    .copied()
-                    .unwrap_or(0)
-        })
         .map(|r| ((r.topic, r.partition), r.last))
         .collect();
     if !recovering.is_empty() {
@@ -504,14 +515,7 @@ pub fn stream(
         )
     });
     summary.redelivered = lock(&shared.0).redelivered;
-    if let Some(metrics) = &options.metrics {
-        metrics.redelivered.inc_by(
-            summary
-                .redelivered
-                .saturating_sub(metrics.redelivered.get()),
-        );
-        refresh_lag(&consumer, &partitions, metrics);
-    }
+    last_metrics(options, &consumer, &partitions, summary.redelivered);
     outcome?;
     summary.positions = next;
     summary.elapsed = started.elapsed();
@@ -595,6 +599,22 @@ fn spawn_readers<'scope, 'env>(
     }
 }
 
+/// The metrics as a stream leaves them: the re-delivered messages it dropped, and the lag of
+/// its `partitions` once more.
+fn last_metrics(
+    options: &StreamOptions,
+    consumer: &BaseConsumer,
+    partitions: &[TopicPartition],
+    redelivered: u64,
+) {
+    if let Some(metrics) = &options.metrics {
+        metrics
+            .redelivered
+            .inc_by(redelivered.saturating_sub(metrics.redelivered.get()));
+        refresh_lag(consumer, partitions, metrics);
+    }
+}
+
 /// The lag is refreshed every this many tenths of a second.
 const LAG_REFRESH_TICKS: u32 = 10;
 
@@ -646,7 +666,34 @@ struct Intake {
     recovering: bool,
 }
 
+/// How long a stream waits for the ranges of a crashed epoch to be read in full before it gives
+/// them up (the broker no longer has them: retention, a lost mock broker).
+const RECOVERY_WAIT: Duration = Duration::from_secs(30);
+
 impl Intake {
+    /// Whether every partition of `limits` is buffered up to its last offset there.
+    fn holds(&self, limits: &BTreeMap<TopicPartition, i64>) -> bool {
+        limits.iter().all(|(tp, last)| {
+            self.buffered
+                .get(tp)
+                .and_then(|r| r.last())
+                .is_some_and(|r| r.offset >= *last)
+        })
+    }
+
+    /// Takes the next epoch: everything buffered, or (`limits`: an uncommitted epoch cut again)
+    /// exactly those ranges ([`take_epoch`]); the rest stays, its clock restarted.
+    fn cut(
+        &mut self,
+        limits: &BTreeMap<TopicPartition, i64>,
+    ) -> Vec<(TopicPartition, Vec<Record>)> {
+        self.recovering = false;
+        let epoch = take_epoch(&mut self.buffered, limits);
+        self.count = self.buffered.values().map(Vec::len).sum();
+        self.first_at = (self.count > 0).then(Instant::now);
+        epoch
+    }
+
     /// Nothing read yet; `wanted`: the next offset of each partition; `recovering`: an
     /// uncommitted epoch is to be cut again.
     fn new(wanted: BTreeMap<TopicPartition, i64>, recovering: bool) -> Self {
@@ -784,27 +831,18 @@ fn cut_epochs(
         let ready = if recovering.is_empty() {
             g.count > 0 && (full || timed_out)
         } else {
-            let complete = recovering.iter().all(|(tp, last)| {
-                g.buffered
-                    .get(tp)
-                    .and_then(|r| r.last())
-                    .is_some_and(|r| r.offset >= *last)
-            });
+            let complete = g.holds(&recovering);
             // A range the broker no longer has in full (retention, a lost mock broker) cannot
             // be cut again: go on with what there is; the crashed attempt's raw files are then
             // never committed, and every reader ignores them.
-            let given_up = recovery_started.elapsed() > Duration::from_secs(30);
+            let given_up = recovery_started.elapsed() > RECOVERY_WAIT;
             if given_up && !complete {
                 tracing::warn!("an uncommitted epoch's ranges are no longer on the broker in full");
             }
             complete || given_up
         };
         if ready {
-            let limits = std::mem::take(&mut recovering);
-            g.recovering = false;
-            let epoch = take_epoch(&mut g.buffered, &limits);
-            g.count = g.buffered.values().map(Vec::len).sum();
-            g.first_at = (g.count > 0).then(Instant::now);
+            let epoch = g.cut(&std::mem::take(&mut recovering));
             drop(g);
             if !epoch.is_empty() {
                 publish_epoch(

@@ -603,3 +603,33 @@ fn a_stream_follower_with_a_setting_the_stream_owns_stops_the_stream_before_it_p
         "nothing was published"
     );
 }
+
+/// A stream's follower started on other topics than the coordinator's would read partitions
+/// the coordinator does not know into its journal: it refuses to start, and the stream stops.
+#[test]
+fn a_stream_follower_on_other_topics_is_refused_and_nothing_is_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = adsmetrics::broker::DevBroker::start(&[TOPIC.to_string()], 2).unwrap();
+    let brokers = broker.bootstrap_servers();
+    let warehouse = dir.path().join("shared");
+    let hosts = hostfile(dir.path(), 2);
+    // `--topics` again adds one: this follower reads ads-events and clicks.
+    let follower = start_with(
+        &warehouse,
+        Job::Stream(&brokers),
+        &hosts,
+        1,
+        &["--topics", "clicks"],
+    );
+    let coordinator = start(&warehouse, Job::Stream(&brokers), &hosts, 0);
+    let (status, said) = finish(coordinator, "process 0");
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(said.contains("--topics ads-events,clicks"), "{said}");
+    let (status, _) = finish(follower, "process 1");
+    assert_eq!(status.code(), Some(1));
+    let journal = Warehouse::new(&warehouse).journal_path();
+    assert!(
+        std::fs::read_to_string(journal).map_or(true, |j| !j.contains("\"commit\"")),
+        "nothing was published"
+    );
+}

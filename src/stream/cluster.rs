@@ -35,20 +35,16 @@ use rdkafka::consumer::BaseConsumer;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    assign_partitions, behind, client_config, commit_to_group, decode_epoch, kafka, lock,
-    read_intent, run_epoch, spawn_readers, status_line, take_epoch, topic_partitions, EpochRun,
-    Intake, Range, SharedIntake, StopOnDrop, StreamError, StreamOptions, StreamSummary,
-    TopicPartition, STREAM_COLUMN_CACHE_ROWS,
+    assign_partitions, behind, client_config, commit_to_group, decode_epoch, kafka, last_metrics,
+    lock, run_epoch, spawn_readers, status_line, topic_partitions, EpochRun, Intake, Range,
+    SharedIntake, StopOnDrop, StreamError, StreamOptions, StreamSummary, TopicPartition,
+    STREAM_COLUMN_CACHE_ROWS,
 };
 use crate::cluster::{Cluster, CutShare, CutSource, Followed, Json, Order, StreamPart};
 use crate::decode::Decoded;
 use crate::runtime::{self, RunError};
 use crate::source::{HeldBy, SourceFile};
 use crate::warehouse::Warehouse;
-
-/// How long a process waits, at a cut, for the ranges of a crashed epoch to be read in full
-/// before it gives them up (the broker no longer has them: retention, a lost mock broker).
-const RECOVERY_WAIT: Duration = Duration::from_secs(30);
 
 /// How long the coordinator waits for the followers at each cluster start once they have cut
 /// their first epoch (at most `--connect-timeout`): a follower is back within milliseconds of
@@ -65,6 +61,34 @@ struct Start {
     next: Vec<(TopicPartition, i64)>,
     /// The ranges of the epoch cut before a crash and not committed: cut again exactly.
     intended: Vec<Range>,
+    /// The coordinator's `--brokers` and `--topics`: a follower given others refuses to start
+    /// (it would read another cluster's partitions into this journal).
+    brokers: String,
+    topics: Vec<String>,
+    /// The coordinator's `--until-idle`, ms, which every process's idle report follows.
+    until_idle_ms: Option<u64>,
+}
+
+impl Start {
+    /// Why a process started with `options` cannot take part in this stream, if it cannot.
+    fn mismatch(&self, options: &StreamOptions) -> Option<String> {
+        let mut topics = options.topics.clone();
+        topics.sort();
+        topics.dedup();
+        let mut theirs = self.topics.clone();
+        theirs.sort();
+        theirs.dedup();
+        (options.brokers != self.brokers || topics != theirs).then(|| {
+            format!(
+                "this process was started with --brokers {} --topics {}, the coordinator with \
+                 --brokers {} --topics {}: run the same command on every process",
+                options.brokers,
+                options.topics.join(","),
+                self.brokers,
+                self.topics.join(",")
+            )
+        })
+    }
 }
 
 /// Process `process`'s share of `partitions` in a cluster of `processes`.
@@ -95,6 +119,8 @@ struct Part {
     until_idle: Option<Duration>,
     /// Messages it has cut, in all.
     messages: Mutex<u64>,
+    /// Where it reports its partitions' positions (their lag is refreshed from them).
+    metrics: Option<Arc<crate::metrics::StreamMetrics>>,
 }
 
 impl Part {
@@ -109,6 +135,12 @@ impl Part {
         let partitions = share(&start.partitions, process, processes);
         let next: BTreeMap<TopicPartition, i64> = start.next.iter().cloned().collect();
         let wanted = assign_partitions(&consumer, &partitions, &next, options.rewind)?;
+        if let Some(metrics) = &options.metrics {
+            for ((topic, partition), at) in wanted.iter().filter(|(tp, _)| partitions.contains(tp))
+            {
+                metrics.set_position(topic, *partition, *at);
+            }
+        }
         let recovering: BTreeMap<TopicPartition, i64> = start
             .intended
             .iter()
@@ -134,17 +166,22 @@ impl Part {
             held: Mutex::default(),
             cut_to: Mutex::default(),
             threads: options.ingest.workers.max(1),
-            until_idle: options.until_idle,
+            until_idle: start.until_idle_ms.map(Duration::from_millis),
             messages: Mutex::new(0),
+            metrics: options.metrics.clone(),
         })
     }
 
-    /// Commits the last cut's positions to the consumer group (it was published).
+    /// Commits the last cut's positions to the consumer group, and to the metrics (it was
+    /// published).
     fn commit_last_cut(&self) {
-        commit_to_group(
-            &self.consumer,
-            &self.cut_to.lock().unwrap_or_else(PoisonError::into_inner),
-        );
+        let cut_to = self.cut_to.lock().unwrap_or_else(PoisonError::into_inner);
+        commit_to_group(&self.consumer, &cut_to);
+        if let Some(metrics) = &self.metrics {
+            for ((topic, partition), at) in cut_to.iter() {
+                metrics.set_position(topic, *partition, *at);
+            }
+        }
     }
 }
 
@@ -158,16 +195,8 @@ impl StreamPart for Part {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let waiting = Instant::now();
-        let complete = |g: &Intake| {
-            recovering.iter().all(|(tp, last)| {
-                g.buffered
-                    .get(tp)
-                    .and_then(|r| r.last())
-                    .is_some_and(|r| r.offset >= *last)
-            })
-        };
-        while !complete(&g) && g.failed.is_none() {
-            if waiting.elapsed() > RECOVERY_WAIT {
+        while !g.holds(&recovering) && g.failed.is_none() {
+            if waiting.elapsed() > super::RECOVERY_WAIT {
                 tracing::warn!("an uncommitted epoch's ranges are no longer on the broker in full");
                 break;
             }
@@ -179,12 +208,8 @@ impl StreamPart for Part {
         if let Some(e) = g.failed.take() {
             return Err(format!("process {}: {e}", self.process));
         }
-        let limits = std::mem::take(&mut *recovering);
+        let epoch = g.cut(&std::mem::take(&mut *recovering));
         drop(recovering);
-        g.recovering = false;
-        let epoch = take_epoch(&mut g.buffered, &limits);
-        g.count = g.buffered.values().map(Vec::len).sum();
-        g.first_at = (g.count > 0).then(Instant::now);
         let quiet = epoch.is_empty()
             && g.count == 0
             && self
@@ -192,7 +217,20 @@ impl StreamPart for Part {
                 .is_some_and(|idle| g.last_message.elapsed() >= idle);
         let wanted = g.wanted.clone();
         drop(g);
-        let idle = quiet && behind(&self.consumer, &self.partitions, &wanted).is_none();
+        let idle = quiet && {
+            let behind = behind(&self.consumer, &self.partitions, &wanted);
+            if let Some(tp) = behind {
+                // As alone: idle is not done while the log holds more; asked again only after
+                // another --until-idle without a message.
+                tracing::info!(
+                    topic = tp.0,
+                    partition = tp.1,
+                    "idle but behind the log end; reading on"
+                );
+                lock(&self.intake.0).last_message = Instant::now();
+            }
+            behind.is_none()
+        };
 
         let (ranges, sources) = decode_epoch(&epoch, self.threads);
         let mut held = HashMap::new();
@@ -261,17 +299,7 @@ pub(super) fn coordinate(
     let committed = runtime::committed_sources(warehouse)?;
     let mut next = super::committed_positions(&committed);
     drop(committed);
-    let intended: Vec<Range> = read_intent(warehouse)
-        .ranges
-        .into_iter()
-        .filter(|r| {
-            r.first
-                >= next
-                    .get(&(r.topic.clone(), r.partition))
-                    .copied()
-                    .unwrap_or(0)
-        })
-        .collect();
+    let intended = super::uncommitted_intent(warehouse, &next);
     let consumer: BaseConsumer = client_config(options)
         .create()
         .map_err(kafka("creating the consumer"))?;
@@ -280,6 +308,9 @@ pub(super) fn coordinate(
         partitions,
         next: next.iter().map(|(tp, at)| (tp.clone(), *at)).collect(),
         intended,
+        brokers: options.brokers.clone(),
+        topics: options.topics.clone(),
+        until_idle_ms: options.until_idle.map(|d| d.as_millis() as u64),
     };
     crate::cluster::announce(cluster, workers, Order::Stream(Json::encode(&start)))
         .map_err(RunError::Runtime)?;
@@ -313,8 +344,16 @@ pub(super) fn coordinate(
         )
     });
     summary.redelivered = lock(&part.intake.0).redelivered;
+    if outcome.is_ok() {
+        part.commit_last_cut();
+    }
+    last_metrics(
+        options,
+        &part.consumer,
+        &part.partitions,
+        summary.redelivered,
+    );
     outcome?;
-    part.commit_last_cut();
     summary.positions = next;
     summary.elapsed = started.elapsed();
     Ok(summary)
@@ -457,6 +496,8 @@ pub struct FollowerStream {
     pub messages: u64,
     /// Epochs it ran (those with anything to ingest, its or another process's).
     pub epochs: u64,
+    /// Messages it dropped as re-delivered (below the journal's offsets).
+    pub redelivered: u64,
 }
 
 /// A follower's stream: waits for the coordinator's start, reads its share of the partitions,
@@ -471,9 +512,9 @@ pub fn follow(
     // Refused here too: a follower's consumer must not skip or re-read either. The coordinator
     // hears of it at its first cut (this process answers with it), and stops every process.
     let refused = super::refuse_owned_settings(options);
-    let start: Start = loop {
+    let start: Result<Start, String> = loop {
         match runtime::follow_once(warehouse, cluster, workers, None)? {
-            Followed::Stream(start) => break start.decode().map_err(RunError::Runtime)?,
+            Followed::Stream(start) => break start.decode::<Start>(),
             Followed::Done(error) => return finished(error, FollowerStream::default()),
             Followed::Generation | Followed::Identified(_) => {
                 return Err(RunError::Refused(
@@ -488,18 +529,17 @@ pub fn follow(
     };
     let part = refused
         .and_then(|()| {
-            client_config(options)
-                .create()
-                .map_err(kafka("creating the consumer"))
+            let start = start.as_ref().map_err(|e| RunError::Runtime(e.clone()))?;
+            match start.mismatch(options) {
+                Some(why) => Err(StreamError::Config(why)),
+                None => Ok(start),
+            }
         })
-        .and_then(|consumer| {
-            Part::start(
-                options,
-                consumer,
-                cluster.process,
-                cluster.processes,
-                &start,
-            )
+        .and_then(|start| {
+            let consumer = client_config(options)
+                .create()
+                .map_err(kafka("creating the consumer"))?;
+            Part::start(options, consumer, cluster.process, cluster.processes, start)
         });
     let part = match part {
         Ok(part) => Arc::new(part),
@@ -542,10 +582,12 @@ pub fn follow(
         }
     });
     work.messages = *part.messages.lock().unwrap_or_else(PoisonError::into_inner);
-    let error = outcome?;
-    if error.is_none() {
+    work.redelivered = lock(&part.intake.0).redelivered;
+    if matches!(outcome, Ok(None)) {
         part.commit_last_cut();
     }
+    last_metrics(options, &part.consumer, &part.partitions, work.redelivered);
+    let error = outcome?;
     finished(error, work)
 }
 
