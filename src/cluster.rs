@@ -802,18 +802,24 @@ mod tests {
         assert!(e.to_string().contains("not UTF-8"), "{e}");
     }
 
-    #[test]
-    fn three_processes_connect_each_to_each_other_once() {
-        use std::io::{Read, Write};
-        let free: Vec<String> = (0..3)
+    /// A hostfile of `processes` free ports on 127.0.0.1 in `dir`, and the addresses.
+    fn free_hostfile(dir: &Path, processes: usize) -> (PathBuf, Vec<String>) {
+        let free: Vec<String> = (0..processes)
             .map(|_| {
                 let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
                 listener.local_addr().unwrap().to_string()
             })
             .collect();
-        let dir = tempfile::tempdir().unwrap();
-        let hosts = dir.path().join("hosts");
+        let hosts = dir.join("hosts");
         std::fs::write(&hosts, free.join("\n")).unwrap();
+        (hosts, free)
+    }
+
+    #[test]
+    fn three_processes_connect_each_to_each_other_once() {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let (hosts, _) = free_hostfile(dir.path(), 3);
         // Started in reverse order: the connecting side retries until the other listens.
         let connecting: Vec<_> = (0..3)
             .rev()
@@ -851,15 +857,8 @@ mod tests {
     #[test]
     fn a_connection_that_is_not_a_process_of_the_cluster_is_dropped() {
         use std::io::Write;
-        let free: Vec<String> = (0..2)
-            .map(|_| {
-                let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                listener.local_addr().unwrap().to_string()
-            })
-            .collect();
         let dir = tempfile::tempdir().unwrap();
-        let hosts = dir.path().join("hosts");
-        std::fs::write(&hosts, free.join("\n")).unwrap();
+        let (hosts, free) = free_hostfile(dir.path(), 2);
         let cluster = |process| {
             Cluster::new(2, process, Some(&hosts), WAIT)
                 .unwrap()

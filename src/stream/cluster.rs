@@ -172,6 +172,24 @@ impl Part {
         })
     }
 
+    /// Runs `work` while the process's reader (and, with metrics, lag) threads read its
+    /// partitions into its intake; they stop when it returns, or panics.
+    fn reading<R>(&self, options: &StreamOptions, work: impl FnOnce() -> R) -> R {
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            spawn_readers(
+                scope,
+                &self.consumer,
+                &self.partitions,
+                options,
+                &self.intake,
+                &stop,
+            );
+            let _stop = StopOnDrop(&stop);
+            work()
+        })
+    }
+
     /// Commits the last cut's positions to the consumer group, and to the metrics (it was
     /// published).
     fn commit_last_cut(&self) {
@@ -321,18 +339,8 @@ pub(super) fn coordinate(
         cluster.processes,
         &start,
     )?);
-    let stop = AtomicBool::new(false);
     let mut summary = StreamSummary::default();
-    let outcome = std::thread::scope(|scope| {
-        spawn_readers(
-            scope,
-            &part.consumer,
-            &part.partitions,
-            options,
-            &part.intake,
-            &stop,
-        );
-        let _stop = StopOnDrop(&stop);
+    let outcome = part.reading(options, || {
         cut_and_publish(
             warehouse,
             options,
@@ -557,28 +565,16 @@ pub fn follow(
             }
         }
     };
-    let stop = AtomicBool::new(false);
     let mut work = FollowerStream {
         partitions: part.partitions.len(),
         ..Default::default()
     };
-    let outcome = std::thread::scope(|scope| {
-        spawn_readers(
-            scope,
-            &part.consumer,
-            &part.partitions,
-            options,
-            &part.intake,
-            &stop,
-        );
-        let _stop = StopOnDrop(&stop);
-        loop {
-            let as_part: Arc<dyn StreamPart> = part.clone();
-            match runtime::follow_once(warehouse, cluster, workers, Some(as_part))? {
-                Followed::Generation => work.epochs += 1,
-                Followed::Done(error) => return Ok::<_, StreamError>(error),
-                _ => {}
-            }
+    let outcome = part.reading(options, || loop {
+        let as_part: Arc<dyn StreamPart> = part.clone();
+        match runtime::follow_once(warehouse, cluster, workers, Some(as_part))? {
+            Followed::Generation => work.epochs += 1,
+            Followed::Done(error) => return Ok::<_, StreamError>(error),
+            _ => {}
         }
     });
     work.messages = *part.messages.lock().unwrap_or_else(PoisonError::into_inner);
