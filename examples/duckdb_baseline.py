@@ -6,7 +6,7 @@ Parquet in, Parquet out, on 2 threads:
      to typed Parquet rows: known event type, two-letter upper-case country, non-negative amounts);
   2. dedup: key (producer, event_type, event_id), or the whole row content when event_id is null;
      the highest revision wins (ties, which generated data does not have, go to the greatest row);
-  3. with --with-raw (the default): write the winners as a raw layer partitioned by event dt/hr
+  3. with --with-raw (the default): write the winners as a raw layer partitioned by event dt
      (adsmetrics writes every accepted event to its raw layer, so this keeps the work comparable);
   4. hourly and daily metrics per (period, advertiser_id, campaign_id, ad_id, country):
      impressions, clicks, conversions, sum of cost and revenue (null as 0), distinct users;
@@ -125,7 +125,7 @@ def run(data, out, threads, with_raw):
     con = connect(threads)
     create_winners(con, [data])
     if with_raw:
-        con.execute(f"COPY winners TO '{out}/raw' (FORMAT parquet, PARTITION_BY (dt, hr))")
+        con.execute(f"COPY winners TO '{out}/raw' (FORMAT parquet, PARTITION_BY (dt))")
     hourly, daily = copy_tables(con, out)
     seconds = time.perf_counter() - started
     winners = con.execute("SELECT count(*) FROM winners").fetchone()[0]

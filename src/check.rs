@@ -239,28 +239,33 @@ fn read_versions(
     })?)
 }
 
-/// A raw file's `dedup_key` and `producer` columns.
-type KeyProducers = (Vec<u128>, Vec<String>);
-
-/// Per committed raw file of `range`: its event hour and its `dedup_key` and `producer` columns.
-fn hourly_key_producers(
+/// Per committed raw file of the event days of `range`: the `dedup_key`, `producer` and event
+/// hour of each row. (A file's day is its `dt=` folder; hours come from the rows, whether the
+/// file holds a day or, in the older layout, an hour.)
+fn key_producer_hours(
     warehouse: &Warehouse,
     journal: &CommitJournal,
     range: DayRange,
     threads: usize,
-) -> Result<Vec<(i64, KeyProducers)>, CheckError> {
-    let files: Vec<(i64, PathBuf)> = committed_raw(warehouse, journal)
-        .filter_map(|p| Some((raw_hour(warehouse, &p)?, p)))
-        .filter(|(hour, _)| range.contains(hour.div_euclid(24)))
+) -> Result<Vec<raw::KeyProducerHours>, CheckError> {
+    let files: Vec<PathBuf> = committed_raw(warehouse, journal)
+        .filter(|p| raw_day(warehouse, p).is_some_and(|day| range.contains(day)))
         .collect();
-    Ok(crate::rehydrate::par_map(
-        &files,
-        threads,
-        |(hour, path)| {
-            let file = raw::RawFile::open(path, crate::rehydrate::read_bytes(path)?)?;
-            Ok::<_, crate::scope::ScopeError>((*hour, file.key_producer_columns()?))
-        },
-    )?)
+    Ok(crate::rehydrate::par_map(&files, threads, |path| {
+        let file = raw::RawFile::open(path, crate::rehydrate::read_bytes(path)?)?;
+        Ok::<_, crate::scope::ScopeError>(file.key_producer_hours()?)
+    })?)
+}
+
+/// Every row of `columns`: its event hour, key and producer.
+fn rows_of(columns: &[raw::KeyProducerHours]) -> impl Iterator<Item = (i64, &u128, &String)> + '_ {
+    columns.iter().flat_map(|c| {
+        c.hours
+            .iter()
+            .zip(&c.keys)
+            .zip(&c.producers)
+            .map(|((hour, key), producer)| (*hour, key, producer))
+    })
 }
 
 /// The reference's partitions of the event days `wanted` accepts, from the raw files of the
@@ -628,15 +633,28 @@ impl Duplicates {
     }
 }
 
-/// The event hour of a raw file, from its `dt=`/`hr=` folders.
-fn raw_hour(warehouse: &Warehouse, path: &std::path::Path) -> Option<i64> {
-    let day = raw_day(warehouse, path)?;
-    let hour: i64 = path
-        .strip_prefix(warehouse.root())
-        .ok()?
-        .components()
-        .find_map(|c| c.as_os_str().to_str()?.strip_prefix("hr=")?.parse().ok())?;
-    Some(day * 24 + hour)
+/// The newest event hour in the committed raw layer: the greatest `event_time` among the
+/// files of its newest event day.
+fn newest_raw_hour(
+    warehouse: &Warehouse,
+    journal: &CommitJournal,
+) -> Result<Option<i64>, CheckError> {
+    let by_day: Vec<(i64, PathBuf)> = committed_raw(warehouse, journal)
+        .filter_map(|p| Some((raw_day(warehouse, &p)?, p)))
+        .collect();
+    let Some(newest) = by_day.iter().map(|(day, _)| *day).max() else {
+        return Ok(None);
+    };
+    let files: Vec<&PathBuf> = by_day
+        .iter()
+        .filter(|(day, _)| *day == newest)
+        .map(|(_, p)| p)
+        .collect();
+    let hours = crate::rehydrate::par_map(&files, 2, |path| {
+        let file = raw::RawFile::open(path, crate::rehydrate::read_bytes(path)?)?;
+        Ok::<_, crate::scope::ScopeError>(file.key_producer_hours()?.hours.into_iter().max())
+    })?;
+    Ok(hours.into_iter().flatten().max())
 }
 
 /// Duplicate rates of the raw layer per event hour and producer, in `range`: raw rows against
@@ -648,7 +666,7 @@ pub fn duplicates(
     threads: usize,
 ) -> Result<Duplicates, CheckError> {
     let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
-    let columns = hourly_key_producers(warehouse, &journal, with_trailing_week(range), threads)?;
+    let columns = key_producer_hours(warehouse, &journal, with_trailing_week(range), threads)?;
     Ok(duplicates_of(&journal, &columns, range, thresholds))
 }
 
@@ -663,18 +681,16 @@ fn with_trailing_week(range: DayRange) -> DayRange {
 
 fn duplicates_of(
     journal: &CommitJournal,
-    columns: &[(i64, KeyProducers)],
+    columns: &[raw::KeyProducerHours],
     range: DayRange,
     thresholds: DuplicateThresholds,
 ) -> Duplicates {
     let mut groups: BTreeMap<(String, i64), (u64, HashSet<u128, BuildFastHasher>)> =
         BTreeMap::new();
-    for (hour, (keys, producers)) in columns {
-        for (key, producer) in keys.iter().zip(producers) {
-            let (rows, distinct) = groups.entry((producer.clone(), *hour)).or_default();
-            *rows += 1;
-            distinct.insert(*key);
-        }
+    for (hour, key, producer) in rows_of(columns) {
+        let (rows, distinct) = groups.entry((producer.clone(), hour)).or_default();
+        *rows += 1;
+        distinct.insert(*key);
     }
     // Per producer, its hours in order with their rates.
     let mut by_producer: BTreeMap<String, Vec<(i64, u64, u64, f64)>> = BTreeMap::new();
@@ -764,7 +780,7 @@ pub fn all(
     threads: usize,
 ) -> Result<All, CheckError> {
     let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
-    let columns = hourly_key_producers(warehouse, &journal, with_trailing_week(range), threads)?;
+    let columns = key_producer_hours(warehouse, &journal, with_trailing_week(range), threads)?;
     let duplicates = duplicates_of(&journal, &columns, range, DuplicateThresholds::default());
     let partitions = partitions_of(warehouse, &journal, &columns, range)?;
     drop(columns);
@@ -865,28 +881,23 @@ pub fn partitions(
     threads: usize,
 ) -> Result<Partitions, CheckError> {
     let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path())?;
-    let columns = hourly_key_producers(warehouse, &journal, range, threads)?;
+    let columns = key_producer_hours(warehouse, &journal, range, threads)?;
     partitions_of(warehouse, &journal, &columns, range)
 }
 
 fn partitions_of(
     warehouse: &Warehouse,
     journal: &CommitJournal,
-    columns: &[(i64, KeyProducers)],
+    columns: &[raw::KeyProducerHours],
     range: DayRange,
 ) -> Result<Partitions, CheckError> {
     let tombstones = Tombstones::open(&warehouse.tombstones_path())?;
     let mut present: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
     let mut hours_with_rows = BTreeSet::new();
-    for (hour, (keys, producers)) in columns {
-        if !range.contains(hour.div_euclid(24)) {
-            continue;
-        }
-        for (key, producer) in keys.iter().zip(producers) {
-            if !tombstones.contains(&DedupKey((*key).into())) {
-                present.entry(producer.clone()).or_default().insert(*hour);
-                hours_with_rows.insert(*hour);
-            }
+    for (hour, key, producer) in rows_of(columns) {
+        if range.contains(hour.div_euclid(24)) && !tombstones.contains(&DedupKey((*key).into())) {
+            present.entry(producer.clone()).or_default().insert(hour);
+            hours_with_rows.insert(hour);
         }
     }
     let first = range
@@ -1055,9 +1066,7 @@ pub fn freshness(
             stale: age.is_none_or(|a| a > max_age_seconds),
         });
     }
-    let newest_raw = committed_raw(warehouse, &journal)
-        .filter_map(|p| raw_hour(warehouse, &p))
-        .max();
+    let newest_raw = newest_raw_hour(warehouse, &journal)?;
     let last_publish = crate::ledger::Ledger::open(&warehouse.ledger_path())
         .ok()
         .and_then(|ledger| {

@@ -5,7 +5,7 @@
 //!    │
 //!    ▼ decode ──────────────▶ quarantine/ (reason, raw bytes)  nothing dropped silently
 //!    │ events, in-source dedup
-//!    ├──────────────────────▶ raw/dt=/hr=/src-<hash>.parquet   system of record, written once
+//!    ├──────────────────────▶ raw/dt=/src-<hash>.parquet       system of record, written once
 //!    ▼
 //!  dataflows: winner per DedupKey → sums and distinct users per (hour|day, dims) epoch = batch
 //!    │ exchange by partition: one writer per partition

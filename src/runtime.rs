@@ -2412,7 +2412,7 @@ fn write_source(
     )?;
     tracing::debug!("late and quarantine written");
     let mut written_days: BTreeMap<i64, (Vec<PathBuf>, Vec<u64>)> = BTreeMap::new();
-    let mut last_hour = None;
+    let mut last_day = None;
     // A source has a handful of producers and three event types: a short list beats a map.
     let mut by_kind: Vec<((EventType, &str), u64)> = Vec::new();
     for (key, event) in accepted {
@@ -2421,16 +2421,16 @@ fn write_source(
             Some((_, n)) => *n += 1,
             None => by_kind.push((kind, 1)),
         }
-        let hour = event
+        let day = event
             .event_time_us
-            .div_euclid(adsmetrics_dataflows::MICROS_PER_HOUR);
-        let entry = written_days.entry(hour.div_euclid(24)).or_default();
-        if last_hour != Some(hour) {
-            let path = raw::raw_file(&shared.warehouse, hour, &source.content_hash);
+            .div_euclid(adsmetrics_dataflows::MICROS_PER_DAY);
+        let entry = written_days.entry(day).or_default();
+        if last_day != Some(day) {
+            let path = raw::raw_file(&shared.warehouse, day, &source.content_hash);
             if !entry.0.contains(&path) {
                 entry.0.push(path);
             }
-            last_hour = Some(hour);
+            last_day = Some(day);
         }
         entry.1.push(crate::keyindex::prefix(key.0.get()));
     }

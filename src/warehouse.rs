@@ -4,7 +4,7 @@
 //! <warehouse>/
 //!   ads_metrics_hourly/dt=YYYY-MM-DD/hr=HH/data.parquet   curated, one file per partition
 //!   ads_metrics_daily/dt=YYYY-MM-DD/data.parquet
-//!   raw/dt=YYYY-MM-DD/hr=HH/src-<source hash>.parquet       raw layer, one file per (source, hour)
+//!   raw/dt=YYYY-MM-DD/src-<source hash>.parquet             raw layer, one file per (source, day)
 //!   quarantine/dt=YYYY-MM-DD/src-<source hash>.parquet      rejected input, by ingest date
 //!   late_arrivals/dt=YYYY-MM-DD/src-<source hash>.parquet   lateness record, by arrival date
 //!   _adsmetrics/journal.jsonl                                commit journal

@@ -475,3 +475,72 @@ fn duplicates_compare_each_hour_with_its_producers_trailing_week_even_before_the
     };
     assert!(duplicates(&wh, second, limit_only, 2).unwrap().passed);
 }
+
+/// The raw layer holds one file per source and event day, every row of it in that day; an
+/// hourly-layout file of the same source (what an older version left when its run crashed before
+/// the commit) is removed when the source is written again, so no row is in the raw layer twice,
+/// and the raw layer is byte for byte the one a fresh warehouse gets.
+#[test]
+fn raw_files_are_per_source_and_day_and_replace_an_older_hourly_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = sample_events(2000, 41);
+    write_parquet(&dir.path().join("in/part-0.parquet"), &events);
+    let fresh = Warehouse::new(dir.path().join("fresh"));
+    ingest(&fresh, &[dir.path().join("in")], IngestOptions::default()).unwrap();
+    let relative = |wh: &Warehouse| -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        adsmetrics::sink::raw::list_raw_files(wh)
+            .into_iter()
+            .map(|p| {
+                let bytes = std::fs::read(&p).unwrap();
+                (p.strip_prefix(wh.root()).unwrap().to_path_buf(), bytes)
+            })
+            .collect()
+    };
+    let files = relative(&fresh);
+    let days: std::collections::BTreeSet<i64> = events
+        .iter()
+        .map(|e| e.event_time_us.div_euclid(DAY_US))
+        .collect();
+    assert_eq!(
+        files.len(),
+        days.len(),
+        "one file per event day of the one source"
+    );
+    for (path, _) in &files {
+        let parts: Vec<_> = path.iter().map(|c| c.to_str().unwrap()).collect();
+        assert_eq!(parts.len(), 3, "raw/dt=…/src-….parquet: {path:?}");
+        let day = adsmetrics::scope::raw_day(&fresh, &fresh.root().join(path)).unwrap();
+        let bytes = bytes::Bytes::from(std::fs::read(fresh.root().join(path)).unwrap());
+        let hours = adsmetrics::sink::raw::RawFile::open(path, bytes)
+            .unwrap()
+            .key_producer_hours()
+            .unwrap()
+            .hours;
+        assert!(!hours.is_empty() && hours.iter().all(|h| h.div_euclid(24) == day));
+    }
+
+    // An older version's hourly file of the same source, left by a crashed run, in an hour the
+    // source has events in (the only hourly files of it there can be).
+    let old = Warehouse::new(dir.path().join("old"));
+    let (first, bytes) = &files[0];
+    let first_day = adsmetrics::scope::raw_day(&fresh, &fresh.root().join(first)).unwrap();
+    let hour = events
+        .iter()
+        .map(|e| e.event_time_us.div_euclid(DAY_US / 24))
+        .find(|h| h.div_euclid(24) == first_day)
+        .unwrap();
+    let hourly = old
+        .root()
+        .join("raw")
+        .join(adsmetrics::warehouse::hour_path(hour))
+        .join(first.file_name().unwrap());
+    std::fs::create_dir_all(hourly.parent().unwrap()).unwrap();
+    std::fs::write(&hourly, bytes).unwrap();
+    let hourly_listed =
+        |wh: &Warehouse| adsmetrics::sink::raw::list_raw_files(wh).contains(&hourly);
+    assert!(hourly_listed(&old));
+    ingest(&old, &[dir.path().join("in")], IngestOptions::default()).unwrap();
+    assert!(!hourly_listed(&old), "the hourly-layout file is gone");
+    assert_eq!(relative(&old), files);
+    assert!(all(&old).passed);
+}

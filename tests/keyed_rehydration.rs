@@ -189,7 +189,7 @@ fn raw_rows_read_for_rehydration_are_the_versions_ingested() {
     let wh = Warehouse::new(dir.path().join("wh"));
     ingest(&wh, &[dir.path().join("in")], options()).unwrap();
     let files = adsmetrics::sink::raw::list_raw_files(&wh);
-    assert!(files.len() > 2);
+    assert!(!files.is_empty());
     for path in &files {
         let bytes = bytes::Bytes::from(std::fs::read(path).unwrap());
         let expected: Vec<_> =

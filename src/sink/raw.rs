@@ -1,8 +1,13 @@
-//! The raw layer: every accepted event, once per source partition, partitioned by event dt/hr.
+//! The raw layer: every accepted event, once per source partition, partitioned by event day.
 //!
 //! It is the system of record for rebuilds, reconciliation and rehydration. A source partition
-//! writes one immutable file per event hour it touches, named by the source's content hash:
-//! `raw/dt=…/hr=…/src-<hash>.parquet`. A committed source is never read again (the journal knows
+//! writes one immutable file per event day it touches, named by the source's content hash:
+//! `raw/dt=…/src-<hash>.parquet` (a row's hour is in its `event_time`; warehouses written before
+//! this layout hold `raw/dt=…/hr=…/src-<hash>.parquet`, one file per event hour, which every
+//! reader here reads the same way). A file per day rather than per hour: a source's late and
+//! early events spread it over a few hours, and a file per hour made three to four small files
+//! of each source, whose creation and Parquet set-up were a tenth of a full load's time.
+//! A committed source is never read again (the journal knows
 //! its hash), so its files are written once; a source whose run crashed before its commit rewrites
 //! the same files with the same bytes, which is why they need no fsync of their own: the publish
 //! syncs the filesystem before the journal names the source. The exceptions to "written
@@ -37,13 +42,21 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use crate::event::{Event, EventView, KEY_ALGORITHM};
 use crate::schema::{event_columns, event_fields};
 use crate::sink::files::{base_writer_properties, parquet_bytes, replace, WriteError};
-use crate::warehouse::{hour_path, Warehouse};
+use crate::warehouse::{day_string, hour_path, Warehouse};
 
 /// File name prefix of raw files; the rest is the source content hash.
 pub const RAW_FILE_PREFIX: &str = "src-";
 
-/// The raw file of one source for one hour.
-pub fn raw_file(warehouse: &Warehouse, hour: i64, source_hash: &str) -> PathBuf {
+/// The raw file of one source for one event day.
+pub fn raw_file(warehouse: &Warehouse, day: i64, source_hash: &str) -> PathBuf {
+    warehouse
+        .raw_dir()
+        .join(format!("dt={}", day_string(day)))
+        .join(format!("{RAW_FILE_PREFIX}{source_hash}.parquet"))
+}
+
+/// Where the layout before [`raw_file`]'s kept one source's events of one event hour.
+fn hourly_raw_file(warehouse: &Warehouse, hour: i64, source_hash: &str) -> PathBuf {
     warehouse
         .raw_dir()
         .join(hour_path(hour))
@@ -85,29 +98,33 @@ pub fn properties() -> WriterProperties {
         .build()
 }
 
-/// Writes the accepted events of one source into the raw layer, one file per event hour, in the
+/// Writes the accepted events of one source into the raw layer, one file per event day, in the
 /// order given (which must not depend on anything but the source's bytes); events must already
 /// be unique per dedup key. Returns the number of rows written.
+///
+/// A source whose run crashed before its commit under the hourly layout (an older version) may
+/// have left files of that layout: they are removed as the source's day files replace them, so
+/// that no row is in the raw layer twice.
 pub fn write_source(
     warehouse: &Warehouse,
     source: &str,
     source_hash: &str,
     events: &[(DedupKey, &Event)],
 ) -> Result<u64, WriteError> {
-    let mut by_hour: BTreeMap<i64, Vec<(DedupKey, &Event)>> = BTreeMap::new();
+    let mut by_day: BTreeMap<i64, Vec<(DedupKey, &Event)>> = BTreeMap::new();
     for &(key, event) in events {
-        by_hour
+        by_day
             .entry(
                 event
                     .event_time_us
-                    .div_euclid(adsmetrics_dataflows::MICROS_PER_HOUR),
+                    .div_euclid(adsmetrics_dataflows::MICROS_PER_DAY),
             )
             .or_default()
             .push((key, event));
     }
     let mut written = 0;
-    for (hour, rows) in by_hour {
-        let dest = raw_file(warehouse, hour, source_hash);
+    for (day, rows) in by_day {
+        let dest = raw_file(warehouse, day, source_hash);
         let events: Vec<&Event> = rows.iter().map(|(_, e)| *e).collect();
         let mut fields = event_fields();
         fields.push(Field::new(
@@ -130,11 +147,41 @@ pub fn write_source(
         let bytes = parquet_bytes(&batch, properties(), &dest)?;
         let staged = warehouse
             .staging_dir()
-            .join(format!("raw-{hour}-{source_hash}.parquet"));
+            .join(format!("raw-{day}-{source_hash}.parquet"));
         replace(&staged, &dest, &bytes)?;
+        remove_hourly_files(warehouse, source_hash, &rows)?;
         written += rows.len() as u64;
     }
     Ok(written)
+}
+
+/// Removes the hourly-layout files ([`hourly_raw_file`]) of the hours of `rows`, if any: one
+/// failed unlink per hour in a warehouse that never had them.
+fn remove_hourly_files(
+    warehouse: &Warehouse,
+    source_hash: &str,
+    rows: &[(DedupKey, &Event)],
+) -> Result<(), WriteError> {
+    let mut hours: Vec<i64> = rows
+        .iter()
+        .map(|(_, e)| {
+            e.event_time_us
+                .div_euclid(adsmetrics_dataflows::MICROS_PER_HOUR)
+        })
+        .collect();
+    hours.sort_unstable();
+    hours.dedup();
+    for hour in hours {
+        let old = hourly_raw_file(warehouse, hour, source_hash);
+        match std::fs::remove_file(&old) {
+            Ok(()) => {
+                tracing::info!(path = %old.display(), "removed an hourly-layout raw file its source now writes by day")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(WriteError::Io { path: old, source }),
+        }
+    }
+    Ok(())
 }
 
 /// A column holding `value` in each of `rows` rows, as a one-entry dictionary: the per-row cost is
@@ -218,6 +265,17 @@ pub fn keys_of(path: &Path) -> Result<Vec<DedupKey>, RawReadError> {
         }
     }
     Ok(keys)
+}
+
+/// The columns of a raw file that `check` counts by event hour and producer, row by row.
+#[derive(Debug, Default)]
+pub struct KeyProducerHours {
+    /// `dedup_key`, as a big-endian `u128`.
+    pub keys: Vec<u128>,
+    /// `producer`.
+    pub producers: Vec<String>,
+    /// The event hour (from `event_time`), hours since the Unix epoch.
+    pub hours: Vec<i64>,
 }
 
 /// A raw file opened for a keyed rehydration: its bytes and its parsed footer, shared by the pass
@@ -343,21 +401,34 @@ impl<'a> RawFile<'a> {
         Ok(out)
     }
 
-    /// The `dedup_key` (as `u128`) and `producer` columns, row by row (`check duplicates`).
-    pub fn key_producer_columns(&self) -> Result<(Vec<u128>, Vec<String>), RawReadError> {
+    /// The `dedup_key` (as `u128`), `producer` and event hour of each row (`check duplicates`
+    /// and `check partitions`).
+    pub fn key_producer_hours(&self) -> Result<KeyProducerHours, RawReadError> {
         guarded(self.path, || {
-            let reader = self.reader(&["dedup_key", "producer"], None, 1 << 20)?;
-            let (mut keys, mut producers) = (Vec::new(), Vec::new());
+            let reader = self.reader(&["dedup_key", "producer", "event_time"], None, 1 << 20)?;
+            let mut out = KeyProducerHours::default();
             for batch in reader {
                 let batch = batch.map_err(|e| self.err(e.to_string()))?;
-                self.push_keys(&batch, &mut keys)?;
+                self.push_keys(&batch, &mut out.keys)?;
                 let producer_array = batch
                     .column_by_name("producer")
                     .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
                     .ok_or_else(|| self.err("producer is not a string".into()))?;
-                producers.extend(producer_array.iter().map(|p| p.unwrap_or("").to_string()));
+                out.producers
+                    .extend(producer_array.iter().map(|p| p.unwrap_or("").to_string()));
+                let times = batch
+                    .column_by_name("event_time")
+                    .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+                    .filter(|t| t.null_count() == 0)
+                    .ok_or_else(|| self.err("event_time is missing or not a timestamp".into()))?;
+                out.hours.extend(
+                    times
+                        .values()
+                        .iter()
+                        .map(|t| t.div_euclid(adsmetrics_dataflows::MICROS_PER_HOUR)),
+                );
             }
-            Ok((keys, producers))
+            Ok(out)
         })
     }
 
