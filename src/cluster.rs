@@ -41,7 +41,7 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::mpsc::RecvTimeoutError;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -538,16 +538,38 @@ pub fn release(
 
 /// One cluster round in which the coordinator tells every follower `order`, and nothing else.
 pub(crate) fn announce(cluster: &Cluster, workers: usize, order: Order) -> Result<(), String> {
+    gather(cluster, workers, order, |_, _| Vec::new()).map(drop)
+}
+
+/// One timely run of the cluster in which worker 0 (the coordinator's) orders `order` at round
+/// 0, as every follower's [`crate::runtime::follow_once`] expects, and then every worker of this
+/// process does `answer` (the rounds that answer the order, such as [`share_of_cut`]). Returns
+/// what `answer` returned on worker 0: the messages it heard.
+fn gather<A>(
+    cluster: &Cluster,
+    workers: usize,
+    order: Order,
+    answer: A,
+) -> Result<Vec<Message>, String>
+where
+    A: Fn(&mut Worker, &mut Control) -> Vec<Message> + Send + Sync + 'static,
+{
     let guards = cluster.execute(workers, move |worker| {
         let mut control = Control::build(worker);
         let _pipeline = adsmetrics_dataflows::pipeline::build(worker);
-        let order = (worker.index() == 0).then(|| order.clone());
-        control.order(worker, workers, order);
+        control.order(
+            worker,
+            workers,
+            (worker.index() == 0).then(|| order.clone()),
+        );
+        let heard = answer(worker, &mut control);
+        (worker.index() == 0).then_some(heard)
     })?;
+    let mut heard = Vec::new();
     for result in guards.join() {
-        result?;
+        heard.extend(result?.into_iter().flatten());
     }
-    Ok(())
+    Ok(heard)
 }
 
 /// What a follower did in one timely run of its cluster.
@@ -627,40 +649,27 @@ pub fn identify(
             odd.to_string_lossy()
         )));
     }
-    let files = Arc::new(files.to_vec());
-    let found: Arc<Mutex<Vec<Option<SourceFile>>>> = Arc::new(Mutex::new(vec![None; files.len()]));
-    let errors: Arc<Mutex<Vec<RemoteError>>> = Arc::default();
-    let (list, into, failed) = (files.clone(), found.clone(), errors.clone());
+    let list = files.to_vec();
     let role = cluster.clone();
-    let guards = cluster
-        .execute(workers, move |worker| {
-            let mut control = Control::build(worker);
-            let _pipeline = adsmetrics_dataflows::pipeline::build(worker);
-            let order = (worker.index() == 0).then(|| Order::Identify(list.to_vec()));
-            control.order(worker, workers, order);
-            let (_, heard) = share_of_identify(worker, &mut control, &role, workers, &list);
-            let mut found = into.lock().expect("lock");
-            let mut failed = failed.lock().expect("lock");
-            for message in heard {
-                match message {
-                    Message::Identified(Ok(files)) => {
-                        for (i, file) in files {
-                            found[i] = Some(file);
-                        }
-                    }
-                    Message::Identified(Err(e)) => failed.push(RemoteError::failed(e)),
-                    _ => {}
+    let heard = gather(
+        cluster,
+        workers,
+        Order::Identify(files.to_vec()),
+        move |worker, control| share_of_identify(worker, control, &role, workers, &list).1,
+    )
+    .map_err(RunError::Runtime)?;
+    let mut found: Vec<Option<SourceFile>> = vec![None; files.len()];
+    for message in heard {
+        match message {
+            Message::Identified(Ok(files)) => {
+                for (i, file) in files {
+                    found[i] = Some(file);
                 }
             }
-        })
-        .map_err(RunError::Runtime)?;
-    for result in guards.join() {
-        result.map_err(RunError::Runtime)?;
+            Message::Identified(Err(e)) => return Err(RunError::Cluster(RemoteError::failed(e))),
+            _ => {}
+        }
     }
-    if let Some(e) = errors.lock().expect("lock").pop() {
-        return Err(RunError::Cluster(e));
-    }
-    let found = std::mem::take(&mut *found.lock().expect("lock"));
     let missing = found.iter().filter(|f| f.is_none()).count();
     if missing > 0 {
         return Err(RunError::Cluster(RemoteError::failed(format!(
@@ -720,33 +729,18 @@ pub fn cut(
     workers: usize,
     part: Arc<dyn StreamPart>,
 ) -> Result<Vec<CutShare>, RunError> {
-    let shares: Arc<Mutex<Vec<CutShare>>> = Arc::default();
-    let errors: Arc<Mutex<Vec<RemoteError>>> = Arc::default();
-    let (into, failed) = (shares.clone(), errors.clone());
-    let guards = cluster
-        .execute(workers, move |worker| {
-            let mut control = Control::build(worker);
-            let _pipeline = adsmetrics_dataflows::pipeline::build(worker);
-            let order = (worker.index() == 0).then_some(Order::Cut);
-            control.order(worker, workers, order);
-            for message in share_of_cut(worker, &mut control, workers, Some(part.as_ref())) {
-                match message {
-                    Message::Cut(Ok(share)) => into.lock().expect("lock").push(share),
-                    Message::Cut(Err(e)) => {
-                        failed.lock().expect("lock").push(RemoteError::failed(e))
-                    }
-                    _ => {}
-                }
-            }
-        })
-        .map_err(RunError::Runtime)?;
-    for result in guards.join() {
-        result.map_err(RunError::Runtime)?;
+    let heard = gather(cluster, workers, Order::Cut, move |worker, control| {
+        share_of_cut(worker, control, workers, Some(part.as_ref()))
+    })
+    .map_err(RunError::Runtime)?;
+    let mut shares = Vec::new();
+    for message in heard {
+        match message {
+            Message::Cut(Ok(share)) => shares.push(share),
+            Message::Cut(Err(e)) => return Err(RunError::Cluster(RemoteError::failed(e))),
+            _ => {}
+        }
     }
-    if let Some(e) = errors.lock().expect("lock").pop() {
-        return Err(RunError::Cluster(e));
-    }
-    let mut shares = std::mem::take(&mut *shares.lock().expect("lock"));
     shares.sort_by_key(|s| s.process);
     // Each process once, by its index (a share's index places its sources on its workers).
     let processes: Vec<usize> = shares.iter().map(|s| s.process).collect();

@@ -327,6 +327,43 @@ fn two_processes_write_the_bytes_one_process_writes() {
         .starts_with(&format!("delete --request-id forget-{user} --processes 2"))));
 }
 
+/// Starts `job` on two processes into `clustered`, SIGKILLs the follower once the journal holds
+/// `commits` commits, and requires the coordinator to stop with exit 70 (had it finished, it
+/// would exit 0: the kill came too late to test anything) and the tables to be unfinished
+/// (unlike `single`'s, the whole job's).
+fn kill_the_follower_after(
+    clustered: &Path,
+    single: &Path,
+    job: Job<'_>,
+    hosts: &Path,
+    commits: usize,
+) {
+    let mut follower = start(clustered, job, hosts, 1);
+    let coordinator = start(clustered, job, hosts, 0);
+    let journal = Warehouse::new(clustered).journal_path();
+    let waited = Instant::now();
+    while std::fs::read_to_string(&journal)
+        .map(|j| j.matches("\"commit\"").count())
+        .unwrap_or(0)
+        < commits
+    {
+        assert!(waited.elapsed() < Duration::from_secs(300), "no publish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    follower.child.kill().unwrap();
+    follower.child.wait().unwrap();
+    let (stopped, said) = finish(coordinator, "process 0");
+    assert_eq!(
+        stopped.code(),
+        Some(i32::from(adsmetrics::cluster::EXIT_PEER_LOST)),
+        "the coordinator stops when its peer is lost: {said}"
+    );
+    assert!(
+        contents(clustered).0 != contents(single).0,
+        "the kill left the job unfinished"
+    );
+}
+
 #[test]
 fn a_process_killed_mid_run_stops_the_other_and_a_rerun_converges() {
     let dir = tempfile::tempdir().unwrap();
@@ -336,34 +373,8 @@ fn a_process_killed_mid_run_stops_the_other_and_a_rerun_converges() {
 
     let clustered = dir.path().join("cluster");
     let hosts = hostfile(dir.path(), 2);
-    let mut follower = start(&clustered, Job::Ingest(&first), &hosts, 1);
-    let coordinator = start(&clustered, Job::Ingest(&first), &hosts, 0);
     // Kill the follower once the cluster has committed an epoch and is into the next ones.
-    let journal = Warehouse::new(&clustered).journal_path();
-    let waited = Instant::now();
-    while std::fs::read_to_string(&journal)
-        .map(|j| j.matches("\"commit\"").count())
-        .unwrap_or(0)
-        < 1
-    {
-        assert!(waited.elapsed() < Duration::from_secs(300), "no publish");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    follower.child.kill().unwrap();
-    follower.child.wait().unwrap();
-    let (stopped, _) = finish(coordinator, "process 0");
-    assert_eq!(
-        stopped.code(),
-        Some(i32::from(adsmetrics::cluster::EXIT_PEER_LOST)),
-        "the coordinator stops when its peer is lost (or, had it finished, exits 0: then the \
-         kill came too late to test anything)"
-    );
-    let partial = contents(&clustered).0;
-    assert!(
-        partial != contents(&single).0,
-        "the kill left the run unfinished"
-    );
-
+    kill_the_follower_after(&clustered, &single, Job::Ingest(&first), &hosts, 1);
     in_cluster(dir.path(), &clustered, Job::Ingest(&first));
     assert!(contents(&clustered).0 == contents(&single).0);
     assert_ledger_accounts_for_tables(&Warehouse::new(&clustered));
@@ -532,32 +543,8 @@ fn a_stream_follower_killed_mid_stream_stops_the_coordinator_and_a_rerun_converg
 
     let clustered = dir.path().join("cluster");
     let hosts = hostfile(dir.path(), 2);
-    let mut follower = start(&clustered, Job::Stream(&brokers), &hosts, 1);
-    let coordinator = start(&clustered, Job::Stream(&brokers), &hosts, 0);
     // At most 4,000 messages an epoch, so more than eight epochs: kill after the second.
-    let journal = Warehouse::new(&clustered).journal_path();
-    let waited = Instant::now();
-    while std::fs::read_to_string(&journal)
-        .map(|j| j.matches("\"commit\"").count())
-        .unwrap_or(0)
-        < 2
-    {
-        assert!(waited.elapsed() < Duration::from_secs(300), "no publish");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    follower.child.kill().unwrap();
-    follower.child.wait().unwrap();
-    let (stopped, said) = finish(coordinator, "process 0");
-    assert_eq!(
-        stopped.code(),
-        Some(i32::from(adsmetrics::cluster::EXIT_PEER_LOST)),
-        "{said}"
-    );
-    assert!(
-        contents(&clustered).0 != contents(&single).0,
-        "the kill left the stream unfinished"
-    );
-
+    kill_the_follower_after(&clustered, &single, Job::Stream(&brokers), &hosts, 2);
     in_cluster(dir.path(), &clustered, Job::Stream(&brokers));
     assert!(contents(&clustered).0 == contents(&single).0);
     let warehouse = Warehouse::new(&clustered);
