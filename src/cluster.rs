@@ -40,6 +40,7 @@
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,8 +62,15 @@ const HELLO: u64 = u64::from_be_bytes(*b"adsmcl01");
 /// The first port of the default addresses (`127.0.0.1:2101`, `:2102`, …), as timely's.
 const DEFAULT_PORT: u16 = 2101;
 
+/// How long the coordinator waits for the followers at a cluster start once they have finished
+/// a run with it (at most `--connect-timeout`): a follower is back within milliseconds of each
+/// run's end, so one that is not has stopped, and the coordinator stops too (exit 70) rather
+/// than wait the whole `--connect-timeout` (10 minutes by default) between two generations or
+/// two epochs.
+pub const REJOIN_WAIT: Duration = Duration::from_secs(30);
+
 /// Where this process is in a cluster of processes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Cluster {
     /// Processes in the cluster.
     pub processes: usize,
@@ -72,7 +80,28 @@ pub struct Cluster {
     pub addresses: Vec<String>,
     /// How long to wait for the other processes to connect, each time the cluster starts.
     pub connect_timeout: Duration,
+    /// The followers have finished a run with this coordinator and wait for its next one, so
+    /// a start waits at most [`REJOIN_WAIT`] for them (shared by this process's copies).
+    followers_back: Arc<AtomicBool>,
 }
+
+impl PartialEq for Cluster {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            self.processes,
+            self.process,
+            &self.addresses,
+            self.connect_timeout,
+        ) == (
+            other.processes,
+            other.process,
+            &other.addresses,
+            other.connect_timeout,
+        )
+    }
+}
+
+impl Eq for Cluster {}
 
 impl Cluster {
     /// Process `process` of `processes`, at the addresses of `hostfile` (one `host:port` per
@@ -128,6 +157,7 @@ impl Cluster {
             process,
             addresses: addresses.into_iter().take(processes).collect(),
             connect_timeout,
+            followers_back: Arc::default(),
         }))
     }
 
@@ -136,9 +166,20 @@ impl Cluster {
         self.process == 0
     }
 
+    /// Tells the coordinator that every follower has finished a run with it and is waiting for
+    /// the next (true after every order but a stream's start, after which a follower first sets
+    /// up its consumer): from now on a start waits at most [`REJOIN_WAIT`] for them.
+    pub(crate) fn followers_are_back(&self) {
+        if self.is_coordinator() {
+            self.followers_back.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Starts this process's `workers` timely workers running `work`, once the cluster's
     /// processes have connected; a process left waiting longer than
-    /// [`Cluster::connect_timeout`] stops (exit [`EXIT_PEER_LOST`]) rather than wait forever.
+    /// [`Cluster::connect_timeout`] stops (exit [`EXIT_PEER_LOST`]) rather than wait forever,
+    /// and a coordinator whose followers are back after a run ([`Cluster::followers_are_back`])
+    /// waits at most [`REJOIN_WAIT`].
     pub(crate) fn execute<T, F>(
         &self,
         workers: usize,
@@ -149,17 +190,31 @@ impl Cluster {
         F: Fn(&mut Worker) -> T + Send + Sync + 'static,
     {
         let (connected, waiting) = std::sync::mpsc::channel::<()>();
-        let (process, timeout, addresses) =
-            (self.process, self.connect_timeout, self.addresses.clone());
+        let rejoin = self.followers_back.load(Ordering::Relaxed);
+        let timeout = match rejoin {
+            true => self.connect_timeout.min(REJOIN_WAIT),
+            false => self.connect_timeout,
+        };
+        let (process, addresses) = (self.process, self.addresses.clone());
         std::thread::spawn(move || {
             if let Err(RecvTimeoutError::Timeout) = waiting.recv_timeout(timeout) {
-                eprintln!(
-                    "error: process {process}: the other processes of the cluster ({}) did not \
-                     connect within {}s: is every process running, with the same --processes, \
-                     --hostfile and --workers? (--connect-timeout)",
-                    addresses.join(", "),
-                    timeout.as_secs()
-                );
+                if rejoin {
+                    eprintln!(
+                        "error: process {process}: a follower of the cluster ({}) did not come \
+                         back for the next run within {}s of the last: it has stopped. What was \
+                         published stays published; run every process again to finish",
+                        addresses.join(", "),
+                        timeout.as_secs()
+                    );
+                } else {
+                    eprintln!(
+                        "error: process {process}: the other processes of the cluster ({}) did \
+                         not connect within {}s: is every process running, with the same \
+                         --processes, --hostfile and --workers? (--connect-timeout)",
+                        addresses.join(", "),
+                        timeout.as_secs()
+                    );
+                }
                 std::process::exit(i32::from(EXIT_PEER_LOST));
             }
         });
@@ -554,6 +609,7 @@ fn gather<A>(
 where
     A: Fn(&mut Worker, &mut Control) -> Vec<Message> + Send + Sync + 'static,
 {
+    let starts_stream = matches!(order, Order::Stream(_));
     let guards = cluster.execute(workers, move |worker| {
         let mut control = Control::build(worker);
         let _pipeline = adsmetrics_dataflows::pipeline::build(worker);
@@ -568,6 +624,9 @@ where
     let mut heard = Vec::new();
     for result in guards.join() {
         heard.extend(result?.into_iter().flatten());
+    }
+    if !starts_stream {
+        cluster.followers_are_back();
     }
     Ok(heard)
 }

@@ -727,8 +727,8 @@ struct ClusterArgs {
     hostfile: Option<PathBuf>,
     /// How long a process waits for the others to connect, each time the cluster starts (a
     /// follower also waits this long for the coordinator's next hot-window generation, or a
-    /// stream's next epoch; a running stream's coordinator waits at most 30 s for a follower),
-    /// e.g. 90s, 10m.
+    /// stream's next epoch; once the followers have finished a run with it, the coordinator
+    /// waits at most 30 s for them), e.g. 90s, 10m.
     #[arg(long, value_name = "WAIT", default_value = "10m", value_parser = parse_age)]
     connect_timeout: i64,
 }

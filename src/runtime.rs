@@ -1537,6 +1537,9 @@ fn execute_generation(
                 for result in guards.join() {
                     conflicted += result.map_err(RunError::Runtime)?;
                 }
+                if let Some(cluster) = &options.cluster {
+                    cluster.followers_are_back();
+                }
                 Ok(())
             })
         }

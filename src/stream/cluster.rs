@@ -46,12 +46,6 @@ use crate::runtime::{self, RunError};
 use crate::source::{HeldBy, SourceFile};
 use crate::warehouse::Warehouse;
 
-/// How long the coordinator waits for the followers at each cluster start once they have cut
-/// their first epoch (at most `--connect-timeout`): a follower is back within milliseconds of
-/// each run's end, so one that is not has stopped, and the coordinator stops too (exit 70)
-/// rather than wait the whole `--connect-timeout`.
-const REJOIN_WAIT: Duration = Duration::from_secs(30);
-
 /// What the coordinator tells every process when the stream starts.
 #[derive(Debug, Serialize, Deserialize)]
 struct Start {
@@ -383,23 +377,11 @@ fn cut_and_publish(
     let mut cache = runtime::OpenCache::with_columns(STREAM_COLUMN_CACHE_ROWS);
     let mut last_cut: Option<Instant> = None;
     let mut last_status = Instant::now();
-    // From the first cut on, every follower is running (see REJOIN_WAIT).
-    let steady = Cluster {
-        connect_timeout: cluster.connect_timeout.min(REJOIN_WAIT),
-        ..cluster.clone()
-    };
-    let options = &StreamOptions {
-        ingest: runtime::IngestOptions {
-            cluster: Some(steady.clone()),
-            ..options.ingest.clone()
-        },
-        ..options.clone()
-    };
     loop {
         wait_for_cut(options, part, last_cut)?;
-        let at = if last_cut.is_some() { &steady } else { cluster };
         last_cut = Some(Instant::now());
-        let shares = crate::cluster::cut(at, workers, part.clone())?;
+        // From the first cut on, every follower is in its loop (see `Cluster::execute`).
+        let shares = crate::cluster::cut(cluster, workers, part.clone())?;
         let idle = shares.iter().all(|s| s.idle);
         let mut ranges = Vec::new();
         let mut sources = Vec::new();
