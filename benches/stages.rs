@@ -118,7 +118,8 @@ fn write_raw_layer(sources: &[Vec<(DedupKey, &Event)>]) -> (tempfile::TempDir, u
     for (i, source) in sources.iter().enumerate() {
         let hash = format!("{i:016x}");
         rows += raw::write_source(&warehouse, &format!("bench-{i}.parquet"), &hash, source)
-            .expect("writing the raw layer");
+            .expect("writing the raw layer")
+            .rows;
     }
     (dir, rows)
 }

@@ -374,6 +374,9 @@ struct SharedState {
     /// Per event day: the raw files this run wrote and their keys' index prefixes, to bring the
     /// day's key index up to date at the end of the run.
     written: BTreeMap<i64, (Vec<PathBuf>, Vec<u64>)>,
+    /// Hourly-layout raw files this run removed ([`raw::RawWritten::removed`]): gone from the
+    /// raw layer's listing the run leaves for the next.
+    removed_raw: Vec<PathBuf>,
     /// A follower's: how far its (hidden) progress bar was when it last reported.
     progress_reported: u64,
 }
@@ -438,6 +441,9 @@ pub(crate) struct Report {
     summary: IngestSummary,
     errors: Vec<RemoteError>,
     written: BTreeMap<i64, (Vec<PathBuf>, Vec<u64>)>,
+    /// Hourly-layout raw files its workers removed.
+    #[serde(default)]
+    removed_raw: Vec<PathBuf>,
     /// Its work done since its last report, in the coordinator's progress bar's unit (sources
     /// or bytes), so that the bar counts the whole cluster's.
     progress: u64,
@@ -1620,9 +1626,10 @@ fn execute_generation(
             .push(path);
     }
     // The raw layer as this run leaves it, for the next open in this process.
+    let removed: BTreeSet<PathBuf> = std::mem::take(&mut state.removed_raw).into_iter().collect();
     let mut listing: Vec<PathBuf> = listed
         .into_iter()
-        .filter(|p| !retracted.contains(p))
+        .filter(|p| !retracted.contains(p) && !removed.contains(p))
         .collect();
     for (day, (written, prefixes)) in std::mem::take(&mut state.written) {
         // A session's runs look up keys only in the files from before it began (whose index is
@@ -1977,6 +1984,7 @@ fn publish_in_cluster(
             summary: std::mem::take(&mut state.summary),
             errors: state.errors.drain(..).map(|e| e.remote()).collect(),
             written: std::mem::take(&mut state.written),
+            removed_raw: std::mem::take(&mut state.removed_raw),
         };
         vec![(0, Message::Report(Json::encode(&report)))]
     } else {
@@ -2020,6 +2028,7 @@ fn publish_in_cluster(
                     state.errors.push(RunError::Cluster(e.context(process)));
                 }
                 state.add_written(report.written);
+                state.removed_raw.extend(report.removed_raw);
             }
         }
         publish(shared, epoch);
@@ -2392,7 +2401,10 @@ fn write_source(
         duplicates,
         tombstoned,
     } = counts;
-    let written = raw::write_source(
+    let raw::RawWritten {
+        rows: written,
+        removed,
+    } = raw::write_source(
         &shared.warehouse,
         &source.label,
         &source.content_hash,
@@ -2476,6 +2488,7 @@ fn write_source(
     ));
     state.sources.push(record);
     state.add_written(written_days);
+    state.removed_raw.extend(removed);
     Ok(())
 }
 

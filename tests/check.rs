@@ -477,16 +477,29 @@ fn duplicates_compare_each_hour_with_its_producers_trailing_week_even_before_the
 }
 
 /// The raw layer holds one file per source and event day, every row of it in that day; an
-/// hourly-layout file of the same source (what an older version left when its run crashed before
-/// the commit) is removed when the source is written again, so no row is in the raw layer twice,
-/// and the raw layer is byte for byte the one a fresh warehouse gets.
+/// hourly-layout file of a source (what an older version left when its run crashed before the
+/// commit) is removed when the source is written again, also from the listing the next
+/// hot-window generation opens with (it would read the gone file), so no row is in the raw layer
+/// twice and the raw layer is byte for byte the one a fresh warehouse gets.
 #[test]
 fn raw_files_are_per_source_and_day_and_replace_an_older_hourly_layout() {
     let dir = tempfile::tempdir().unwrap();
-    let events = sample_events(2000, 41);
-    write_parquet(&dir.path().join("in/part-0.parquet"), &events);
+    // Two sources in two source days (two generations of a one-day hot window), each with
+    // events on both event days and the same users, so the second rebuilds from the first.
+    let first_events = sample_events(2000, 41);
+    let first = dir.path().join("in/dt=2026-11-02/a.parquet");
+    write_parquet(&first, &first_events);
+    write_parquet(
+        &dir.path().join("in/dt=2026-11-03/b.parquet"),
+        &sample_events(500, 42),
+    );
+    let options = || IngestOptions {
+        hot_window_days: Some(1),
+        ..IngestOptions::default()
+    };
     let fresh = Warehouse::new(dir.path().join("fresh"));
-    ingest(&fresh, &[dir.path().join("in")], IngestOptions::default()).unwrap();
+    let run = ingest(&fresh, &[dir.path().join("in")], options()).unwrap();
+    assert_eq!(run.memory.len(), 2, "two generations");
     let relative = |wh: &Warehouse| -> Vec<(std::path::PathBuf, Vec<u8>)> {
         adsmetrics::sink::raw::list_raw_files(wh)
             .into_iter()
@@ -497,15 +510,7 @@ fn raw_files_are_per_source_and_day_and_replace_an_older_hourly_layout() {
             .collect()
     };
     let files = relative(&fresh);
-    let days: std::collections::BTreeSet<i64> = events
-        .iter()
-        .map(|e| e.event_time_us.div_euclid(DAY_US))
-        .collect();
-    assert_eq!(
-        files.len(),
-        days.len(),
-        "one file per event day of the one source"
-    );
+    assert_eq!(files.len(), 4, "two sources, two event days each");
     for (path, _) in &files {
         let parts: Vec<_> = path.iter().map(|c| c.to_str().unwrap()).collect();
         assert_eq!(parts.len(), 3, "raw/dt=…/src-….parquet: {path:?}");
@@ -519,28 +524,33 @@ fn raw_files_are_per_source_and_day_and_replace_an_older_hourly_layout() {
         assert!(!hours.is_empty() && hours.iter().all(|h| h.div_euclid(24) == day));
     }
 
-    // An older version's hourly file of the same source, left by a crashed run, in an hour the
-    // source has events in (the only hourly files of it there can be).
-    let old = Warehouse::new(dir.path().join("old"));
-    let (first, bytes) = &files[0];
-    let first_day = adsmetrics::scope::raw_day(&fresh, &fresh.root().join(first)).unwrap();
-    let hour = events
+    // An older version's hourly file of the first source, left by a crashed run, in an hour of
+    // its first event day that it has events in.
+    let hash = adsmetrics::source::identify(std::slice::from_ref(&first), 1).unwrap()[0]
+        .content_hash
+        .clone();
+    let name = format!("src-{hash}.parquet");
+    let (day_file, bytes) = files.iter().find(|(p, _)| p.ends_with(&name)).unwrap();
+    let day = adsmetrics::scope::raw_day(&fresh, &fresh.root().join(day_file)).unwrap();
+    let hour = first_events
         .iter()
         .map(|e| e.event_time_us.div_euclid(DAY_US / 24))
-        .find(|h| h.div_euclid(24) == first_day)
+        .find(|h| h.div_euclid(24) == day)
         .unwrap();
+    let old = Warehouse::new(dir.path().join("old"));
     let hourly = old
         .root()
         .join("raw")
         .join(adsmetrics::warehouse::hour_path(hour))
-        .join(first.file_name().unwrap());
+        .join(&name);
     std::fs::create_dir_all(hourly.parent().unwrap()).unwrap();
     std::fs::write(&hourly, bytes).unwrap();
     let hourly_listed =
         |wh: &Warehouse| adsmetrics::sink::raw::list_raw_files(wh).contains(&hourly);
     assert!(hourly_listed(&old));
-    ingest(&old, &[dir.path().join("in")], IngestOptions::default()).unwrap();
+    ingest(&old, &[dir.path().join("in")], options()).unwrap();
     assert!(!hourly_listed(&old), "the hourly-layout file is gone");
     assert_eq!(relative(&old), files);
+    assert!(published_tables(&old) == published_tables(&fresh));
     assert!(all(&old).passed);
 }

@@ -9,7 +9,8 @@
 //! of each source, whose creation and Parquet set-up were a tenth of a full load's time.
 //! A committed source is never read again (the journal knows
 //! its hash), so its files are written once; a source whose run crashed before its commit rewrites
-//! the same files with the same bytes, which is why they need no fsync of their own: the publish
+//! the same files with the same bytes (and, if an older version wrote them, removes its hourly
+//! files: [`write_source`]), which is why they need no fsync of their own: the publish
 //! syncs the filesystem before the journal names the source. The exceptions to "written
 //! once" are a compliance delete, which rewrites the files that held deleted events without them
 //! ([`rewrite_without`]), a backfill, which removes the files of a source it replaced, and
@@ -98,19 +99,30 @@ pub fn properties() -> WriterProperties {
         .build()
 }
 
+/// What [`write_source`] did.
+#[derive(Debug, Default)]
+pub struct RawWritten {
+    /// Rows written.
+    pub rows: u64,
+    /// Files of the hourly layout it removed (see [`write_source`]), for a listing of the raw
+    /// layer made before to drop.
+    pub removed: Vec<PathBuf>,
+}
+
 /// Writes the accepted events of one source into the raw layer, one file per event day, in the
 /// order given (which must not depend on anything but the source's bytes); events must already
-/// be unique per dedup key. Returns the number of rows written.
+/// be unique per dedup key.
 ///
 /// A source whose run crashed before its commit under the hourly layout (an older version) may
-/// have left files of that layout: they are removed as the source's day files replace them, so
-/// that no row is in the raw layer twice.
+/// have left files of that layout: those of the hours it writes now are removed as its day
+/// files replace them, so that no row is in the raw layer twice. (An hour none of whose events
+/// is written now, every one deleted by a compliance delete since the crash, keeps its file.)
 pub fn write_source(
     warehouse: &Warehouse,
     source: &str,
     source_hash: &str,
     events: &[(DedupKey, &Event)],
-) -> Result<u64, WriteError> {
+) -> Result<RawWritten, WriteError> {
     let mut by_day: BTreeMap<i64, Vec<(DedupKey, &Event)>> = BTreeMap::new();
     for &(key, event) in events {
         by_day
@@ -122,7 +134,7 @@ pub fn write_source(
             .or_default()
             .push((key, event));
     }
-    let mut written = 0;
+    let mut written = RawWritten::default();
     for (day, rows) in by_day {
         let dest = raw_file(warehouse, day, source_hash);
         let events: Vec<&Event> = rows.iter().map(|(_, e)| *e).collect();
@@ -149,18 +161,19 @@ pub fn write_source(
             .staging_dir()
             .join(format!("raw-{day}-{source_hash}.parquet"));
         replace(&staged, &dest, &bytes)?;
-        remove_hourly_files(warehouse, source_hash, &rows)?;
-        written += rows.len() as u64;
+        remove_hourly_files(warehouse, source_hash, &rows, &mut written.removed)?;
+        written.rows += rows.len() as u64;
     }
     Ok(written)
 }
 
-/// Removes the hourly-layout files ([`hourly_raw_file`]) of the hours of `rows`, if any: one
-/// failed unlink per hour in a warehouse that never had them.
+/// Removes the hourly-layout files ([`hourly_raw_file`]) of the hours of `rows`, if any, and adds
+/// them to `removed`: one failed unlink per hour in a warehouse that never had them.
 fn remove_hourly_files(
     warehouse: &Warehouse,
     source_hash: &str,
     rows: &[(DedupKey, &Event)],
+    removed: &mut Vec<PathBuf>,
 ) -> Result<(), WriteError> {
     let mut hours: Vec<i64> = rows
         .iter()
@@ -175,7 +188,8 @@ fn remove_hourly_files(
         let old = hourly_raw_file(warehouse, hour, source_hash);
         match std::fs::remove_file(&old) {
             Ok(()) => {
-                tracing::info!(path = %old.display(), "removed an hourly-layout raw file its source now writes by day")
+                tracing::info!(path = %old.display(), "removed an hourly-layout raw file its source now writes by day");
+                removed.push(old);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(WriteError::Io { path: old, source }),
