@@ -634,7 +634,7 @@ impl Duplicates {
 }
 
 /// The newest event hour in the committed raw layer: the greatest `event_time` among the
-/// files of its newest event day.
+/// files of its newest event day, from their footers.
 fn newest_raw_hour(
     warehouse: &Warehouse,
     journal: &CommitJournal,
@@ -650,11 +650,14 @@ fn newest_raw_hour(
         .filter(|(day, _)| *day == newest)
         .map(|(_, p)| p)
         .collect();
-    let hours = crate::rehydrate::par_map(&files, 2, |path| {
-        let file = raw::RawFile::open(path, crate::rehydrate::read_bytes(path)?)?;
-        Ok::<_, crate::scope::ScopeError>(file.key_producer_hours()?.hours.into_iter().max())
+    let newest = crate::rehydrate::par_map(&files, 2, |path| {
+        Ok::<_, crate::scope::ScopeError>(raw::newest_event_time(path)?)
     })?;
-    Ok(hours.into_iter().flatten().max())
+    Ok(newest
+        .into_iter()
+        .flatten()
+        .max()
+        .map(|t| t.div_euclid(adsmetrics_dataflows::MICROS_PER_HOUR)))
 }
 
 /// Duplicate rates of the raw layer per event hour and producer, in `range`: raw rows against

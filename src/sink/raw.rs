@@ -281,6 +281,37 @@ pub fn keys_of(path: &Path) -> Result<Vec<DedupKey>, RawReadError> {
     Ok(keys)
 }
 
+/// The greatest `event_time` in the raw file at `path`, from its footer's column statistics (the
+/// rows are not read; raw files are written with them), or `None` if it holds no rows.
+pub fn newest_event_time(path: &Path) -> Result<Option<i64>, RawReadError> {
+    use parquet::file::reader::FileReader;
+    use parquet::file::statistics::Statistics;
+    let err = |detail: String| RawReadError {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let reader =
+        parquet::file::reader::SerializedFileReader::new(file).map_err(|e| err(e.to_string()))?;
+    let meta = reader.metadata();
+    let column = meta
+        .file_metadata()
+        .schema_descr()
+        .columns()
+        .iter()
+        .position(|c| c.name() == "event_time")
+        .ok_or_else(|| err("no event_time column".into()))?;
+    let mut newest = None;
+    for group in meta.row_groups() {
+        match group.column(column).statistics() {
+            Some(Statistics::Int64(s)) => newest = newest.max(s.max_opt().copied()),
+            _ if group.num_rows() == 0 => {}
+            _ => return Err(err("event_time has no min/max statistics".into())),
+        }
+    }
+    Ok(newest)
+}
+
 /// The columns of a raw file that `check` counts by event hour and producer, row by row.
 #[derive(Debug, Default)]
 pub struct KeyProducerHours {
