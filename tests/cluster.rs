@@ -557,66 +557,51 @@ fn a_stream_follower_killed_mid_stream_stops_the_coordinator_and_a_rerun_converg
     assert_ledger_accounts_for_tables(&warehouse);
 }
 
-/// A stream's follower given a Kafka setting the stream owns (one that could skip or re-read
-/// messages) refuses it as a process alone does, and the whole stream stops before anything is
-/// read into the warehouse: the coordinator hears it at its first cut.
-#[test]
-fn a_stream_follower_with_a_setting_the_stream_owns_stops_the_stream_before_it_publishes() {
+/// Streams on two processes, the follower started with `follower_args` besides the command's,
+/// and requires both to exit 1 with nothing published; returns what each said (coordinator,
+/// follower).
+fn a_refused_stream_follower(follower_args: &[&str]) -> (String, String) {
     let dir = tempfile::tempdir().unwrap();
     let broker = adsmetrics::broker::DevBroker::start(&[TOPIC.to_string()], 2).unwrap();
     let brokers = broker.bootstrap_servers();
     let warehouse = dir.path().join("shared");
     let hosts = hostfile(dir.path(), 2);
-    let follower = start_with(
-        &warehouse,
-        Job::Stream(&brokers),
-        &hosts,
-        1,
-        &["--kafka-config", "auto.offset.reset=latest"],
-    );
+    let follower = start_with(&warehouse, Job::Stream(&brokers), &hosts, 1, follower_args);
     let coordinator = start(&warehouse, Job::Stream(&brokers), &hosts, 0);
-    let (status, said) = finish(coordinator, "process 0");
-    assert_eq!(status.code(), Some(1), "{said}");
-    assert!(
-        said.contains("process 1") && said.contains("auto.offset.reset"),
-        "{said}"
-    );
-    let (status, said) = finish(follower, "process 1");
-    assert_eq!(status.code(), Some(1), "{said}");
-    assert!(said.contains("auto.offset.reset"), "{said}");
+    let (status, coordinator_said) = finish(coordinator, "process 0");
+    assert_eq!(status.code(), Some(1), "{coordinator_said}");
+    let (status, follower_said) = finish(follower, "process 1");
+    assert_eq!(status.code(), Some(1), "{follower_said}");
     let journal = Warehouse::new(&warehouse).journal_path();
     assert!(
         std::fs::read_to_string(journal).map_or(true, |j| !j.contains("\"commit\"")),
         "nothing was published"
     );
+    (coordinator_said, follower_said)
+}
+
+/// A stream's follower given a Kafka setting the stream owns (one that could skip or re-read
+/// messages) refuses it as a process alone does, and the whole stream stops before anything is
+/// read into the warehouse: the coordinator hears it at its first cut.
+#[test]
+fn a_stream_follower_with_a_setting_the_stream_owns_stops_the_stream_before_it_publishes() {
+    let (coordinator, follower) =
+        a_refused_stream_follower(&["--kafka-config", "auto.offset.reset=latest"]);
+    assert!(
+        coordinator.contains("process 1") && coordinator.contains("auto.offset.reset"),
+        "{coordinator}"
+    );
+    assert!(follower.contains("auto.offset.reset"), "{follower}");
 }
 
 /// A stream's follower started on other topics than the coordinator's would read partitions
 /// the coordinator does not know into its journal: it refuses to start, and the stream stops.
 #[test]
 fn a_stream_follower_on_other_topics_is_refused_and_nothing_is_published() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = adsmetrics::broker::DevBroker::start(&[TOPIC.to_string()], 2).unwrap();
-    let brokers = broker.bootstrap_servers();
-    let warehouse = dir.path().join("shared");
-    let hosts = hostfile(dir.path(), 2);
     // `--topics` again adds one: this follower reads ads-events and clicks.
-    let follower = start_with(
-        &warehouse,
-        Job::Stream(&brokers),
-        &hosts,
-        1,
-        &["--topics", "clicks"],
-    );
-    let coordinator = start(&warehouse, Job::Stream(&brokers), &hosts, 0);
-    let (status, said) = finish(coordinator, "process 0");
-    assert_eq!(status.code(), Some(1), "{said}");
-    assert!(said.contains("--topics ads-events,clicks"), "{said}");
-    let (status, _) = finish(follower, "process 1");
-    assert_eq!(status.code(), Some(1));
-    let journal = Warehouse::new(&warehouse).journal_path();
+    let (coordinator, _) = a_refused_stream_follower(&["--topics", "clicks"]);
     assert!(
-        std::fs::read_to_string(journal).map_or(true, |j| !j.contains("\"commit\"")),
-        "nothing was published"
+        coordinator.contains("--topics ads-events,clicks"),
+        "{coordinator}"
     );
 }
