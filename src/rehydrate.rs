@@ -331,21 +331,41 @@ pub fn keyed_state(
             .filter(|(key, _)| tombstones.is_empty() || !tombstones.contains(key))
     };
     let covered = coverage.as_deref();
-    let ((mut keys, mut pending_keys), (mut user_days, mut pending_user_days)) =
+    // Without a session to account for, a user-day is wanted only in a day with committed raw
+    // files: a raw row lies in its event day's folder, so a user-day of any other day (a fresh
+    // day's, most of a long load's) has no row to find.
+    let placed = covered.is_none() && !by_day.contains_key(&None);
+    let may_have_rows = |u: &UserDay| !placed || by_day.contains_key(&Some(u.day()));
+    type Found<T> = (HashSet<T, BuildFastHasher>, Vec<T>);
+    let ((mut keys, mut pending_keys), ((mut user_days, mut pending_user_days), mut first_round)) =
         std::thread::scope(|scope| {
             let user_days = scope.spawn(|| {
-                let mut set: HashSet<UserDay, BuildFastHasher> =
-                    HashSet::with_capacity_and_hasher(seed_rows, BuildFastHasher::default());
+                let mut set: HashSet<UserDay, BuildFastHasher> = HashSet::with_capacity_and_hasher(
+                    if placed { 0 } else { seed_rows },
+                    BuildFastHasher::default(),
+                );
                 let mut pending = Vec::new();
                 for (_, version) in live() {
                     let user_day = UserDay::of(version).0;
-                    if set.insert(user_day)
+                    if may_have_rows(&user_day)
+                        && set.insert(user_day)
                         && !covered.is_some_and(|c| c.user_days.contains(&user_day))
                     {
                         pending.push(user_day);
                     }
                 }
-                (set, pending)
+                // With nothing covered, the first round looks for every key: its prefixes and
+                // filter are made here, beside the key set.
+                let first_round = covered.is_none().then(|| {
+                    let mut prefixes: Vec<u64> = live()
+                        .map(|(key, _)| keyindex::prefix(key.0.get()))
+                        .collect();
+                    let filter = Prefilter::new(prefixes.iter().copied());
+                    prefixes.sort_unstable();
+                    prefixes.dedup();
+                    (prefixes, filter)
+                });
+                ((set, pending), first_round)
             });
             let mut set: HashSet<DedupKey, BuildFastHasher> =
                 HashSet::with_capacity_and_hasher(seed_rows, BuildFastHasher::default());
@@ -355,7 +375,7 @@ pub fn keyed_state(
                     pending.push(*key);
                 }
             }
-            let user_days = user_days
+            let user_days: (Found<UserDay>, _) = user_days
                 .join()
                 .expect("the user-day thread does not panic");
             ((set, pending), user_days)
@@ -389,12 +409,19 @@ pub fn keyed_state(
             pending_set = pending_keys.iter().copied().collect();
             &pending_set
         };
-        let mut prefixes: Vec<u64> = pending_keys
-            .iter()
-            .map(|k| keyindex::prefix(k.0.get()))
-            .collect();
-        prefixes.sort_unstable();
-        prefixes.dedup();
+        let (prefixes, key_filter) = match first_round.take() {
+            Some(made) => made,
+            None => {
+                let mut prefixes: Vec<u64> = pending_keys
+                    .iter()
+                    .map(|k| keyindex::prefix(k.0.get()))
+                    .collect();
+                prefixes.sort_unstable();
+                prefixes.dedup();
+                let filter = Prefilter::new(wanted_keys.iter().map(|k| key_hash(k.0.get())));
+                (prefixes, filter)
+            }
+        };
         // A row may belong to a pending user-day when its user and ad are one's (its day is its
         // file's; the rest of the cell is checked once it is decoded): with many users, a user
         // alone matches a large share of a day's rows, a user and an ad few.
@@ -402,7 +429,6 @@ pub fn keyed_state(
             .iter()
             .map(|u| (u.user_id(), u.ad_id()))
             .collect();
-        let key_filter = Prefilter::new(wanted_keys.iter().map(|k| key_hash(k.0.get())));
         let user_filter = Prefilter::new(
             wanted_users
                 .iter()

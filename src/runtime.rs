@@ -2622,13 +2622,14 @@ fn stage_touched(
                 }
             }
         }
-        let rows = chunk
-            .iter()
-            .map(|id| Ok((*id, pipeline.mirror.borrow_mut().settle(id)?)))
-            .collect::<Result<Vec<_>, RunError>>()?;
-        let staged = rehydrate::par_map(&rows, threads, |(id, rows)| {
+        // Each partition's rows are read on the thread that encodes them (the mirror is only
+        // read meanwhile), then folded into the mirror here.
+        let reading = pipeline.mirror.borrow();
+        let mirror = &*reading;
+        let staged = rehydrate::par_map(chunk, threads, |id| {
+            let rows = mirror.rows(id)?;
             let tampered;
-            let rows = match (shared.tamper, rows.split_first()) {
+            let published_rows = match (shared.tamper, rows.split_first()) {
                 (true, Some(((dims, first), rest))) => {
                     let mut first = *first;
                     first.clicks += 1;
@@ -2637,11 +2638,14 @@ fn stage_touched(
                         .collect::<Vec<_>>();
                     &tampered
                 }
-                _ => rows,
+                _ => &rows,
             };
-            stage_partition(&shared.warehouse, id, rows, published.get(id)).map_err(RunError::from)
+            let change = stage_partition(&shared.warehouse, id, published_rows, published.get(id))?;
+            Ok::<_, RunError>((rows, change))
         })?;
-        for change in staged {
+        drop(reading);
+        for (id, (rows, change)) in chunk.iter().zip(staged) {
+            pipeline.mirror.borrow_mut().settled(id, &rows);
             match change {
                 Some(change) => changes.push(change),
                 None => unchanged += 1,

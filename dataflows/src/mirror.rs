@@ -264,9 +264,17 @@ impl PartitionMirror {
     /// changes to a large seeded partition leave it as it is (folding would copy it whole).
     pub fn settle(&mut self, id: &PartitionId) -> Result<Vec<(Dims, MetricRow)>, MirrorError> {
         let rows = self.rows(id)?;
+        self.settled(id, &rows);
+        Ok(rows)
+    }
+
+    /// The second half of [`PartitionMirror::settle`], for rows read with
+    /// [`PartitionMirror::rows`] (by several threads at once: it takes `&self`) and nothing applied
+    /// since: drops an emptied partition, or folds the rows into its base as `settle` does.
+    pub fn settled(&mut self, id: &PartitionId, rows: &[(Dims, MetricRow)]) {
         if rows.is_empty() {
             self.partitions.remove(id);
-            return Ok(rows);
+            return;
         }
         if let Some(partition) = self
             .partitions
@@ -280,7 +288,6 @@ impl PartitionMirror {
                     .map(|(dims, row)| (*dims, CellDelta::of_row(row))),
             );
         }
-        Ok(rows)
     }
 
     /// Every partition currently held, in order.
