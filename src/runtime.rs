@@ -2579,6 +2579,9 @@ fn published_in_days(
         .collect()
 }
 
+/// How many cells [`stage_touched`] reads back at a time, about (some 64 bytes each while held).
+const STAGE_CELLS: usize = 1 << 21;
+
 /// Stages every partition this worker's mirror saw change whose version differs from the
 /// published one. With `seeded` (a keyed run), a partition touched for the first time first gets
 /// its published rows; with `weeks` (a run that rebuilds whole days), a week touched for the
@@ -2594,39 +2597,58 @@ fn stage_touched(
     let published = shared.state.lock().expect("lock").published.clone();
     let mut touched = pipeline.mirror.borrow_mut().take_touched();
     touched.extend(also);
-    // A few partitions at a time, read back and written on `threads` threads, largest first (the
-    // daily ones): one worker may own a correction's daily partitions while the others are done.
-    touched.sort_by_key(|id| (id.grain != Grain::Daily, *id));
+    touched.sort();
     touched.dedup();
-    let mut changes = Vec::new();
-    let mut unchanged = 0;
-    for chunk in touched.chunks(4 * threads.max(1)) {
-        let to_seed: Vec<(PartitionId, &Published)> = match seeded.as_deref_mut() {
-            Some(seeded) => chunk
-                .iter()
-                .filter(|id| seeded.insert(**id))
-                .filter_map(|id| published.get(id).map(|current| (*id, current)))
-                .collect(),
-            None => Vec::new(),
-        };
-        let seeds = rehydrate::par_map(&to_seed, threads, |(id, current)| {
-            read_published(&shared.warehouse, id, current)
-        })?;
-        for ((id, _), rows) in to_seed.iter().zip(seeds) {
-            pipeline.mirror.borrow_mut().seed(id, &rows);
-        }
-        if let Some(weeks) = weeks.as_deref_mut() {
-            for id in chunk.iter().filter(|id| id.grain == Grain::Weekly) {
-                if weeks.insert(*id) {
-                    seed_week(shared, pipeline, id, &published)?;
-                }
+    // Partitions published before and first touched now get their published rows first.
+    let to_seed: Vec<(PartitionId, &Published)> = match seeded.as_deref_mut() {
+        Some(seeded) => touched
+            .iter()
+            .filter(|id| seeded.insert(**id))
+            .filter_map(|id| published.get(id).map(|current| (*id, current)))
+            .collect(),
+        None => Vec::new(),
+    };
+    let seeds = rehydrate::par_map(&to_seed, threads, |(id, current)| {
+        read_published(&shared.warehouse, id, current)
+    })?;
+    for ((id, _), rows) in to_seed.iter().zip(seeds) {
+        pipeline.mirror.borrow_mut().seed(id, &rows);
+    }
+    if let Some(weeks) = weeks.as_deref_mut() {
+        for id in touched.iter().filter(|id| id.grain == Grain::Weekly) {
+            if weeks.insert(*id) {
+                seed_week(shared, pipeline, id, &published)?;
             }
         }
+    }
+    // Read back and written on `threads` threads, largest first (one worker may own a week's
+    // or a correction's daily partitions while the others are done), as many at a time as
+    // [`STAGE_CELLS`] allows: each partition's rows are held until all of its lot are written.
+    let mut sized: Vec<(usize, PartitionId)> = {
+        let mirror = pipeline.mirror.borrow();
+        touched.iter().map(|id| (mirror.cells(id), *id)).collect()
+    };
+    sized.sort_by(|a, b| b.cmp(a));
+    let mut changes = Vec::new();
+    let mut unchanged = 0;
+    let mut rest = sized.as_slice();
+    while !rest.is_empty() {
+        let mut cells = 0;
+        let take = rest
+            .iter()
+            .take_while(|(n, _)| {
+                cells += n;
+                cells <= STAGE_CELLS
+            })
+            .count()
+            .max(1);
+        let (lot, after) = rest.split_at(take);
+        rest = after;
         // Each partition's rows are read on the thread that encodes them (the mirror is only
         // read meanwhile), then folded into the mirror here.
         let reading = pipeline.mirror.borrow();
         let mirror = &*reading;
-        let staged = rehydrate::par_map(chunk, threads, |id| {
+        let staged = rehydrate::par_map(lot, threads, |(_, id)| {
             let rows = mirror.rows(id)?;
             let tampered;
             let published_rows = match (shared.tamper, rows.split_first()) {
@@ -2644,7 +2666,7 @@ fn stage_touched(
             Ok::<_, RunError>((rows, change))
         })?;
         drop(reading);
-        for (id, (rows, change)) in chunk.iter().zip(staged) {
+        for ((_, id), (rows, change)) in lot.iter().zip(staged) {
             pipeline.mirror.borrow_mut().settled(id, &rows);
             match change {
                 Some(change) => changes.push(change),

@@ -290,6 +290,14 @@ impl PartitionMirror {
         }
     }
 
+    /// How many cells the partition holds, counting a changed cell of a seeded one twice: what
+    /// reading it costs, about.
+    pub fn cells(&self, id: &PartitionId) -> usize {
+        self.partitions
+            .get(id)
+            .map_or(0, |p| p.base.len() + p.changes.len())
+    }
+
     /// Every partition currently held, in order.
     pub fn partitions(&self) -> impl Iterator<Item = &PartitionId> {
         self.partitions.keys()
