@@ -2589,8 +2589,8 @@ const STAGE_CELLS: usize = 1 << 21;
 fn stage_touched(
     shared: &Shared,
     pipeline: &Pipeline,
-    mut seeded: Option<&mut BTreeSet<PartitionId>>,
-    mut weeks: Option<&mut BTreeSet<PartitionId>>,
+    seeded: Option<&mut BTreeSet<PartitionId>>,
+    weeks: Option<&mut BTreeSet<PartitionId>>,
     also: Vec<PartitionId>,
     threads: usize,
 ) -> Result<Vec<PartitionChange>, RunError> {
@@ -2600,7 +2600,7 @@ fn stage_touched(
     touched.sort();
     touched.dedup();
     // Partitions published before and first touched now get their published rows first.
-    let to_seed: Vec<(PartitionId, &Published)> = match seeded.as_deref_mut() {
+    let to_seed: Vec<(PartitionId, &Published)> = match seeded {
         Some(seeded) => touched
             .iter()
             .filter(|id| seeded.insert(**id))
@@ -2614,7 +2614,7 @@ fn stage_touched(
     for ((id, _), rows) in to_seed.iter().zip(seeds) {
         pipeline.mirror.borrow_mut().seed(id, &rows);
     }
-    if let Some(weeks) = weeks.as_deref_mut() {
+    if let Some(weeks) = weeks {
         for id in touched.iter().filter(|id| id.grain == Grain::Weekly) {
             if weeks.insert(*id) {
                 seed_week(shared, pipeline, id, &published)?;
