@@ -337,8 +337,11 @@ pub fn aggregate<'scope>(
             users.push(UserDay::of(&event));
         },
         |epoch, out| {
-            let mut days = FastMap::default();
-            let mut weeks = FastMap::default();
+            // Sized for the hours (an upper bound), so that neither grows by rehashing.
+            let cells = epoch.hours.len();
+            let mut days = FastMap::with_capacity_and_hasher(cells, Default::default());
+            let mut weeks = FastMap::with_capacity_and_hasher(cells, Default::default());
+            out.reserve(3 * cells + epoch.clicks.len());
             for (hour, sums) in epoch.hours {
                 let day = Cell {
                     grain: Grain::Daily,
