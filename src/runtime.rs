@@ -2580,7 +2580,7 @@ fn published_in_days(
 }
 
 /// How many cells [`stage_touched`] reads back at a time, about (some 64 bytes each while held).
-const STAGE_CELLS: usize = 1 << 21;
+const STAGE_CELLS: usize = 1 << 18;
 
 /// Stages every partition this worker's mirror saw change whose version differs from the
 /// published one. With `seeded` (a keyed run), a partition touched for the first time first gets
@@ -2608,11 +2608,14 @@ fn stage_touched(
             .collect(),
         None => Vec::new(),
     };
-    let seeds = rehydrate::par_map(&to_seed, threads, |(id, current)| {
-        read_published(&shared.warehouse, id, current)
-    })?;
-    for ((id, _), rows) in to_seed.iter().zip(seeds) {
-        pipeline.mirror.borrow_mut().seed(id, &rows);
+    // A few at a time: the rows read are held until seeded.
+    for chunk in to_seed.chunks(4 * threads.max(1)) {
+        let seeds = rehydrate::par_map(chunk, threads, |(id, current)| {
+            read_published(&shared.warehouse, id, current)
+        })?;
+        for ((id, _), rows) in chunk.iter().zip(seeds) {
+            pipeline.mirror.borrow_mut().seed(id, &rows);
+        }
     }
     if let Some(weeks) = weeks {
         for id in touched.iter().filter(|id| id.grain == Grain::Weekly) {
