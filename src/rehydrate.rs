@@ -225,9 +225,10 @@ impl Prefilter {
     }
 }
 
-/// Keys are uniform hashes already: their top bits will do.
+/// Keys are uniform hashes already: their top bits will do, which is the key index's prefix (the
+/// first round's filter is made from the prefixes).
 fn key_hash(key: u128) -> u64 {
-    (key >> 64) as u64
+    keyindex::prefix(key)
 }
 
 /// User and ad ids are not uniform (often small and dense): mixed before the top bits are taken.
@@ -360,9 +361,10 @@ pub fn keyed_state(
                     let mut prefixes: Vec<u64> = live()
                         .map(|(key, _)| keyindex::prefix(key.0.get()))
                         .collect();
-                    let filter = Prefilter::new(prefixes.iter().copied());
                     prefixes.sort_unstable();
                     prefixes.dedup();
+                    // The filter's hashes are the prefixes (see `key_hash`).
+                    let filter = Prefilter::new(prefixes.iter().copied());
                     (prefixes, filter)
                 });
                 ((set, pending), first_round)

@@ -2805,7 +2805,9 @@ fn publish(shared: &Shared, epoch: u64) {
         None => Vec::new(),
     };
     sources.sort_by(|a, b| a.source.cmp(&b.source));
-    let changes = std::mem::take(&mut state.changes);
+    // In partition order, whichever worker staged what when (the gate's findings follow it).
+    let mut changes = std::mem::take(&mut state.changes);
+    changes.sort_by_key(|c| c.partition);
     if sources.is_empty() && changes.is_empty() && retired.is_empty() {
         return;
     }

@@ -337,11 +337,10 @@ pub fn aggregate<'scope>(
             users.push(UserDay::of(&event));
         },
         |epoch, out| {
-            // Sized for the hours (an upper bound), so that neither grows by rehashing.
-            let cells = epoch.hours.len();
-            let mut days = FastMap::with_capacity_and_hasher(cells, Default::default());
-            let mut weeks = FastMap::with_capacity_and_hasher(cells, Default::default());
-            out.reserve(3 * cells + epoch.clicks.len());
+            // Each map sized up front (the hours bound the days, the days the weeks), so that
+            // none grows by rehashing.
+            let mut days = FastMap::with_capacity_and_hasher(epoch.hours.len(), Default::default());
+            out.reserve(epoch.hours.len() + epoch.clicks.len());
             for (hour, sums) in epoch.hours {
                 let day = Cell {
                     grain: Grain::Daily,
@@ -351,6 +350,8 @@ pub fn aggregate<'scope>(
                 add_to(&mut days, day, &sums);
                 out.push((hour.widen(), CellDelta { sums, users: 0 }));
             }
+            let mut weeks = FastMap::with_capacity_and_hasher(days.len(), Default::default());
+            out.reserve(2 * days.len());
             for (day, sums) in days {
                 let week = Cell {
                     grain: Grain::Weekly,
