@@ -225,10 +225,20 @@ impl Prefilter {
     }
 }
 
-/// Keys are uniform hashes already: their top bits will do, which is the key index's prefix (the
-/// first round's filter is made from the prefixes).
+/// Keys are uniform hashes already: their top bits will do, which is the key index's prefix (a
+/// round's filter is made from the prefixes: [`key_lookup`]).
 fn key_hash(key: u128) -> u64 {
     keyindex::prefix(key)
+}
+
+/// What a round looks `keys` up with: their distinct key-index prefixes, in order (for the days'
+/// indexes), and a filter over them (for the rows of the files read).
+fn key_lookup<'k>(keys: impl Iterator<Item = &'k DedupKey>) -> (Vec<u64>, Prefilter) {
+    let mut prefixes: Vec<u64> = keys.map(|k| keyindex::prefix(k.0.get())).collect();
+    prefixes.sort_unstable();
+    prefixes.dedup();
+    let filter = Prefilter::new(prefixes.iter().copied());
+    (prefixes, filter)
 }
 
 /// User and ad ids are not uniform (often small and dense): mixed before the top bits are taken.
@@ -337,7 +347,6 @@ pub fn keyed_state(
     // day's, most of a long load's) has no row to find.
     let placed = covered.is_none() && !by_day.contains_key(&None);
     let may_have_rows = |u: &UserDay| !placed || by_day.contains_key(&Some(u.day()));
-    type Found<T> = (HashSet<T, BuildFastHasher>, Vec<T>);
     let ((mut keys, mut pending_keys), ((mut user_days, mut pending_user_days), mut first_round)) =
         std::thread::scope(|scope| {
             let user_days = scope.spawn(|| {
@@ -357,16 +366,9 @@ pub fn keyed_state(
                 }
                 // With nothing covered, the first round looks for every key: its prefixes and
                 // filter are made here, beside the key set.
-                let first_round = covered.is_none().then(|| {
-                    let mut prefixes: Vec<u64> = live()
-                        .map(|(key, _)| keyindex::prefix(key.0.get()))
-                        .collect();
-                    prefixes.sort_unstable();
-                    prefixes.dedup();
-                    // The filter's hashes are the prefixes (see `key_hash`).
-                    let filter = Prefilter::new(prefixes.iter().copied());
-                    (prefixes, filter)
-                });
+                let first_round = covered
+                    .is_none()
+                    .then(|| key_lookup(live().map(|(key, _)| key)));
                 ((set, pending), first_round)
             });
             let mut set: HashSet<DedupKey, BuildFastHasher> =
@@ -377,7 +379,7 @@ pub fn keyed_state(
                     pending.push(*key);
                 }
             }
-            let user_days: (Found<UserDay>, _) = user_days
+            let user_days = user_days
                 .join()
                 .expect("the user-day thread does not panic");
             ((set, pending), user_days)
@@ -411,19 +413,9 @@ pub fn keyed_state(
             pending_set = pending_keys.iter().copied().collect();
             &pending_set
         };
-        let (prefixes, key_filter) = match first_round.take() {
-            Some(made) => made,
-            None => {
-                let mut prefixes: Vec<u64> = pending_keys
-                    .iter()
-                    .map(|k| keyindex::prefix(k.0.get()))
-                    .collect();
-                prefixes.sort_unstable();
-                prefixes.dedup();
-                let filter = Prefilter::new(wanted_keys.iter().map(|k| key_hash(k.0.get())));
-                (prefixes, filter)
-            }
-        };
+        let (prefixes, key_filter) = first_round
+            .take()
+            .unwrap_or_else(|| key_lookup(pending_keys.iter()));
         // A row may belong to a pending user-day when its user and ad are one's (its day is its
         // file's; the rest of the cell is checked once it is decoded): with many users, a user
         // alone matches a large share of a day's rows, a user and an ad few.
