@@ -27,7 +27,7 @@ use crate::journal::CommitJournal;
 use crate::scope::raw_day;
 use crate::sink::raw;
 use crate::tombstones::Tombstones;
-use crate::warehouse::{day_string, partition_path, table_name, Warehouse};
+use crate::warehouse::{day_path, day_string, partition_path, table_name, Warehouse};
 
 /// The exit code of a failed reconciliation (other checks get their own).
 pub const EXIT_RECONCILE: u8 = 12;
@@ -1336,9 +1336,7 @@ pub fn record(
         .expect("columns match the schema");
     let day = run_at_us.div_euclid(adsmetrics_dataflows::MICROS_PER_DAY);
     let name = format!("part-{run_at_us}-{}.parquet", std::process::id());
-    let dest = results_dir(warehouse)
-        .join(format!("dt={}", day_string(day)))
-        .join(&name);
+    let dest = results_dir(warehouse).join(day_path(day)).join(&name);
     let bytes = crate::sink::files::parquet_bytes(
         &batch,
         crate::sink::files::base_writer_properties().build(),

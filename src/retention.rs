@@ -27,7 +27,7 @@ use crate::ledger::RunKind;
 use crate::runtime::{Opened, RunError};
 use crate::sink::files::{replace, sync_filesystem, WriteError};
 use crate::sink::publish::{publish_epoch, PublishOrigin};
-use crate::warehouse::{day_string, Warehouse};
+use crate::warehouse::{day_path, day_string, Warehouse};
 
 /// The horizons in force.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,15 +175,14 @@ pub fn apply(
     for day in dropped.keys() {
         crate::keyindex::invalidate(warehouse, *day);
         // Every file of the day was expired: no directory of it is left for readers to list.
-        let _ =
-            std::fs::remove_dir_all(warehouse.raw_dir().join(format!("dt={}", day_string(*day))));
+        let _ = std::fs::remove_dir_all(warehouse.raw_dir().join(day_path(*day)));
     }
     let _ = std::fs::remove_dir_all(warehouse.staging_dir());
 
     // 4. The record.
     let raw_days_dropped: Vec<(String, u64)> = dropped
         .iter()
-        .map(|(day, files)| (format!("raw/dt={}", day_string(*day)), *files))
+        .map(|(day, files)| (format!("raw/{}", day_path(*day)), *files))
         .collect();
     run.dropped = raw_days_dropped
         .iter()

@@ -2403,6 +2403,7 @@ fn write_source(
     } = counts;
     let raw::RawWritten {
         rows: written,
+        files,
         removed,
     } = raw::write_source(
         &shared.warehouse,
@@ -2427,7 +2428,9 @@ fn write_source(
     )?;
     tracing::debug!("late and quarantine written");
     let mut written_days: BTreeMap<i64, (Vec<PathBuf>, Vec<u64>)> = BTreeMap::new();
-    let mut last_day = None;
+    for (day, path) in files {
+        written_days.entry(day).or_default().0.push(path);
+    }
     // A source has a handful of producers and three event types: a short list beats a map.
     let mut by_kind: Vec<((EventType, &str), u64)> = Vec::new();
     for (key, event) in accepted {
@@ -2439,15 +2442,11 @@ fn write_source(
         let day = event
             .event_time_us
             .div_euclid(adsmetrics_dataflows::MICROS_PER_DAY);
-        let entry = written_days.entry(day).or_default();
-        if last_day != Some(day) {
-            let path = raw::raw_file(&shared.warehouse, day, &source.content_hash);
-            if !entry.0.contains(&path) {
-                entry.0.push(path);
-            }
-            last_day = Some(day);
-        }
-        entry.1.push(crate::keyindex::prefix(key.0.get()));
+        written_days
+            .entry(day)
+            .or_default()
+            .1
+            .push(crate::keyindex::prefix(key.0.get()));
     }
 
     let record = SourceRecord {

@@ -97,9 +97,15 @@ pub fn partition_path(id: &PartitionId) -> String {
             let day = id.period.div_euclid(24);
             format!("dt={}/hr={:02}", day_string(day), id.period.rem_euclid(24))
         }
-        Grain::Daily => format!("dt={}", day_string(id.period)),
+        Grain::Daily => day_path(id.period),
         Grain::Weekly => format!("week={}", day_string(first_day_of_week(id.period))),
     }
+}
+
+/// The `dt=` folder of a day index (days since the Unix epoch), as every day-partitioned layer
+/// names it.
+pub fn day_path(day: i64) -> String {
+    format!("dt={}", day_string(day))
 }
 
 /// `dt`/`hr` of an hour index, for raw-layer paths.

@@ -12,7 +12,7 @@ use arrow::record_batch::RecordBatch;
 use crate::event::Quarantined;
 use crate::schema::utc_micros;
 use crate::sink::files::{base_writer_properties, parquet_bytes, replace, WriteError};
-use crate::warehouse::{day_string, Warehouse};
+use crate::warehouse::{day_path, Warehouse};
 
 /// The quarantine table's columns.
 pub fn schema() -> Arc<Schema> {
@@ -40,7 +40,7 @@ pub fn write_quarantine(
     let day = ingested_at_us.div_euclid(adsmetrics_dataflows::MICROS_PER_DAY);
     let dest = warehouse
         .quarantine_dir()
-        .join(format!("dt={}", day_string(day)))
+        .join(day_path(day))
         .join(format!("src-{source_hash}.parquet"));
     let schema = schema();
     let n = records.len();

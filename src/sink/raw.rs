@@ -43,7 +43,7 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use crate::event::{Event, EventView, KEY_ALGORITHM};
 use crate::schema::{event_columns, event_fields};
 use crate::sink::files::{base_writer_properties, parquet_bytes, replace, WriteError};
-use crate::warehouse::{day_string, hour_path, Warehouse};
+use crate::warehouse::{day_path, hour_path, Warehouse};
 
 /// File name prefix of raw files; the rest is the source content hash.
 pub const RAW_FILE_PREFIX: &str = "src-";
@@ -52,7 +52,7 @@ pub const RAW_FILE_PREFIX: &str = "src-";
 pub fn raw_file(warehouse: &Warehouse, day: i64, source_hash: &str) -> PathBuf {
     warehouse
         .raw_dir()
-        .join(format!("dt={}", day_string(day)))
+        .join(day_path(day))
         .join(format!("{RAW_FILE_PREFIX}{source_hash}.parquet"))
 }
 
@@ -104,6 +104,8 @@ pub fn properties() -> WriterProperties {
 pub struct RawWritten {
     /// Rows written.
     pub rows: u64,
+    /// The files written, each with its event day.
+    pub files: Vec<(i64, PathBuf)>,
     /// Files of the hourly layout it removed (see [`write_source`]), for a listing of the raw
     /// layer made before to drop.
     pub removed: Vec<PathBuf>,
@@ -163,6 +165,7 @@ pub fn write_source(
         replace(&staged, &dest, &bytes)?;
         remove_hourly_files(warehouse, source_hash, &rows, &mut written.removed)?;
         written.rows += rows.len() as u64;
+        written.files.push((day, dest));
     }
     Ok(written)
 }
