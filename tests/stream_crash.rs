@@ -77,6 +77,11 @@ fn twenty_sigkills_while_streaming_lose_and_double_nothing() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let mut recut = 0;
     let mut rolled_forward = 0;
+    // Kills that landed inside a held-open publish: each left a `Prepare` a later start must
+    // finish. Counted from what the log showed, not assumed from the phase, so the bound below
+    // does not depend on how fast this machine consumes (a run that has caught up with the
+    // producer publishes nothing, and its phase-2 kill lands elsewhere).
+    let mut inside_publish = 0;
     let started = Instant::now();
     for kill in 0..KILLS {
         // A third of the kills at a random moment (mostly while consuming), a third once an
@@ -113,7 +118,8 @@ fn twenty_sigkills_while_streaming_lose_and_double_nothing() {
                 // Past the first epochs of the run, at the first trigger after a random wait.
                 std::thread::sleep(wait / 2);
                 while saw.try_recv().is_ok() {}
-                let _ = saw.recv_timeout(Duration::from_secs(20));
+                let landed = saw.recv_timeout(Duration::from_secs(20)).is_ok();
+                inside_publish += usize::from(landed && phase == 2);
             }
         }
         child.kill().expect("SIGKILL");
@@ -126,7 +132,7 @@ fn twenty_sigkills_while_streaming_lose_and_double_nothing() {
     }
     let sent = producer.join().unwrap();
     eprintln!(
-        "{KILLS} kills in {:.1} s; restarts that re-cut an uncommitted epoch: {recut}, that finished an interrupted publish: {rolled_forward}",
+        "{KILLS} kills in {:.1} s ({inside_publish} inside a publish); restarts that re-cut an uncommitted epoch: {recut}, that finished an interrupted publish: {rolled_forward}",
         started.elapsed().as_secs_f64()
     );
 
@@ -136,10 +142,12 @@ fn twenty_sigkills_while_streaming_lose_and_double_nothing() {
         .status()
         .unwrap();
     assert!(last.success());
-    // Each kill inside a publish left a `Prepare` that the next start finished.
+    // Each kill inside a publish left a `Prepare` that a later start finished (a start killed
+    // while finishing one leaves it to the next, which may log it again: hence at least).
+    assert!(inside_publish > 0, "no kill landed inside a publish");
     assert!(
-        rolled_forward >= KILLS / 3,
-        "only {rolled_forward} publishes were rolled forward"
+        rolled_forward >= inside_publish,
+        "{inside_publish} kills landed inside a publish, only {rolled_forward} publishes were rolled forward"
     );
 
     let warehouse = Warehouse::new(&warehouse);
