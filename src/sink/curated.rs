@@ -109,7 +109,11 @@ pub fn content_version(id: &PartitionId, rows: &[(Dims, MetricRow)]) -> String {
 }
 
 fn writer_properties(id: &PartitionId, version: &str) -> WriterProperties {
-    base_writer_properties()
+    ["cost_micros", "revenue_micros", "ip", "user_id"]
+        .iter()
+        .fold(base_writer_properties(), |b, c| {
+            b.set_column_dictionary_enabled((*c).into(), false)
+        })
         .set_key_value_metadata(Some(vec![
             KeyValue::new(VERSION_KEY.to_string(), version.to_string()),
             KeyValue::new(
