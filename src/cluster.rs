@@ -57,7 +57,96 @@ use crate::source::SourceFile;
 pub const EXIT_PEER_LOST: u8 = 70;
 
 /// Opens every connection between the processes of a cluster ([`Cluster::connect`]).
-const HELLO: u64 = u64::from_be_bytes(*b"adsmcl01");
+const HELLO: u64 = u64::from_be_bytes(*b"adsmcl02");
+
+/// The exit code of a process whose cluster's processes were started with settings that cannot
+/// run together (another `--workers`, or one runs `stream` and another a batch command):
+/// `EX_CONFIG`, not worth retrying as it is.
+pub const EXIT_MISCONFIGURED: u8 = 78;
+
+/// What a cluster runs: a batch command's followers and a stream's take different orders.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Job {
+    /// `ingest`, `backfill`, `reprocess` or `delete`.
+    #[default]
+    Batch,
+    /// `stream`.
+    Stream,
+}
+
+impl Job {
+    fn name(self) -> &'static str {
+        match self {
+            Job::Batch => "a batch command (ingest, backfill, reprocess or delete)",
+            Job::Stream => "stream",
+        }
+    }
+}
+
+/// What each process says first on a connection it opens, and the accepting process answers:
+/// the protocol, and the settings every process of a cluster must share. Two processes that
+/// differ in them cannot run together (timely's exchange panics on a peer with another number
+/// of workers), so they stop at once and say why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Hello {
+    processes: u64,
+    process: u64,
+    workers: u64,
+    job: Job,
+}
+
+impl Hello {
+    const LEN: usize = 40;
+
+    fn bytes(&self) -> [u8; Hello::LEN] {
+        let mut bytes = [0u8; Hello::LEN];
+        bytes[..8].copy_from_slice(&HELLO.to_be_bytes());
+        bytes[8..16].copy_from_slice(&self.processes.to_be_bytes());
+        bytes[16..24].copy_from_slice(&self.process.to_be_bytes());
+        bytes[24..32].copy_from_slice(&self.workers.to_be_bytes());
+        bytes[32] = self.job as u8;
+        bytes
+    }
+
+    /// `None` unless `bytes` are a hello of this protocol.
+    fn parse(bytes: &[u8; Hello::LEN]) -> Option<Hello> {
+        let word = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let job = match bytes[32] {
+            0 => Job::Batch,
+            1 => Job::Stream,
+            _ => return None,
+        };
+        (word(0) == HELLO && bytes[33..].iter().all(|b| *b == 0)).then_some(Hello {
+            processes: word(8),
+            process: word(16),
+            workers: word(24),
+            job,
+        })
+    }
+
+    /// Why `theirs` (process `theirs.process`) cannot run with this process, if it cannot.
+    fn mismatch(&self, theirs: &Hello) -> Option<String> {
+        let differs = if theirs.workers != self.workers {
+            format!(
+                "it runs --workers {}, this process --workers {}",
+                theirs.workers, self.workers
+            )
+        } else if theirs.job != self.job {
+            format!(
+                "it runs {}, this process {}",
+                theirs.job.name(),
+                self.job.name()
+            )
+        } else {
+            return None;
+        };
+        Some(format!(
+            "process {} of the cluster cannot run with process {}: {differs}. Start every \
+             process with the same command, --processes and --workers (only --process differs)",
+            theirs.process, self.process
+        ))
+    }
+}
 
 /// The first port of the default addresses (`127.0.0.1:2101`, `:2102`, …), as timely's.
 const DEFAULT_PORT: u16 = 2101;
@@ -80,6 +169,8 @@ pub struct Cluster {
     pub addresses: Vec<String>,
     /// How long to wait for the other processes to connect, each time the cluster starts.
     pub connect_timeout: Duration,
+    /// What the cluster runs (every process must run the same).
+    pub job: Job,
     /// The followers have finished a run with this coordinator and wait for its next one, so
     /// a start waits at most [`REJOIN_WAIT`] for them (shared by this process's copies).
     followers_back: Arc<AtomicBool>,
@@ -92,11 +183,13 @@ impl PartialEq for Cluster {
             self.process,
             &self.addresses,
             self.connect_timeout,
+            self.job,
         ) == (
             other.processes,
             other.process,
             &other.addresses,
             other.connect_timeout,
+            other.job,
         )
     }
 }
@@ -157,8 +250,14 @@ impl Cluster {
             process,
             addresses: addresses.into_iter().take(processes).collect(),
             connect_timeout,
+            job: Job::Batch,
             followers_back: Arc::default(),
         }))
+    }
+
+    /// The same cluster, running `job`.
+    pub fn running(self, job: Job) -> Self {
+        Cluster { job, ..self }
     }
 
     /// Whether this process is the coordinator (process 0: plans, publishes, keeps the ledger).
@@ -218,8 +317,14 @@ impl Cluster {
                 std::process::exit(i32::from(EXIT_PEER_LOST));
             }
         });
-        let sockets = self.connect();
+        let sockets = self.connect(workers);
         let _ = connected.send(());
+        if let Err(e) = &sockets {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                eprintln!("error: {e}");
+                std::process::exit(i32::from(EXIT_MISCONFIGURED));
+            }
+        }
         let joined = |e: std::io::Error| {
             format!(
                 "process {} could not join the cluster at {}: {e}",
@@ -253,27 +358,27 @@ impl Cluster {
 
     /// A TCP connection to every other process of the cluster, at index `p` for process `p`
     /// (`None` at this one's): this process connects to every lower-numbered one and accepts
-    /// every higher-numbered one, each connection opened by the connecting process's index.
+    /// every higher-numbered one. The connecting process opens with its [`Hello`] and the
+    /// accepting one answers with its own; a process whose settings differ (another
+    /// `--workers`, another job) is an `InvalidData` error on both sides, saying which.
     ///
     /// What timely's cluster configuration does, but polling every 2 ms: timely's sleeps a
     /// second between attempts on both sides, which a cluster that starts a timely run per
     /// generation, and a stream two per epoch, paid at every start (and it printed every retry).
-    fn connect(&self) -> std::io::Result<Vec<Option<std::net::TcpStream>>> {
+    fn connect(&self, workers: usize) -> std::io::Result<Vec<Option<std::net::TcpStream>>> {
         use std::io::{Read, Write};
         use std::net::{TcpListener, TcpStream};
         const POLL: Duration = Duration::from_millis(2);
-        // The connecting process's hello: this protocol, the cluster's size and its index.
-        let processes = self.processes;
-        let hello = move |process: usize| -> [u8; 24] {
-            let mut bytes = [0u8; 24];
-            bytes[..8].copy_from_slice(&HELLO.to_be_bytes());
-            bytes[8..16].copy_from_slice(&(processes as u64).to_be_bytes());
-            bytes[16..].copy_from_slice(&(process as u64).to_be_bytes());
-            bytes
+        let (processes, me) = (self.processes, self.process);
+        let hello = |process: usize| Hello {
+            processes: processes as u64,
+            process: process as u64,
+            workers: workers as u64,
+            job: self.job,
         };
-        let listener = TcpListener::bind(&self.addresses[self.process])?;
+        let mine = hello(me);
+        let listener = TcpListener::bind(&self.addresses[me])?;
         listener.set_nonblocking(true)?;
-        let me = self.process;
         let accepting = std::thread::spawn(move || -> std::io::Result<Vec<(usize, TcpStream)>> {
             let mut accepted: Vec<(usize, TcpStream)> = Vec::new();
             while accepted.len() < processes - me - 1 {
@@ -291,27 +396,34 @@ impl Cluster {
                 // a second (a port scan, another program, a cluster of another size, a process
                 // connected already) is dropped, and the wait goes on for the real one.
                 stream.set_read_timeout(Some(Duration::from_secs(1)))?;
-                let mut said = [0u8; 24];
-                let from = stream
+                let mut said = [0u8; Hello::LEN];
+                let theirs = stream
                     .read_exact(&mut said)
                     .ok()
-                    .and_then(|()| (me + 1..processes).find(|p| hello(*p) == said))
-                    .filter(|p| accepted.iter().all(|(q, _)| q != p));
-                match from {
-                    Some(process) => {
-                        stream.set_read_timeout(None)?;
-                        accepted.push((process, stream));
-                    }
-                    None => tracing::warn!(
+                    .and_then(|()| Hello::parse(&said))
+                    .filter(|h| h.processes == processes as u64)
+                    .filter(|h| (me as u64 + 1..processes as u64).contains(&h.process))
+                    .filter(|h| accepted.iter().all(|(q, _)| *q as u64 != h.process));
+                let Some(theirs) = theirs else {
+                    tracing::warn!(
                         peer = ?stream.peer_addr().ok(),
                         "dropped a connection that is not another process of this cluster"
-                    ),
+                    );
+                    continue;
+                };
+                // Answered in any case, so that a process that cannot run with this one
+                // learns why as this one does.
+                stream.write_all(&mine.bytes())?;
+                if let Some(why) = mine.mismatch(&theirs) {
+                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
                 }
+                stream.set_read_timeout(None)?;
+                accepted.push((theirs.process as usize, stream));
             }
             Ok(accepted)
         });
-        let mut sockets: Vec<Option<TcpStream>> = (0..self.processes).map(|_| None).collect();
-        for (index, address) in self.addresses.iter().enumerate().take(self.process) {
+        let mut sockets: Vec<Option<TcpStream>> = (0..processes).map(|_| None).collect();
+        for (index, address) in self.addresses.iter().enumerate().take(me) {
             let mut stream = loop {
                 match TcpStream::connect(address) {
                     Ok(stream) => break stream,
@@ -320,7 +432,32 @@ impl Cluster {
                 }
             };
             stream.set_nodelay(true)?;
-            stream.write_all(&hello(self.process))?;
+            stream.write_all(&mine.bytes())?;
+            let mut said = [0u8; Hello::LEN];
+            let theirs = stream
+                .read_exact(&mut said)
+                .ok()
+                .and_then(|()| Hello::parse(&said))
+                .filter(|h| {
+                    *h == Hello {
+                        workers: h.workers,
+                        job: h.job,
+                        ..hello(index)
+                    }
+                });
+            let Some(theirs) = theirs else {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    format!(
+                        "process {index} at {address} did not answer as process {index} of a \
+                         cluster of {processes}: it stopped, or it runs another --processes \
+                         or another build, or another process is there as process {me}"
+                    ),
+                ));
+            };
+            if let Some(why) = mine.mismatch(&theirs) {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
+            }
             sockets[index] = Some(stream);
         }
         let accepted = accepting
@@ -880,7 +1017,7 @@ mod tests {
                 let cluster = Cluster::new(3, process, Some(&hosts), WAIT)
                     .unwrap()
                     .unwrap();
-                std::thread::spawn(move || cluster.connect().unwrap())
+                std::thread::spawn(move || cluster.connect(2).unwrap())
             })
             .collect();
         let mut sockets: Vec<Vec<Option<std::net::TcpStream>>> =
@@ -908,6 +1045,36 @@ mod tests {
     }
 
     #[test]
+    fn processes_with_other_workers_or_another_job_both_say_why_they_cannot_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hosts, _) = free_hostfile(dir.path(), 2);
+        let cluster = |process| {
+            Cluster::new(2, process, Some(&hosts), WAIT)
+                .unwrap()
+                .unwrap()
+        };
+        let refused = |(a, wa): (Cluster, usize), (b, wb): (Cluster, usize)| {
+            let accepting = std::thread::spawn(move || a.connect(wa).unwrap_err());
+            let connecting = b.connect(wb).unwrap_err();
+            let accepting = accepting.join().unwrap();
+            for e in [&accepting, &connecting] {
+                assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+            }
+            (accepting.to_string(), connecting.to_string())
+        };
+        let (coordinator, follower) = refused((cluster(0), 2), (cluster(1), 1));
+        assert!(
+            coordinator.contains("process 1") && coordinator.contains("--workers 1"),
+            "{coordinator}"
+        );
+        assert!(follower.contains("--workers 2"), "{follower}");
+        let stream = cluster(1).running(Job::Stream);
+        let (coordinator, follower) = refused((cluster(0), 2), (stream, 2));
+        assert!(coordinator.contains("it runs stream"), "{coordinator}");
+        assert!(follower.contains("it runs a batch command"), "{follower}");
+    }
+
+    #[test]
     fn a_connection_that_is_not_a_process_of_the_cluster_is_dropped() {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
@@ -918,7 +1085,7 @@ mod tests {
                 .unwrap()
         };
         let coordinator = cluster(0);
-        let accepting = std::thread::spawn(move || coordinator.connect().unwrap());
+        let accepting = std::thread::spawn(move || coordinator.connect(2).unwrap());
         // A stranger saying something else, and one saying nothing: both dropped.
         let connect = || loop {
             if let Ok(stream) = std::net::TcpStream::connect(&free[0]) {
@@ -928,7 +1095,7 @@ mod tests {
         };
         connect().write_all(&[7u8; 24]).unwrap();
         let _silent = connect();
-        let follower = cluster(1).connect().unwrap();
+        let follower = cluster(1).connect(2).unwrap();
         let coordinator = accepting.join().unwrap();
         assert!(coordinator[1].is_some() && follower[0].is_some());
         let (a, b) = (

@@ -715,7 +715,9 @@ struct ClusterArgs {
     /// (same inputs, same --warehouse path on a filesystem all of them see, same --workers:
     /// threads per process), each with its own --process. The processes exchange rows by key
     /// over TCP; process 0 plans, publishes and keeps the audit ledger. A process that loses
-    /// another, or waits for it past --connect-timeout, exits 70: run them all again.
+    /// another, or waits for it past --connect-timeout, exits 70: run them all again. Processes
+    /// started with another --workers, or one with `stream` and another with a batch command,
+    /// stop when they connect, each saying which (exit 78).
     #[arg(long, value_name = "N", default_value_t = 1)]
     processes: usize,
     /// This process's index in the cluster, 0..N; 0 is the coordinator.
@@ -734,15 +736,19 @@ struct ClusterArgs {
 }
 
 impl ClusterArgs {
-    /// The cluster, or `None` for a process alone.
-    fn cluster(&self) -> anyhow::Result<Option<adsmetrics::cluster::Cluster>> {
-        adsmetrics::cluster::Cluster::new(
+    /// The cluster running `job`, or `None` for a process alone.
+    fn cluster(
+        &self,
+        job: adsmetrics::cluster::Job,
+    ) -> anyhow::Result<Option<adsmetrics::cluster::Cluster>> {
+        Ok(adsmetrics::cluster::Cluster::new(
             self.processes,
             self.process,
             self.hostfile.as_deref(),
             std::time::Duration::from_secs(self.connect_timeout.max(1) as u64),
         )
-        .map_err(anyhow::Error::msg)
+        .map_err(anyhow::Error::msg)?
+        .map(|cluster| cluster.running(job)))
     }
 }
 
@@ -764,17 +770,18 @@ fn in_cluster<T>(
         );
         Ok(())
     };
-    in_cluster_following(args, workers, follow, run)
+    in_cluster_following(args, adsmetrics::cluster::Job::Batch, workers, follow, run)
 }
 
 /// [`in_cluster`], a follower doing `follow` (a command with its own part on every process).
 fn in_cluster_following<T>(
     args: &ClusterArgs,
+    job: adsmetrics::cluster::Job,
     workers: usize,
     follow: impl FnOnce(&adsmetrics::cluster::Cluster) -> anyhow::Result<()>,
     run: impl FnOnce(Option<adsmetrics::cluster::Cluster>) -> anyhow::Result<T>,
 ) -> anyhow::Result<Option<T>> {
-    let Some(cluster) = args.cluster()? else {
+    let Some(cluster) = args.cluster(job)? else {
         return run(None).map(Some);
     };
     adsmetrics::cluster::stop_when_a_peer_is_lost();
@@ -1242,7 +1249,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 Ok(())
             };
-            let streamed = in_cluster_following(&cluster, workers, follow, |c| {
+            let job = adsmetrics::cluster::Job::Stream;
+            let streamed = in_cluster_following(&cluster, job, workers, follow, |c| {
                 let options = adsmetrics::stream::StreamOptions {
                     ingest: adsmetrics::runtime::IngestOptions {
                         cluster: c,

@@ -412,6 +412,49 @@ fn a_follower_on_another_warehouse_is_refused_and_nothing_is_published() {
 }
 
 #[test]
+fn processes_started_with_other_workers_stop_at_once_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, _) = two_batches(dir.path(), 5_000);
+    let warehouse = dir.path().join("shared");
+    let hosts = hostfile(dir.path(), 2);
+    // As `start`, but each with its own --workers (timely's exchange panicked on such a peer).
+    let run = |process: usize, workers: &str| {
+        let process = process.to_string();
+        command(&warehouse, Job::Ingest(&first), &[])
+            .args([
+                "--workers",
+                workers,
+                "--processes",
+                "2",
+                "--process",
+                &process,
+            ])
+            .arg("--hostfile")
+            .arg(&hosts)
+            .args(["--connect-timeout", "120s"])
+            .output()
+            .unwrap()
+    };
+    let (coordinator, follower) = std::thread::scope(|scope| {
+        let follower = scope.spawn(|| run(1, "1"));
+        (run(0, "2"), follower.join().unwrap())
+    });
+    for (out, says) in [(&coordinator, "--workers 1"), (&follower, "--workers 2")] {
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(i32::from(adsmetrics::cluster::EXIT_MISCONFIGURED)),
+            "{said}"
+        );
+        assert!(said.contains(says) && !said.contains("panicked"), "{said}");
+    }
+    assert!(
+        !warehouse.join("raw").exists() && !warehouse.join("ads_metrics_hourly").exists(),
+        "nothing was written"
+    );
+}
+
+#[test]
 fn every_process_exits_as_the_coordinator_does_when_the_warehouse_is_busy() {
     let dir = tempfile::tempdir().unwrap();
     let (first, second) = two_batches(dir.path(), 5_000);
