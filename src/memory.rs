@@ -2,10 +2,12 @@
 //! freed heap memory back.
 //!
 //! The hot window (see `runtime`) bounds the *live* state of a run to one window of source days.
-//! For the resident set to follow, memory the allocator holds free after a generation's dataflow
-//! is dropped must go back to the system: glibc keeps what a thread freed in that thread's arena,
-//! and arenas are trimmed only at their top, so a long run of generations (each with new worker
-//! threads) would otherwise keep the high-water mark of every arena it ever used.
+//! For the peak to follow, what one generation frees must serve the next: glibc keeps what a
+//! thread freed in that thread's arena, so a long run of generations (each with new worker
+//! threads) would otherwise keep the high-water mark of every arena it ever used. Capping the
+//! arenas ([`limit_arenas`]) makes the next generation's threads reuse it. Handing it back to the
+//! system ([`release_free_memory`]) is done once, when a run's generations are over: after every
+//! generation, each page came back as a page fault in the next, for no lower peak.
 
 /// The process's resident set and its peak so far (`VmRSS`, `VmHWM` of `/proc/self/status`),
 /// bytes; zeros where that cannot be read.
