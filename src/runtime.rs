@@ -354,6 +354,9 @@ struct Shared {
     /// Threads the gate reads raw files with.
     threads: usize,
     epochs: Vec<EpochPlan>,
+    /// Raw files of the older hourly layout that the sources of these epochs left (see
+    /// [`raw::write_source`]), by source hash.
+    hourly_layout: HashMap<String, Vec<PathBuf>>,
     /// Between this process's workers.
     barrier: Barrier,
     /// Cluster mode: this process's part in it.
@@ -430,6 +433,8 @@ pub(crate) struct Job {
     progress_in_sources: bool,
     tamper: bool,
     epochs: Vec<EpochPlan>,
+    /// [`Shared::hourly_layout`].
+    hourly_layout: HashMap<String, Vec<PathBuf>>,
 }
 
 /// A follower's part of an epoch, for worker 0's publish: what its workers staged and ingested.
@@ -1363,6 +1368,15 @@ fn execute_generation(
         .cloned()
         .collect();
     tracing::debug!("listed raw files");
+    // What an older version's crashed runs left of this generation's sources, for the writers
+    // to remove (a warehouse that never had the hourly layout has none).
+    let mut hourly_layout = raw::hourly_layout(&listed);
+    let new_hashes: std::collections::HashSet<&str> = batches
+        .iter()
+        .flat_map(|b| &b.sources)
+        .map(|s| s.content_hash.as_str())
+        .collect();
+    hourly_layout.retain(|hash, _| new_hashes.contains(hash.as_str()));
     let scoping = Instant::now();
     // Each epoch's raw files to retract, found once: the scope needs them all, the epochs each
     // their own.
@@ -1499,6 +1513,7 @@ fn execute_generation(
             progress_in_sources,
             tamper: options.tamper_for_test,
             epochs: epochs.clone(),
+            hourly_layout: hourly_layout.clone(),
         }),
         cluster,
         workers,
@@ -1519,6 +1534,7 @@ fn execute_generation(
         tamper: options.tamper_for_test,
         threads: workers.max(2),
         epochs,
+        hourly_layout,
         barrier: Barrier::new(workers),
         cluster: role,
         progress,
@@ -1943,6 +1959,7 @@ fn follower_shared(
         tamper: job.tamper,
         threads: workers.max(2),
         epochs: job.epochs,
+        hourly_layout: job.hourly_layout,
         barrier: Barrier::new(workers),
         cluster: Some(Role {
             cluster: cluster.clone(),
@@ -2421,6 +2438,10 @@ fn write_source(
         &source.label,
         &source.content_hash,
         accepted,
+        shared
+            .hourly_layout
+            .get(&source.content_hash)
+            .map_or(&[], Vec::as_slice),
     )?;
     tracing::debug!("raw written");
     let late = late_events(published, accepted);

@@ -476,11 +476,13 @@ fn duplicates_compare_each_hour_with_its_producers_trailing_week_even_before_the
     assert!(duplicates(&wh, second, limit_only, 2).unwrap().passed);
 }
 
-/// The raw layer holds one file per source and event day, every row of it in that day; an
-/// hourly-layout file of a source (what an older version left when its run crashed before the
-/// commit) is removed when the source is written again, also from the listing the next
+/// The raw layer holds one file per source and event day, every row of it in that day; the
+/// hourly-layout files of a source (what an older version left when its run crashed before the
+/// commit) are removed when the source is written again, also from the listing the next
 /// hot-window generation opens with (it would read the gone file), so no row is in the raw layer
-/// twice and the raw layer is byte for byte the one a fresh warehouse gets.
+/// twice and the raw layer is byte for byte the one a fresh warehouse gets. That includes a file
+/// of a day the source has no events in now (every one deleted since the crash), whose rows
+/// would otherwise come back with the source's commit.
 #[test]
 fn raw_files_are_per_source_and_day_and_replace_an_older_hourly_layout() {
     let dir = tempfile::tempdir().unwrap();
@@ -543,13 +545,24 @@ fn raw_files_are_per_source_and_day_and_replace_an_older_hourly_layout() {
         .join("raw")
         .join(adsmetrics::warehouse::hour_path(hour))
         .join(&name);
-    std::fs::create_dir_all(hourly.parent().unwrap()).unwrap();
-    std::fs::write(&hourly, bytes).unwrap();
-    let hourly_listed =
-        |wh: &Warehouse| adsmetrics::sink::raw::list_raw_files(wh).contains(&hourly);
-    assert!(hourly_listed(&old));
+    // And one of an hour ten days before, when the source has no events now.
+    let emptied = old
+        .root()
+        .join("raw")
+        .join(adsmetrics::warehouse::hour_path(hour - 240))
+        .join(&name);
+    for path in [&hourly, &emptied] {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    let listed = |wh: &Warehouse, path| adsmetrics::sink::raw::list_raw_files(wh).contains(path);
+    assert!(listed(&old, &hourly) && listed(&old, &emptied));
     ingest(&old, &[dir.path().join("in")], options()).unwrap();
-    assert!(!hourly_listed(&old), "the hourly-layout file is gone");
+    assert!(!listed(&old, &hourly), "the hourly-layout file is gone");
+    assert!(
+        !listed(&old, &emptied),
+        "so is the one of a day without events"
+    );
     assert_eq!(relative(&old), files);
     assert!(published_tables(&old) == published_tables(&fresh));
     assert!(all(&old).passed);

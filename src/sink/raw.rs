@@ -18,7 +18,7 @@
 //! algorithm (in the file metadata; `dedup_key` is 16 big-endian bytes), the source path and the
 //! source's content hash, in source order (the order the source's winning rows were read in).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -43,7 +43,7 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use crate::event::{Event, EventView, KEY_ALGORITHM};
 use crate::schema::{event_columns, event_fields};
 use crate::sink::files::{base_writer_properties, parquet_bytes, replace, WriteError};
-use crate::warehouse::{day_path, hour_path, Warehouse};
+use crate::warehouse::{day_path, Warehouse};
 
 /// File name prefix of raw files; the rest is the source content hash.
 pub const RAW_FILE_PREFIX: &str = "src-";
@@ -53,14 +53,6 @@ pub fn raw_file(warehouse: &Warehouse, day: i64, source_hash: &str) -> PathBuf {
     warehouse
         .raw_dir()
         .join(day_path(day))
-        .join(format!("{RAW_FILE_PREFIX}{source_hash}.parquet"))
-}
-
-/// Where the layout before [`raw_file`]'s kept one source's events of one event hour.
-fn hourly_raw_file(warehouse: &Warehouse, hour: i64, source_hash: &str) -> PathBuf {
-    warehouse
-        .raw_dir()
-        .join(hour_path(hour))
         .join(format!("{RAW_FILE_PREFIX}{source_hash}.parquet"))
 }
 
@@ -116,14 +108,16 @@ pub struct RawWritten {
 /// be unique per dedup key.
 ///
 /// A source whose run crashed before its commit under the hourly layout (an older version) may
-/// have left files of that layout: those of the hours it writes now are removed as its day
-/// files replace them, so that no row is in the raw layer twice. (An hour none of whose events
-/// is written now, every one deleted by a compliance delete since the crash, keeps its file.)
+/// have left files of that layout, `hourly` (see [`hourly_layout`]): its day files replace them,
+/// so they are removed once those are written, every one, so that no row is in the raw layer
+/// twice and none comes back (also of an hour, or a day, none of whose events is written now,
+/// every one deleted by a compliance delete since the crash).
 pub fn write_source(
     warehouse: &Warehouse,
     source: &str,
     source_hash: &str,
     events: &[(DedupKey, &Event)],
+    hourly: &[PathBuf],
 ) -> Result<RawWritten, WriteError> {
     let mut by_day: BTreeMap<i64, Vec<(DedupKey, &Event)>> = BTreeMap::new();
     for &(key, event) in events {
@@ -163,42 +157,46 @@ pub fn write_source(
             .staging_dir()
             .join(format!("raw-{day}-{source_hash}.parquet"));
         replace(&staged, &dest, &bytes)?;
-        remove_hourly_files(warehouse, source_hash, &rows, &mut written.removed)?;
         written.rows += rows.len() as u64;
         written.files.push((day, dest));
+    }
+    for old in hourly {
+        match std::fs::remove_file(old) {
+            Ok(()) => {
+                tracing::info!(path = %old.display(), "removed an hourly-layout raw file its source now writes by day");
+                written.removed.push(old.clone());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(WriteError::Io {
+                    path: old.clone(),
+                    source,
+                })
+            }
+        }
     }
     Ok(written)
 }
 
-/// Removes the hourly-layout files ([`hourly_raw_file`]) of the hours of `rows`, if any, and adds
-/// them to `removed`: one failed unlink per hour in a warehouse that never had them.
-fn remove_hourly_files(
-    warehouse: &Warehouse,
-    source_hash: &str,
-    rows: &[(DedupKey, &Event)],
-    removed: &mut Vec<PathBuf>,
-) -> Result<(), WriteError> {
-    let mut hours: Vec<i64> = rows
-        .iter()
-        .map(|(_, e)| {
-            e.event_time_us
-                .div_euclid(adsmetrics_dataflows::MICROS_PER_HOUR)
-        })
-        .collect();
-    hours.sort_unstable();
-    hours.dedup();
-    for hour in hours {
-        let old = hourly_raw_file(warehouse, hour, source_hash);
-        match std::fs::remove_file(&old) {
-            Ok(()) => {
-                tracing::info!(path = %old.display(), "removed an hourly-layout raw file its source now writes by day");
-                removed.push(old);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(WriteError::Io { path: old, source }),
+/// The files of the raw layer's hourly layout among `listed` (an older version kept a source's
+/// events of an event hour in `raw/dt=…/hr=…/src-<hash>.parquet`), by source hash: what
+/// [`write_source`] removes when it writes a source that had some.
+pub fn hourly_layout(listed: &[PathBuf]) -> HashMap<String, Vec<PathBuf>> {
+    let mut by_source: HashMap<String, Vec<PathBuf>> = HashMap::new();
+    for path in listed {
+        let in_hour = path
+            .parent()
+            .and_then(Path::file_name)
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.starts_with("hr="));
+        if let (true, Some(hash)) = (in_hour, source_hash_of(path)) {
+            by_source
+                .entry(hash.to_string())
+                .or_default()
+                .push(path.clone());
         }
     }
-    Ok(())
+    by_source
 }
 
 /// A column holding `value` in each of `rows` rows, as a one-entry dictionary: the per-row cost is
