@@ -117,9 +117,15 @@ fn write_raw_layer(sources: &[Vec<(DedupKey, &Event)>]) -> (tempfile::TempDir, u
     let mut rows = 0;
     for (i, source) in sources.iter().enumerate() {
         let hash = format!("{i:016x}");
-        rows += raw::write_source(&warehouse, &format!("bench-{i}.parquet"), &hash, source)
-            .expect("writing the raw layer")
-            .rows;
+        rows += raw::write_source(
+            &warehouse,
+            &format!("bench-{i}.parquet"),
+            &hash,
+            source,
+            &[],
+        )
+        .expect("writing the raw layer")
+        .rows;
     }
     (dir, rows)
 }
