@@ -20,9 +20,11 @@ the watermark passes them, so after the data a sentinel event far in the future 
 stream to close the last windows (it is never emitted itself). The rows the watermark dropped as
 too late are counted and printed: zero means the streaming result is exact.
 
-What is timed, per engine, each run as a child process (peak RSS: the child's, from `wait4`
-like `/usr/bin/time -v`; for Spark, the Python driver's plus its JVM's peak, `VmHWM`, which the
-child reads before it stops — the JVM's heap is `--spark-memory`, and it grows towards it):
+What is timed, per engine, each run as a child process (peak RSS: the child's own `VmHWM`, as
+it reports it before it stops: adsmetrics' `memory:` line, DuckDB's child's, for Spark the Python
+driver's plus its JVM's — the JVM's heap is `--spark-memory`, and it grows towards it. Not
+`wait4`'s `ru_maxrss`, which for a child this script starts counts this script's own resident set
+at the fork, hundreds of MB once it has compared tables):
   - the full load into an empty output;
   - a correction of ~1% of the raw rows (`--correction`), spread over every day (or, with
     `--correction-days K`, taken from the newest K delivery days: late events into the newest
@@ -64,6 +66,7 @@ import datetime as dt
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -345,10 +348,13 @@ def run_measured(cmd, log):
     def reported(name):
         return next((float(w.split("=", 1)[1]) for w in text.split() if w.startswith(name + "=")),
                     None)
-    # A Spark child reports its own peak plus its JVM's (the JVM is not always waited for).
+    # Each child reports its own peak (a Spark child its JVM's too): `ru_maxrss` would count this
+    # process's resident set at the fork (see the module doc), so it is only the fallback.
+    adsmetrics_peak = re.search(r"^memory: peak RSS (\d+) MB", text, re.M)
+    peak = reported("peak_rss_mb") or (adsmetrics_peak and float(adsmetrics_peak.group(1)))
     return {"seconds": seconds, "job_seconds": reported("job_seconds"),
             "status": child.returncode, "log": text,
-            "peak_mb": max(usage.ru_maxrss / 1024, reported("peak_rss_mb") or 0)}
+            "peak_mb": peak or usage.ru_maxrss / 1024}
 
 
 def tail(path, n=30):
@@ -462,7 +468,7 @@ def child_duckdb(args, only_days):
     if only_days is not None:
         replace_days(target, args.out, only_days)
     print(f"duckdb hourly_rows={hourly} daily_rows={daily} "
-          f"job_seconds={time.perf_counter() - started:.3f}")
+          f"job_seconds={time.perf_counter() - started:.3f} peak_rss_mb={peak_rss_mb('self'):.0f}")
 
 
 def spark_session(args, name):

@@ -1031,6 +1031,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             if let Some(summary) = ran {
                 print!("{}", adsmetrics::report::ingest_report(&summary));
+                print!("{}", adsmetrics::report::memory_line());
                 metrics.write("ingest", &summary)?;
             }
         }
@@ -1068,6 +1069,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             if let Some(summary) = ran {
                 print!("{}", adsmetrics::report::ingest_report(&summary));
+                print!("{}", adsmetrics::report::memory_line());
                 metrics.write("backfill", &summary)?;
             }
         }

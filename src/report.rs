@@ -51,3 +51,12 @@ pub fn ingest_report(s: &IngestSummary) -> String {
     ));
     out
 }
+
+/// The process's peak resident set so far (`VmHWM`: its own, whatever process started it), as a
+/// report line; empty where it cannot be read.
+pub fn memory_line() -> String {
+    match crate::memory::process_memory().1 {
+        0 => String::new(),
+        peak => format!("memory: peak RSS {} MB\n", peak >> 20),
+    }
+}
