@@ -350,11 +350,15 @@ def run_measured(cmd, log):
                     None)
     # Each child reports its own peak (a Spark child its JVM's too): `ru_maxrss` would count this
     # process's resident set at the fork (see the module doc), so it is only the fallback.
+    # (adsmetrics' `memory:` line first: with `RUST_LOG=info` its log has a `peak_rss_mb=` per
+    # generation.) A child that reported nothing (it failed) shows `ru_maxrss`, flagged.
     adsmetrics_peak = re.search(r"^memory: peak RSS (\d+) MB", text, re.M)
-    peak = reported("peak_rss_mb") or (adsmetrics_peak and float(adsmetrics_peak.group(1)))
+    peak = float(adsmetrics_peak.group(1)) if adsmetrics_peak else reported("peak_rss_mb")
+    if peak is None:
+        print(f"  (no peak RSS reported by {cmd[0]}: wait4's, which counts this script's)")
+        peak = usage.ru_maxrss / 1024
     return {"seconds": seconds, "job_seconds": reported("job_seconds"),
-            "status": child.returncode, "log": text,
-            "peak_mb": peak or usage.ru_maxrss / 1024}
+            "status": child.returncode, "log": text, "peak_mb": peak}
 
 
 def tail(path, n=30):

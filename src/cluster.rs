@@ -108,6 +108,14 @@ impl Hello {
         bytes
     }
 
+    /// The hello `stream` says next, if it says one of this protocol.
+    fn read(stream: &mut std::net::TcpStream) -> Option<Hello> {
+        use std::io::Read;
+        let mut said = [0u8; Hello::LEN];
+        stream.read_exact(&mut said).ok()?;
+        Hello::parse(&said)
+    }
+
     /// `None` unless `bytes` are a hello of this protocol.
     fn parse(bytes: &[u8; Hello::LEN]) -> Option<Hello> {
         let word = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
@@ -126,7 +134,12 @@ impl Hello {
 
     /// Why `theirs` (process `theirs.process`) cannot run with this process, if it cannot.
     fn mismatch(&self, theirs: &Hello) -> Option<String> {
-        let differs = if theirs.workers != self.workers {
+        let differs = if theirs.processes != self.processes {
+            format!(
+                "it runs --processes {}, this process --processes {}",
+                theirs.processes, self.processes
+            )
+        } else if theirs.workers != self.workers {
             format!(
                 "it runs --workers {}, this process --workers {}",
                 theirs.workers, self.workers
@@ -366,7 +379,7 @@ impl Cluster {
     /// second between attempts on both sides, which a cluster that starts a timely run per
     /// generation, and a stream two per epoch, paid at every start (and it printed every retry).
     fn connect(&self, workers: usize) -> std::io::Result<Vec<Option<std::net::TcpStream>>> {
-        use std::io::{Read, Write};
+        use std::io::Write;
         use std::net::{TcpListener, TcpStream};
         const POLL: Duration = Duration::from_millis(2);
         let (processes, me) = (self.processes, self.process);
@@ -396,14 +409,12 @@ impl Cluster {
                 // a second (a port scan, another program, a cluster of another size, a process
                 // connected already) is dropped, and the wait goes on for the real one.
                 stream.set_read_timeout(Some(Duration::from_secs(1)))?;
-                let mut said = [0u8; Hello::LEN];
-                let theirs = stream
-                    .read_exact(&mut said)
-                    .ok()
-                    .and_then(|()| Hello::parse(&said))
-                    .filter(|h| h.processes == processes as u64)
-                    .filter(|h| (me as u64 + 1..processes as u64).contains(&h.process))
-                    .filter(|h| accepted.iter().all(|(q, _)| *q as u64 != h.process));
+                let theirs = Hello::read(&mut stream).filter(|h| {
+                    // Of another size: answered below, so that both say why.
+                    h.processes != processes as u64
+                        || ((me as u64 + 1..processes as u64).contains(&h.process)
+                            && accepted.iter().all(|(q, _)| *q as u64 != h.process))
+                });
                 let Some(theirs) = theirs else {
                     tracing::warn!(
                         peer = ?stream.peer_addr().ok(),
@@ -413,7 +424,10 @@ impl Cluster {
                 };
                 // Answered in any case, so that a process that cannot run with this one
                 // learns why as this one does.
-                stream.write_all(&mine.bytes())?;
+                if let Err(e) = stream.write_all(&mine.bytes()) {
+                    tracing::warn!(process = theirs.process, error = %e, "a process that said hello is gone");
+                    continue;
+                }
                 if let Some(why) = mine.mismatch(&theirs) {
                     return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
                 }
@@ -433,25 +447,16 @@ impl Cluster {
             };
             stream.set_nodelay(true)?;
             stream.write_all(&mine.bytes())?;
-            let mut said = [0u8; Hello::LEN];
-            let theirs = stream
-                .read_exact(&mut said)
-                .ok()
-                .and_then(|()| Hello::parse(&said))
-                .filter(|h| {
-                    *h == Hello {
-                        workers: h.workers,
-                        job: h.job,
-                        ..hello(index)
-                    }
-                });
+            let theirs = Hello::read(&mut stream)
+                .filter(|h| h.processes != processes as u64 || h.process == index as u64);
             let Some(theirs) = theirs else {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::ConnectionAborted,
                     format!(
-                        "process {index} at {address} did not answer as process {index} of a \
-                         cluster of {processes}: it stopped, or it runs another --processes \
-                         or another build, or another process is there as process {me}"
+                        "process {index} at {address} did not answer as process {index} of this \
+                         cluster: it stopped (if another process was refused for its settings, \
+                         its output says why), or it runs another build, or another process is \
+                         there as process {me}"
                     ),
                 ));
             };
@@ -1045,7 +1050,7 @@ mod tests {
     }
 
     #[test]
-    fn processes_with_other_workers_or_another_job_both_say_why_they_cannot_run() {
+    fn processes_of_another_size_workers_or_job_both_say_why_they_cannot_run() {
         let dir = tempfile::tempdir().unwrap();
         let (hosts, _) = free_hostfile(dir.path(), 2);
         let cluster = |process| {
@@ -1072,6 +1077,14 @@ mod tests {
         let (coordinator, follower) = refused((cluster(0), 2), (stream, 2));
         assert!(coordinator.contains("it runs stream"), "{coordinator}");
         assert!(follower.contains("it runs a batch command"), "{follower}");
+        // Process 1 of three, at the same address of process 0.
+        let three = dir.path().join("three");
+        let first_two = std::fs::read_to_string(&hosts).unwrap();
+        std::fs::write(&three, format!("{first_two}\n127.0.0.1:1\n")).unwrap();
+        let bigger = Cluster::new(3, 1, Some(&three), WAIT).unwrap().unwrap();
+        let (coordinator, follower) = refused((cluster(0), 2), (bigger, 2));
+        assert!(coordinator.contains("--processes 3"), "{coordinator}");
+        assert!(follower.contains("--processes 2"), "{follower}");
     }
 
     #[test]

@@ -131,7 +131,8 @@ pub struct GenerationMemory {
     pub last_day: Option<i64>,
     /// Source days the run had covered when the generation ended.
     pub days_done: u32,
-    /// The process's resident set when the generation's dataflow had been dropped, bytes.
+    /// The process's resident set when the generation's dataflow had been dropped, bytes: what
+    /// it freed is kept for the next generation (see `memory`), so this is near the peak.
     pub rss_bytes: u64,
     /// The process's peak resident set so far, bytes.
     pub peak_rss_bytes: u64,
@@ -1871,7 +1872,7 @@ pub(crate) fn follow_once(
     // As after a process's own last hot-window generation: what the dataflow freed is handed
     // back once the command is over, and kept for the next run until then.
     let done = done.lock().expect("lock").take();
-    if done.is_some() {
+    if matches!(done, Some(Followed::Done(_))) {
         crate::memory::release_free_memory();
     }
     // No other word from round 0: it was a generation.
