@@ -87,16 +87,22 @@ impl Job {
 /// the protocol, and the settings every process of a cluster must share. Two processes that
 /// differ in them cannot run together (timely's exchange panics on a peer with another number
 /// of workers), so they stop at once and say why.
+///
+/// Process 0 referees: every other process connects to it first, and it answers only once it
+/// has heard them all, naming in `refusing` one that cannot run with it, if any: then every
+/// process stops, not only the pair that met (the others would wait for the ones that stopped).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Hello {
     processes: u64,
     process: u64,
     workers: u64,
     job: Job,
+    /// In process 0's answer: a process it refused.
+    refusing: Option<u64>,
 }
 
 impl Hello {
-    const LEN: usize = 40;
+    const LEN: usize = 48;
 
     fn bytes(&self) -> [u8; Hello::LEN] {
         let mut bytes = [0u8; Hello::LEN];
@@ -105,7 +111,21 @@ impl Hello {
         bytes[16..24].copy_from_slice(&self.process.to_be_bytes());
         bytes[24..32].copy_from_slice(&self.workers.to_be_bytes());
         bytes[32] = self.job as u8;
+        bytes[40..].copy_from_slice(&self.refusing.unwrap_or(u64::MAX).to_be_bytes());
         bytes
+    }
+
+    /// Answers `stream` with this hello, and `refusing`.
+    fn answer(&self, stream: &mut std::net::TcpStream, refusing: Option<u64>) -> bool {
+        use std::io::Write;
+        let answer = Hello { refusing, ..*self };
+        match stream.write_all(&answer.bytes()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "a process that said hello is gone");
+                false
+            }
+        }
     }
 
     /// The hello `stream` says next, if it says one of this protocol.
@@ -124,16 +144,26 @@ impl Hello {
             1 => Job::Stream,
             _ => return None,
         };
-        (word(0) == HELLO && bytes[33..].iter().all(|b| *b == 0)).then_some(Hello {
+        (word(0) == HELLO && bytes[33..40].iter().all(|b| *b == 0)).then_some(Hello {
             processes: word(8),
             process: word(16),
             workers: word(24),
             job,
+            refusing: Some(word(40)).filter(|p| *p != u64::MAX),
         })
     }
 
-    /// Why `theirs` (process `theirs.process`) cannot run with this process, if it cannot.
+    /// Why `theirs` (process `theirs.process`) cannot run with this process, if it cannot; or,
+    /// in process 0's answer, why it refused another.
     fn mismatch(&self, theirs: &Hello) -> Option<String> {
+        if let Some(refused) = theirs.refusing.filter(|p| *p != self.process) {
+            return Some(format!(
+                "process {refused} of the cluster cannot run with process {} (its output says \
+                 which setting differs), so no process of the cluster runs. Start every process \
+                 with the same command, --processes and --workers (only --process differs)",
+                theirs.process
+            ));
+        }
         let differs = if theirs.processes != self.processes {
             format!(
                 "it runs --processes {}, this process --processes {}",
@@ -373,28 +403,34 @@ impl Cluster {
     /// (`None` at this one's): this process connects to every lower-numbered one and accepts
     /// every higher-numbered one. The connecting process opens with its [`Hello`] and the
     /// accepting one answers with its own; a process whose settings differ (another
-    /// `--workers`, another job) is an `InvalidData` error on both sides, saying which.
+    /// `--processes`, `--workers` or job) is an `InvalidData` error on every process (process 0
+    /// referees: see [`Hello`]), saying which.
     ///
     /// What timely's cluster configuration does, but polling every 2 ms: timely's sleeps a
     /// second between attempts on both sides, which a cluster that starts a timely run per
     /// generation, and a stream two per epoch, paid at every start (and it printed every retry).
     fn connect(&self, workers: usize) -> std::io::Result<Vec<Option<std::net::TcpStream>>> {
-        use std::io::Write;
         use std::net::{TcpListener, TcpStream};
         const POLL: Duration = Duration::from_millis(2);
         let (processes, me) = (self.processes, self.process);
-        let hello = |process: usize| Hello {
+        let mine = Hello {
             processes: processes as u64,
-            process: process as u64,
+            process: me as u64,
             workers: workers as u64,
             job: self.job,
+            refusing: None,
         };
-        let mine = hello(me);
         let listener = TcpListener::bind(&self.addresses[me])?;
         listener.set_nonblocking(true)?;
+        // Set when this process gives up joining, so that the thread accepting stops too.
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let stop = abandoned.clone();
         let accepting = std::thread::spawn(move || -> std::io::Result<Vec<(usize, TcpStream)>> {
-            let mut accepted: Vec<(usize, TcpStream)> = Vec::new();
-            while accepted.len() < processes - me - 1 {
+            let mut heard: Vec<(Hello, TcpStream)> = Vec::new();
+            while heard.len() < processes - me - 1 {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(Vec::new());
+                }
                 let mut stream = match listener.accept() {
                     Ok((stream, _)) => stream,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -406,14 +442,14 @@ impl Cluster {
                 stream.set_nonblocking(false)?;
                 stream.set_nodelay(true)?;
                 // A connection that is not a higher process of this cluster saying hello within
-                // a second (a port scan, another program, a cluster of another size, a process
-                // connected already) is dropped, and the wait goes on for the real one.
+                // a second (a port scan, another program, a process connected already) is
+                // dropped, and the wait goes on for the real one.
                 stream.set_read_timeout(Some(Duration::from_secs(1)))?;
                 let theirs = Hello::read(&mut stream).filter(|h| {
-                    // Of another size: answered below, so that both say why.
+                    // Of another size: heard, so that both say why.
                     h.processes != processes as u64
                         || ((me as u64 + 1..processes as u64).contains(&h.process)
-                            && accepted.iter().all(|(q, _)| *q as u64 != h.process))
+                            && heard.iter().all(|(q, _)| q.process != h.process))
                 });
                 let Some(theirs) = theirs else {
                     tracing::warn!(
@@ -423,20 +459,58 @@ impl Cluster {
                     continue;
                 };
                 // Answered in any case, so that a process that cannot run with this one
-                // learns why as this one does.
-                if let Err(e) = stream.write_all(&mine.bytes()) {
-                    tracing::warn!(process = theirs.process, error = %e, "a process that said hello is gone");
-                    continue;
+                // learns why as this one does; process 0 answers once it has heard every one.
+                if me != 0 {
+                    if !mine.answer(&mut stream, None) {
+                        continue;
+                    }
+                    if let Some(why) = mine.mismatch(&theirs) {
+                        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
+                    }
                 }
-                if let Some(why) = mine.mismatch(&theirs) {
-                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
+                heard.push((theirs, stream));
+            }
+            let refused = heard
+                .iter()
+                .find_map(|(h, _)| mine.mismatch(h).map(|why| (h.process, why)));
+            if me == 0 {
+                let refusing = refused.as_ref().map(|(process, _)| *process);
+                for (_, stream) in &mut heard {
+                    mine.answer(stream, refusing);
                 }
+            }
+            if let Some((_, why)) = refused {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
+            }
+            let mut accepted = Vec::new();
+            for (h, stream) in heard {
                 stream.set_read_timeout(None)?;
-                accepted.push((theirs.process as usize, stream));
+                accepted.push((h.process as usize, stream));
             }
             Ok(accepted)
         });
-        let mut sockets: Vec<Option<TcpStream>> = (0..processes).map(|_| None).collect();
+        let connected = self.connect_lower(&mine);
+        if connected.is_err() {
+            abandoned.store(true, Ordering::Relaxed);
+        }
+        let mut sockets = connected?;
+        let accepted = accepting
+            .join()
+            .map_err(|_| std::io::Error::other("the thread accepting connections panicked"))??;
+        for (index, stream) in accepted {
+            sockets[index] = Some(stream);
+        }
+        Ok(sockets)
+    }
+
+    /// The connections this process opens: to every lower-numbered process, each opened with
+    /// `mine` and answered (see [`Hello`]), at index `p` for process `p`.
+    fn connect_lower(&self, mine: &Hello) -> std::io::Result<Vec<Option<std::net::TcpStream>>> {
+        use std::io::Write;
+        use std::net::TcpStream;
+        const POLL: Duration = Duration::from_millis(2);
+        let me = self.process;
+        let mut sockets: Vec<Option<TcpStream>> = (0..self.processes).map(|_| None).collect();
         for (index, address) in self.addresses.iter().enumerate().take(me) {
             let mut stream = loop {
                 match TcpStream::connect(address) {
@@ -448,14 +522,13 @@ impl Cluster {
             stream.set_nodelay(true)?;
             stream.write_all(&mine.bytes())?;
             let theirs = Hello::read(&mut stream)
-                .filter(|h| h.processes != processes as u64 || h.process == index as u64);
+                .filter(|h| h.processes != mine.processes || h.process == index as u64);
             let Some(theirs) = theirs else {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::ConnectionAborted,
                     format!(
                         "process {index} at {address} did not answer as process {index} of this \
-                         cluster: it stopped (if another process was refused for its settings, \
-                         its output says why), or it runs another build, or another process is \
+                         cluster: it stopped, or it runs another build, or another process is \
                          there as process {me}"
                     ),
                 ));
@@ -463,12 +536,6 @@ impl Cluster {
             if let Some(why) = mine.mismatch(&theirs) {
                 return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
             }
-            sockets[index] = Some(stream);
-        }
-        let accepted = accepting
-            .join()
-            .map_err(|_| std::io::Error::other("the thread accepting connections panicked"))??;
-        for (index, stream) in accepted {
             sockets[index] = Some(stream);
         }
         Ok(sockets)
@@ -1085,6 +1152,40 @@ mod tests {
         let (coordinator, follower) = refused((cluster(0), 2), (bigger, 2));
         assert!(coordinator.contains("--processes 3"), "{coordinator}");
         assert!(follower.contains("--processes 2"), "{follower}");
+    }
+
+    #[test]
+    fn one_process_of_three_with_other_workers_stops_all_three() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hosts, _) = free_hostfile(dir.path(), 3);
+        let joining: Vec<_> = [(2, 1), (1, 2), (0, 2)]
+            .into_iter()
+            .map(|(process, workers)| {
+                let cluster = Cluster::new(3, process, Some(&hosts), WAIT)
+                    .unwrap()
+                    .unwrap();
+                std::thread::spawn(move || cluster.connect(workers).unwrap_err())
+            })
+            .collect();
+        let said: Vec<std::io::Error> = joining.into_iter().map(|t| t.join().unwrap()).collect();
+        for e in &said {
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+        }
+        let (two, one, zero) = (
+            said[0].to_string(),
+            said[1].to_string(),
+            said[2].to_string(),
+        );
+        assert!(
+            two.contains("--workers 2, this process --workers 1"),
+            "{two}"
+        );
+        assert!(
+            zero.contains("process 2") && zero.contains("--workers 1"),
+            "{zero}"
+        );
+        // Process 1 runs as process 0 does: it stops for process 2, and says so.
+        assert!(one.contains("process 2 of the cluster cannot run"), "{one}");
     }
 
     #[test]
