@@ -159,8 +159,7 @@ impl Hello {
         if let Some(refused) = theirs.refusing.filter(|p| *p != self.process) {
             return Some(format!(
                 "process {refused} of the cluster cannot run with process {} (its output says \
-                 which setting differs), so no process of the cluster runs. Start every process \
-                 with the same command, --processes and --workers (only --process differs)",
+                 which setting differs), so no process of the cluster runs. {SAME_SETTINGS}",
                 theirs.process
             ));
         }
@@ -184,12 +183,18 @@ impl Hello {
             return None;
         };
         Some(format!(
-            "process {} of the cluster cannot run with process {}: {differs}. Start every \
-             process with the same command, --processes and --workers (only --process differs)",
+            "process {} of the cluster cannot run with process {}: {differs}. {SAME_SETTINGS}",
             theirs.process, self.process
         ))
     }
 }
+
+/// How often a process retries connecting to another, and looks for connections to accept.
+const POLL: Duration = Duration::from_millis(2);
+
+/// What every refusal of [`Hello::mismatch`] advises.
+const SAME_SETTINGS: &str =
+    "Start every process with the same command, --processes and --workers (only --process differs)";
 
 /// The first port of the default addresses (`127.0.0.1:2101`, `:2102`, …), as timely's.
 const DEFAULT_PORT: u16 = 2101;
@@ -411,7 +416,6 @@ impl Cluster {
     /// generation, and a stream two per epoch, paid at every start (and it printed every retry).
     fn connect(&self, workers: usize) -> std::io::Result<Vec<Option<std::net::TcpStream>>> {
         use std::net::{TcpListener, TcpStream};
-        const POLL: Duration = Duration::from_millis(2);
         let (processes, me) = (self.processes, self.process);
         let mine = Hello {
             processes: processes as u64,
@@ -470,17 +474,18 @@ impl Cluster {
                 }
                 heard.push((theirs, stream));
             }
-            let refused = heard
-                .iter()
-                .find_map(|(h, _)| mine.mismatch(h).map(|why| (h.process, why)));
             if me == 0 {
+                // Every other process heard (the others checked each one as it came).
+                let refused = heard
+                    .iter()
+                    .find_map(|(h, _)| mine.mismatch(h).map(|why| (h.process, why)));
                 let refusing = refused.as_ref().map(|(process, _)| *process);
                 for (_, stream) in &mut heard {
                     mine.answer(stream, refusing);
                 }
-            }
-            if let Some((_, why)) = refused {
-                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
+                if let Some((_, why)) = refused {
+                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
+                }
             }
             let mut accepted = Vec::new();
             for (h, stream) in heard {
@@ -508,7 +513,6 @@ impl Cluster {
     fn connect_lower(&self, mine: &Hello) -> std::io::Result<Vec<Option<std::net::TcpStream>>> {
         use std::io::Write;
         use std::net::TcpStream;
-        const POLL: Duration = Duration::from_millis(2);
         let me = self.process;
         let mut sockets: Vec<Option<TcpStream>> = (0..self.processes).map(|_| None).collect();
         for (index, address) in self.addresses.iter().enumerate().take(me) {
@@ -1077,6 +1081,13 @@ mod tests {
         (hosts, free)
     }
 
+    /// Process `process` of a cluster of `processes` at the addresses of `hosts`.
+    fn member(processes: usize, process: usize, hosts: &Path) -> Cluster {
+        Cluster::new(processes, process, Some(hosts), WAIT)
+            .unwrap()
+            .unwrap()
+    }
+
     #[test]
     fn three_processes_connect_each_to_each_other_once() {
         use std::io::{Read, Write};
@@ -1086,9 +1097,7 @@ mod tests {
         let connecting: Vec<_> = (0..3)
             .rev()
             .map(|process| {
-                let cluster = Cluster::new(3, process, Some(&hosts), WAIT)
-                    .unwrap()
-                    .unwrap();
+                let cluster = member(3, process, &hosts);
                 std::thread::spawn(move || cluster.connect(2).unwrap())
             })
             .collect();
@@ -1120,11 +1129,7 @@ mod tests {
     fn processes_of_another_size_workers_or_job_both_say_why_they_cannot_run() {
         let dir = tempfile::tempdir().unwrap();
         let (hosts, _) = free_hostfile(dir.path(), 2);
-        let cluster = |process| {
-            Cluster::new(2, process, Some(&hosts), WAIT)
-                .unwrap()
-                .unwrap()
-        };
+        let cluster = |process| member(2, process, &hosts);
         let refused = |(a, wa): (Cluster, usize), (b, wb): (Cluster, usize)| {
             let accepting = std::thread::spawn(move || a.connect(wa).unwrap_err());
             let connecting = b.connect(wb).unwrap_err();
@@ -1148,7 +1153,7 @@ mod tests {
         let three = dir.path().join("three");
         let first_two = std::fs::read_to_string(&hosts).unwrap();
         std::fs::write(&three, format!("{first_two}\n127.0.0.1:1\n")).unwrap();
-        let bigger = Cluster::new(3, 1, Some(&three), WAIT).unwrap().unwrap();
+        let bigger = member(3, 1, &three);
         let (coordinator, follower) = refused((cluster(0), 2), (bigger, 2));
         assert!(coordinator.contains("--processes 3"), "{coordinator}");
         assert!(follower.contains("--processes 2"), "{follower}");
@@ -1161,9 +1166,7 @@ mod tests {
         let joining: Vec<_> = [(2, 1), (1, 2), (0, 2)]
             .into_iter()
             .map(|(process, workers)| {
-                let cluster = Cluster::new(3, process, Some(&hosts), WAIT)
-                    .unwrap()
-                    .unwrap();
+                let cluster = member(3, process, &hosts);
                 std::thread::spawn(move || cluster.connect(workers).unwrap_err())
             })
             .collect();
@@ -1193,11 +1196,7 @@ mod tests {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
         let (hosts, free) = free_hostfile(dir.path(), 2);
-        let cluster = |process| {
-            Cluster::new(2, process, Some(&hosts), WAIT)
-                .unwrap()
-                .unwrap()
-        };
+        let cluster = |process| member(2, process, &hosts);
         let coordinator = cluster(0);
         let accepting = std::thread::spawn(move || coordinator.connect(2).unwrap());
         // A stranger saying something else, and one saying nothing: both dropped.
@@ -1205,7 +1204,7 @@ mod tests {
             if let Ok(stream) = std::net::TcpStream::connect(&free[0]) {
                 break stream;
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(POLL);
         };
         connect().write_all(&[7u8; 24]).unwrap();
         let _silent = connect();

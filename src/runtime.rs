@@ -1369,15 +1369,6 @@ fn execute_generation(
         .cloned()
         .collect();
     tracing::debug!("listed raw files");
-    // What an older version's crashed runs left of this generation's sources, for the writers
-    // to remove (a warehouse that never had the hourly layout has none).
-    let mut hourly_layout = raw::hourly_layout(&listed);
-    let new_hashes: std::collections::HashSet<&str> = batches
-        .iter()
-        .flat_map(|b| &b.sources)
-        .map(|s| s.content_hash.as_str())
-        .collect();
-    hourly_layout.retain(|hash, _| new_hashes.contains(hash.as_str()));
     let scoping = Instant::now();
     // Each epoch's raw files to retract, found once: the scope needs them all, the epochs each
     // their own.
@@ -1395,6 +1386,16 @@ fn execute_generation(
         .collect();
     let no_days = BTreeSet::new();
     let new_sources: Vec<&SourceFile> = batches.iter().flat_map(|b| &b.sources).collect();
+    // What an older version's crashed runs left of this generation's sources, for the writers
+    // to remove (a warehouse that never had the hourly layout has none).
+    let mut hourly_layout = raw::hourly_layout(&listed);
+    if !hourly_layout.is_empty() {
+        let new: std::collections::HashSet<&str> = new_sources
+            .iter()
+            .map(|s| s.content_hash.as_str())
+            .collect();
+        hourly_layout.retain(|hash, _| new.contains(hash.as_str()));
+    }
     let all_retracts = retracts.concat();
     let mut session = session_for(
         cache,

@@ -95,7 +95,7 @@ pub fn partition_path(id: &PartitionId) -> String {
     match id.grain {
         Grain::Hourly | Grain::Minute => {
             let day = id.period.div_euclid(24);
-            format!("dt={}/hr={:02}", day_string(day), id.period.rem_euclid(24))
+            format!("{}/hr={:02}", day_path(day), id.period.rem_euclid(24))
         }
         Grain::Daily => day_path(id.period),
         Grain::Weekly => format!("week={}", day_string(first_day_of_week(id.period))),
@@ -108,7 +108,8 @@ pub fn day_path(day: i64) -> String {
     format!("dt={}", day_string(day))
 }
 
-/// `dt`/`hr` of an hour index, for raw-layer paths.
+/// `dt`/`hr` of an hour index: an hourly partition's path, and the folder in which the raw
+/// layer's older hourly layout kept a source's events of that hour.
 pub fn hour_path(hour: i64) -> String {
     partition_path(&PartitionId {
         grain: Grain::Hourly,
