@@ -3,11 +3,19 @@
 //!
 //! Each distinct event touches three cells, hourly, daily and weekly (the week's sums only), and a
 //! click a fourth, its cell of `ads_clicks_minute` (whose dims hold the minute, IP and user, so it
-//! has no distinct users). Its sums are a difference of type
-//! [`Sums`] on each cell. Its user is counted exactly, never summed from hours: one arrangement
-//! holds, per [`UserDay`] (a user in a daily cell), the hours of the day the user has events in,
-//! and a [`reduce_total`] turns changes of that set of hours into ±1 users on the hourly cells
-//! whose hour entered or left the set, and on the daily cell when the set became (non-)empty.
+//! has no distinct users). Its sums are a difference of type [`Sums`] on each cell. Its user is
+//! counted exactly, never summed from hours: one arrangement holds, per [`UserDay`] (a user in a
+//! daily cell), the user's events of that day as [`HourAmount`]s (hour, kind and amounts), and a
+//! [`reduce_total_with_changes`] turns changes of the set of hours present into ±1 users on the
+//! hourly cells whose hour entered or left the set, and on the daily cell when the set became
+//! (non-)empty. The same pass adds the changed events' amounts to the sums of those cells: sums
+//! are linear, so they change by the amounts of the changed events alone.
+//!
+//! The sums ride on the users' arrangement rather than being added up per event in a map of their
+//! own because that arrangement is sorted by user day, and so by daily cell: the cell changes of
+//! one (day, ad, country) come out together, and adding them up per worker touches a handful of
+//! cells at a time instead of one cell at random per event. And each hourly and daily cell leaves
+//! the worker as one update carrying both its sums and its users, not one of each.
 
 use std::cell::Cell as StdCell;
 use std::rc::Rc;
@@ -22,7 +30,7 @@ use crate::dedup::Deduped;
 use crate::model::{
     week_of_day, AdDims, Cell, Country, Epoch, EventType, EventVersion, Grain, MetricRow,
 };
-use crate::reduce_total::reduce_total;
+use crate::reduce_total::reduce_total_with_changes;
 
 /// The additive part of an event's metrics, used as a differential difference type.
 ///
@@ -48,13 +56,18 @@ pub struct Sums {
 impl Sums {
     /// The contribution of one event.
     pub fn of(event: &EventVersion) -> Self {
+        Sums::of_kind(event.event_type, event.cost_micros, event.revenue_micros)
+    }
+
+    /// The contribution of one event of this kind and these amounts.
+    fn of_kind(event_type: EventType, cost_micros: i64, revenue_micros: i64) -> Self {
         Sums {
             events: 1,
-            impressions: (event.event_type == EventType::Impression) as i64,
-            clicks: (event.event_type == EventType::Click) as i64,
-            conversions: (event.event_type == EventType::Conversion) as i64,
-            cost_micros: event.cost_micros,
-            revenue_micros: event.revenue_micros,
+            impressions: (event_type == EventType::Impression) as i64,
+            clicks: (event_type == EventType::Click) as i64,
+            conversions: (event_type == EventType::Conversion) as i64,
+            cost_micros,
+            revenue_micros,
         }
     }
 }
@@ -187,20 +200,13 @@ fn cell_of(event: &EventVersion, grain: Grain) -> Cell {
 }
 
 /// The hourly, daily or weekly cell `event` falls into, as the dataflow adds it up.
+#[cfg(test)]
 fn ad_cell_of(event: &EventVersion, grain: Grain) -> Cell<AdDims> {
     Cell {
         grain,
         period: grain.period_of(event),
         dims: event.ad_dims(),
     }
-}
-
-/// A worker's sums of one epoch: the hourly cells under their compact dimensions, the clicks'
-/// minute cells under theirs.
-#[derive(Default)]
-struct EpochSums {
-    hours: FastMap<Cell<AdDims>, Sums>,
-    clicks: FastMap<Cell, Sums>,
 }
 
 /// One user in one daily cell: the key under which the user's hours of that day are kept.
@@ -267,12 +273,45 @@ impl UserDay {
     }
 }
 
-/// The hours of the day (bit `h` for hour `h`) in which a user has events.
-fn hours_present(present: &[(u8, isize)]) -> u32 {
-    present
-        .iter()
-        .filter(|(_, count)| *count > 0)
-        .fold(0, |hours, (hour, _)| hours | 1 << hour)
+/// One event as a value of its [`UserDay`]: its hour of the day and what it adds to its cells'
+/// sums (24 bytes; the whole event would be 112).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub struct HourAmount {
+    /// Hour of the day, 0–23.
+    hour: u8,
+    event_type: EventType,
+    cost_micros: i64,
+    revenue_micros: i64,
+}
+
+impl HourAmount {
+    /// The user day of `event` and the event as its value.
+    fn of(event: &EventVersion) -> (UserDay, HourAmount) {
+        let (user, hour) = UserDay::of(event);
+        let amount = HourAmount {
+            hour,
+            event_type: event.event_type,
+            cost_micros: event.cost_micros,
+            revenue_micros: event.revenue_micros,
+        };
+        (user, amount)
+    }
+
+    fn sums(&self) -> Sums {
+        Sums::of_kind(self.event_type, self.cost_micros, self.revenue_micros)
+    }
+}
+
+/// The hours of the day (bit `h` for hour `h`) in which a user has events: those whose events'
+/// counts add up to more than zero.
+fn hours_present(present: &[(HourAmount, isize)]) -> u32 {
+    let mut counts = [0isize; 24];
+    for (amount, count) in present {
+        counts[usize::from(amount.hour)] += count;
+    }
+    (0..24)
+        .filter(|&hour| counts[hour] > 0)
+        .fold(0, |hours, hour| hours | 1 << hour)
 }
 
 fn users_delta(users: i64) -> CellDelta {
@@ -298,6 +337,42 @@ fn user_changes(user: &UserDay, before: &u32, after: &u32, out: &mut Vec<(Cell<A
     }
 }
 
+/// The changes to a user's hourly and daily cells at one time: the users that [`user_changes`]
+/// flips, and the sums of the events that `changes` add or retract, one update per cell.
+fn cell_changes(
+    user: &UserDay,
+    before: &u32,
+    after: &u32,
+    changes: &[(Epoch, HourAmount, isize)],
+    flips: &mut Vec<(Cell<AdDims>, isize)>,
+    out: &mut Vec<(Cell<AdDims>, CellDelta)>,
+) {
+    let start = out.len();
+    let mut day = users_delta(0);
+    for (_time, amount, count) in changes {
+        let sums = amount.sums().multiply(count);
+        day.sums.plus_equals(&sums);
+        let hour = user.cell(Grain::Hourly, amount.hour);
+        match out[start..].iter_mut().find(|(cell, _)| *cell == hour) {
+            Some((_, delta)) => delta.sums.plus_equals(&sums),
+            None => out.push((hour, CellDelta { sums, users: 0 })),
+        }
+    }
+    user_changes(user, before, after, flips);
+    for (cell, users) in flips.drain(..) {
+        let users = users as i64;
+        if cell.grain == Grain::Daily {
+            day.users += users;
+        } else {
+            match out[start..].iter_mut().find(|(c, _)| *c == cell) {
+                Some((_, delta)) => delta.users += users,
+                None => out.push((cell, users_delta(users))),
+            }
+        }
+    }
+    out.push((user.cell(Grain::Daily, 0), day));
+}
+
 /// Adds `delta` to `key`'s entry.
 fn add_to<K: std::hash::Hash + Eq, V: Semigroup + Default>(
     map: &mut FastMap<K, V>,
@@ -308,11 +383,11 @@ fn add_to<K: std::hash::Hash + Eq, V: Semigroup + Default>(
 }
 
 /// From the deduplicated events to the changes of every cell's metrics, added up per worker and
-/// epoch so that the exchange to the partition writers carries at most two updates per cell and
-/// worker (one for its sums, one for its users), not one per event.
+/// epoch so that the exchange to the partition writers carries one update per cell and worker,
+/// not one per event.
 ///
-/// Sums are linear, so they need no state beyond the epoch: each event is added to its hourly
-/// cell, and a daily cell is the sum of its hours. Distinct users are not: see the module doc.
+/// A click's minute cell is added up here per event; every other cell's sums and users come out
+/// of the users' reduction (see the module doc), and a weekly cell is the sum of its days.
 ///
 /// Only the changes of epochs from `from` on come out (see [`Pipeline::ignore_before`]); the
 /// users' state is kept for every epoch.
@@ -322,77 +397,72 @@ pub fn aggregate<'scope>(
     deduped: Deduped<'scope>,
     from: Rc<StdCell<Epoch>>,
 ) -> CellChanges<'scope> {
-    let (sums, user_hours) = fold_and_pass_per_time(
+    let (clicks, user_events) = fold_and_pass_per_time(
         deduped,
-        "Preaggregate: Sums, pass UserHours",
+        "Preaggregate: Clicks, pass UserEvents",
         from.clone(),
-        |(_key, (event, _versions)), diff, epoch: Option<&mut EpochSums>, users| {
-            if let Some(epoch) = epoch {
-                let sums = Sums::of(&event).multiply(&diff);
-                add_to(&mut epoch.hours, ad_cell_of(&event, Grain::Hourly), &sums);
+        |(_key, (event, _versions)), diff, clicks: Option<&mut FastMap<Cell, Sums>>, users| {
+            if let Some(clicks) = clicks {
                 if Grain::Minute.counts(&event) {
-                    add_to(&mut epoch.clicks, cell_of(&event, Grain::Minute), &sums);
+                    add_to(
+                        clicks,
+                        cell_of(&event, Grain::Minute),
+                        &Sums::of(&event).multiply(&diff),
+                    );
                 }
             }
-            users.push(UserDay::of(&event));
+            users.push(HourAmount::of(&event));
         },
-        |epoch, out| {
-            // Each map sized up front (the hours bound the days, the days the weeks), so that
-            // none grows by rehashing.
-            let mut days = FastMap::with_capacity_and_hasher(epoch.hours.len(), Default::default());
-            out.reserve(epoch.hours.len() + epoch.clicks.len());
-            for (hour, sums) in epoch.hours {
-                let day = Cell {
-                    grain: Grain::Daily,
-                    period: hour.period.div_euclid(24),
-                    dims: hour.dims,
-                };
-                add_to(&mut days, day, &sums);
-                out.push((hour.widen(), CellDelta { sums, users: 0 }));
-            }
-            let mut weeks = FastMap::with_capacity_and_hasher(days.len(), Default::default());
-            out.reserve(2 * days.len());
-            for (day, sums) in days {
-                let week = Cell {
-                    grain: Grain::Weekly,
-                    period: week_of_day(day.period),
-                    dims: day.dims,
-                };
-                add_to(&mut weeks, week, &sums);
-                out.push((day.widen(), CellDelta { sums, users: 0 }));
+        |clicks, out| {
+            out.extend(
+                clicks
+                    .into_iter()
+                    .map(|(click, sums)| (click, CellDelta { sums, users: 0 })),
+            );
+        },
+    );
+    let user_events = user_events
+        .arrange_named::<RunBatcher<UserDay, HourAmount, Epoch, isize>, ValSpine<_, _, _, _>>(
+            "Arrange: UserEvents",
+            RunBatcher::new,
+        );
+    let mut flips = Vec::new();
+    let cells = reduce_total_with_changes(
+        user_events,
+        "UsersAndSums",
+        hours_present,
+        move |user, before, after, events, out| {
+            cell_changes(user, before, after, events, &mut flips, out)
+        },
+    );
+    let cells = fold_per_time(
+        cells,
+        "Preaggregate: Cells",
+        from,
+        |cell, delta: CellDelta, cells| add_to(cells, cell, &delta),
+        |cells: FastMap<Cell<AdDims>, CellDelta>, out| {
+            // Sized up front (the days bound the weeks), so that it never grows by rehashing.
+            let mut weeks = FastMap::with_capacity_and_hasher(cells.len() / 8, Default::default());
+            out.reserve(cells.len());
+            for (cell, delta) in cells {
+                if cell.grain == Grain::Daily {
+                    let week = Cell {
+                        grain: Grain::Weekly,
+                        period: week_of_day(cell.period),
+                        dims: cell.dims,
+                    };
+                    add_to(&mut weeks, week, &delta.sums);
+                }
+                out.push((cell.widen(), delta));
             }
             out.extend(
                 weeks
                     .into_iter()
                     .map(|(week, sums)| (week.widen(), CellDelta { sums, users: 0 })),
             );
-            out.extend(
-                epoch
-                    .clicks
-                    .into_iter()
-                    .map(|(click, sums)| (click, CellDelta { sums, users: 0 })),
-            );
         },
     );
-    let user_hours = user_hours
-        .arrange_named::<RunBatcher<UserDay, u8, Epoch, isize>, ValSpine<_, _, _, _>>(
-            "Arrange: UserHours",
-            RunBatcher::new,
-        );
-    let users = fold_per_time(
-        reduce_total(user_hours, "DistinctUsers", hours_present, user_changes),
-        "Preaggregate: Users",
-        from,
-        |cell, users: isize, cells| *cells.entry(cell).or_insert(0) += users,
-        |cells: FastMap<Cell<AdDims>, isize>, out| {
-            out.extend(
-                cells
-                    .into_iter()
-                    .map(|(cell, users)| (cell.widen(), users_delta(users as i64))),
-            )
-        },
-    );
-    sums.concat(users)
+    clicks.concat(cells)
 }
 
 #[cfg(test)]

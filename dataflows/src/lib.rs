@@ -8,9 +8,9 @@
 //!             winner changes by a total-order operator over the input arrangement
 //!        │
 //!        ▼
-//!  aggregate  sums: Sums per (grain, period, dims) cell, as differences, no state
-//!             users: per (user, day) the set of hours with events, a reduce_total that turns
-//!             its changes into ±1 unique user per hourly and daily cell
+//!  aggregate  per (user, day) its events' hours and amounts, a reduce_total that turns their
+//!             changes into sums and ±1 unique users per hourly and daily cell (weeks: sums
+//!             of days); a click's minute cell adds its sums as differences, no state
 //!        │
 //!        ▼ pre-aggregate per worker and epoch, exchange by partition: one writer each
 //!  mirror     adds up each cell's changes; partitions touched this epoch

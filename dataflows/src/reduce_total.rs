@@ -41,17 +41,33 @@ struct Job<B, K> {
     resume: Option<K>,
 }
 
-/// Adds `diff` to `value`'s count in `present`, dropping it when the count reaches zero.
-fn add<V: PartialEq>(present: &mut Vec<(V, isize)>, value: V, diff: isize) {
-    match present.iter().position(|(v, _)| *v == value) {
-        Some(i) => {
-            present[i].1 += diff;
-            if present[i].1 == 0 {
-                present.swap_remove(i);
-            }
+/// Merges `changes` (sorted by value) into `present` (sorted by value, no zero counts), adding
+/// the counts of equal values and dropping those that reach zero; `merged` is scratch space.
+///
+/// Linear in both, so a key with many values (a user with thousands of events in a day) costs
+/// each batch a pass over them, not a search per change.
+fn merge<V: Ord + Copy>(
+    present: &mut Vec<(V, isize)>,
+    changes: impl Iterator<Item = (V, isize)>,
+    merged: &mut Vec<(V, isize)>,
+) {
+    merged.clear();
+    let mut old = present.drain(..).peekable();
+    for (value, diff) in changes {
+        while let Some(kept) = old.next_if(|(v, _)| *v < value) {
+            merged.push(kept);
         }
-        None => present.push((value, diff)),
+        let count = old.next_if(|(v, _)| *v == value).map_or(0, |(_, c)| c);
+        match merged.last_mut() {
+            Some((v, c)) if *v == value => *c += count + diff,
+            _ => merged.push((value, count + diff)),
+        }
+        if merged.last().is_some_and(|(_, c)| *c == 0) {
+            merged.pop();
+        }
     }
+    merged.extend(old);
+    std::mem::swap(present, merged);
 }
 
 /// For every key whose values change, emits `emit(key, before, after, out)` at each time where
@@ -64,8 +80,37 @@ fn add<V: PartialEq>(present: &mut Vec<(V, isize)>, value: V, diff: isize) {
 pub fn reduce_total<'scope, K, V, S, D, R>(
     arranged: Arranged<'scope, ValTrace<K, V>>,
     name: &str,
-    mut summarize: impl FnMut(&[(V, isize)]) -> S + 'static,
+    summarize: impl FnMut(&[(V, isize)]) -> S + 'static,
     mut emit: impl FnMut(&K, &S, &S, &mut Vec<(D, R)>) + 'static,
+) -> VecCollection<'scope, Epoch, D, R>
+where
+    K: Data + Copy,
+    V: Data + Copy,
+    S: PartialEq + 'static,
+    D: Data,
+    R: differential_dataflow::difference::Semigroup + 'static,
+{
+    reduce_total_with_changes(
+        arranged,
+        name,
+        summarize,
+        move |key, before, after, _changes, out| {
+            if before != after {
+                emit(key, before, after, out)
+            }
+        },
+    )
+}
+
+/// [`reduce_total`] for a summary with a linear part: `emit(key, before, after, changes, out)` is
+/// called at every time the key's values change, with that time's changes to them (value and
+/// count), whether or not the summary changed. What is linear in the values (a sum over them)
+/// changes by a sum over `changes`, which needs no state beyond the values themselves.
+pub fn reduce_total_with_changes<'scope, K, V, S, D, R>(
+    arranged: Arranged<'scope, ValTrace<K, V>>,
+    name: &str,
+    mut summarize: impl FnMut(&[(V, isize)]) -> S + 'static,
+    mut emit: impl FnMut(&K, &S, &S, &[(Epoch, V, isize)], &mut Vec<(D, R)>) + 'static,
 ) -> VecCollection<'scope, Epoch, D, R>
 where
     K: Data + Copy,
@@ -83,6 +128,7 @@ where
             let mut upper = Antichain::from_elem(0 as Epoch);
             let mut jobs = VecDeque::new();
             let mut present: Vec<(V, isize)> = Vec::new();
+            let mut merged: Vec<(V, isize)> = Vec::new();
             let mut updates: Vec<(Epoch, V, isize)> = Vec::new();
             let mut changes: Vec<(D, R)> = Vec::new();
 
@@ -148,24 +194,24 @@ where
                             });
                             batch_cursor.step_val(&batch_storage);
                         }
-                        updates.sort_unstable_by_key(|(time, _, _)| *time);
+                        updates
+                            .sort_unstable_by(|(t1, v1, _), (t2, v2, _)| (t1, v1).cmp(&(t2, v2)));
 
                         let mut current = summarize(&present);
                         let mut i = 0;
                         while i < updates.len() {
-                            let time = updates[i].0;
+                            let (start, time) = (i, updates[i].0);
                             while i < updates.len() && updates[i].0 == time {
-                                add(&mut present, updates[i].1, updates[i].2);
                                 i += 1;
                             }
+                            let now = updates[start..i].iter().map(|(_, v, d)| (*v, *d));
+                            merge(&mut present, now, &mut merged);
                             let next = summarize(&present);
-                            if next != current {
-                                emit(key, &current, &next, &mut changes);
-                                for (data, diff) in changes.drain(..) {
-                                    session.give((data, time, diff));
-                                }
-                                current = next;
+                            emit(key, &current, &next, &updates[start..i], &mut changes);
+                            for (data, diff) in changes.drain(..) {
+                                session.give((data, time, diff));
                             }
+                            current = next;
                         }
                         batch_cursor.step_key(&batch_storage);
                     }
@@ -192,4 +238,23 @@ where
             }
         })
         .as_collection()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge;
+
+    #[test]
+    fn merge_adds_equal_values_keeps_order_and_drops_zeros() {
+        let mut present = vec![(1, 2), (3, 1), (5, 1), (9, -1)];
+        let mut scratch = Vec::new();
+        let changes = [(0, 1), (3, -1), (5, 1), (5, 1), (7, 1), (9, 1), (12, -1)];
+        merge(&mut present, changes.into_iter(), &mut scratch);
+        assert_eq!(present, [(0, 1), (1, 2), (5, 3), (7, 1), (12, -1)]);
+        // A value that cancels and comes back within one time's changes.
+        merge(&mut present, [(7, -1), (7, 1)].into_iter(), &mut scratch);
+        assert_eq!(present, [(0, 1), (1, 2), (5, 3), (7, 1), (12, -1)]);
+        merge(&mut present, std::iter::empty(), &mut scratch);
+        assert_eq!(present.len(), 5);
+    }
 }
