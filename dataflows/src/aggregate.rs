@@ -5,11 +5,12 @@
 //! click a fourth, its cell of `ads_clicks_minute` (whose dims hold the minute, IP and user, so it
 //! has no distinct users). Its sums are a difference of type [`Sums`] on each cell. Its user is
 //! counted exactly, never summed from hours: one arrangement holds, per [`UserDay`] (a user in a
-//! daily cell), the user's events of that day as [`HourAmount`]s (hour, kind and amounts), and a
+//! daily cell), the hours of the day the user has events in, each with the [`Sums`] of those
+//! events as its difference (their count of events says whether the hour is present), and a
 //! [`reduce_total_with_changes`] turns changes of the set of hours present into ±1 users on the
 //! hourly cells whose hour entered or left the set, and on the daily cell when the set became
-//! (non-)empty. The same pass adds the changed events' amounts to the sums of those cells: sums
-//! are linear, so they change by the amounts of the changed events alone.
+//! (non-)empty. The same pass adds the hours' changed sums to those cells: sums are linear, so
+//! they change by the changes alone.
 //!
 //! The sums ride on the users' arrangement rather than being added up per event in a map of their
 //! own because that arrangement is sorted by user day, and so by daily cell: the cell changes of
@@ -273,45 +274,13 @@ impl UserDay {
     }
 }
 
-/// One event as a value of its [`UserDay`]: its hour of the day and what it adds to its cells'
-/// sums (24 bytes; the whole event would be 112).
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
-pub struct HourAmount {
-    /// Hour of the day, 0–23.
-    hour: u8,
-    event_type: EventType,
-    cost_micros: i64,
-    revenue_micros: i64,
-}
-
-impl HourAmount {
-    /// The user day of `event` and the event as its value.
-    fn of(event: &EventVersion) -> (UserDay, HourAmount) {
-        let (user, hour) = UserDay::of(event);
-        let amount = HourAmount {
-            hour,
-            event_type: event.event_type,
-            cost_micros: event.cost_micros,
-            revenue_micros: event.revenue_micros,
-        };
-        (user, amount)
-    }
-
-    fn sums(&self) -> Sums {
-        Sums::of_kind(self.event_type, self.cost_micros, self.revenue_micros)
-    }
-}
-
-/// The hours of the day (bit `h` for hour `h`) in which a user has events: those whose events'
-/// counts add up to more than zero.
-fn hours_present(present: &[(HourAmount, isize)]) -> u32 {
-    let mut counts = [0isize; 24];
-    for (amount, count) in present {
-        counts[usize::from(amount.hour)] += count;
-    }
-    (0..24)
-        .filter(|&hour| counts[hour] > 0)
-        .fold(0, |hours, hour| hours | 1 << hour)
+/// The hours of the day (bit `h` for hour `h`) in which a user has events: those whose sums count
+/// more than zero events.
+fn hours_present(present: &[(u8, Sums)]) -> u32 {
+    present
+        .iter()
+        .filter(|(_, sums)| sums.events > 0)
+        .fold(0, |hours, (hour, _)| hours | 1 << hour)
 }
 
 fn users_delta(users: i64) -> CellDelta {
@@ -338,25 +307,21 @@ fn user_changes(user: &UserDay, before: &u32, after: &u32, out: &mut Vec<(Cell<A
 }
 
 /// The changes to a user's hourly and daily cells at one time: the users that [`user_changes`]
-/// flips, and the sums of the events that `changes` add or retract, one update per cell.
+/// flips, and the sums that `changes` add to the user's hours, one update per cell.
 fn cell_changes(
     user: &UserDay,
     before: &u32,
     after: &u32,
-    changes: &[(Epoch, HourAmount, isize)],
+    changes: &[(Epoch, u8, Sums)],
     flips: &mut Vec<(Cell<AdDims>, isize)>,
     out: &mut Vec<(Cell<AdDims>, CellDelta)>,
 ) {
     let start = out.len();
     let mut day = users_delta(0);
-    for (_time, amount, count) in changes {
-        let sums = amount.sums().multiply(count);
+    // One change per hour, as a batch is consolidated (a repeat would add to the cell twice).
+    for &(_time, hour, sums) in changes {
         day.sums.plus_equals(&sums);
-        let hour = user.cell(Grain::Hourly, amount.hour);
-        match out[start..].iter_mut().find(|(cell, _)| *cell == hour) {
-            Some((_, delta)) => delta.sums.plus_equals(&sums),
-            None => out.push((hour, CellDelta { sums, users: 0 })),
-        }
+        out.push((user.cell(Grain::Hourly, hour), CellDelta { sums, users: 0 }));
     }
     user_changes(user, before, after, flips);
     for (cell, users) in flips.drain(..) {
@@ -397,21 +362,18 @@ pub fn aggregate<'scope>(
     deduped: Deduped<'scope>,
     from: Rc<StdCell<Epoch>>,
 ) -> CellChanges<'scope> {
-    let (clicks, user_events) = fold_and_pass_per_time(
+    let (clicks, user_hours) = fold_and_pass_per_time(
         deduped,
-        "Preaggregate: Clicks, pass UserEvents",
+        "Preaggregate: Clicks, pass UserHours",
         from.clone(),
         |(_key, (event, _versions)), diff, clicks: Option<&mut FastMap<Cell, Sums>>, users| {
+            let sums = Sums::of(&event).multiply(&diff);
             if let Some(clicks) = clicks {
                 if Grain::Minute.counts(&event) {
-                    add_to(
-                        clicks,
-                        cell_of(&event, Grain::Minute),
-                        &Sums::of(&event).multiply(&diff),
-                    );
+                    add_to(clicks, cell_of(&event, Grain::Minute), &sums);
                 }
             }
-            users.push(HourAmount::of(&event));
+            users.push((UserDay::of(&event), sums));
         },
         |clicks, out| {
             out.extend(
@@ -421,14 +383,14 @@ pub fn aggregate<'scope>(
             );
         },
     );
-    let user_events = user_events
-        .arrange_named::<RunBatcher<UserDay, HourAmount, Epoch, isize>, ValSpine<_, _, _, _>>(
-            "Arrange: UserEvents",
+    let user_hours = user_hours
+        .arrange_named::<RunBatcher<UserDay, u8, Epoch, Sums>, ValSpine<_, _, _, _>>(
+            "Arrange: UserHours",
             RunBatcher::new,
         );
     let mut flips = Vec::new();
     let cells = reduce_total_with_changes(
-        user_events,
+        user_hours,
         "UsersAndSums",
         hours_present,
         move |user, before, after, events, out| {

@@ -177,7 +177,7 @@ where
     D2: ExchangeData,
     R2: ExchangeData + Semigroup,
 {
-    let (folded, _nothing) = fold_and_pass_per_time::<_, _, FastMap<K, V>, _, _, ()>(
+    let (folded, _nothing) = fold_and_pass_per_time::<_, _, FastMap<K, V>, _, _, (), R>(
         input,
         name,
         from,
@@ -191,8 +191,8 @@ where
     folded
 }
 
-/// [`fold_per_time`] with a second output in the same pass: `add` may also push records to pass
-/// on at once, with the update's time and difference, to a second collection. Where one stream
+/// [`fold_per_time`] with a second output in the same pass: `add` may also push records, each with
+/// a difference of its own, to pass on at once with the update's time to a second collection. Where one stream
 /// feeds both a fold and another operator, this reads it once instead of timely copying every
 /// update for a second consumer.
 ///
@@ -201,15 +201,15 @@ where
 /// epoch whose changes the mirror ignores: this spares folding and exchanging them.
 ///
 /// The state of a time is any `S` (a map, or several: one per kind of key).
-pub fn fold_and_pass_per_time<'scope, D, R, S, D2, R2, P>(
+pub fn fold_and_pass_per_time<'scope, D, R, S, D2, R2, P, RP>(
     input: VecCollection<'scope, Epoch, D, R>,
     name: &str,
     from: Rc<StdCell<Epoch>>,
-    mut add: impl FnMut(D, R, Option<&mut S>, &mut Vec<P>) + 'static,
+    mut add: impl FnMut(D, R, Option<&mut S>, &mut Vec<(P, RP)>) + 'static,
     mut finish: impl FnMut(S, &mut Vec<(D2, R2)>) + 'static,
 ) -> (
     VecCollection<'scope, Epoch, D2, R2>,
-    VecCollection<'scope, Epoch, P, R>,
+    VecCollection<'scope, Epoch, P, RP>,
 )
 where
     D: ExchangeData,
@@ -218,6 +218,7 @@ where
     D2: ExchangeData,
     R2: ExchangeData + Semigroup,
     P: ExchangeData,
+    RP: ExchangeData + Semigroup,
 {
     let mut builder = OperatorBuilder::new(name.to_owned(), input.inner.scope());
     let mut input = builder.new_input(input.inner, Pipeline);
@@ -225,7 +226,8 @@ where
     let (passed, passed_stream) = builder.new_output();
     let mut folded =
         OutputBuilder::<_, CapacityContainerBuilder<Vec<(D2, Epoch, R2)>>>::from(folded);
-    let mut passed = OutputBuilder::<_, CapacityContainerBuilder<Vec<(P, Epoch, R)>>>::from(passed);
+    let mut passed =
+        OutputBuilder::<_, CapacityContainerBuilder<Vec<(P, Epoch, RP)>>>::from(passed);
     builder.build(move |_initial_capabilities| {
         let mut stash: BTreeMap<Epoch, (Capability<Epoch>, S)> = BTreeMap::new();
         let mut pass = Vec::new();
@@ -242,9 +244,9 @@ where
                             .or_insert_with(|| (capability.delayed(&time, 0), S::default()))
                             .1
                     });
-                    add(record, diff.clone(), map, &mut pass);
-                    for record in pass.drain(..) {
-                        session.give((record, time, diff.clone()));
+                    add(record, diff, map, &mut pass);
+                    for (record, diff) in pass.drain(..) {
+                        session.give((record, time, diff));
                     }
                 }
             });

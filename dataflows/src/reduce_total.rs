@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::rc::Rc;
 
+use differential_dataflow::difference::Semigroup;
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::cursor::cursor_list;
 use differential_dataflow::trace::implementations::ValSpine;
@@ -30,8 +31,9 @@ use crate::model::Epoch;
 /// updates in flight (an epoch's whole output at once was gigabytes).
 pub const KEYS_PER_ACTIVATION: usize = 1 << 17;
 
-/// An input arrangement `reduce_total` reads: values per key, with counts.
-pub type ValTrace<K, V> = TraceAgent<ValSpine<K, V, Epoch, isize>>;
+/// An input arrangement `reduce_total` reads: values per key, with counts (or another
+/// difference).
+pub type ValTrace<K, V, R = isize> = TraceAgent<ValSpine<K, V, Epoch, R>>;
 
 /// The changes of one received batch of input, still to be turned into output.
 struct Job<B, K> {
@@ -41,15 +43,15 @@ struct Job<B, K> {
     resume: Option<K>,
 }
 
-/// Merges `changes` (sorted by value) into `present` (sorted by value, no zero counts), adding
-/// the counts of equal values and dropping those that reach zero; `merged` is scratch space.
+/// Merges `changes` (sorted by value) into `present` (sorted by value, none zero), adding the
+/// differences of equal values and dropping those that add up to zero; `merged` is scratch space.
 ///
-/// Linear in both, so a key with many values (a user with thousands of events in a day) costs
-/// each batch a pass over them, not a search per change.
-fn merge<V: Ord + Copy>(
-    present: &mut Vec<(V, isize)>,
-    changes: impl Iterator<Item = (V, isize)>,
-    merged: &mut Vec<(V, isize)>,
+/// Linear in both, so a key with many values costs each batch a pass over them, not a search per
+/// change.
+fn merge<V: Ord + Copy, R: Semigroup>(
+    present: &mut Vec<(V, R)>,
+    changes: impl Iterator<Item = (V, R)>,
+    merged: &mut Vec<(V, R)>,
 ) {
     merged.clear();
     let mut old = present.drain(..).peekable();
@@ -57,12 +59,14 @@ fn merge<V: Ord + Copy>(
         while let Some(kept) = old.next_if(|(v, _)| *v < value) {
             merged.push(kept);
         }
-        let count = old.next_if(|(v, _)| *v == value).map_or(0, |(_, c)| c);
-        match merged.last_mut() {
-            Some((v, c)) if *v == value => *c += count + diff,
-            _ => merged.push((value, count + diff)),
+        if let Some(same) = old.next_if(|(v, _)| *v == value) {
+            merged.push(same);
         }
-        if merged.last().is_some_and(|(_, c)| *c == 0) {
+        match merged.last_mut() {
+            Some((v, sum)) if *v == value => sum.plus_equals(&diff),
+            _ => merged.push((value, diff)),
+        }
+        if merged.last().is_some_and(|(_, sum)| sum.is_zero()) {
             merged.pop();
         }
     }
@@ -88,7 +92,7 @@ where
     V: Data + Copy,
     S: PartialEq + 'static,
     D: Data,
-    R: differential_dataflow::difference::Semigroup + 'static,
+    R: Semigroup + 'static,
 {
     reduce_total_with_changes(
         arranged,
@@ -106,18 +110,19 @@ where
 /// called at every time the key's values change, with that time's changes to them (value and
 /// count), whether or not the summary changed. What is linear in the values (a sum over them)
 /// changes by a sum over `changes`, which needs no state beyond the values themselves.
-pub fn reduce_total_with_changes<'scope, K, V, S, D, R>(
-    arranged: Arranged<'scope, ValTrace<K, V>>,
+pub fn reduce_total_with_changes<'scope, K, V, RV, S, D, R>(
+    arranged: Arranged<'scope, ValTrace<K, V, RV>>,
     name: &str,
-    mut summarize: impl FnMut(&[(V, isize)]) -> S + 'static,
-    mut emit: impl FnMut(&K, &S, &S, &[(Epoch, V, isize)], &mut Vec<(D, R)>) + 'static,
+    mut summarize: impl FnMut(&[(V, RV)]) -> S + 'static,
+    mut emit: impl FnMut(&K, &S, &S, &[(Epoch, V, RV)], &mut Vec<(D, R)>) + 'static,
 ) -> VecCollection<'scope, Epoch, D, R>
 where
     K: Data + Copy,
     V: Data + Copy,
+    RV: Semigroup + Ord + Copy + 'static,
     S: PartialEq + 'static,
     D: Data,
-    R: differential_dataflow::difference::Semigroup + 'static,
+    R: Semigroup + 'static,
 {
     let mut trace = arranged.trace.clone();
     let scope = arranged.stream.scope();
@@ -127,9 +132,9 @@ where
             let activator = scope.activator_for(Rc::clone(&info.address));
             let mut upper = Antichain::from_elem(0 as Epoch);
             let mut jobs = VecDeque::new();
-            let mut present: Vec<(V, isize)> = Vec::new();
-            let mut merged: Vec<(V, isize)> = Vec::new();
-            let mut updates: Vec<(Epoch, V, isize)> = Vec::new();
+            let mut present: Vec<(V, RV)> = Vec::new();
+            let mut merged: Vec<(V, RV)> = Vec::new();
+            let mut updates: Vec<(Epoch, V, RV)> = Vec::new();
             let mut changes: Vec<(D, R)> = Vec::new();
 
             move |(input, _frontier), output| {
@@ -177,10 +182,13 @@ where
                         trace_cursor.seek_key(&trace_storage, key);
                         if trace_cursor.get_key(&trace_storage) == Some(key) {
                             while let Some(value) = trace_cursor.get_val(&trace_storage) {
-                                let mut count = 0isize;
-                                trace_cursor.map_times(&trace_storage, |_, diff| count += *diff);
-                                if count != 0 {
-                                    present.push((*value, count));
+                                let mut sum: Option<RV> = None;
+                                trace_cursor.map_times(&trace_storage, |_, diff| match &mut sum {
+                                    Some(sum) => sum.plus_equals(diff),
+                                    None => sum = Some(*diff),
+                                });
+                                if let Some(sum) = sum.filter(|sum| !sum.is_zero()) {
+                                    present.push((*value, sum));
                                 }
                                 trace_cursor.step_val(&trace_storage);
                             }
