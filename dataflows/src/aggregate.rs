@@ -338,6 +338,88 @@ fn cell_changes(
     out.push((user.cell(Grain::Daily, 0), day));
 }
 
+/// A worker's cell changes of one epoch, added up as they come: in user-day order, so the changes
+/// of one (day, ad, country) arrive together, and its 24 hours and its day are added up in an
+/// array and handed on when the next one starts. No cell is looked up in a map but the weeks
+/// (one update per day cell). A (day, ad, country) whose changes come in two runs is handed on
+/// twice; every consumer adds the changes up.
+#[derive(Default)]
+struct CellRuns {
+    /// The (day, dims) being added up, and its cells: hours 0–23, the day at 24.
+    run: Option<(i64, AdDims)>,
+    cells: Vec<CellDelta>,
+    touched: u32,
+    /// What is added up, widened for the exchange.
+    done: Vec<(Cell, CellDelta)>,
+    weeks: FastMap<Cell<AdDims>, Sums>,
+}
+
+impl CellRuns {
+    const DAY: usize = 24;
+
+    fn add(&mut self, cell: Cell<AdDims>, delta: CellDelta) {
+        let (day, slot) = match cell.grain {
+            Grain::Daily => (cell.period, Self::DAY),
+            _ => (
+                cell.period.div_euclid(24),
+                cell.period.rem_euclid(24) as usize,
+            ),
+        };
+        if self.run != Some((day, cell.dims)) {
+            self.flush();
+            self.run = Some((day, cell.dims));
+        }
+        if self.cells.is_empty() {
+            self.cells = vec![CellDelta::default(); Self::DAY + 1];
+        }
+        self.cells[slot].plus_equals(&delta);
+        self.touched |= 1 << slot;
+    }
+
+    /// Hands on the run's changed cells, and adds its day's sums to its week.
+    fn flush(&mut self) {
+        let Some((day, dims)) = self.run.take() else {
+            return;
+        };
+        while self.touched != 0 {
+            let slot = self.touched.trailing_zeros() as usize;
+            self.touched &= self.touched - 1;
+            let delta = std::mem::take(&mut self.cells[slot]);
+            if delta.is_zero() {
+                continue;
+            }
+            let (grain, period) = match slot {
+                Self::DAY => (Grain::Daily, day),
+                hour => (Grain::Hourly, day * 24 + hour as i64),
+            };
+            let cell = Cell {
+                grain,
+                period,
+                dims,
+            };
+            if grain == Grain::Daily {
+                let week = Cell {
+                    grain: Grain::Weekly,
+                    period: week_of_day(day),
+                    dims,
+                };
+                add_to(&mut self.weeks, week, &delta.sums);
+            }
+            self.done.push((cell.widen(), delta));
+        }
+    }
+
+    fn finish(mut self, out: &mut Vec<(Cell, CellDelta)>) {
+        self.flush();
+        std::mem::swap(out, &mut self.done);
+        out.extend(
+            self.weeks
+                .into_iter()
+                .map(|(week, sums)| (week.widen(), CellDelta { sums, users: 0 })),
+        );
+    }
+}
+
 /// Adds `delta` to `key`'s entry.
 fn add_to<K: std::hash::Hash + Eq, V: Semigroup + Default>(
     map: &mut FastMap<K, V>,
@@ -401,28 +483,8 @@ pub fn aggregate<'scope>(
         cells,
         "Preaggregate: Cells",
         from,
-        |cell, delta: CellDelta, cells| add_to(cells, cell, &delta),
-        |cells: FastMap<Cell<AdDims>, CellDelta>, out| {
-            // Sized up front (the days bound the weeks), so that it never grows by rehashing.
-            let mut weeks = FastMap::with_capacity_and_hasher(cells.len() / 8, Default::default());
-            out.reserve(cells.len());
-            for (cell, delta) in cells {
-                if cell.grain == Grain::Daily {
-                    let week = Cell {
-                        grain: Grain::Weekly,
-                        period: week_of_day(cell.period),
-                        dims: cell.dims,
-                    };
-                    add_to(&mut weeks, week, &delta.sums);
-                }
-                out.push((cell.widen(), delta));
-            }
-            out.extend(
-                weeks
-                    .into_iter()
-                    .map(|(week, sums)| (week.widen(), CellDelta { sums, users: 0 })),
-            );
-        },
+        |cell, delta, runs: &mut CellRuns| runs.add(cell, delta),
+        CellRuns::finish,
     );
     clicks.concat(cells)
 }
@@ -474,6 +536,48 @@ mod tests {
             }
         }
         let _ = DedupKey(Hash128::from(0));
+    }
+
+    #[test]
+    fn cell_runs_add_up_each_run_and_hand_on_days_to_their_weeks() {
+        let (user, _) = UserDay::of(&event_at(0));
+        let other = UserDay::of(&event_at(3 * MICROS_PER_HOUR + 24 * MICROS_PER_HOUR)).0;
+        let sums = |events| CellDelta {
+            sums: Sums {
+                events,
+                clicks: events,
+                ..Sums::default()
+            },
+            users: 0,
+        };
+        let mut runs = CellRuns::default();
+        runs.add(user.cell(Grain::Hourly, 5), sums(1));
+        runs.add(user.cell(Grain::Daily, 0), sums(1));
+        runs.add(user.cell(Grain::Hourly, 5), sums(2));
+        runs.add(user.cell(Grain::Hourly, 6), sums(1));
+        runs.add(user.cell(Grain::Hourly, 6), sums(-1));
+        runs.add(other.cell(Grain::Daily, 0), sums(4));
+        // The first day again, in a second run: handed on again.
+        runs.add(user.cell(Grain::Daily, 0), sums(1));
+        let mut out = Vec::new();
+        runs.finish(&mut out);
+        let mut got: Vec<_> = out
+            .iter()
+            .map(|(cell, delta)| (cell.grain, cell.period, delta.sums.events))
+            .collect();
+        got.sort();
+        // Hour 6 added up to nothing and is dropped; both days fall in the week of 1970-01-01.
+        let week = week_of_day(0);
+        assert_eq!(
+            got,
+            [
+                (Grain::Hourly, 5, 3),
+                (Grain::Daily, 0, 1),
+                (Grain::Daily, 0, 1),
+                (Grain::Daily, 1, 4),
+                (Grain::Weekly, week, 6)
+            ]
+        );
     }
 
     #[test]

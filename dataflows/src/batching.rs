@@ -156,34 +156,33 @@ pub type BuildFastHasher = std::hash::BuildHasherDefault<FastHasher>;
 pub type FastMap<K, V> = HashMap<K, V, BuildFastHasher>;
 
 /// Folds a collection per time on this worker before it is exchanged: each update is added into
-/// the time's map by `add`, and once the input frontier has passed the time, `finish` turns the
-/// map into output updates. For linear aggregates (sums and counts), so that a skewed cell costs
-/// one update per worker and epoch instead of one per event.
+/// the time's state `S` (a map, say) by `add`, and once the input frontier has passed the time,
+/// `finish` turns the state into output updates. For linear aggregates (sums and counts), so that
+/// a skewed cell costs one update per worker and epoch instead of one per event.
 ///
-/// `finish` sees the map in an arbitrary order; what it emits must not depend on that order's
-/// meaning (every consumer adds the differences up).
-pub fn fold_per_time<'scope, D, R, K, V, D2, R2>(
+/// What `finish` emits must not depend on the order in which it emits it (every consumer adds the
+/// differences up).
+pub fn fold_per_time<'scope, D, R, S, D2, R2>(
     input: VecCollection<'scope, Epoch, D, R>,
     name: &str,
     from: Rc<StdCell<Epoch>>,
-    mut add: impl FnMut(D, R, &mut FastMap<K, V>) + 'static,
-    finish: impl FnMut(FastMap<K, V>, &mut Vec<(D2, R2)>) + 'static,
+    mut add: impl FnMut(D, R, &mut S) + 'static,
+    finish: impl FnMut(S, &mut Vec<(D2, R2)>) + 'static,
 ) -> VecCollection<'scope, Epoch, D2, R2>
 where
     D: ExchangeData,
     R: ExchangeData + Semigroup,
-    K: 'static,
-    V: 'static,
+    S: Default + 'static,
     D2: ExchangeData,
     R2: ExchangeData + Semigroup,
 {
-    let (folded, _nothing) = fold_and_pass_per_time::<_, _, FastMap<K, V>, _, _, (), R>(
+    let (folded, _nothing) = fold_and_pass_per_time::<_, _, S, _, _, (), R>(
         input,
         name,
         from,
-        move |record, diff, map, _pass| {
-            if let Some(map) = map {
-                add(record, diff, map)
+        move |record, diff, state, _pass| {
+            if let Some(state) = state {
+                add(record, diff, state)
             }
         },
         finish,
@@ -191,10 +190,10 @@ where
     folded
 }
 
-/// [`fold_per_time`] with a second output in the same pass: `add` may also push records, each with
-/// a difference of its own, to pass on at once with the update's time to a second collection. Where one stream
-/// feeds both a fold and another operator, this reads it once instead of timely copying every
-/// update for a second consumer.
+/// [`fold_per_time`] with a second output in the same pass: `add` may also push records, each
+/// with a difference of its own, to pass on at once with the update's time to a second
+/// collection. Where one stream feeds both a fold and another operator, this reads it once
+/// instead of timely copying every update for a second consumer.
 ///
 /// Only times from `from` on are folded (`add` gets no state for earlier ones, and nothing is
 /// emitted for them); every time is passed. A keyed rebuild feeds the state it rebuilds at an
