@@ -57,18 +57,13 @@ pub struct Sums {
 impl Sums {
     /// The contribution of one event.
     pub fn of(event: &EventVersion) -> Self {
-        Sums::of_kind(event.event_type, event.cost_micros, event.revenue_micros)
-    }
-
-    /// The contribution of one event of this kind and these amounts.
-    fn of_kind(event_type: EventType, cost_micros: i64, revenue_micros: i64) -> Self {
         Sums {
             events: 1,
-            impressions: (event_type == EventType::Impression) as i64,
-            clicks: (event_type == EventType::Click) as i64,
-            conversions: (event_type == EventType::Conversion) as i64,
-            cost_micros,
-            revenue_micros,
+            impressions: (event.event_type == EventType::Impression) as i64,
+            clicks: (event.event_type == EventType::Click) as i64,
+            conversions: (event.event_type == EventType::Conversion) as i64,
+            cost_micros: event.cost_micros,
+            revenue_micros: event.revenue_micros,
         }
     }
 }
@@ -200,7 +195,8 @@ fn cell_of(event: &EventVersion, grain: Grain) -> Cell {
     }
 }
 
-/// The hourly, daily or weekly cell `event` falls into, as the dataflow adds it up.
+/// The hourly, daily or weekly cell `event` falls into, as the dataflow adds it up: what the tests
+/// check [`UserDay::cell`] against.
 #[cfg(test)]
 fn ad_cell_of(event: &EventVersion, grain: Grain) -> Cell<AdDims> {
     Cell {
@@ -318,7 +314,7 @@ fn cell_changes(
 ) {
     let start = out.len();
     let mut day = users_delta(0);
-    // One change per hour, as a batch is consolidated (a repeat would add to the cell twice).
+    // One change per hour, as a batch is consolidated; a repeat would only hand the hour on twice.
     for &(_time, hour, sums) in changes {
         day.sums.plus_equals(&sums);
         out.push((user.cell(Grain::Hourly, hour), CellDelta { sums, users: 0 }));
@@ -359,11 +355,14 @@ impl CellRuns {
 
     fn add(&mut self, cell: Cell<AdDims>, delta: CellDelta) {
         let (day, slot) = match cell.grain {
-            Grain::Daily => (cell.period, Self::DAY),
-            _ => (
+            Grain::Hourly => (
                 cell.period.div_euclid(24),
                 cell.period.rem_euclid(24) as usize,
             ),
+            Grain::Daily => (cell.period, Self::DAY),
+            grain => {
+                unreachable!("only hourly and daily cells are added up in runs, not {grain:?}")
+            }
         };
         if self.run != Some((day, cell.dims)) {
             self.flush();
@@ -411,7 +410,7 @@ impl CellRuns {
 
     fn finish(mut self, out: &mut Vec<(Cell, CellDelta)>) {
         self.flush();
-        std::mem::swap(out, &mut self.done);
+        out.append(&mut self.done);
         out.extend(
             self.weeks
                 .into_iter()
@@ -430,8 +429,8 @@ fn add_to<K: std::hash::Hash + Eq, V: Semigroup + Default>(
 }
 
 /// From the deduplicated events to the changes of every cell's metrics, added up per worker and
-/// epoch so that the exchange to the partition writers carries one update per cell and worker,
-/// not one per event.
+/// epoch so that the exchange to the partition writers carries about one update per cell and
+/// worker (two where a (day, ad, country) comes in two runs), not one per event.
 ///
 /// A click's minute cell is added up here per event; every other cell's sums and users come out
 /// of the users' reduction (see the module doc), and a weekly cell is the sum of its days.
@@ -536,6 +535,41 @@ mod tests {
             }
         }
         let _ = DedupKey(Hash128::from(0));
+    }
+
+    #[test]
+    fn cell_changes_put_sums_and_users_of_a_cell_in_one_update() {
+        let (user, _) = UserDay::of(&event_at(0));
+        let one = |n| Sums {
+            events: n,
+            clicks: n,
+            cost_micros: 5 * n,
+            ..Sums::default()
+        };
+        let changes = |before: u32, after: u32, hours: &[(u8, i64)]| {
+            let hours: Vec<_> = hours.iter().map(|&(h, n)| (1, h, one(n))).collect();
+            let mut out = Vec::new();
+            cell_changes(&user, &before, &after, &hours, &mut Vec::new(), &mut out);
+            out.iter()
+                .map(|(cell, d)| (cell.grain, cell.period, d.sums.events, d.users))
+                .collect::<Vec<_>>()
+        };
+        // Hour 0 gains an event, hour 2 its first: users only on hour 2, the day's sums both.
+        assert_eq!(
+            changes(0b1, 0b101, &[(0, 1), (2, 1)]),
+            [
+                (Grain::Hourly, 0, 1, 0),
+                (Grain::Hourly, 2, 1, 1),
+                (Grain::Daily, 0, 2, 0)
+            ]
+        );
+        // The user's last event goes: the hour and the day lose the user and its sums.
+        assert_eq!(
+            changes(0b100, 0, &[(2, -1)]),
+            [(Grain::Hourly, 2, -1, -1), (Grain::Daily, 0, -1, -1)]
+        );
+        // Nothing changed: the day's update is zero, which the folds drop.
+        assert_eq!(changes(0b1, 0b1, &[]), [(Grain::Daily, 0, 0, 0)]);
     }
 
     #[test]

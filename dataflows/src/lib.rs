@@ -8,9 +8,10 @@
 //!             winner changes by a total-order operator over the input arrangement
 //!        │
 //!        ▼
-//!  aggregate  per (user, day) its events' hours and amounts, a reduce_total that turns their
-//!             changes into sums and ±1 unique users per hourly and daily cell (weeks: sums
-//!             of days); a click's minute cell adds its sums as differences, no state
+//!  aggregate  per (user, day) the hours it has events in, each with their sums; a
+//!             reduce_total_with_changes turns changes into sums and ±1 unique users per
+//!             hourly and daily cell (weeks: sums of days); a click's minute cell adds its
+//!             sums as differences, no state
 //!        │
 //!        ▼ pre-aggregate per worker and epoch, exchange by partition: one writer each
 //!  mirror     adds up each cell's changes; partitions touched this epoch

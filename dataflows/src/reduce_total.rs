@@ -7,7 +7,8 @@
 //! the batch's updates time by time, and emits only what changed between consecutive summaries.
 //! That is what differential's own `threshold_total` does for `distinct`; this generalises it to
 //! any summary. No second copy of the state is built, and an epoch costs work in proportion to the
-//! keys it touches.
+//! keys it touches. [`reduce_total_with_changes`] also hands each time's changes to the values on,
+//! for a summary with a linear part (sums), whose change is a sum over those changes alone.
 //!
 //! The operator works through at most [`KEYS_PER_ACTIVATION`] keys per activation and then yields,
 //! so an epoch's output never piles up in memory ahead of the operators downstream.
@@ -77,8 +78,8 @@ fn merge<V: Ord + Copy, R: Semigroup>(
 /// For every key whose values change, emits `emit(key, before, after, out)` at each time where
 /// `summarize` of the key's present values changes.
 ///
-/// `summarize` sees the values with a non-zero count, in no particular order, each with its count
-/// (a negative count is a retraction of something never added, which the caller may treat as
+/// `summarize` sees the values with a non-zero count, in ascending order, each with its count (a
+/// negative count is a retraction of something never added, which the caller may treat as
 /// absent). `emit` pushes `(data, diff)` pairs that turn the output for `before` into the output
 /// for `after`; the operator stamps them with the time of the change.
 pub fn reduce_total<'scope, K, V, S, D, R>(
@@ -107,9 +108,10 @@ where
 }
 
 /// [`reduce_total`] for a summary with a linear part: `emit(key, before, after, changes, out)` is
-/// called at every time the key's values change, with that time's changes to them (value and
-/// count), whether or not the summary changed. What is linear in the values (a sum over them)
-/// changes by a sum over `changes`, which needs no state beyond the values themselves.
+/// called at every time the key's values change, with that time's changes to them (`(time, value,
+/// difference)`, ascending by value), whether or not the summary changed. What is linear in the
+/// values (a sum over them) changes by a sum over `changes`, which needs no state beyond the
+/// values themselves. The arrangement's difference may be any semigroup, not only a count.
 pub fn reduce_total_with_changes<'scope, K, V, RV, S, D, R>(
     arranged: Arranged<'scope, ValTrace<K, V, RV>>,
     name: &str,
@@ -250,7 +252,31 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
     use super::merge;
+
+    proptest! {
+        #[test]
+        fn merge_equals_adding_up_in_a_map(
+            present in prop::collection::btree_map(0u8..40, -3isize..4, 0..20),
+            mut changes in prop::collection::vec((0u8..40, -3isize..4), 0..30),
+        ) {
+            changes.sort_by_key(|(value, _)| *value);
+            let mut expected: BTreeMap<u8, isize> =
+                present.iter().filter(|(_, c)| **c != 0).map(|(v, c)| (*v, *c)).collect();
+            for (value, diff) in &changes {
+                *expected.entry(*value).or_default() += diff;
+            }
+            expected.retain(|_, count| *count != 0);
+            let mut merged: Vec<(u8, isize)> =
+                present.into_iter().filter(|(_, c)| *c != 0).collect();
+            merge(&mut merged, changes.into_iter(), &mut Vec::new());
+            prop_assert_eq!(merged, expected.into_iter().collect::<Vec<_>>());
+        }
+    }
 
     #[test]
     fn merge_adds_equal_values_keeps_order_and_drops_zeros() {
