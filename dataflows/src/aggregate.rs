@@ -313,7 +313,7 @@ fn cell_changes(
     out: &mut Vec<(Cell<AdDims>, CellDelta)>,
 ) {
     let start = out.len();
-    let mut day = users_delta(0);
+    let mut day = CellDelta::default();
     // One change per hour, as a batch is consolidated; a repeat would only hand the hour on twice.
     for &(_time, hour, sums) in changes {
         day.sums.plus_equals(&sums);
@@ -343,7 +343,7 @@ fn cell_changes(
 struct CellRuns {
     /// The (day, dims) being added up, and its cells: hours 0–23, the day at 24.
     run: Option<(i64, AdDims)>,
-    cells: Vec<CellDelta>,
+    cells: [CellDelta; CellRuns::DAY + 1],
     touched: u32,
     /// What is added up, widened for the exchange.
     done: Vec<(Cell, CellDelta)>,
@@ -367,9 +367,6 @@ impl CellRuns {
         if self.run != Some((day, cell.dims)) {
             self.flush();
             self.run = Some((day, cell.dims));
-        }
-        if self.cells.is_empty() {
-            self.cells = vec![CellDelta::default(); Self::DAY + 1];
         }
         self.cells[slot].plus_equals(&delta);
         self.touched |= 1 << slot;
