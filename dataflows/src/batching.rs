@@ -236,13 +236,20 @@ where
             let mut passed = passed.activate();
             input.for_each(|capability, data| {
                 let mut session = passed.session_with_builder(&capability);
+                // A batch's updates are mostly of one time: its state is looked up once per run
+                // of equal times, not once per update.
+                let mut current: Option<(Epoch, Option<&mut S>)> = None;
                 for (record, time, diff) in data.drain(..) {
-                    let map = (time >= from.get()).then(|| {
-                        &mut stash
-                            .entry(time)
-                            .or_insert_with(|| (capability.delayed(&time, 0), S::default()))
-                            .1
-                    });
+                    if current.as_ref().is_none_or(|(t, _)| *t != time) {
+                        let state = (time >= from.get()).then(|| {
+                            &mut stash
+                                .entry(time)
+                                .or_insert_with(|| (capability.delayed(&time, 0), S::default()))
+                                .1
+                        });
+                        current = Some((time, state));
+                    }
+                    let map = current.as_mut().and_then(|(_, state)| state.as_deref_mut());
                     add(record, diff, map, &mut pass);
                     for (record, diff) in pass.drain(..) {
                         session.give((record, time, diff));
