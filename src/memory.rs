@@ -59,3 +59,34 @@ pub fn limit_arenas(n: usize) {
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     let _ = n;
 }
+
+/// Keeps what a run frees for its own next allocations, large ones included, instead of
+/// returning it to the system as glibc does by default (`mallopt(M_MMAP_THRESHOLD)`,
+/// `mallopt(M_TRIM_THRESHOLD)`); does nothing with other C libraries. Returns whether the
+/// allocator took both settings.
+///
+/// By default an allocation above glibc's mmap threshold (a few MB once it has adapted, 32 MB at
+/// most) gets pages of its own and gives them back when freed, and the top of a heap is trimmed
+/// once 128 KiB of it is free: each generation of a run then faulted its batchers' vectors, its
+/// maps and its rows in page by page again. Measured on a 5M x 30-day load (2 cores, fresh
+/// filesystem): system time 1.9-2.4 s -> 1.2-1.9 s, for a peak ~10-25% higher. What is kept is
+/// handed back once a run's generations are over ([`release_free_memory`]).
+pub fn keep_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        /// Allocations below this come from the arenas (glibc refuses more than half its
+        /// 64 MiB heap size on 64-bit platforms).
+        const MMAP_THRESHOLD: libc::c_int = 32 << 20;
+        /// Free memory at the top of a heap is kept up to this much.
+        const TRIM_THRESHOLD: libc::c_int = 1 << 30;
+        // SAFETY: mallopt takes two integers and no pointers; these two only change when the
+        // allocator maps and unmaps memory, never memory already handed out.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    false
+}
