@@ -875,6 +875,9 @@ pub fn follow(
     workers: usize,
 ) -> Result<FollowerWork, RunError> {
     let mut work = FollowerWork::default();
+    // As the coordinator's batch run: what one generation frees serves the next (a follower of a
+    // stream lives on, and keeps glibc's own thresholds).
+    crate::memory::keep_freed_memory();
     loop {
         match crate::runtime::follow_once(warehouse, cluster, workers, None)? {
             Followed::Generation => work.generations += 1,

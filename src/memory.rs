@@ -5,9 +5,10 @@
 //! For the peak to follow, what one generation frees must serve the next: glibc keeps what a
 //! thread freed in that thread's arena, so a long run of generations (each with new worker
 //! threads) would otherwise keep the high-water mark of every arena it ever used. Capping the
-//! arenas ([`limit_arenas`]) makes the next generation's threads reuse it. Handing it back to the
-//! system ([`release_free_memory`]) is done once, when a run's generations are over: after every
-//! generation, each page came back as a page fault in the next, for no lower peak.
+//! arenas ([`limit_arenas`]) makes the next generation's threads reuse it, and a batch run also
+//! keeps its larger blocks and its heaps' free tops ([`keep_freed_memory`]). Handing it back to
+//! the system ([`release_free_memory`]) is done once, when a run's generations are over: after
+//! every generation, each page came back as a page fault in the next, for no lower peak.
 
 /// The process's resident set and its peak so far (`VmRSS`, `VmHWM` of `/proc/self/status`),
 /// bytes; zeros where that cannot be read.
@@ -60,32 +61,38 @@ pub fn limit_arenas(n: usize) {
     let _ = n;
 }
 
-/// Keeps what a run frees for its own next allocations, large ones included, instead of
+/// Keeps what a batch run frees for its own next allocations, up to 32 MiB each, instead of
 /// returning it to the system as glibc does by default (`mallopt(M_MMAP_THRESHOLD)`,
 /// `mallopt(M_TRIM_THRESHOLD)`); does nothing with other C libraries. Returns whether the
-/// allocator took both settings.
+/// allocator took both settings. For a process whose command ends with its run: the settings
+/// stay in force (glibc's adaptive thresholds are off from then on), and what is kept goes back
+/// only at [`release_free_memory`] or exit.
 ///
-/// By default an allocation above glibc's mmap threshold (a few MB once it has adapted, 32 MB at
-/// most) gets pages of its own and gives them back when freed, and the top of a heap is trimmed
-/// once 128 KiB of it is free: each generation of a run then faulted its batchers' vectors, its
-/// maps and its rows in page by page again. Measured on a 5M x 30-day load (2 cores, fresh
-/// filesystem): system time 1.9-2.4 s -> 1.2-1.9 s, for a peak ~10-25% higher. What is kept is
-/// handed back once a run's generations are over ([`release_free_memory`]).
+/// By default glibc gives an allocation above its mmap threshold (128 KiB, rising as such blocks
+/// are freed, to 32 MiB at most) pages of its own when the heap's free top cannot serve it, and
+/// unmaps them when it is freed; and it trims a heap's top once more than its trim threshold
+/// (128 KiB, then twice the mmap threshold) is free. Each hot-window generation then faulted its
+/// batchers' vectors, its maps and its rows in page by page again. Measured on a 5M x 30-day
+/// load (2 cores, fresh filesystem, three alternated pairs): 7.00-7.21 s -> 6.57-6.69 s, system
+/// time 2.0-2.2 -> 1.3-1.6 s, peak RSS 414-433 -> 448-487 MB.
 pub fn keep_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        /// Allocations below this come from the arenas (glibc refuses more than half its
-        /// 64 MiB heap size on 64-bit platforms).
+        /// The most glibc accepts on 64-bit platforms (half its 64 MiB heap size); blocks this
+        /// large or larger still get mappings of their own.
         const MMAP_THRESHOLD: libc::c_int = 32 << 20;
         /// Free memory at the top of a heap is kept up to this much.
         const TRIM_THRESHOLD: libc::c_int = 1 << 30;
-        // SAFETY: mallopt takes two integers and no pointers; these two only change when the
-        // allocator maps and unmaps memory, never memory already handed out.
+        // SAFETY: mallopt takes two integers and no pointers, and is thread-safe; these two
+        // only change when the allocator maps and unmaps memory, never memory handed out.
         #[allow(unsafe_code)]
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-                && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-        }
+        let (mmap, trim) = unsafe {
+            (
+                libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+                libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+            )
+        };
+        mmap == 1 && trim == 1
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     false

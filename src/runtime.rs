@@ -1168,8 +1168,12 @@ fn execute_cached(
     // Measured on 2 cores, 2 workers, 30 days in 16 generations: peak RSS 333 MB creeping up
     // with trimming alone, 238 MB flat from the second generation with two arenas.
     crate::memory::limit_arenas(options.workers.max(2));
-    let kept = crate::memory::keep_freed_memory();
-    tracing::debug!(kept, "allocator keeps freed memory for the next generation");
+    // A batch command's process ends with its run; a stream's lives on after a catch-up of
+    // several generations and keeps glibc's own thresholds (see `keep_freed_memory`).
+    if cache.session_rows.is_none() {
+        let kept = crate::memory::keep_freed_memory();
+        tracing::debug!(kept, "allocator keeps freed memory for the next generation");
+    }
     let mut total = summary;
     let mut opened = Some(opened);
     let mut days = BTreeSet::new();
@@ -1805,7 +1809,6 @@ pub(crate) fn follow_once(
     // As the coordinator's generations (see `ingest`): arenas capped, so that what one run
     // frees serves the next.
     crate::memory::limit_arenas(workers.max(2));
-    crate::memory::keep_freed_memory();
     let done: Arc<Mutex<Option<Followed>>> = Arc::default();
     let state: Arc<std::sync::OnceLock<Arc<Shared>>> = Arc::default();
     let (warehouse, role) = (warehouse.clone(), cluster.clone());

@@ -236,8 +236,8 @@ where
             let mut passed = passed.activate();
             input.for_each(|capability, data| {
                 let mut session = passed.session_with_builder(&capability);
-                // A batch's updates are mostly of one time: its state is looked up once per run
-                // of equal times, not once per update.
+                // A batch's updates are mostly of one time: a lookup per update was a BTreeMap
+                // search per event.
                 let mut current: Option<(Epoch, Option<&mut S>)> = None;
                 for (record, time, diff) in data.drain(..) {
                     if current.as_ref().is_none_or(|(t, _)| *t != time) {

@@ -202,7 +202,7 @@ impl PartitionMirror {
         }
     }
 
-    /// The partitions touched since the last call, in order; clears the set.
+    /// The partitions touched since the last call, in order and each once; forgets them.
     pub fn take_touched(&mut self) -> Vec<PartitionId> {
         let mut touched = std::mem::take(&mut self.touched);
         touched.sort_unstable();

@@ -85,6 +85,9 @@ pub fn content_version(id: &PartitionId, rows: &[(Dims, MetricRow)]) -> String {
     // The rows' encoding goes through a buffer, hashed a few kilobytes at a time: the digest of a
     // stream does not depend on how it is cut, and an update per field was a fifth of staging's
     // own time.
+    /// Hashed when this full; a row encodes to at most 99 bytes, so it never outgrows the
+    /// buffer's first allocation.
+    const FLUSH_AT: usize = (8 << 10) - 128;
     let mut buf: Vec<u8> = Vec::with_capacity(8 << 10);
     for (d, r) in rows {
         for v in [d.advertiser_id, d.campaign_id, d.ad_id] {
@@ -108,7 +111,7 @@ pub fn content_version(id: &PartitionId, rows: &[(Dims, MetricRow)]) -> String {
         ] {
             buf.extend_from_slice(&v.to_le_bytes());
         }
-        if buf.len() >= (8 << 10) - 128 {
+        if buf.len() >= FLUSH_AT {
             h.update(&buf);
             buf.clear();
         }
@@ -345,7 +348,6 @@ pub fn read_partition(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use adsmetrics_dataflows::{ClickDims, Ip};
 
     /// The version as it was first defined: one hash update per field.
     fn version_field_by_field(id: &PartitionId, rows: &[(Dims, MetricRow)]) -> String {
@@ -386,7 +388,8 @@ mod tests {
                 grain,
                 period: 493_000,
             };
-            for n in [0, 1, 63, 64, 65, 127, 128, 1000, 5000] {
+            // The buffer is hashed after 109 rows (82 of the minute table's).
+            for n in [0, 1, 81, 82, 83, 108, 109, 110, 164, 218, 1000, 5000] {
                 let rows: Vec<(Dims, MetricRow)> = (0..n as i64)
                     .map(|i| {
                         let dims = Dims {
