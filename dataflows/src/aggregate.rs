@@ -251,7 +251,7 @@ impl UserDay {
         self.ad_id
     }
 
-    fn cell(&self, grain: Grain, hour_of_day: u8) -> Cell<AdDims> {
+    pub(crate) fn cell(&self, grain: Grain, hour_of_day: u8) -> Cell<AdDims> {
         let day = i64::from(self.day);
         Cell {
             grain,
@@ -272,7 +272,7 @@ impl UserDay {
 
 /// The hours of the day (bit `h` for hour `h`) in which a user has events: those whose sums count
 /// more than zero events.
-fn hours_present(present: &[(u8, Sums)]) -> u32 {
+pub(crate) fn hours_present(present: &[(u8, Sums)]) -> u32 {
     present
         .iter()
         .filter(|(_, sums)| sums.events > 0)
@@ -304,7 +304,7 @@ fn user_changes(user: &UserDay, before: &u32, after: &u32, out: &mut Vec<(Cell<A
 
 /// The changes to a user's hourly and daily cells at one time: the users that [`user_changes`]
 /// flips, and the sums that `changes` add to the user's hours, one update per cell.
-fn cell_changes(
+pub(crate) fn cell_changes(
     user: &UserDay,
     before: &u32,
     after: &u32,
@@ -340,7 +340,7 @@ fn cell_changes(
 /// (one update per day cell). A (day, ad, country) whose changes come in two runs is handed on
 /// twice; every consumer adds the changes up.
 #[derive(Default)]
-struct CellRuns {
+pub(crate) struct CellRuns {
     /// The (day, dims) being added up, and its cells: hours 0–23, the day at 24.
     run: Option<(i64, AdDims)>,
     cells: [CellDelta; CellRuns::DAY + 1],
@@ -353,7 +353,7 @@ struct CellRuns {
 impl CellRuns {
     const DAY: usize = 24;
 
-    fn add(&mut self, cell: Cell<AdDims>, delta: CellDelta) {
+    pub(crate) fn add(&mut self, cell: Cell<AdDims>, delta: CellDelta) {
         let (day, slot) = match cell.grain {
             Grain::Hourly => (
                 cell.period.div_euclid(24),
@@ -405,7 +405,7 @@ impl CellRuns {
         }
     }
 
-    fn finish(mut self, out: &mut Vec<(Cell, CellDelta)>) {
+    pub(crate) fn finish(mut self, out: &mut Vec<(Cell, CellDelta)>) {
         self.flush();
         out.append(&mut self.done);
         out.extend(

@@ -20,6 +20,7 @@
 //! The root crate feeds the input, waits on the probe, and publishes the touched partitions.
 
 pub mod aggregate;
+pub mod batch;
 pub mod batching;
 pub mod dedup;
 pub mod mirror;

@@ -1,0 +1,362 @@
+//! One change epoch computed with sorts instead of the dataflow: the same cell changes, for a
+//! run that is done after it.
+//!
+//! A batch run of the runtime (an ingest's hot-window generation, a correction) builds a dataflow,
+//! feeds it the rebuilt state at epoch 0 and its sources at epoch 1, takes the changes of epoch 1
+//! into the partition mirror, and drops it. Nothing is incremental across runs: the arrangements,
+//! batchers and cursors that let a stream's dataflow take epoch after epoch are built and merged
+//! once and thrown away. `benches/stages.rs` measured what they cost beyond the work itself: the
+//! same tables from the same events took 183 ms through the dataflow and 58 ms as sorts
+//! (`dataflow/dedup_aggregate` against `dataflow/plain_batch`, 216k events on one core).
+//!
+//! [`BatchInput`] takes the same updates as the dataflow's input session, and
+//! [`BatchInput::compute`] hands the mirror the same changes, from the updates fed before `from`
+//! (the state before) to all of them (the state after), in three exchanges between the process's
+//! workers through shared memory:
+//!
+//! 1. every version of a key to one worker (by key): sorted by key and version, each key's winner
+//!    before and after (the greatest version whose count is positive, as [`crate::dedup`]);
+//! 2. each winner before, and the winners' changes, to one worker per user day (by [`UserDay`]):
+//!    sorted, each user day's hours before and after, handed to the dataflow's own
+//!    [`cell_changes`] and added up per (day, dims) by its [`CellRuns`], as `aggregate` does;
+//!    a click's minute cell changes by its winner's change, added up per worker;
+//! 3. every cell change to the worker that owns its partition ([`PartitionId::worker`]), which
+//!    adds it to its mirror.
+//!
+//! Sums are linear, so a cell's change is the sum of its events' changes however they were cut
+//! and routed; users are counted per user day, whose every row is on one worker in step 2; the
+//! mirror adds every change up. So the mirror ends as the dataflow's would, and the tables are
+//! the same bytes (`tests/reference.rs` checks the changes against the reference, the runtime's
+//! tests the tables). It computes one change epoch: the runtime uses it for runs with one epoch
+//! after the rebuild, on one process, and the dataflow for the rest (a stream, a cluster, a run of
+//! several epochs).
+
+use std::cell::{Cell as StdCell, RefCell};
+use std::hash::BuildHasher;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
+use differential_dataflow::difference::{IsZero, Multiply, Semigroup};
+
+use crate::aggregate::{cell_changes, CellDelta, CellRuns, Sums, UserDay};
+use crate::batching::{BuildFastHasher, FastMap};
+use crate::mirror::{PartitionId, PartitionMirror};
+use crate::model::{Cell, DedupKey, Epoch, EventVersion, Grain};
+
+/// One fed update: a key's version, the epoch it was fed at, and its count.
+type Update = (DedupKey, EventVersion, Epoch, isize);
+
+/// A user day's events in one hour: their sums, and whether that is the state before (`false`)
+/// or a change (`true`).
+type HourUpdate = (UserDay, u8, Sums, bool);
+
+/// Per worker, the lots the other workers sent it.
+struct Mailboxes<T> {
+    boxes: Vec<Mutex<Vec<Vec<T>>>>,
+}
+
+impl<T> Mailboxes<T> {
+    fn new(peers: usize) -> Self {
+        Mailboxes {
+            boxes: (0..peers).map(|_| Mutex::new(Vec::new())).collect(),
+        }
+    }
+
+    fn send(&self, to: usize, lot: Vec<T>) {
+        if !lot.is_empty() {
+            self.boxes[to]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(lot);
+        }
+    }
+
+    fn take(&self, me: usize) -> Vec<T> {
+        let lots = std::mem::take(&mut *self.boxes[me].lock().unwrap_or_else(PoisonError::into_inner));
+        if lots.len() == 1 {
+            return lots.into_iter().next().unwrap_or_default();
+        }
+        let mut all = Vec::with_capacity(lots.iter().map(Vec::len).sum());
+        for mut lot in lots {
+            all.append(&mut lot);
+        }
+        all
+    }
+}
+
+/// A barrier that a worker which will not arrive (its input dropped before it computed: a panic)
+/// breaks, so the others return instead of waiting for ever.
+struct Gate {
+    peers: usize,
+    /// Arrived at the current round, the round, and whether the gate is broken.
+    state: Mutex<(usize, u64, bool)>,
+    turned: Condvar,
+}
+
+impl Gate {
+    /// Waits for every worker; `false` if the gate is broken.
+    fn wait(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.2 {
+            return false;
+        }
+        state.0 += 1;
+        if state.0 == self.peers {
+            *state = (0, state.1 + 1, false);
+            self.turned.notify_all();
+            return true;
+        }
+        let round = state.1;
+        while state.1 == round && !state.2 {
+            state = self
+                .turned
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        !state.2
+    }
+
+    fn brk(&self) {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).2 = true;
+        self.turned.notify_all();
+    }
+}
+
+/// What the workers of one process share to compute together: one per run, made before they
+/// start.
+pub struct BatchShared {
+    peers: usize,
+    gate: Gate,
+    versions: Mailboxes<Update>,
+    hours: Mailboxes<HourUpdate>,
+    cells: Mailboxes<(Cell, CellDelta)>,
+}
+
+impl BatchShared {
+    /// For `peers` workers, each of which must call [`BatchInput::compute`] once.
+    pub fn new(peers: usize) -> Arc<Self> {
+        let peers = peers.max(1);
+        Arc::new(BatchShared {
+            peers,
+            gate: Gate {
+                peers,
+                state: Mutex::new((0, 0, false)),
+                turned: Condvar::new(),
+            },
+            versions: Mailboxes::new(peers),
+            hours: Mailboxes::new(peers),
+            cells: Mailboxes::new(peers),
+        })
+    }
+}
+
+/// A worker's input: the updates it is fed, held per destination worker until the epoch is
+/// computed.
+pub struct BatchInput {
+    index: usize,
+    shared: Arc<BatchShared>,
+    time: Epoch,
+    outgoing: Vec<Vec<Update>>,
+    /// [`BatchInput::compute`] began, and finished.
+    computed: bool,
+    done: bool,
+}
+
+/// The worker that holds every version of `key` (keys are uniform hashes: their top bits do).
+fn key_worker(key: &DedupKey, peers: usize) -> usize {
+    ((key.0.get() >> 64) as u64 % peers as u64) as usize
+}
+
+/// The worker that holds every hour of `user` (a multiply-rotate hash: its top bits mix best).
+fn user_worker(user: &UserDay, peers: usize) -> usize {
+    ((BuildFastHasher::default().hash_one(user) >> 32) % peers as u64) as usize
+}
+
+impl BatchInput {
+    /// Worker `index`'s input.
+    pub fn new(index: usize, shared: Arc<BatchShared>) -> Self {
+        let peers = shared.peers;
+        BatchInput {
+            index,
+            shared,
+            time: 0,
+            outgoing: vec![Vec::new(); peers],
+            computed: false,
+            done: false,
+        }
+    }
+
+    /// Adds `diff` copies of `(key, version)` at the current epoch.
+    pub fn update(&mut self, (key, version): (DedupKey, EventVersion), diff: isize) {
+        let to = key_worker(&key, self.shared.peers);
+        self.outgoing[to].push((key, version, self.time, diff));
+    }
+
+    /// Moves on to epoch `time`.
+    pub fn advance_to(&mut self, time: Epoch) {
+        assert!(
+            time >= self.time,
+            "epochs only move forward ({} to {time})",
+            self.time
+        );
+        self.time = time;
+    }
+
+    /// Adds to `mirror` the change of every cell from the updates fed before `from` to all of them,
+    /// and to `conflicted` this worker's keys with more than one version present at the end.
+    /// Every worker of the process must call it, once: it waits for the others three times. If one
+    /// of them drops its input first (a panic), it returns `false`, its mirror partly changed.
+    pub fn compute(
+        &mut self,
+        from: Epoch,
+        mirror: &RefCell<PartitionMirror>,
+        conflicted: &StdCell<i64>,
+    ) -> bool {
+        assert!(!self.computed, "a batch input computes one epoch");
+        self.computed = true;
+        let shared = &*self.shared;
+        let (index, peers) = (self.index, shared.peers);
+
+        // 1. Every version of a key here: its winner before and after.
+        for (to, lot) in self.outgoing.iter_mut().enumerate() {
+            shared.versions.send(to, std::mem::take(lot));
+        }
+        if !shared.gate.wait() {
+            return false;
+        }
+        let mut updates = shared.versions.take(index);
+        updates.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let mut hours: Vec<Vec<HourUpdate>> = vec![Vec::new(); peers];
+        let mut clicks: FastMap<Cell, Sums> = FastMap::default();
+        let mut conflicts = 0;
+        let mut hour_of = |version: &EventVersion, sums: Sums, change: bool| {
+            let (user, hour) = UserDay::of(version);
+            hours[user_worker(&user, peers)].push((user, hour, sums, change));
+        };
+        for key in updates.chunk_by(|a, b| a.0 == b.0) {
+            let (mut before, mut after, mut present) = (None, None, 0);
+            // In version order: the last present one is the greatest.
+            for version in key.chunk_by(|a, b| a.1 == b.1) {
+                let (mut count_before, mut count) = (0, 0);
+                for &(_, _, time, diff) in version {
+                    count += diff;
+                    if time < from {
+                        count_before += diff;
+                    }
+                }
+                if count_before > 0 {
+                    before = Some(version[0].1);
+                }
+                if count > 0 {
+                    after = Some(version[0].1);
+                    present += 1;
+                }
+            }
+            conflicts += (present > 1) as i64;
+            if let Some(old) = &before {
+                hour_of(old, Sums::of(old), false);
+            }
+            if before == after {
+                continue;
+            }
+            for (version, sign) in [(before, -1), (after, 1)] {
+                let Some(version) = version else { continue };
+                let sums = Sums::of(&version).multiply(&sign);
+                hour_of(&version, sums, true);
+                if Grain::Minute.counts(&version) {
+                    let cell = Cell {
+                        grain: Grain::Minute,
+                        period: Grain::Minute.period_of(&version),
+                        dims: Grain::Minute.dims_of(&version),
+                    };
+                    clicks.entry(cell).or_default().plus_equals(&sums);
+                }
+            }
+        }
+        drop(updates);
+        conflicted.set(conflicted.get() + conflicts);
+
+        // 2. Every hour of a user day here: its cells' changes, added up per (day, dims).
+        for (to, lot) in hours.into_iter().enumerate() {
+            shared.hours.send(to, lot);
+        }
+        if !shared.gate.wait() {
+            return false;
+        }
+        let mut hours = shared.hours.take(index);
+        hours.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let (mut runs, mut flips, mut out, mut changes) =
+            (CellRuns::default(), Vec::new(), Vec::new(), Vec::new());
+        for user in hours.chunk_by(|a, b| a.0 == b.0) {
+            let (mut present_before, mut present_after) = (0u32, 0u32);
+            changes.clear();
+            for hour in user.chunk_by(|a, b| a.1 == b.1) {
+                let (mut before, mut change) = (Sums::default(), Sums::default());
+                for (_, _, sums, is_change) in hour {
+                    if *is_change {
+                        change.plus_equals(sums);
+                    } else {
+                        before.plus_equals(sums);
+                    }
+                }
+                let h = hour[0].1;
+                let mut after = before;
+                after.plus_equals(&change);
+                present_before |= ((before.events > 0) as u32) << h;
+                present_after |= ((after.events > 0) as u32) << h;
+                if !change.is_zero() {
+                    changes.push((from, h, change));
+                }
+            }
+            if changes.is_empty() && present_before == present_after {
+                continue;
+            }
+            cell_changes(
+                &user[0].0,
+                &present_before,
+                &present_after,
+                &changes,
+                &mut flips,
+                &mut out,
+            );
+            for (cell, delta) in out.drain(..) {
+                runs.add(cell, delta);
+            }
+        }
+        drop(hours);
+        let mut cells = Vec::new();
+        runs.finish(&mut cells);
+        cells.extend(
+            clicks
+                .into_iter()
+                .filter(|(_, sums)| !sums.is_zero())
+                .map(|(cell, sums)| (cell, CellDelta { sums, users: 0 })),
+        );
+
+        // 3. Every change of a partition to its owner's mirror.
+        let mut lots: Vec<Vec<(Cell, CellDelta)>> = vec![Vec::new(); peers];
+        for (cell, delta) in cells {
+            lots[PartitionId::of(&cell).worker(peers)].push((cell, delta));
+        }
+        for (to, lot) in lots.into_iter().enumerate() {
+            shared.cells.send(to, lot);
+        }
+        if !shared.gate.wait() {
+            return false;
+        }
+        let mut mirror = mirror.borrow_mut();
+        for (cell, delta) in shared.cells.take(index) {
+            mirror.apply(&cell, &delta);
+        }
+        self.done = true;
+        true
+    }
+}
+
+impl Drop for BatchInput {
+    fn drop(&mut self) {
+        // A worker that unwinds before it is done: the others must not wait for it.
+        if !self.done {
+            self.shared.gate.brk();
+        }
+    }
+}
