@@ -4,6 +4,8 @@
 //! - `keys/keyed_version`: dedup key, content hash and compact version of every event;
 //! - `dataflow/dedup_aggregate`: the whole dataflow (`adsmetrics_dataflows::pipeline::build`) on
 //!   one worker, every keyed version fed in one epoch, stepped until the probe passes it;
+//! - `dataflow/batch_engine`: the same changes into the same mirror from the batch engine
+//!   (`adsmetrics_dataflows::batch`) on one worker (asserted equal to the dataflow's first);
 //! - `encode/curated_partition`: the largest curated partition the dataflow produced (the daily
 //!   one, tens of thousands of rows) encoded as Parquet bytes;
 //! - `encode/raw_layer`: the events cut into sources of `SOURCE_EVENTS` (the size of a generated
@@ -27,6 +29,7 @@ use adsmetrics::schema::events_to_batch;
 use adsmetrics::sink::curated::{content_version, encode_partition};
 use adsmetrics::sink::raw;
 use adsmetrics::warehouse::Warehouse;
+use adsmetrics_dataflows::batch::{BatchInput, BatchShared};
 use adsmetrics_dataflows::pipeline::build;
 use adsmetrics_dataflows::{DedupKey, Dims, EventVersion, MetricRow, PartitionId};
 use chrono::DateTime;
@@ -157,113 +160,25 @@ fn run_dataflow(versions: Arc<Vec<(DedupKey, EventVersion)>>, collect: bool) -> 
     })
 }
 
-/// The same partitions as [`run_dataflow`], computed from scratch with sorts and no dataflow (one
-/// core, one epoch, nothing before it): what the dataflow's machinery costs beyond the work
-/// itself. Winners: sorted by key, the greatest version of each. Hourly and daily cells with
-/// their users: the winners sorted by (day, dims, user, hour), each daily cell a run with its
-/// hours in an array. Weekly: the daily cells' sums sorted by week. Minute: the clicks sorted.
-fn plain_batch(versions: &[(DedupKey, EventVersion)]) -> Vec<Partition> {
-    use adsmetrics_dataflows::aggregate::Sums;
-    use adsmetrics_dataflows::{week_of_day, AdDims, Grain};
-    let row = |sums: &Sums, users: i64| MetricRow {
-        impressions: sums.impressions,
-        clicks: sums.clicks,
-        conversions: sums.conversions,
-        cost_micros: sums.cost_micros,
-        revenue_micros: sums.revenue_micros,
-        unique_users: users,
-    };
-    let add = |a: &mut Sums, b: &Sums| {
-        a.events += b.events;
-        a.impressions += b.impressions;
-        a.clicks += b.clicks;
-        a.conversions += b.conversions;
-        a.cost_micros += b.cost_micros;
-        a.revenue_micros += b.revenue_micros;
-    };
-    let mut sorted: Vec<&(DedupKey, EventVersion)> = versions.iter().collect();
-    sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(&a.1)));
-    let mut winners: Vec<(i64, AdDims, i64, i64, Sums)> = Vec::with_capacity(sorted.len());
-    let mut clicks: Vec<(i64, Dims, Sums)> = Vec::new();
-    let mut last = None;
-    for (key, v) in sorted {
-        if last == Some(key) {
-            continue;
-        }
-        last = Some(key);
-        winners.push((v.day(), v.ad_dims(), v.user_id, v.hour(), Sums::of(v)));
-        if Grain::Minute.counts(v) {
-            clicks.push((v.hour(), v.click_dims(), Sums::of(v)));
-        }
+/// The same partitions as [`run_dataflow`] from the batch engine
+/// ([`adsmetrics_dataflows::batch`]) on one worker, from nothing: every keyed version at epoch 0,
+/// the changes from epoch 0 on.
+fn run_batch(versions: &[(DedupKey, EventVersion)], collect: bool) -> Vec<Partition> {
+    let mut input = BatchInput::new(0, BatchShared::new(1));
+    let mirror = std::cell::RefCell::new(adsmetrics_dataflows::PartitionMirror::default());
+    for kv in versions {
+        input.update(*kv, 1);
     }
-    winners.sort_unstable_by(|a, b| (a.0, a.1, a.2, a.3).cmp(&(b.0, b.1, b.2, b.3)));
-    let mut out: std::collections::BTreeMap<PartitionId, Vec<(Dims, MetricRow)>> =
-        Default::default();
-    let mut weekly: Vec<(i64, AdDims, Sums)> = Vec::new();
-    let mut i = 0;
-    while i < winners.len() {
-        let (day, dims) = (winners[i].0, winners[i].1);
-        let (mut daily, mut users) = (Sums::default(), 0);
-        let mut hours = [(Sums::default(), 0i64); 24];
-        let mut last_user_hour = None;
-        let mut last_user = None;
-        while i < winners.len() && winners[i].0 == day && winners[i].1 == dims {
-            let (_, _, user, hour, sums) = &winners[i];
-            add(&mut daily, sums);
-            let h = (hour - day * 24) as usize;
-            add(&mut hours[h].0, sums);
-            if last_user != Some(*user) {
-                users += 1;
-                last_user = Some(*user);
-            }
-            if last_user_hour != Some((*user, h)) {
-                hours[h].1 += 1;
-                last_user_hour = Some((*user, h));
-            }
-            i += 1;
-        }
-        out.entry(PartitionId {
-            grain: Grain::Daily,
-            period: day,
-        })
-        .or_default()
-        .push((dims.widen(), row(&daily, users)));
-        for (h, (sums, users)) in hours.iter().enumerate().filter(|(_, (s, _))| s.events > 0) {
-            out.entry(PartitionId {
-                grain: Grain::Hourly,
-                period: day * 24 + h as i64,
-            })
-            .or_default()
-            .push((dims.widen(), row(sums, *users)));
-        }
-        weekly.push((week_of_day(day), dims, daily));
+    input.advance_to(1);
+    assert!(input.compute(0, &mirror, &std::cell::Cell::new(0)));
+    if !collect {
+        return Vec::new();
     }
-    weekly.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-    for run in weekly.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
-        let mut sums = Sums::default();
-        run.iter().for_each(|(_, _, s)| add(&mut sums, s));
-        out.entry(PartitionId {
-            grain: Grain::Weekly,
-            period: run[0].0,
-        })
-        .or_default()
-        .push((run[0].1.widen(), row(&sums, 0)));
-    }
-    clicks.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-    for run in clicks.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
-        let mut sums = Sums::default();
-        run.iter().for_each(|(_, _, s)| add(&mut sums, s));
-        out.entry(PartitionId {
-            grain: Grain::Minute,
-            period: run[0].0,
-        })
-        .or_default()
-        .push((run[0].1, row(&sums, 0)));
-    }
-    for rows in out.values_mut() {
-        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    }
-    out.into_iter().collect()
+    let mirror = mirror.borrow();
+    mirror
+        .partitions()
+        .map(|id| (*id, mirror.rows(id).expect("consistent partition")))
+        .collect()
 }
 
 fn stages(c: &mut Criterion) {
@@ -284,18 +199,12 @@ fn stages(c: &mut Criterion) {
     let versions: Arc<Vec<_>> = Arc::new(events.iter().map(Event::keyed_version).collect());
     let mut partitions = run_dataflow(versions.clone(), true);
     partitions.sort_by_key(|(id, _)| *id);
-    let plain = plain_batch(&versions);
-    for ((a, ra), (b, rb)) in plain.iter().zip(&partitions) {
-        if a != b || ra != rb {
-            let first = ra.iter().zip(rb).find(|(x, y)| x != y);
-            panic!(
-                "{a:?} {} rows vs {b:?} {} rows: {first:?}",
-                ra.len(),
-                rb.len()
-            );
-        }
-    }
-    assert_eq!(plain.len(), partitions.len());
+    let mut batch = run_batch(&versions, true);
+    batch.sort_by_key(|(id, _)| *id);
+    assert!(
+        batch == partitions,
+        "the batch engine gives the dataflow's partitions"
+    );
     let (id, rows) = partitions
         .into_iter()
         .max_by_key(|(_, rows)| rows.len())
@@ -352,8 +261,8 @@ fn stages(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
-    group.bench_function("plain_batch", |b| {
-        b.iter(|| plain_batch(black_box(&versions)))
+    group.bench_function("batch_engine", |b| {
+        b.iter(|| run_batch(black_box(&versions), false))
     });
     group.finish();
 

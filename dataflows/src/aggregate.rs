@@ -251,6 +251,35 @@ impl UserDay {
         self.ad_id
     }
 
+    /// A hash of its daily cell (not persisted): its users are brought together by it.
+    pub(crate) fn cell_hash(&self) -> u64 {
+        use std::hash::BuildHasher;
+        crate::batching::BuildFastHasher::default().hash_one((
+            self.day,
+            self.advertiser_id,
+            self.campaign_id,
+            self.ad_id,
+            self.country,
+        ))
+    }
+
+    /// Whether `other` is a user of the same daily cell (in user-day order, they come together).
+    pub(crate) fn same_cell(&self, other: &UserDay) -> bool {
+        (
+            self.day,
+            self.advertiser_id,
+            self.campaign_id,
+            self.ad_id,
+            self.country,
+        ) == (
+            other.day,
+            other.advertiser_id,
+            other.campaign_id,
+            other.ad_id,
+            other.country,
+        )
+    }
+
     pub(crate) fn cell(&self, grain: Grain, hour_of_day: u8) -> Cell<AdDims> {
         let day = i64::from(self.day);
         Cell {
@@ -272,7 +301,7 @@ impl UserDay {
 
 /// The hours of the day (bit `h` for hour `h`) in which a user has events: those whose sums count
 /// more than zero events.
-pub(crate) fn hours_present(present: &[(u8, Sums)]) -> u32 {
+fn hours_present(present: &[(u8, Sums)]) -> u32 {
     present
         .iter()
         .filter(|(_, sums)| sums.events > 0)
@@ -304,7 +333,7 @@ fn user_changes(user: &UserDay, before: &u32, after: &u32, out: &mut Vec<(Cell<A
 
 /// The changes to a user's hourly and daily cells at one time: the users that [`user_changes`]
 /// flips, and the sums that `changes` add to the user's hours, one update per cell.
-pub(crate) fn cell_changes(
+fn cell_changes(
     user: &UserDay,
     before: &u32,
     after: &u32,
@@ -340,7 +369,7 @@ pub(crate) fn cell_changes(
 /// (one update per day cell). A (day, ad, country) whose changes come in two runs is handed on
 /// twice; every consumer adds the changes up.
 #[derive(Default)]
-pub(crate) struct CellRuns {
+struct CellRuns {
     /// The (day, dims) being added up, and its cells: hours 0–23, the day at 24.
     run: Option<(i64, AdDims)>,
     cells: [CellDelta; CellRuns::DAY + 1],
@@ -353,7 +382,7 @@ pub(crate) struct CellRuns {
 impl CellRuns {
     const DAY: usize = 24;
 
-    pub(crate) fn add(&mut self, cell: Cell<AdDims>, delta: CellDelta) {
+    fn add(&mut self, cell: Cell<AdDims>, delta: CellDelta) {
         let (day, slot) = match cell.grain {
             Grain::Hourly => (
                 cell.period.div_euclid(24),
@@ -405,7 +434,7 @@ impl CellRuns {
         }
     }
 
-    pub(crate) fn finish(mut self, out: &mut Vec<(Cell, CellDelta)>) {
+    fn finish(mut self, out: &mut Vec<(Cell, CellDelta)>) {
         self.flush();
         out.append(&mut self.done);
         out.extend(

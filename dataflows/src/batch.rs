@@ -32,15 +32,14 @@
 //! several epochs).
 
 use std::cell::{Cell as StdCell, RefCell};
-use std::hash::BuildHasher;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use differential_dataflow::difference::{IsZero, Multiply, Semigroup};
 
-use crate::aggregate::{cell_changes, CellDelta, CellRuns, Sums, UserDay};
-use crate::batching::{BuildFastHasher, FastMap};
+use crate::aggregate::{CellDelta, Sums, UserDay};
+use crate::batching::FastMap;
 use crate::mirror::{PartitionId, PartitionMirror};
-use crate::model::{Cell, DedupKey, Epoch, EventVersion, Grain};
+use crate::model::{AdDims, Cell, DedupKey, Epoch, EventVersion, Grain};
 
 /// One fed update: a key's version, the epoch it was fed at, and its count.
 type Update = (DedupKey, EventVersion, Epoch, isize);
@@ -70,16 +69,51 @@ impl<T> Mailboxes<T> {
         }
     }
 
-    fn take(&self, me: usize) -> Vec<T> {
-        let lots = std::mem::take(&mut *self.boxes[me].lock().unwrap_or_else(PoisonError::into_inner));
-        if lots.len() == 1 {
-            return lots.into_iter().next().unwrap_or_default();
+    /// The lots sent to `me`, as they were sent.
+    fn take(&self, me: usize) -> Vec<Vec<T>> {
+        std::mem::take(
+            &mut *self.boxes[me]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+}
+
+/// Updates per lot: a worker's share of an epoch is held in lots of this many rather than one
+/// vector, which would be copied as it doubled (tens of megabytes at a generation's size).
+const LOT: usize = 1 << 13;
+
+/// Items bound for each worker, in lots of [`LOT`].
+struct Outgoing<T> {
+    lots: Vec<Vec<Vec<T>>>,
+}
+
+impl<T> Outgoing<T> {
+    fn new(peers: usize) -> Self {
+        Outgoing {
+            lots: (0..peers).map(|_| Vec::new()).collect(),
         }
-        let mut all = Vec::with_capacity(lots.iter().map(Vec::len).sum());
-        for mut lot in lots {
-            all.append(&mut lot);
+    }
+
+    fn push(&mut self, to: usize, item: T) {
+        let lots = &mut self.lots[to];
+        match lots.last_mut() {
+            Some(lot) if lot.len() < LOT => lot.push(item),
+            _ => {
+                let mut lot = Vec::with_capacity(LOT);
+                lot.push(item);
+                lots.push(lot);
+            }
         }
-        all
+    }
+
+    /// Sends every lot to its worker.
+    fn send(&mut self, mailboxes: &Mailboxes<T>) {
+        for (to, lots) in self.lots.iter_mut().enumerate() {
+            for lot in lots.drain(..) {
+                mailboxes.send(to, lot);
+            }
+        }
     }
 }
 
@@ -155,7 +189,7 @@ pub struct BatchInput {
     index: usize,
     shared: Arc<BatchShared>,
     time: Epoch,
-    outgoing: Vec<Vec<Update>>,
+    outgoing: Outgoing<Update>,
     /// [`BatchInput::compute`] began, and finished.
     computed: bool,
     done: bool,
@@ -166,9 +200,34 @@ fn key_worker(key: &DedupKey, peers: usize) -> usize {
     ((key.0.get() >> 64) as u64 % peers as u64) as usize
 }
 
-/// The worker that holds every hour of `user` (a multiply-rotate hash: its top bits mix best).
-fn user_worker(user: &UserDay, peers: usize) -> usize {
-    ((BuildFastHasher::default().hash_one(user) >> 32) % peers as u64) as usize
+/// The worker that holds every user of `user`'s daily cell (a multiply-rotate hash: its top bits
+/// mix best), so that each of its cells is changed by one worker.
+fn cell_worker(user: &UserDay, peers: usize) -> usize {
+    ((user.cell_hash() >> 32) % peers as u64) as usize
+}
+
+/// `lots` in 256 buckets by `bucket` (below 256), each sorted by `order`: one pass that copies
+/// every item once, then sorts small enough to stay in cache (a generation's share of a worker
+/// is tens of megabytes). Items that `bucket` puts together and `order` ranks equal stay together.
+fn bucket_sort<T>(
+    lots: Vec<Vec<T>>,
+    bucket: impl Fn(&T) -> usize,
+    order: impl Fn(&T, &T) -> std::cmp::Ordering,
+) -> Vec<Vec<T>> {
+    let mut counts = [0usize; 256];
+    for item in lots.iter().flatten() {
+        counts[bucket(item)] += 1;
+    }
+    let mut buckets: Vec<Vec<T>> = counts.iter().map(|&n| Vec::with_capacity(n)).collect();
+    for lot in lots {
+        for item in lot {
+            buckets[bucket(&item)].push(item);
+        }
+    }
+    for items in &mut buckets {
+        items.sort_unstable_by(&order);
+    }
+    buckets
 }
 
 impl BatchInput {
@@ -179,7 +238,7 @@ impl BatchInput {
             index,
             shared,
             time: 0,
-            outgoing: vec![Vec::new(); peers],
+            outgoing: Outgoing::new(peers),
             computed: false,
             done: false,
         }
@@ -188,7 +247,7 @@ impl BatchInput {
     /// Adds `diff` copies of `(key, version)` at the current epoch.
     pub fn update(&mut self, (key, version): (DedupKey, EventVersion), diff: isize) {
         let to = key_worker(&key, self.shared.peers);
-        self.outgoing[to].push((key, version, self.time, diff));
+        self.outgoing.push(to, (key, version, self.time, diff));
     }
 
     /// Moves on to epoch `time`.
@@ -217,22 +276,24 @@ impl BatchInput {
         let (index, peers) = (self.index, shared.peers);
 
         // 1. Every version of a key here: its winner before and after.
-        for (to, lot) in self.outgoing.iter_mut().enumerate() {
-            shared.versions.send(to, std::mem::take(lot));
-        }
+        self.outgoing.send(&shared.versions);
         if !shared.gate.wait() {
             return false;
         }
-        let mut updates = shared.versions.take(index);
-        updates.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-        let mut hours: Vec<Vec<HourUpdate>> = vec![Vec::new(); peers];
+        // In key order by the key's top byte, then by key and version.
+        let buckets = bucket_sort(
+            shared.versions.take(index),
+            |u| (u.0 .0.get() >> 120) as usize,
+            |a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)),
+        );
+        let mut hours: Outgoing<HourUpdate> = Outgoing::new(peers);
         let mut clicks: FastMap<Cell, Sums> = FastMap::default();
         let mut conflicts = 0;
         let mut hour_of = |version: &EventVersion, sums: Sums, change: bool| {
             let (user, hour) = UserDay::of(version);
-            hours[user_worker(&user, peers)].push((user, hour, sums, change));
+            hours.push(cell_worker(&user, peers), (user, hour, sums, change));
         };
-        for key in updates.chunk_by(|a, b| a.0 == b.0) {
+        for key in buckets.iter().flat_map(|b| b.chunk_by(|a, b| a.0 == b.0)) {
             let (mut before, mut after, mut present) = (None, None, 0);
             // In version order: the last present one is the greatest.
             for version in key.chunk_by(|a, b| a.1 == b.1) {
@@ -272,66 +333,88 @@ impl BatchInput {
                 }
             }
         }
-        drop(updates);
+        drop(buckets);
         conflicted.set(conflicted.get() + conflicts);
 
         // 2. Every hour of a user day here: its cells' changes, added up per (day, dims).
-        for (to, lot) in hours.into_iter().enumerate() {
-            shared.hours.send(to, lot);
-        }
+        hours.send(&shared.hours);
         if !shared.gate.wait() {
             return false;
         }
-        let mut hours = shared.hours.take(index);
-        hours.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-        let (mut runs, mut flips, mut out, mut changes) =
-            (CellRuns::default(), Vec::new(), Vec::new(), Vec::new());
-        for user in hours.chunk_by(|a, b| a.0 == b.0) {
-            let (mut present_before, mut present_after) = (0u32, 0u32);
-            changes.clear();
-            for hour in user.chunk_by(|a, b| a.1 == b.1) {
-                let (mut before, mut change) = (Sums::default(), Sums::default());
-                for (_, _, sums, is_change) in hour {
-                    if *is_change {
-                        change.plus_equals(sums);
-                    } else {
-                        before.plus_equals(sums);
+        // A daily cell's users together (by the cell's hash), in user-day and hour order.
+        let buckets = bucket_sort(
+            shared.hours.take(index),
+            |u| (u.0.cell_hash() >> 24) as usize & 0xff,
+            |a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)),
+        );
+        // Per daily cell (its users come together): its hours' and its day's changes in an
+        // array, its week's sums in a map.
+        let mut cells = Vec::new();
+        let mut weeks: FastMap<Cell<AdDims>, Sums> = FastMap::default();
+        for daily in buckets
+            .iter()
+            .flat_map(|b| b.chunk_by(|a, b| a.0.same_cell(&b.0)))
+        {
+            let (mut hourly, mut day) = ([CellDelta::default(); 24], CellDelta::default());
+            for user in daily.chunk_by(|a, b| a.0 == b.0) {
+                let (mut present_before, mut present_after) = (0u32, 0u32);
+                for hour in user.chunk_by(|a, b| a.1 == b.1) {
+                    let (mut before, mut change) = (Sums::default(), Sums::default());
+                    for (_, _, sums, is_change) in hour {
+                        if *is_change {
+                            change.plus_equals(sums);
+                        } else {
+                            before.plus_equals(sums);
+                        }
                     }
+                    let h = hour[0].1;
+                    let mut after = before;
+                    after.plus_equals(&change);
+                    present_before |= ((before.events > 0) as u32) << h;
+                    present_after |= ((after.events > 0) as u32) << h;
+                    hourly[h as usize].sums.plus_equals(&change);
+                    day.sums.plus_equals(&change);
                 }
-                let h = hour[0].1;
-                let mut after = before;
-                after.plus_equals(&change);
-                present_before |= ((before.events > 0) as u32) << h;
-                present_after |= ((after.events > 0) as u32) << h;
-                if !change.is_zero() {
-                    changes.push((from, h, change));
+                // The hours the user entered or left, and the day if it did.
+                let mut flipped = present_before ^ present_after;
+                while flipped != 0 {
+                    let h = flipped.trailing_zeros();
+                    flipped &= flipped - 1;
+                    hourly[h as usize].users += if present_after >> h & 1 == 1 { 1 } else { -1 };
+                }
+                if (present_before == 0) != (present_after == 0) {
+                    day.users += if present_after != 0 { 1 } else { -1 };
                 }
             }
-            if changes.is_empty() && present_before == present_after {
-                continue;
+            let user = &daily[0].0;
+            for (h, delta) in hourly.into_iter().enumerate() {
+                if !delta.is_zero() {
+                    cells.push((user.cell(Grain::Hourly, h as u8).widen(), delta));
+                }
             }
-            cell_changes(
-                &user[0].0,
-                &present_before,
-                &present_after,
-                &changes,
-                &mut flips,
-                &mut out,
-            );
-            for (cell, delta) in out.drain(..) {
-                runs.add(cell, delta);
+            if !day.is_zero() {
+                cells.push((user.cell(Grain::Daily, 0).widen(), day));
+            }
+            if !day.sums.is_zero() {
+                weeks
+                    .entry(user.cell(Grain::Weekly, 0))
+                    .or_default()
+                    .plus_equals(&day.sums);
             }
         }
-        drop(hours);
-        let mut cells = Vec::new();
-        runs.finish(&mut cells);
+        drop(buckets);
+        cells.extend(
+            weeks
+                .into_iter()
+                .filter(|(_, sums)| !sums.is_zero())
+                .map(|(week, sums)| (week.widen(), CellDelta { sums, users: 0 })),
+        );
         cells.extend(
             clicks
                 .into_iter()
                 .filter(|(_, sums)| !sums.is_zero())
                 .map(|(cell, sums)| (cell, CellDelta { sums, users: 0 })),
         );
-
         // 3. Every change of a partition to its owner's mirror.
         let mut lots: Vec<Vec<(Cell, CellDelta)>> = vec![Vec::new(); peers];
         for (cell, delta) in cells {
@@ -344,8 +427,8 @@ impl BatchInput {
             return false;
         }
         let mut mirror = mirror.borrow_mut();
-        for (cell, delta) in shared.cells.take(index) {
-            mirror.apply(&cell, &delta);
+        for (cell, delta) in shared.cells.take(index).iter().flatten() {
+            mirror.apply(cell, delta);
         }
         self.done = true;
         true

@@ -203,7 +203,10 @@ fn run_batch(
     for (tables, conflicted) in results {
         snapshot.conflicted_keys += conflicted;
         for (id, rows) in tables {
-            assert!(snapshot.tables.insert(id, rows).is_none(), "{id:?} on two workers");
+            assert!(
+                snapshot.tables.insert(id, rows).is_none(),
+                "{id:?} on two workers"
+            );
         }
     }
     snapshot
@@ -234,7 +237,8 @@ fn change_strategy() -> impl Strategy<Value = (Updates, Vec<((DedupKey, EventVer
             let mut changes: Vec<_> = added.into_iter().map(|u| (u, 1)).collect();
             if !before.is_empty() {
                 // Each row of the state at most once: a withdrawn source takes back what it gave.
-                let mut rows: Vec<usize> = withdrawn.iter().map(|i| i.index(before.len())).collect();
+                let mut rows: Vec<usize> =
+                    withdrawn.iter().map(|i| i.index(before.len())).collect();
                 rows.sort_unstable();
                 rows.dedup();
                 changes.extend(rows.into_iter().map(|i| (before[i], -1)));
