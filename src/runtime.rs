@@ -100,8 +100,9 @@ pub struct IngestOptions {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Engine {
     /// A run of one epoch after its keyed rebuild, on one process (an ingest's hot-window
-    /// generation, a correction), with sorts and no dataflow ([`adsmetrics_dataflows::batch`]);
-    /// anything else (a stream, a cluster, several epochs) on the dataflow.
+    /// generation, a correction), with sorts and no dataflow; anything else (a stream, a
+    /// cluster, several epochs) on the dataflow.
+    // The batch engine: `adsmetrics_dataflows::batch`.
     #[default]
     Auto,
     /// Every run on the timely/differential dataflow.
