@@ -168,11 +168,8 @@ enum Command {
         /// that epoch (its staged files and findings are kept in `_adsmetrics/gated/`) and exit 12.
         #[arg(long)]
         gate: bool,
-        /// How the tables' changes are computed; the tables are the same bytes either way.
-        /// `auto` computes a run of one epoch after its rebuild on one process (each hot-window
-        /// generation, a correction) with sorts and no dataflow, in less time and memory.
-        #[arg(long, value_enum, default_value_t = Engine::Auto)]
-        engine: Engine,
+        #[command(flatten)]
+        engine: EngineArg,
         #[command(flatten)]
         metrics: RunMetricsArgs,
         #[command(flatten)]
@@ -206,6 +203,8 @@ enum Command {
         /// that epoch (its staged files and findings are kept in `_adsmetrics/gated/`) and exit 12.
         #[arg(long)]
         gate: bool,
+        #[command(flatten)]
+        engine: EngineArg,
         #[command(flatten)]
         metrics: RunMetricsArgs,
         #[command(flatten)]
@@ -813,6 +812,18 @@ fn in_cluster_following<T>(
     Ok(Some(ran))
 }
 
+/// `--engine`, shared by the commands that take it.
+#[derive(clap::Args, Debug)]
+struct EngineArg {
+    /// How the tables' changes are computed; the tables are the same bytes either way. `auto`
+    /// computes a generation of one epoch after its rebuild on one process (with the default
+    /// --epoch-sources 0 and no --processes: each hot-window generation of an ingest, a
+    /// correction, a backfill's one-day generations) with sorts and no dataflow, in less time
+    /// and memory; the rest on the timely/differential dataflow. `dataflow`: all on the dataflow.
+    #[arg(long = "engine", value_enum, default_value_t = Engine::Auto)]
+    engine: Engine,
+}
+
 /// `--hot-window`, shared by the commands that take it.
 #[derive(clap::Args, Debug)]
 struct HotWindowArg {
@@ -1031,7 +1042,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     gate,
                     metrics: counters,
                     cluster,
-                    engine,
+                    engine: engine.engine,
                     ..IngestOptions::default()
                 };
                 Ok(ingest(&warehouse, &inputs, options)?)
@@ -1050,6 +1061,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             workers,
             quiet,
             gate,
+            engine,
             metrics,
             cluster,
         } => {
@@ -1069,6 +1081,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             gate,
                             metrics: counters,
                             cluster,
+                            engine: engine.engine,
                             ..IngestOptions::default()
                         },
                     },

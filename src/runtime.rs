@@ -99,9 +99,8 @@ pub struct IngestOptions {
 /// How a run computes its tables' changes (`--engine`). The tables are the same either way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Engine {
-    /// A run of one epoch after its keyed rebuild, on one process (an ingest's hot-window
-    /// generation, a correction), with sorts and no dataflow; anything else (a stream, a
-    /// cluster, several epochs) on the dataflow.
+    /// A generation of one epoch after its keyed rebuild, on one process, with sorts and no
+    /// dataflow; anything else (a stream, a cluster, several epochs) on the dataflow.
     // The batch engine: `adsmetrics_dataflows::batch`.
     #[default]
     Auto,
@@ -193,6 +192,10 @@ pub struct IngestSummary {
     pub epochs: u64,
     /// Dataflow generations the run was cut into by the hot window (1 for a run within it).
     pub generations: u64,
+    /// Of its generations, those computed on the batch engine rather than the dataflow
+    /// ([`Engine::Auto`]).
+    #[serde(default)]
+    pub batch_engine_runs: u64,
     /// Memory after each generation, when the run had more than one.
     pub memory: Vec<GenerationMemory>,
     /// Partition versions published (including removals).
@@ -1303,6 +1306,7 @@ impl IngestSummary {
         self.partitions_published += g.partitions_published;
         self.partitions_unchanged += g.partitions_unchanged;
         self.conflicted_keys += g.conflicted_keys;
+        self.batch_engine_runs += g.batch_engine_runs;
     }
 }
 
@@ -1701,6 +1705,7 @@ fn execute_generation(
         listing.extend(written);
     }
     let mut summary = std::mem::take(&mut state.summary);
+    summary.batch_engine_runs = shared.batch.is_some() as u64;
     if let Some(journal) = state.journal.take() {
         cache.keep(warehouse, journal, ledger, listing);
         if let Some(mut session) = session {

@@ -95,6 +95,10 @@ fn batch_engine_and_dataflow_publish_the_same_bytes() {
         assert!(load.generations > 1, "the load is cut into generations");
         let fix = ingest(&wh, &[dir.path().join("fix")], options()).unwrap();
         assert!(fix.rehydrated_rows > 0 && fix.partitions_published > 0);
+        // Each engine ran where it was asked to.
+        let batch = (engine == Engine::Auto) as u64;
+        assert_eq!(load.batch_engine_runs, batch * load.generations);
+        assert_eq!(fix.batch_engine_runs, batch);
         let mut files = std::collections::BTreeMap::new();
         for table in [
             "ads_metrics_hourly",

@@ -225,16 +225,19 @@ fn present(updates: &[((DedupKey, EventVersion), isize)]) -> Updates {
         .collect()
 }
 
-/// A state before (a multiset of versions) and a change to it: more versions, resends, and
-/// retractions of versions the state holds.
+/// A state before (a multiset of versions) and a change to it: more versions, resends,
+/// retractions of versions the state holds, and retractions of versions it does not (counts
+/// below zero, which must count as absent, as in the dataflow).
 fn change_strategy() -> impl Strategy<Value = (Updates, Vec<((DedupKey, EventVersion), isize)>)> {
     (
         proptest::collection::vec(version_strategy(), 0..40),
         proptest::collection::vec(version_strategy(), 0..40),
         proptest::collection::vec(any::<proptest::sample::Index>(), 0..20),
+        proptest::collection::vec(version_strategy(), 0..6),
     )
-        .prop_map(|(before, added, withdrawn)| {
+        .prop_map(|(before, added, withdrawn, absent)| {
             let mut changes: Vec<_> = added.into_iter().map(|u| (u, 1)).collect();
+            changes.extend(absent.into_iter().map(|u| (u, -1)));
             if !before.is_empty() {
                 // Each row of the state at most once: a withdrawn source takes back what it gave.
                 let mut rows: Vec<usize> =
