@@ -15,6 +15,8 @@ use proptest::prelude::*;
 
 type Tables = BTreeMap<PartitionId, Vec<(Dims, MetricRow)>>;
 type Updates = Vec<(DedupKey, EventVersion)>;
+/// Updates with their counts (`-1` retracts).
+type Counted = Vec<((DedupKey, EventVersion), isize)>;
 
 /// What the workers hold together after an epoch.
 #[derive(Clone, Default, Debug, PartialEq)]
@@ -228,7 +230,7 @@ fn present(updates: &[((DedupKey, EventVersion), isize)]) -> Updates {
 /// A state before (a multiset of versions) and a change to it: more versions, resends,
 /// retractions of versions the state holds, and retractions of versions it does not (counts
 /// below zero, which must count as absent, as in the dataflow).
-fn change_strategy() -> impl Strategy<Value = (Updates, Vec<((DedupKey, EventVersion), isize)>)> {
+fn change_strategy() -> impl Strategy<Value = (Updates, Counted)> {
     (
         proptest::collection::vec(version_strategy(), 0..40),
         proptest::collection::vec(version_strategy(), 0..40),
