@@ -1550,7 +1550,7 @@ fn execute_generation(
         journal: None,
     });
     // One change epoch on a dataflow of this process's own, dropped after it: the same changes
-    // with sorts, for a third of the dataflow's time (see `adsmetrics_dataflows::batch`).
+    // with sorts, in about half the dataflow's time (see `adsmetrics_dataflows::batch`).
     let batch = (options.engine == Engine::Auto
         && options.cluster.is_none()
         && session.is_none()

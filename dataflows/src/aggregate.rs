@@ -187,7 +187,7 @@ impl Multiply<isize> for CellDelta {
 pub type CellChanges<'scope> = VecCollection<'scope, Epoch, Cell, CellDelta>;
 
 /// The cell of `grain` that `event` falls into.
-fn cell_of(event: &EventVersion, grain: Grain) -> Cell {
+pub(crate) fn cell_of(event: &EventVersion, grain: Grain) -> Cell {
     Cell {
         grain,
         period: grain.period_of(event),
@@ -251,33 +251,27 @@ impl UserDay {
         self.ad_id
     }
 
-    /// A hash of its daily cell (not persisted): its users are brought together by it.
-    pub(crate) fn cell_hash(&self) -> u64 {
-        use std::hash::BuildHasher;
-        crate::batching::BuildFastHasher::default().hash_one((
-            self.day,
-            self.advertiser_id,
-            self.campaign_id,
-            self.ad_id,
-            self.country,
-        ))
-    }
-
-    /// Whether `other` is a user of the same daily cell (in user-day order, they come together).
-    pub(crate) fn same_cell(&self, other: &UserDay) -> bool {
+    /// Its daily cell's day and dimensions: what [`UserDay::cell_hash`] and
+    /// [`UserDay::same_cell`] look at.
+    fn daily_cell(&self) -> (i32, i64, i64, i64, Country) {
         (
             self.day,
             self.advertiser_id,
             self.campaign_id,
             self.ad_id,
             self.country,
-        ) == (
-            other.day,
-            other.advertiser_id,
-            other.campaign_id,
-            other.ad_id,
-            other.country,
         )
+    }
+
+    /// A hash of its daily cell (not persisted): its users are brought together by it.
+    pub(crate) fn cell_hash(&self) -> u64 {
+        use std::hash::BuildHasher;
+        crate::batching::BuildFastHasher::default().hash_one(self.daily_cell())
+    }
+
+    /// Whether `other` is a user of the same daily cell (in user-day order, they come together).
+    pub(crate) fn same_cell(&self, other: &UserDay) -> bool {
+        self.daily_cell() == other.daily_cell()
     }
 
     pub(crate) fn cell(&self, grain: Grain, hour_of_day: u8) -> Cell<AdDims> {

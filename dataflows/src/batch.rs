@@ -38,8 +38,9 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use differential_dataflow::difference::{IsZero, Multiply, Semigroup};
 
-use crate::aggregate::{CellDelta, Sums, UserDay};
+use crate::aggregate::{cell_of, CellDelta, Sums, UserDay};
 use crate::batching::FastMap;
+use crate::dedup::winner;
 use crate::mirror::{PartitionId, PartitionMirror};
 use crate::model::{AdDims, Cell, DedupKey, Epoch, EventVersion, Grain};
 
@@ -295,9 +296,11 @@ impl BatchInput {
             let (user, hour) = UserDay::of(version);
             hours.push(cell_worker(&user, peers), (user, hour, sums, change));
         };
+        // A key's versions with their counts before `from` and in all: `dedup`'s winner of each.
+        let (mut counts_before, mut counts) = (Vec::new(), Vec::new());
         for key in buckets.iter().flat_map(|b| b.chunk_by(|a, b| a.0 == b.0)) {
-            let (mut before, mut after, mut present) = (None, None, 0);
-            // In version order: the last present one is the greatest.
+            counts_before.clear();
+            counts.clear();
             for version in key.chunk_by(|a, b| a.1 == b.1) {
                 let (mut count_before, mut count) = (0, 0);
                 for &(_, _, time, diff) in version {
@@ -306,15 +309,13 @@ impl BatchInput {
                         count_before += diff;
                     }
                 }
-                if count_before > 0 {
-                    before = Some(version[0].1);
-                }
-                if count > 0 {
-                    after = Some(version[0].1);
-                    present += 1;
-                }
+                counts_before.push((version[0].1, count_before));
+                counts.push((version[0].1, count));
             }
-            conflicts += (present > 1) as i64;
+            let before = winner(&counts_before).map(|(version, _)| version);
+            let after = winner(&counts);
+            conflicts += after.is_some_and(|(_, present)| present > 1) as i64;
+            let after = after.map(|(version, _)| version);
             if let Some(old) = &before {
                 hour_of(old, Sums::of(old), false);
             }
@@ -326,12 +327,10 @@ impl BatchInput {
                 let sums = Sums::of(&version).multiply(&sign);
                 hour_of(&version, sums, true);
                 if Grain::Minute.counts(&version) {
-                    let cell = Cell {
-                        grain: Grain::Minute,
-                        period: Grain::Minute.period_of(&version),
-                        dims: Grain::Minute.dims_of(&version),
-                    };
-                    clicks.entry(cell).or_default().plus_equals(&sums);
+                    clicks
+                        .entry(cell_of(&version, Grain::Minute))
+                        .or_default()
+                        .plus_equals(&sums);
                 }
             }
         }

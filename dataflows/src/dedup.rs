@@ -25,7 +25,7 @@ use crate::reduce_total::reduce_total;
 pub type Deduped<'scope> = VecCollection<'scope, Epoch, (DedupKey, (EventVersion, u32)), isize>;
 
 /// The greatest present version and the number of present versions, if any is present.
-fn winner(present: &[(EventVersion, isize)]) -> Option<(EventVersion, u32)> {
+pub(crate) fn winner(present: &[(EventVersion, isize)]) -> Option<(EventVersion, u32)> {
     let mut present = present.iter().filter(|(_, count)| *count > 0);
     let first = present.next()?;
     Some(present.fold((first.0, 1), |(best, n), (v, _)| (best.max(*v), n + 1)))
