@@ -818,8 +818,9 @@ struct EngineArg {
     /// How the tables' changes are computed; the tables are the same bytes either way. `auto`
     /// computes a generation of one epoch after its rebuild on one process (with the default
     /// --epoch-sources 0 and no --processes: each hot-window generation of an ingest, a
-    /// correction, a backfill's one-day generations) with sorts and no dataflow, in less time
-    /// and memory; the rest on the timely/differential dataflow. `dataflow`: all on the dataflow.
+    /// correction, a backfill's days, each then a generation of its own) with sorts and no
+    /// dataflow, in less time and memory; the rest on the timely/differential dataflow.
+    /// `dataflow`: all on the dataflow (a backfill's generations then hold the window's days).
     #[arg(long = "engine", value_enum, default_value_t = Engine::Auto)]
     engine: Engine,
 }

@@ -1125,6 +1125,16 @@ fn cut_by_window<T>(
     out
 }
 
+/// Whether a run's generations of one epoch after a keyed rebuild go to the batch engine
+/// (`adsmetrics_dataflows::batch`): [`Engine::Auto`], on one process, not a stream's session,
+/// and no `--epoch-sources` (which asks for several epochs in one dataflow).
+fn batch_engine_for(options: &IngestOptions, cache: &OpenCache) -> bool {
+    options.engine == Engine::Auto
+        && options.cluster.is_none()
+        && options.epoch_sources == 0
+        && cache.session_rows.is_none()
+}
+
 /// Runs a planned run, cut into generations by the hot window: each generation is a whole run
 /// of its own batches (a fresh dataflow, rebuilt by key from the raw layer the generations
 /// before it wrote), so the state in memory is that of at most one window of source days,
@@ -1158,6 +1168,15 @@ fn execute_cached(
     } = plan;
     let batches: Vec<Batch> = batches.into_iter().filter(|b| !b.is_empty()).collect();
     let mut generations = match rehydration {
+        // On the batch engine, a window's epochs (a backfill's days) are generations of their
+        // own: the engine computes a generation of one epoch, the dataflow one of several. A
+        // 30-day backfill (5M events, 2 workers) took 6.1 s in 200 MB so, 7.0 s in 440 MB as
+        // two-day generations on the dataflow.
+        Rehydration::Keyed
+            if options.hot_window_days.is_some() && batch_engine_for(&options, cache) =>
+        {
+            batches.into_iter().map(|b| vec![b]).collect()
+        }
         Rehydration::Keyed => cut_by_window(batches, options.hot_window_days, |b| b.day)
             .into_iter()
             .map(|(_, group)| group)

@@ -8,7 +8,7 @@ mod common;
 use adsmetrics::backfill::{backfill, BackfillOptions};
 use adsmetrics::event::Event;
 use adsmetrics::ledger::RunKind;
-use adsmetrics::runtime::{ingest, IngestOptions, IngestSummary};
+use adsmetrics::runtime::{ingest, Engine, IngestOptions, IngestSummary};
 use adsmetrics::snapshot::TableSnapshot;
 use adsmetrics::warehouse::{parse_day, Warehouse};
 use common::*;
@@ -21,14 +21,22 @@ fn options(hot_window_days: Option<u32>) -> IngestOptions {
     }
 }
 
-fn run_backfill(wh: &Warehouse, root: &std::path::Path, window: Option<u32>) -> IngestSummary {
+fn run_backfill(
+    wh: &Warehouse,
+    root: &std::path::Path,
+    window: Option<u32>,
+    engine: Engine,
+) -> IngestSummary {
     backfill(
         wh,
         BackfillOptions {
             source: root.to_path_buf(),
             from_day: parse_day("2026-11-01").unwrap(),
             to_day: parse_day("2026-12-31").unwrap(),
-            run: options(window),
+            run: IngestOptions {
+                engine,
+                ..options(window)
+            },
         },
     )
     .unwrap()
@@ -106,7 +114,12 @@ fn a_windowed_backfill_equals_the_reference_and_reruns_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let events = history_with_late_events(dir.path());
     let windowed = Warehouse::new(dir.path().join("windowed"));
-    let first = run_backfill(&windowed, &dir.path().join("logs"), Some(2));
+    let first = run_backfill(
+        &windowed,
+        &dir.path().join("logs"),
+        Some(2),
+        Engine::Dataflow,
+    );
     // 30+ source days in windows of two: 15 or more dataflows, each holding two days.
     assert_eq!(first.generations, windows_of(dir.path(), 2), "{first:?}");
     assert!(first.generations >= 15);
@@ -124,7 +137,7 @@ fn a_windowed_backfill_equals_the_reference_and_reruns_change_nothing() {
 
     // The same history in one dataflow gives the same partition versions.
     let whole = Warehouse::new(dir.path().join("whole"));
-    let unwindowed = run_backfill(&whole, &dir.path().join("logs"), None);
+    let unwindowed = run_backfill(&whole, &dir.path().join("logs"), None, Engine::Auto);
     assert_eq!(unwindowed.generations, 1);
     assert_eq!(
         TableSnapshot::take(&windowed).unwrap().fingerprint(),
@@ -132,9 +145,30 @@ fn a_windowed_backfill_equals_the_reference_and_reruns_change_nothing() {
         "same partitions, same bytes"
     );
 
+    // On the batch engine the window's days are generations of their own (an epoch each),
+    // every one computed without the dataflow: the same bytes again.
+    let daily = Warehouse::new(dir.path().join("daily"));
+    let on_engine = run_backfill(&daily, &dir.path().join("logs"), Some(2), Engine::Auto);
+    assert_eq!(
+        on_engine.generations,
+        windows_of(dir.path(), 1),
+        "{on_engine:?}"
+    );
+    assert_eq!(on_engine.batch_engine_runs, on_engine.generations);
+    assert_eq!(
+        TableSnapshot::take(&daily).unwrap().fingerprint(),
+        TableSnapshot::take(&whole).unwrap().fingerprint(),
+        "same partitions, same bytes"
+    );
+
     // Replayed: nothing read, nothing written, one ledger entry for the rerun.
     let before = TableSnapshot::take(&windowed).unwrap();
-    let again = run_backfill(&windowed, &dir.path().join("logs"), Some(2));
+    let again = run_backfill(
+        &windowed,
+        &dir.path().join("logs"),
+        Some(2),
+        Engine::Dataflow,
+    );
     assert_eq!(again.sources_ingested, 0);
     assert_eq!(again.partitions_published, 0);
     assert!(TableSnapshot::take(&windowed)
