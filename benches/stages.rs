@@ -29,8 +29,7 @@ use adsmetrics::schema::events_to_batch;
 use adsmetrics::sink::curated::{content_version, encode_partition};
 use adsmetrics::sink::raw;
 use adsmetrics::warehouse::Warehouse;
-use adsmetrics_dataflows::batch::{BatchInput, BatchShared};
-use adsmetrics_dataflows::pipeline::build;
+use adsmetrics_dataflows::pipeline::{build, build_batch, Pipeline};
 use adsmetrics_dataflows::{DedupKey, Dims, EventVersion, MetricRow, PartitionId};
 use chrono::DateTime;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
@@ -136,9 +135,13 @@ fn write_raw_layer(sources: &[Vec<(DedupKey, &Event)>]) -> (tempfile::TempDir, u
 /// A partition and its rows.
 type Partition = (PartitionId, Vec<(Dims, MetricRow)>);
 
-/// Runs the dataflow on one worker over `versions` in one epoch; returns the curated partitions
-/// with their rows when `collect` (not timed in the bench).
-fn run_dataflow(versions: Arc<Vec<(DedupKey, EventVersion)>>, collect: bool) -> Vec<Partition> {
+/// Every keyed version fed at epoch 0 to the pipeline `build` makes on one worker, and stepped
+/// until the epoch is complete: the partitions, if `collect`.
+fn run_pipeline(
+    versions: Arc<Vec<(DedupKey, EventVersion)>>,
+    build: fn(&mut timely::worker::Worker) -> Pipeline,
+    collect: bool,
+) -> Vec<Partition> {
     timely::execute_directly(move |worker| {
         let mut pipeline = build(worker);
         for kv in versions.iter() {
@@ -146,9 +149,7 @@ fn run_dataflow(versions: Arc<Vec<(DedupKey, EventVersion)>>, collect: bool) -> 
         }
         pipeline.input.advance_to(1);
         pipeline.input.flush();
-        while pipeline.probe.less_than(&1) {
-            worker.step();
-        }
+        pipeline.complete(worker, 1);
         if !collect {
             return Vec::new();
         }
@@ -160,25 +161,15 @@ fn run_dataflow(versions: Arc<Vec<(DedupKey, EventVersion)>>, collect: bool) -> 
     })
 }
 
-/// The same partitions as [`run_dataflow`] from the batch engine
-/// ([`adsmetrics_dataflows::batch`]) on one worker, from nothing: every keyed version at epoch 0,
-/// the changes from epoch 0 on.
-fn run_batch(versions: &[(DedupKey, EventVersion)], collect: bool) -> Vec<Partition> {
-    let mut input = BatchInput::new(0, BatchShared::new(1));
-    let mirror = std::cell::RefCell::new(adsmetrics_dataflows::PartitionMirror::default());
-    for kv in versions {
-        input.update(*kv, 1);
-    }
-    input.advance_to(1);
-    assert!(input.compute(0, &mirror, &std::cell::Cell::new(0)));
-    if !collect {
-        return Vec::new();
-    }
-    let mirror = mirror.borrow();
-    mirror
-        .partitions()
-        .map(|id| (*id, mirror.rows(id).expect("consistent partition")))
-        .collect()
+/// The whole dataflow ([`build`]).
+fn run_dataflow(versions: Arc<Vec<(DedupKey, EventVersion)>>, collect: bool) -> Vec<Partition> {
+    run_pipeline(versions, build, collect)
+}
+
+/// The same partitions as [`run_dataflow`] from the batch engine ([`build_batch`]), from
+/// nothing: the changes from epoch 0 on.
+fn run_batch(versions: Arc<Vec<(DedupKey, EventVersion)>>, collect: bool) -> Vec<Partition> {
+    run_pipeline(versions, build_batch, collect)
 }
 
 fn stages(c: &mut Criterion) {
@@ -199,7 +190,7 @@ fn stages(c: &mut Criterion) {
     let versions: Arc<Vec<_>> = Arc::new(events.iter().map(Event::keyed_version).collect());
     let mut partitions = run_dataflow(versions.clone(), true);
     partitions.sort_by_key(|(id, _)| *id);
-    let mut batch = run_batch(&versions, true);
+    let mut batch = run_batch(versions.clone(), true);
     batch.sort_by_key(|(id, _)| *id);
     assert!(
         batch == partitions,
@@ -262,7 +253,7 @@ fn stages(c: &mut Criterion) {
         )
     });
     group.bench_function("batch_engine", |b| {
-        b.iter(|| run_batch(black_box(&versions), false))
+        b.iter(|| run_batch(black_box(versions.clone()), false))
     });
     group.finish();
 

@@ -825,7 +825,7 @@ where
     let starts_stream = matches!(order, Order::Stream(_));
     let guards = cluster.execute(workers, move |worker| {
         let mut control = Control::build(worker);
-        let _pipeline = adsmetrics_dataflows::pipeline::build(worker);
+        let _pipelines = crate::runtime::cluster_pipelines(worker);
         control.order(
             worker,
             workers,
@@ -846,8 +846,8 @@ where
 
 /// What a follower did in one timely run of its cluster.
 pub(crate) enum Followed {
-    /// Ran a generation of the coordinator's plan.
-    Generation,
+    /// Ran a generation of the coordinator's plan, on the batch engine or not.
+    Generation { batch: bool },
     /// Hashed its share of the input files: this many.
     Identified(usize),
     /// Was told a stream starts, with this.
@@ -863,6 +863,8 @@ pub(crate) enum Followed {
 pub struct FollowerWork {
     /// Generations of the coordinator's plan run.
     pub generations: u64,
+    /// Of those, the ones on the batch engine.
+    pub batch_engine_runs: u64,
     /// Input files it identified (read and hashed) for the coordinator's plan.
     pub files_identified: u64,
 }
@@ -880,7 +882,10 @@ pub fn follow(
     crate::memory::keep_freed_memory();
     loop {
         match crate::runtime::follow_once(warehouse, cluster, workers, None)? {
-            Followed::Generation => work.generations += 1,
+            Followed::Generation { batch } => {
+                work.generations += 1;
+                work.batch_engine_runs += batch as u64;
+            }
             Followed::Identified(files) => work.files_identified += files as u64,
             // Answered with an error already: this process runs no stream.
             Followed::Cut => {}

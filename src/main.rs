@@ -769,8 +769,12 @@ fn in_cluster<T>(
         let work = adsmetrics::cluster::follow(warehouse, cluster, workers.max(1))?;
         eprintln!(
             "process {} of {}: identified {} input file(s), ran {} generation(s) of the \
-             coordinator's run",
-            cluster.process, cluster.processes, work.files_identified, work.generations
+             coordinator's run ({} on the batch engine)",
+            cluster.process,
+            cluster.processes,
+            work.files_identified,
+            work.generations,
+            work.batch_engine_runs
         );
         Ok(())
     };
@@ -816,11 +820,11 @@ fn in_cluster_following<T>(
 #[derive(clap::Args, Debug)]
 struct EngineArg {
     /// How the tables' changes are computed; the tables are the same bytes either way. `auto`
-    /// computes a generation of one epoch after its rebuild on one process (with the default
-    /// --epoch-sources 0 and no --processes: each hot-window generation of an ingest, a
-    /// correction, a backfill's days, each then a generation of its own) with sorts and no
-    /// dataflow, in less time and memory; the rest on the timely/differential dataflow.
-    /// `dataflow`: all on the dataflow (a backfill's generations then hold the window's days).
+    /// computes a generation of one epoch after its rebuild (with the default --epoch-sources 0:
+    /// each hot-window generation of an ingest, a correction, a backfill's days, each then a
+    /// generation of its own), on one process or a cluster, with sorts in a plain timely
+    /// dataflow, in less time and memory; the rest on the differential dataflow. `dataflow`: all
+    /// on the differential dataflow (a backfill's generations then hold the window's days).
     #[arg(long = "engine", value_enum, default_value_t = Engine::Auto)]
     engine: Engine,
 }

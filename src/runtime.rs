@@ -99,8 +99,9 @@ pub struct IngestOptions {
 /// How a run computes its tables' changes (`--engine`). The tables are the same either way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Engine {
-    /// A generation of one epoch after its keyed rebuild, on one process, with sorts and no
-    /// dataflow; anything else (a stream, a cluster, several epochs) on the dataflow.
+    /// A generation of one epoch after its keyed rebuild on the batch engine (sorts in a timely
+    /// dataflow, on one process or a cluster); anything else (a stream's session, several
+    /// epochs, a rebuild of whole days) on the differential dataflow.
     // The batch engine: `adsmetrics_dataflows::batch`.
     #[default]
     Auto,
@@ -379,8 +380,9 @@ struct Shared {
     hourly_layout: HashMap<String, Vec<PathBuf>>,
     /// Between this process's workers.
     barrier: Barrier,
-    /// A run computed without the dataflow ([`Engine::Auto`]): what its workers share.
-    batch: Option<Arc<adsmetrics_dataflows::batch::BatchShared>>,
+    /// A run of one change epoch on the batch engine ([`Engine::Auto`]) rather than the
+    /// differential dataflow.
+    batch: bool,
     /// Cluster mode: this process's part in it.
     cluster: Option<Role>,
     progress: ProgressBar,
@@ -457,6 +459,8 @@ pub(crate) struct Job {
     epochs: Vec<EpochPlan>,
     /// [`Shared::hourly_layout`].
     hourly_layout: HashMap<String, Vec<PathBuf>>,
+    /// [`Shared::batch`].
+    batch: bool,
 }
 
 /// A follower's part of an epoch, for worker 0's publish: what its workers staged and ingested.
@@ -1126,13 +1130,10 @@ fn cut_by_window<T>(
 }
 
 /// Whether a run's generations of one epoch after a keyed rebuild go to the batch engine
-/// (`adsmetrics_dataflows::batch`): [`Engine::Auto`], on one process, not a stream's session,
-/// and no `--epoch-sources` (which asks for several epochs in one dataflow).
+/// (`adsmetrics_dataflows::batch`): [`Engine::Auto`], not a stream's session, and no
+/// `--epoch-sources` (which asks for several epochs in one dataflow).
 fn batch_engine_for(options: &IngestOptions, cache: &OpenCache) -> bool {
-    options.engine == Engine::Auto
-        && options.cluster.is_none()
-        && options.epoch_sources == 0
-        && cache.session_rows.is_none()
+    options.engine == Engine::Auto && options.epoch_sources == 0 && cache.session_rows.is_none()
 }
 
 /// Runs a planned run, cut into generations by the hot window: each generation is a whole run
@@ -1546,6 +1547,13 @@ fn execute_generation(
 
     let ledger_anchor = ledger.anchor();
     let shared_journal_bytes = journal.bytes_read();
+    // One change epoch on a dataflow dropped after it: the same changes with sorts, in about
+    // half the differential dataflow's time (see `adsmetrics_dataflows::batch`).
+    let batch = options.engine == Engine::Auto
+        && session.is_none()
+        && matches!(rebuild, Rebuild::Rows(_))
+        && epochs.len() == 1;
+    tracing::debug!(batch, "engine chosen");
     let role = options.cluster.clone().map(|cluster| Role {
         job: Some(Job {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -1563,20 +1571,12 @@ fn execute_generation(
             tamper: options.tamper_for_test,
             epochs: epochs.clone(),
             hourly_layout: hourly_layout.clone(),
+            batch,
         }),
         cluster,
         workers,
         journal: None,
     });
-    // One change epoch on a dataflow of this process's own, dropped after it: the same changes
-    // with sorts, in about half the dataflow's time (see `adsmetrics_dataflows::batch`).
-    let batch = (options.engine == Engine::Auto
-        && options.cluster.is_none()
-        && session.is_none()
-        && matches!(rebuild, Rebuild::Rows(_))
-        && epochs.len() == 1)
-        .then(|| adsmetrics_dataflows::batch::BatchShared::new(workers));
-    tracing::debug!(batch = batch.is_some(), "engine chosen");
     let shared = Arc::new(Shared {
         warehouse: warehouse.clone(),
         run_id: run.run_id.clone(),
@@ -1724,7 +1724,7 @@ fn execute_generation(
         listing.extend(written);
     }
     let mut summary = std::mem::take(&mut state.summary);
-    summary.batch_engine_runs = shared.batch.is_some() as u64;
+    summary.batch_engine_runs = shared.batch as u64;
     if let Some(journal) = state.journal.take() {
         cache.keep(warehouse, journal, ledger, listing);
         if let Some(mut session) = session {
@@ -1828,9 +1828,9 @@ fn assign(sources: &[SourceFile], workers: usize, processes: usize) -> EpochPlan
 fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
     // In a cluster, the control dataflow first, on every process (see `follow_once`).
     let mut control = shared.cluster.as_ref().map(|_| Control::build(worker));
-    // Every worker of the process the same way: a batch pipeline builds no dataflow.
-    let mut pipeline = match &shared.batch {
-        Some(batch) => pipeline::build_batch(worker.index(), batch.clone()),
+    let mut pipeline = match shared.cluster {
+        Some(_) => cluster_pipeline(worker, shared.batch),
+        None if shared.batch => pipeline::build_batch(worker),
         None => pipeline::build(worker),
     };
     if let (Some(control), Some(role)) = (control.as_mut(), shared.cluster.as_ref()) {
@@ -1850,6 +1850,23 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
         0,
         control.as_mut(),
     )
+}
+
+/// The pipelines every worker of a cluster builds, in this order, right after its control
+/// dataflow: a follower builds its dataflows before the coordinator's plan says which one a run
+/// takes ([`Job::batch`]). The other one is dropped, its input closed, and idles.
+pub(crate) fn cluster_pipelines(worker: &mut timely::worker::Worker) -> (Pipeline, Pipeline) {
+    (pipeline::build(worker), pipeline::build_batch(worker))
+}
+
+/// [`cluster_pipelines`], the batch engine's if `batch`.
+fn cluster_pipeline(worker: &mut timely::worker::Worker, batch: bool) -> Pipeline {
+    let (dataflow, engine) = cluster_pipelines(worker);
+    if batch {
+        engine
+    } else {
+        dataflow
+    }
 }
 
 /// A follower's part in one timely run of its cluster ([`crate::cluster::follow`]): what the
@@ -1872,7 +1889,7 @@ pub(crate) fn follow_once(
     let guards = cluster
         .execute(workers, move |worker| {
             let mut control = Control::build(worker);
-            let mut pipeline = pipeline::build(worker);
+            let (dataflow, engine) = cluster_pipelines(worker);
             match control.order(worker, workers, None) {
                 Some(Order::Run(job)) => {
                     let shared = run
@@ -1886,6 +1903,7 @@ pub(crate) fn follow_once(
                             ))
                         })
                         .clone();
+                    let mut pipeline = if shared.batch { engine } else { dataflow };
                     let mut seeded = matches!(shared.rebuild, Rebuild::Rows(_)).then(BTreeSet::new);
                     run_epochs(
                         worker,
@@ -1939,7 +1957,9 @@ pub(crate) fn follow_once(
         crate::memory::release_free_memory();
     }
     // No other word from round 0: it was a generation.
-    Ok(done.unwrap_or(Followed::Generation))
+    Ok(done.unwrap_or(Followed::Generation {
+        batch: state.get().is_some_and(|shared| shared.batch),
+    }))
 }
 
 /// A follower's state for a generation the coordinator planned. What it cannot read goes on its
@@ -2025,7 +2045,7 @@ fn follower_shared(
         epochs: job.epochs,
         hourly_layout: job.hourly_layout,
         barrier: Barrier::new(workers),
-        batch: None,
+        batch: job.batch,
         cluster: Some(Role {
             cluster: cluster.clone(),
             workers,
@@ -2237,13 +2257,8 @@ fn run_epochs(
             pipeline.input.advance_to(base + epoch + 1);
             pipeline.input.flush();
             let fed = started.elapsed();
-            let complete = pipeline.complete(worker, base + epoch + 1);
+            pipeline.complete(worker, base + epoch + 1);
             let computed = started.elapsed();
-            let local = local.and_then(|()| {
-                complete.then_some(()).ok_or_else(|| {
-                    RunError::Runtime("a worker stopped before the epoch was computed".into())
-                })
-            });
             // The last source's files are written meanwhile; they must be on disk before the
             // publish names their source (and the publish syncs the filesystem to make sure).
             let staged = local.and_then(|()| {

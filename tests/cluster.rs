@@ -244,7 +244,11 @@ fn two_processes_write_the_bytes_one_process_writes() {
 
     let clustered = dir.path().join("cluster");
     let said = in_cluster(dir.path(), &clustered, Job::Ingest(&first));
-    assert!(said.contains("ran 2 generation(s)"), "{said}");
+    // Several epochs per generation (`--epoch-sources`): on the differential dataflow.
+    assert!(
+        said.contains("ran 2 generation(s) of the coordinator's run (0 on the batch engine)"),
+        "{said}"
+    );
     // The follower read and hashed every other input file for the plan (the coordinator the rest).
     let inputs = adsmetrics::source::discover(std::slice::from_ref(&first))
         .unwrap()
@@ -262,7 +266,10 @@ fn two_processes_write_the_bytes_one_process_writes() {
             .any(|id| id.grain == adsmetrics_dataflows::Grain::Weekly),
         "every table is written"
     );
-    in_cluster(dir.path(), &clustered, Job::Backfill(&second));
+    // The backfill's days: a generation each, on the batch engine, over timely's channels.
+    let said = in_cluster(dir.path(), &clustered, Job::Backfill(&second));
+    assert!(said.contains("on the batch engine)"), "{said}");
+    assert!(!said.contains("(0 on the batch engine)"), "{said}");
     let after_backfill = contents(&clustered);
     assert!(
         after_backfill.0 != after_first.0,
@@ -307,7 +314,11 @@ fn two_processes_write_the_bytes_one_process_writes() {
     let user = events[0].user_id;
     alone(&single, Job::Delete(user));
     let said = in_cluster(dir.path(), &clustered, Job::Delete(user));
-    assert!(said.contains("ran 1 generation(s)"), "{said}");
+    // A rebuild of whole days: on the differential dataflow.
+    assert!(
+        said.contains("ran 1 generation(s) of the coordinator's run (0 on the batch engine)"),
+        "{said}"
+    );
     let (tables, raw) = contents(&clustered);
     assert!(tables != alone_tables, "the delete changed partitions");
     assert!(tables == contents(&single).0, "a curated partition differs");

@@ -4,12 +4,11 @@
 //! [`build`] constructs it on a worker and hands back the input session, the probe that tells when
 //! an epoch is complete, and the worker's [`PartitionMirror`]. Every worker must call it, in the same
 //! order relative to other dataflows, and must advance (or drop) its input for the frontier to move.
-//! [`build_batch`] makes the same pipeline for a run of one change epoch without a dataflow
-//! ([`crate::batch`]).
+//! [`build_batch`] makes a pipeline that computes the same changes for a run of one change epoch
+//! with sorts ([`crate::batch`]).
 
 use std::cell::{Cell as StdCell, RefCell};
 use std::rc::Rc;
-use std::sync::Arc;
 
 use differential_dataflow::input::{Input, InputSession};
 use differential_dataflow::AsCollection;
@@ -18,7 +17,7 @@ use timely::dataflow::operators::Exchange;
 use timely::worker::Worker;
 
 use crate::aggregate::aggregate;
-use crate::batch::{BatchInput, BatchShared};
+use crate::batch::BatchInput;
 use crate::dedup::dedup;
 use crate::mirror::{PartitionId, PartitionMirror};
 use crate::model::{DedupKey, Epoch, EventVersion};
@@ -38,12 +37,12 @@ pub struct Pipeline {
     changes_from: Rc<StdCell<Epoch>>,
 }
 
-/// A pipeline's input: the dataflow's input session, or a [`BatchInput`] that computes the same
-/// changes without a dataflow.
+/// A pipeline's input: the dataflow's input session, or the batch engine's input.
 pub enum PipelineInput {
     /// Into the dataflow [`build`] made.
     Dataflow(InputSession<Epoch, (DedupKey, EventVersion), isize>),
-    /// Held for [`Pipeline::complete`] ([`build_batch`]).
+    /// Into the batch engine's dataflow ([`build_batch`]), until [`Pipeline::complete`] closes
+    /// it.
     Batch(BatchInput),
 }
 
@@ -69,30 +68,25 @@ impl PipelineInput {
         }
     }
 
-    /// Hands what was fed to the dataflow (a batch input holds it until it computes).
+    /// Hands what was fed to the dataflow.
     pub fn flush(&mut self) {
-        if let PipelineInput::Dataflow(input) = self {
-            input.flush();
+        match self {
+            PipelineInput::Dataflow(input) => input.flush(),
+            PipelineInput::Batch(input) => input.flush(),
         }
     }
 }
 
 impl Pipeline {
     /// Returns once every change of the epochs before `time` is in the mirror: steps the worker
-    /// until the probe passes `time`, or has a batch input compute (its one epoch; every worker
-    /// of the process calls this). `false`: a batch input's fellow worker stopped first, and the
-    /// mirror is incomplete.
-    pub fn complete(&mut self, worker: &mut Worker, time: Epoch) -> bool {
-        match &mut self.input {
-            PipelineInput::Dataflow(_) => {
-                let probe = self.probe.clone();
-                worker.step_or_park_while(None, || probe.less_than(&time));
-                true
-            }
-            PipelineInput::Batch(input) => {
-                input.compute(self.changes_from.get(), &self.mirror, &self.conflicted_keys)
-            }
+    /// until the probe passes `time`. A batch pipeline's input is closed first (its steps compute
+    /// once every worker's is), and takes nothing after.
+    pub fn complete(&mut self, worker: &mut Worker, time: Epoch) {
+        if let PipelineInput::Batch(input) = &mut self.input {
+            input.close();
         }
+        let probe = self.probe.clone();
+        worker.step_or_park_while(None, || probe.less_than(&time));
     }
 
     /// Ignores cell changes at epochs before `epoch` from now on: a keyed rebuild feeds part of
@@ -135,15 +129,26 @@ pub fn build(worker: &mut Worker) -> Pipeline {
     }
 }
 
-/// A pipeline without a dataflow for worker `index` of the workers sharing `shared`: it computes
-/// one change epoch with sorts ([`crate::batch`]). Builds no dataflow, so either every worker of a
-/// process builds its pipeline with this or none does.
-pub fn build_batch(index: usize, shared: Arc<BatchShared>) -> Pipeline {
+/// The batch engine's dataflow on `worker` ([`crate::batch`]), for a run of one change epoch: the
+/// same changes in the mirror as [`build`]'s, with sorts. Every worker must build it, in the same
+/// order relative to other dataflows.
+pub fn build_batch(worker: &mut Worker) -> Pipeline {
+    let mirror = Rc::new(RefCell::new(PartitionMirror::default()));
+    let conflicted_keys = Rc::new(StdCell::new(0i64));
+    let changes_from = Rc::new(StdCell::new(0));
+    let probe = ProbeHandle::new();
+    let input = crate::batch::build_dataflow(
+        worker,
+        changes_from.clone(),
+        mirror.clone(),
+        conflicted_keys.clone(),
+        &probe,
+    );
     Pipeline {
-        input: PipelineInput::Batch(BatchInput::new(index, shared)),
-        probe: ProbeHandle::new(),
-        mirror: Rc::new(RefCell::new(PartitionMirror::default())),
-        conflicted_keys: Rc::new(StdCell::new(0)),
-        changes_from: Rc::new(StdCell::new(0)),
+        input: PipelineInput::Batch(input),
+        probe,
+        mirror,
+        conflicted_keys,
+        changes_from,
     }
 }

@@ -156,7 +156,7 @@ fn input_strategy() -> impl Strategy<Value = (Updates, Vec<Updates>)> {
     })
 }
 
-/// The batch engine ([`adsmetrics_dataflows::batch`]) on `workers` threads: `before` fed at epoch
+/// The batch engine ([`pipeline::build_batch`]) on `workers` timely workers: `before` fed at epoch
 /// 0, `after` (with -1 for retractions) at epoch 1, each worker's mirror seeded with `seed`'s
 /// partitions that it owns, then the changes from epoch `from` on computed. The partitions' rows
 /// and the conflicted keys.
@@ -167,42 +167,41 @@ fn run_batch(
     from: u64,
     workers: usize,
 ) -> Snapshot {
-    use adsmetrics_dataflows::batch::{BatchInput, BatchShared};
-    let shared = BatchShared::new(workers);
-    let results: Vec<(Tables, i64)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|index| {
-                let shared = shared.clone();
-                scope.spawn(move || {
-                    let mirror = std::cell::RefCell::new(PartitionMirror::default());
-                    let conflicted = std::cell::Cell::new(0);
-                    for (id, rows) in seed.iter().filter(|(id, _)| id.worker(workers) == index) {
-                        mirror.borrow_mut().seed(id, rows);
-                    }
-                    let mut input = BatchInput::new(index, shared);
-                    for update in before.iter().skip(index).step_by(workers) {
-                        input.update(*update, 1);
-                    }
-                    input.advance_to(1);
-                    for (update, diff) in changes.iter().skip(index).step_by(workers) {
-                        input.update(*update, *diff);
-                    }
-                    input.advance_to(2);
-                    assert!(input.compute(from, &mirror, &conflicted));
-                    let mirror = mirror.borrow();
-                    let tables: Tables = mirror
-                        .partitions()
-                        .map(|id| (*id, mirror.rows(id).expect("mirror is consistent")))
-                        .filter(|(_, rows)| !rows.is_empty())
-                        .collect();
-                    (tables, conflicted.get())
-                })
-            })
+    let (before, changes, seed) = (
+        Arc::new(before.to_vec()),
+        Arc::new(changes.to_vec()),
+        Arc::new(seed.clone()),
+    );
+    let results = timely::execute(timely::Config::process(workers), move |worker| {
+        let (index, peers) = (worker.index(), worker.peers());
+        let mut p = pipeline::build_batch(worker);
+        for (id, rows) in seed.iter().filter(|(id, _)| id.worker(peers) == index) {
+            p.mirror.borrow_mut().seed(id, rows);
+        }
+        p.ignore_before(from);
+        for update in before.iter().skip(index).step_by(peers) {
+            p.input.update(*update, 1);
+        }
+        p.input.advance_to(1);
+        for (update, diff) in changes.iter().skip(index).step_by(peers) {
+            p.input.update(*update, *diff);
+        }
+        p.input.advance_to(2);
+        p.input.flush();
+        p.complete(worker, 2);
+        let mirror = p.mirror.borrow();
+        let tables: Tables = mirror
+            .partitions()
+            .map(|id| (*id, mirror.rows(id).expect("mirror is consistent")))
+            .filter(|(_, rows)| !rows.is_empty())
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+        (tables, p.conflicted_keys.get())
+    })
+    .unwrap()
+    .join();
     let mut snapshot = Snapshot::default();
-    for (tables, conflicted) in results {
+    for result in results {
+        let (tables, conflicted) = result.unwrap();
         snapshot.conflicted_keys += conflicted;
         for (id, rows) in tables {
             assert!(

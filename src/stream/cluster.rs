@@ -506,7 +506,7 @@ pub fn follow(
         match runtime::follow_once(warehouse, cluster, workers, None)? {
             Followed::Stream(start) => break start.decode::<Start>(),
             Followed::Done(error) => return finished(error, FollowerStream::default()),
-            Followed::Generation | Followed::Identified(_) => {
+            Followed::Generation { .. } | Followed::Identified(_) => {
                 return Err(RunError::Refused(
                     "the coordinator (process 0) runs another command than `stream`: run the \
                      same command on every process"
@@ -554,7 +554,7 @@ pub fn follow(
     let outcome = part.reading(options, || loop {
         let as_part: Arc<dyn StreamPart> = part.clone();
         match runtime::follow_once(warehouse, cluster, workers, Some(as_part))? {
-            Followed::Generation => work.epochs += 1,
+            Followed::Generation { .. } => work.epochs += 1,
             Followed::Done(error) => return Ok::<_, StreamError>(error),
             _ => {}
         }
