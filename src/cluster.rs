@@ -6,7 +6,7 @@
 //! ```text
 //!  process 0, the coordinator                        processes 1..N, the followers
 //!  writer lock, recovery, the input files listed     wait for the coordinator
-//!  ── timely cluster: every worker builds the control dataflow, then the pipeline ──
+//!  ── timely cluster: every worker builds the control dataflow, then both pipelines ──
 //!  round 0: identify these files ────────────────▶  hash every N-th
 //!  round 1: ◀──────────────────────── (index, content hash, size) of each
 //!  the plan (as alone, from the identified files)
@@ -685,7 +685,7 @@ impl Json {
 
 /// A tiny dataflow beside the pipeline that carries the cluster's control messages, a round at
 /// a time: every worker takes part in every round (a barrier of the whole cluster), and gets the
-/// messages sent to it in that round. Built on every worker, before the pipeline.
+/// messages sent to it in that round. Built on every worker, before the pipelines.
 ///
 /// A message carries its round: a worker that left round `r` may send its round `r + 1`
 /// messages while this one is still stepping in round `r`, and they must wait for their round.
@@ -825,7 +825,7 @@ where
     let starts_stream = matches!(order, Order::Stream(_));
     let guards = cluster.execute(workers, move |worker| {
         let mut control = Control::build(worker);
-        let _pipelines = crate::runtime::cluster_pipelines(worker);
+        let _pipelines = crate::runtime::ClusterPipelines::build(worker);
         control.order(
             worker,
             workers,

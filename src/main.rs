@@ -821,10 +821,11 @@ fn in_cluster_following<T>(
 struct EngineArg {
     /// How the tables' changes are computed; the tables are the same bytes either way. `auto`
     /// computes a generation of one epoch after its rebuild (with the default --epoch-sources 0:
-    /// each hot-window generation of an ingest, a correction, a backfill's days, each then a
-    /// generation of its own), on one process or a cluster, with sorts in a plain timely
-    /// dataflow, in less time and memory; the rest on the differential dataflow. `dataflow`: all
-    /// on the differential dataflow (a backfill's generations then hold the window's days).
+    /// each hot-window generation of an ingest, a correction, and under a hot window a
+    /// backfill's days, each then a generation of its own), on one process or a cluster, with
+    /// sorts in a plain timely dataflow, in less time and memory; the rest on the differential
+    /// dataflow. `dataflow`: all on the differential dataflow (a backfill's generations then hold
+    /// the window's days).
     #[arg(long = "engine", value_enum, default_value_t = Engine::Auto)]
     engine: Engine,
 }

@@ -1129,10 +1129,11 @@ fn cut_by_window<T>(
     out
 }
 
-/// Whether a run's generations of one epoch after a keyed rebuild go to the batch engine
-/// (`adsmetrics_dataflows::batch`): [`Engine::Auto`], not a stream's session, and no
-/// `--epoch-sources` (which asks for several epochs in one dataflow).
-fn batch_engine_for(options: &IngestOptions, cache: &OpenCache) -> bool {
+/// Whether a keyed run's batches (a backfill's days) each make a generation of their own, so that
+/// each generation has one epoch, which `execute_generation` then computes on the batch engine
+/// (`adsmetrics_dataflows::batch`): [`Engine::Auto`], not a stream's (whose session takes
+/// several epochs), and no `--epoch-sources` (which asks for several epochs in one dataflow).
+fn batch_per_generation(options: &IngestOptions, cache: &OpenCache) -> bool {
     options.engine == Engine::Auto && options.epoch_sources == 0 && cache.session_rows.is_none()
 }
 
@@ -1174,7 +1175,7 @@ fn execute_cached(
         // 30-day backfill (5M events, 2 workers) took 6.1 s in 200 MB so, 7.0 s in 440 MB as
         // two-day generations on the dataflow.
         Rehydration::Keyed
-            if options.hot_window_days.is_some() && batch_engine_for(&options, cache) =>
+            if options.hot_window_days.is_some() && batch_per_generation(&options, cache) =>
         {
             batches.into_iter().map(|b| vec![b]).collect()
         }
@@ -1829,7 +1830,7 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
     // In a cluster, the control dataflow first, on every process (see `follow_once`).
     let mut control = shared.cluster.as_ref().map(|_| Control::build(worker));
     let mut pipeline = match shared.cluster {
-        Some(_) => cluster_pipeline(worker, shared.batch),
+        Some(_) => ClusterPipelines::build(worker).take(shared.batch),
         None if shared.batch => pipeline::build_batch(worker),
         None => pipeline::build(worker),
     };
@@ -1854,18 +1855,28 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
 
 /// The pipelines every worker of a cluster builds, in this order, right after its control
 /// dataflow: a follower builds its dataflows before the coordinator's plan says which one a run
-/// takes ([`Job::batch`]). The other one is dropped, its input closed, and idles.
-pub(crate) fn cluster_pipelines(worker: &mut timely::worker::Worker) -> (Pipeline, Pipeline) {
-    (pipeline::build(worker), pipeline::build_batch(worker))
+/// takes ([`Job::batch`]).
+pub(crate) struct ClusterPipelines {
+    dataflow: Pipeline,
+    engine: Pipeline,
 }
 
-/// [`cluster_pipelines`], the batch engine's if `batch`.
-fn cluster_pipeline(worker: &mut timely::worker::Worker, batch: bool) -> Pipeline {
-    let (dataflow, engine) = cluster_pipelines(worker);
-    if batch {
-        engine
-    } else {
-        dataflow
+impl ClusterPipelines {
+    pub(crate) fn build(worker: &mut timely::worker::Worker) -> Self {
+        ClusterPipelines {
+            dataflow: pipeline::build(worker),
+            engine: pipeline::build_batch(worker),
+        }
+    }
+
+    /// The batch engine's if `batch`, else the differential dataflow's; the other one is
+    /// dropped, its input closed, and idles.
+    fn take(self, batch: bool) -> Pipeline {
+        if batch {
+            self.engine
+        } else {
+            self.dataflow
+        }
     }
 }
 
@@ -1889,7 +1900,7 @@ pub(crate) fn follow_once(
     let guards = cluster
         .execute(workers, move |worker| {
             let mut control = Control::build(worker);
-            let (dataflow, engine) = cluster_pipelines(worker);
+            let pipelines = ClusterPipelines::build(worker);
             match control.order(worker, workers, None) {
                 Some(Order::Run(job)) => {
                     let shared = run
@@ -1903,7 +1914,7 @@ pub(crate) fn follow_once(
                             ))
                         })
                         .clone();
-                    let mut pipeline = if shared.batch { engine } else { dataflow };
+                    let mut pipeline = pipelines.take(shared.batch);
                     let mut seeded = matches!(shared.rebuild, Rebuild::Rows(_)).then(BTreeSet::new);
                     run_epochs(
                         worker,

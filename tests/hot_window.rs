@@ -146,7 +146,7 @@ fn a_windowed_backfill_equals_the_reference_and_reruns_change_nothing() {
     );
 
     // On the batch engine the window's days are generations of their own (an epoch each),
-    // every one computed without the dataflow: the same bytes again.
+    // every one computed by the engine: the same bytes again.
     let daily = Warehouse::new(dir.path().join("daily"));
     let on_engine = run_backfill(&daily, &dir.path().join("logs"), Some(2), Engine::Auto);
     assert_eq!(

@@ -26,9 +26,10 @@
 //! mirror adds every change up. So the mirror ends as the dataflow's would, and the tables are
 //! the same bytes (`tests/reference.rs` checks the changes against the reference, the runtime's
 //! `tests/corrections.rs` the two engines' files). It computes one change epoch: the runtime uses
-//! it for runs with one epoch after the rebuild, and the differential dataflow for the rest (a
-//! stream, a run of several epochs). `benches/stages.rs` measures the difference on one core
-//! (`dataflow/dedup_aggregate` against `dataflow/batch_engine`).
+//! it for runs with one epoch after a keyed rebuild, and the differential dataflow for the rest (a
+//! stream's session, a run of several epochs, a rebuild of whole days). `benches/stages.rs`
+//! measures the difference on one core (`dataflow/dedup_aggregate` against
+//! `dataflow/batch_engine`).
 
 use std::cell::{Cell as StdCell, RefCell};
 use std::rc::Rc;
@@ -51,8 +52,7 @@ use crate::mirror::{PartitionId, PartitionMirror};
 use crate::model::{AdDims, Cell, DedupKey, Epoch, EventVersion, Grain};
 
 /// One fed update: a key's version, the epoch it was fed at, and its count.
-pub type BatchUpdate = (DedupKey, EventVersion, Epoch, isize);
-type Update = BatchUpdate;
+type Update = (DedupKey, EventVersion, Epoch, isize);
 
 /// A user day's events in one hour: their sums, and whether that is the state before (`false`)
 /// or a change (`true`).
@@ -276,8 +276,8 @@ fn cell_worker(user: &UserDay, peers: usize) -> usize {
 /// A worker's input into the engine ([`build_dataflow`]): updates gathered into lots by the
 /// worker of their key.
 pub struct BatchInput {
-    handle: Option<InputHandleVec<Epoch, Lot<BatchUpdate>>>,
-    lots: Lots<BatchUpdate>,
+    handle: Option<InputHandleVec<Epoch, Lot<Update>>>,
+    lots: Lots<Update>,
     peers: usize,
 }
 

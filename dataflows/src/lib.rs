@@ -18,8 +18,9 @@
 //! ```
 //!
 //! The root crate feeds the input, waits on the probe, and publishes the touched partitions.
-//! [`batch`] computes the same mirror changes for a run of one change epoch without a dataflow
-//! (a batch run's generations: the dataflow would be built and dropped within the run).
+//! [`batch`] computes the same mirror changes for a run of one change epoch with sorts, in a
+//! timely dataflow of plain operators (a batch run's generations: a differential dataflow would
+//! be built and dropped within the run).
 
 pub mod aggregate;
 pub mod batch;
