@@ -625,6 +625,9 @@ pub(crate) enum Message {
     Identified(Result<Vec<(usize, SourceFile)>, String>),
     /// A process's cut of an [`Order::Cut`], or why it could not cut.
     Cut(Result<CutShare, String>),
+    /// What a worker's share of a generation's new sources asks of its keyed rebuild, to
+    /// worker 0 ([`crate::runtime`]'s `seed_in_run`).
+    Seeds(crate::rehydrate::Seeds),
 }
 
 /// What one process cut of its share of a stream's partitions, for the coordinator to plan the
@@ -846,8 +849,9 @@ where
 
 /// What a follower did in one timely run of its cluster.
 pub(crate) enum Followed {
-    /// Ran a generation of the coordinator's plan, on the batch engine or not.
-    Generation { batch: bool },
+    /// Ran a generation of the coordinator's plan, on the batch engine or not, and sent its
+    /// keyed rebuild what its own sources ask of it (`seeded`) or not.
+    Generation { batch: bool, seeded: bool },
     /// Hashed its share of the input files: this many.
     Identified(usize),
     /// Was told a stream starts, with this.
@@ -865,6 +869,9 @@ pub struct FollowerWork {
     pub generations: u64,
     /// Of those, the ones on the batch engine.
     pub batch_engine_runs: u64,
+    /// Of those, the ones whose keyed rebuild the coordinator found from what this process's
+    /// workers sent of their own sources (the rest rebuilt nothing, or whole days).
+    pub seeded: u64,
     /// Input files it identified (read and hashed) for the coordinator's plan.
     pub files_identified: u64,
 }
@@ -882,9 +889,10 @@ pub fn follow(
     crate::memory::keep_freed_memory();
     loop {
         match crate::runtime::follow_once(warehouse, cluster, workers, None)? {
-            Followed::Generation { batch } => {
+            Followed::Generation { batch, seeded } => {
                 work.generations += 1;
                 work.batch_engine_runs += batch as u64;
+                work.seeded += seeded as u64;
             }
             Followed::Identified(files) => work.files_identified += files as u64,
             // Answered with an error already: this process runs no stream.

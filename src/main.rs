@@ -769,12 +769,13 @@ fn in_cluster<T>(
         let work = adsmetrics::cluster::follow(warehouse, cluster, workers.max(1))?;
         eprintln!(
             "process {} of {}: identified {} input file(s), ran {} generation(s) of the \
-             coordinator's run ({} on the batch engine)",
+             coordinator's run ({} on the batch engine; {} keyed from its own sources' keys)",
             cluster.process,
             cluster.processes,
             work.files_identified,
             work.generations,
-            work.batch_engine_runs
+            work.batch_engine_runs,
+            work.seeded
         );
         Ok(())
     };

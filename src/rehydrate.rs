@@ -36,13 +36,16 @@ use adsmetrics_dataflows::batching::BuildFastHasher;
 use adsmetrics_dataflows::{DedupKey, EventVersion};
 
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 
 use crate::decode::Decoded;
 use crate::event::Event;
 use crate::keyindex;
+use crate::retention::Horizons;
 use crate::scope::{raw_day, Changes, ScopeError};
 use crate::sink::raw;
 use crate::source::{SourceError, SourceFile};
+use crate::tombstones::Tombstones;
 use crate::warehouse::Warehouse;
 
 /// The state a keyed run rebuilds at epoch 0.
@@ -150,6 +153,82 @@ pub type Predecoded = (std::sync::Arc<Decoded>, Vec<(DedupKey, EventVersion)>);
 pub const KEEP_DECODED_EVENTS: usize = 1 << 20;
 
 type Keyed = Vec<(DedupKey, EventVersion)>;
+
+/// What one worker's share of a cluster run's new sources asks of the keyed rebuild, found by the
+/// worker that reads them (see [`crate::runtime`]'s `seed_in_run`): their live events' keys, and
+/// their user-days that may have raw rows ([`SeedScope`]). Only these travel to the coordinator,
+/// which finds the rows ([`keyed_state`]'s `remote`): 16 bytes a key, and a few user-days,
+/// where the events' `(key, version)`s are 104 bytes each.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Seeds {
+    /// The keys (each at most once per source; the coordinator's set takes the rest).
+    pub keys: Vec<DedupKey>,
+    /// The user-days, each once.
+    pub user_days: Vec<UserDay>,
+}
+
+/// Which user-days of new events may have raw rows to rebuild: a raw row lies in its event day's
+/// folder, so only those of days with committed raw files may (the rest are fresh days'),
+/// unless a raw file lies outside any day's folder.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SeedScope {
+    /// The days with committed raw files; `None`: every day may hold rows.
+    days: Option<BTreeSet<i64>>,
+}
+
+impl SeedScope {
+    /// The scope of a run that rebuilds from `committed`.
+    pub fn of(warehouse: &Warehouse, committed: &[PathBuf]) -> Self {
+        let days: Option<BTreeSet<i64>> = committed.iter().map(|p| raw_day(warehouse, p)).collect();
+        SeedScope { days }
+    }
+
+    fn may_have_rows(&self, user_day: &UserDay) -> bool {
+        self.days
+            .as_ref()
+            .is_none_or(|days| days.contains(&user_day.day()))
+    }
+}
+
+impl Seeds {
+    /// Adds the live events of `keyed` (a source's): not past the raw horizon, not deleted.
+    pub fn add(
+        &mut self,
+        keyed: &[(DedupKey, EventVersion)],
+        scope: &SeedScope,
+        horizons: &Horizons,
+        tombstones: &Tombstones,
+    ) {
+        for (key, version) in keyed
+            .iter()
+            .filter(|(k, v)| is_live(k, v, horizons, tombstones))
+        {
+            self.keys.push(*key);
+            let user_day = UserDay::of(version).0;
+            if scope.may_have_rows(&user_day) {
+                self.user_days.push(user_day);
+            }
+        }
+    }
+
+    /// Each user-day once (most of a source's events share a few).
+    pub fn finish(&mut self) {
+        self.user_days.sort_unstable();
+        self.user_days.dedup();
+    }
+}
+
+/// Whether a new event asks anything of the rebuild: events past the raw horizon will be refused,
+/// and deleted keys never come back, so neither changes anything.
+fn is_live(
+    key: &DedupKey,
+    version: &EventVersion,
+    horizons: &Horizons,
+    tombstones: &Tombstones,
+) -> bool {
+    horizons.raw_day.is_none_or(|h| version.day() >= h)
+        && (tombstones.is_empty() || !tombstones.contains(key))
+}
 
 /// Runs `f` over `items` on up to `threads` threads, each taking the next item as it is free (the
 /// items may differ a lot in cost); results in the items' order, or the error of a failed item
@@ -299,12 +378,16 @@ enum Seen {
 /// The keyed state of a run; see the module doc. With `coverage`, only the rows a session's
 /// dataflow does not hold yet ([`Coverage`]; `changes.committed` are then the files committed
 /// when the session began), and the coverage grows by what the run adds.
+///
+/// `remote`: what the workers of a cluster's processes found in their shares of the new sources
+/// ([`Seeds`]), added to `changes.new_sources`'s (which then are the ones this process holds).
 pub fn keyed_state(
     warehouse: &Warehouse,
     changes: &Changes<'_>,
     threads: usize,
     cache: Option<&mut ColumnCache>,
     coverage: Option<&mut Coverage>,
+    remote: &[Seeds],
 ) -> Result<KeyedState, ScopeError> {
     let Changes {
         committed,
@@ -331,16 +414,21 @@ pub fn keyed_state(
         .iter()
         .map(|(_, keyed)| keyed.len())
         .sum::<usize>()
-        + withdrawn.iter().map(Vec::len).sum::<usize>();
+        + withdrawn.iter().map(Vec::len).sum::<usize>()
+        + remote.iter().map(|s| s.keys.len()).sum::<usize>();
     let live = || {
         new_events
             .iter()
             .flat_map(|(_, keyed)| keyed)
-            // Events past the raw horizon will be refused: they change nothing.
-            .filter(|(_, v)| horizons.raw_day.is_none_or(|h| v.day() >= h))
-            .chain(withdrawn.iter().flatten())
-            .filter(|(key, _)| tombstones.is_empty() || !tombstones.contains(key))
+            .filter(|(k, v)| is_live(k, v, horizons, tombstones))
+            .chain(
+                withdrawn
+                    .iter()
+                    .flatten()
+                    .filter(|(key, _)| tombstones.is_empty() || !tombstones.contains(key)),
+            )
     };
+    let remote_keys = || remote.iter().flat_map(|s| &s.keys);
     let covered = coverage.as_deref();
     // Without a session to account for, a user-day is wanted only in a day with committed raw
     // files: a raw row lies in its event day's folder, so a user-day of any other day (a fresh
@@ -355,8 +443,10 @@ pub fn keyed_state(
                     BuildFastHasher::default(),
                 );
                 let mut pending = Vec::new();
-                for (_, version) in live() {
-                    let user_day = UserDay::of(version).0;
+                let user_days = live()
+                    .map(|(_, version)| UserDay::of(version).0)
+                    .chain(remote.iter().flat_map(|s| s.user_days.iter().copied()));
+                for user_day in user_days {
                     if may_have_rows(&user_day)
                         && set.insert(user_day)
                         && !covered.is_some_and(|c| c.user_days.contains(&user_day))
@@ -368,13 +458,13 @@ pub fn keyed_state(
                 // filter are made here, beside the key set.
                 let first_round = covered
                     .is_none()
-                    .then(|| key_lookup(live().map(|(key, _)| key)));
+                    .then(|| key_lookup(live().map(|(key, _)| key).chain(remote_keys())));
                 ((set, pending), first_round)
             });
             let mut set: HashSet<DedupKey, BuildFastHasher> =
                 HashSet::with_capacity_and_hasher(seed_rows, BuildFastHasher::default());
             let mut pending = Vec::new();
-            for (key, _) in live() {
+            for key in live().map(|(key, _)| key).chain(remote_keys()) {
                 if set.insert(*key) && !covered.is_some_and(|c| c.keys.contains(key)) {
                     pending.push(*key);
                 }

@@ -359,6 +359,8 @@ struct Shared {
     tombstones: Tombstones,
     horizons: Horizons,
     rebuild: Rebuild,
+    /// The rebuild's rows are found in the run ([`KeyedInRun`]).
+    keyed_in_run: Option<KeyedInRun>,
     /// New sources already decoded while planning, by content hash (taken by the epoch that
     /// ingests them).
     predecoded: Mutex<HashMap<String, rehydrate::Predecoded>>,
@@ -453,6 +455,8 @@ pub(crate) struct Job {
     horizons: Horizons,
     /// A whole-day rebuild's files and days; `None` for a keyed rebuild.
     rebuild_files: Option<(Vec<PathBuf>, BTreeSet<i64>)>,
+    /// A keyed rebuild found in the run ([`KeyedInRun`]): which user-days the workers send.
+    keyed_in_run: Option<rehydrate::SeedScope>,
     partition_of: HashMap<String, String>,
     progress_in_sources: bool,
     tamper: bool,
@@ -886,8 +890,20 @@ pub(crate) enum Rehydration {
 enum Rebuild {
     /// Every raw row of these files (their share of them), which rebuild these event days whole.
     Files(Vec<PathBuf>, BTreeSet<i64>),
-    /// These rows (their share of them).
-    Rows(Vec<(DedupKey, EventVersion)>),
+    /// These rows (their share of them): found while planning, or in a cluster's run by its
+    /// worker 0 ([`KeyedInRun`]).
+    Rows(std::sync::OnceLock<Vec<(DedupKey, EventVersion)>>),
+}
+
+/// Cluster mode, a keyed run of input files: its rebuild's rows are found in the run, once every
+/// worker of every process has read its share of the new sources and sent the coordinator what
+/// they ask of the rebuild ([`seed_in_run`]), rather than by the coordinator reading every new
+/// source before the run. (A stream's followers send theirs when they cut an epoch.)
+struct KeyedInRun {
+    /// Which user-days a worker sends.
+    scope: rehydrate::SeedScope,
+    /// The coordinator's: the committed raw files to look in (a follower's is empty).
+    committed: Vec<PathBuf>,
 }
 
 /// `files` identified (content hash and size): by this process, or shared out over the cluster.
@@ -1472,6 +1488,7 @@ fn execute_generation(
         horizons: &horizons,
     };
     let mut predecoded = HashMap::new();
+    let mut keyed_in_run = None;
     let rebuild = match &rehydration {
         Rehydration::Days(_) => {
             let scope = scope::rehydration_scope(warehouse, &changes, workers)
@@ -1498,26 +1515,36 @@ fn execute_generation(
                     )),
                 ));
             }
-            let state = rehydrate::keyed_state(
-                warehouse,
-                &changes,
-                workers,
-                cache.columns.as_mut(),
-                coverage,
-            )
-            .map_err(|e| fail(&mut ledger, &run, e.into()))?;
-            tracing::info!(
-                rows = state.rows.len(),
-                files_scanned = state.files_scanned,
-                files_decoded = state.files_decoded,
-                rounds = state.rounds,
-                of = committed_raw.len(),
-                took = ?scoping.elapsed(),
-                "rehydration by key"
-            );
-            summary.rehydrated_files = state.files_decoded;
-            predecoded = state.decoded;
-            Rebuild::Rows(state.rows)
+            // A cluster's input files are read by the workers they are assigned to, each of
+            // which sends what its share asks of the rebuild, in the run; a stream's followers
+            // sent the keys of theirs when they cut the epoch, and a stream keeps the columns it
+            // scanned (`cache.columns`) on the coordinator.
+            let in_run = options.cluster.is_some()
+                && coverage.is_none()
+                && cache.columns.is_none()
+                && !rebuild_from.is_empty()
+                && new_sources.iter().all(|s| s.held_by.is_none());
+            if in_run {
+                keyed_in_run = Some(KeyedInRun {
+                    scope: rehydrate::SeedScope::of(warehouse, rebuild_from),
+                    committed: rebuild_from.clone(),
+                });
+                Rebuild::Rows(std::sync::OnceLock::new())
+            } else {
+                let state = rehydrate::keyed_state(
+                    warehouse,
+                    &changes,
+                    workers,
+                    cache.columns.as_mut(),
+                    coverage,
+                    &[],
+                )
+                .map_err(|e| fail(&mut ledger, &run, e.into()))?;
+                log_keyed_state(&state, committed_raw.len(), scoping);
+                summary.rehydrated_files = state.files_decoded;
+                predecoded = state.decoded;
+                Rebuild::Rows(state.rows.into())
+            }
         }
     };
     drop(new_sources);
@@ -1567,6 +1594,7 @@ fn execute_generation(
                 Rebuild::Files(files, days) => Some((files.clone(), days.clone())),
                 Rebuild::Rows(_) => None,
             },
+            keyed_in_run: keyed_in_run.as_ref().map(|k: &KeyedInRun| k.scope.clone()),
             partition_of: partition_of.clone(),
             progress_in_sources,
             tamper: options.tamper_for_test,
@@ -1586,6 +1614,7 @@ fn execute_generation(
         tombstones,
         horizons,
         rebuild,
+        keyed_in_run,
         predecoded: Mutex::new(predecoded),
         partition_of,
         progress_in_sources,
@@ -1840,6 +1869,7 @@ fn run_worker(worker: &mut timely::worker::Worker, shared: &Shared) -> i64 {
             .then(|| role.job.as_ref().map(|job| Order::Run(Json::encode(job))))
             .flatten();
         control.order(worker, role.workers, plan);
+        seed_in_run(worker, control, shared);
     }
     // Keyed rehydration: the partitions given their published rows so far.
     let mut seeded = matches!(shared.rebuild, Rebuild::Rows(_)).then(BTreeSet::new);
@@ -1915,6 +1945,7 @@ pub(crate) fn follow_once(
                         })
                         .clone();
                     let mut pipeline = pipelines.take(shared.batch);
+                    seed_in_run(worker, &mut control, &shared);
                     let mut seeded = matches!(shared.rebuild, Rebuild::Rows(_)).then(BTreeSet::new);
                     run_epochs(
                         worker,
@@ -1968,8 +1999,10 @@ pub(crate) fn follow_once(
         crate::memory::release_free_memory();
     }
     // No other word from round 0: it was a generation.
+    let ran = state.get();
     Ok(done.unwrap_or(Followed::Generation {
-        batch: state.get().is_some_and(|shared| shared.batch),
+        batch: ran.is_some_and(|shared| shared.batch),
+        seeded: ran.is_some_and(|shared| shared.keyed_in_run.is_some()),
     }))
 }
 
@@ -2044,8 +2077,12 @@ fn follower_shared(
         horizons: job.horizons,
         rebuild: match job.rebuild_files {
             Some((files, days)) => Rebuild::Files(files, days),
-            None => Rebuild::Rows(Vec::new()),
+            None => Rebuild::Rows(std::sync::OnceLock::new()),
         },
+        keyed_in_run: job.keyed_in_run.map(|scope| KeyedInRun {
+            scope,
+            committed: Vec::new(),
+        }),
         predecoded: Mutex::default(),
         partition_of: job.partition_of,
         progress_in_sources: job.progress_in_sources,
@@ -2223,6 +2260,7 @@ fn run_epochs(
         if let (0, Rebuild::Rows(rows)) = (epoch, &shared.rebuild) {
             // A keyed rebuild publishes nothing (the mirror ignores epoch 0), so epoch 1 starts
             // at once: the dataflow digests the rebuilt state while the first sources are read.
+            let rows = rows.get().map_or(&[][..], Vec::as_slice);
             let fed = feed_rows(rows, feed_index, feed_peers, worker, pipeline);
             pipeline.input.advance_to(base + 1);
             pipeline.input.flush();
@@ -2351,6 +2389,103 @@ fn feed_rows(
     }
     drain_input(worker, pipeline);
     fed
+}
+
+/// Logs what a keyed rebuild found, of `committed` raw files, since `started`.
+fn log_keyed_state(state: &rehydrate::KeyedState, committed: usize, started: Instant) {
+    tracing::info!(
+        rows = state.rows.len(),
+        files_scanned = state.files_scanned,
+        files_decoded = state.files_decoded,
+        rounds = state.rounds,
+        of = committed,
+        took = ?started.elapsed(),
+        "rehydration by key"
+    );
+}
+
+/// A cluster's keyed rebuild found in the run ([`KeyedInRun`]), before its epochs: every worker
+/// decodes its sources (kept for its epochs, up to its part of
+/// [`rehydrate::KEEP_DECODED_EVENTS`]) and sends their [`rehydrate::Seeds`] to worker 0, which
+/// finds the rebuild's rows while the other processes go on to their epochs; this process's
+/// other workers wait for them. A source that cannot be read goes on the worker's errors, which
+/// stop the run before its first publish.
+fn seed_in_run(worker: &mut timely::worker::Worker, control: &mut Control, shared: &Shared) {
+    let (Some(in_run), Some(role)) = (&shared.keyed_in_run, &shared.cluster) else {
+        return;
+    };
+    let started = Instant::now();
+    let index = worker.index();
+    let failed = !shared.state.lock().expect("lock").errors.is_empty();
+    let mut seeds = rehydrate::Seeds::default();
+    let mut kept = 0;
+    let sources = shared
+        .epochs
+        .iter()
+        .filter_map(|plan| plan.by_worker.get(index))
+        .flatten();
+    for source in sources.take_while(|_| !failed) {
+        let decoded = match source.decode(1) {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                shared.state.lock().expect("lock").errors.push(e.into());
+                continue;
+            }
+        };
+        let keyed: Vec<_> = decoded.events.iter().map(Event::keyed_version).collect();
+        seeds.add(&keyed, &in_run.scope, &shared.horizons, &shared.tombstones);
+        kept += keyed.len();
+        if kept <= rehydrate::KEEP_DECODED_EVENTS / role.workers {
+            let mut predecoded = shared.predecoded.lock().expect("lock");
+            predecoded.insert(source.content_hash.clone(), (decoded, keyed));
+        }
+    }
+    seeds.finish();
+    tracing::debug!(took = ?started.elapsed(), keys = seeds.keys.len(), "seeds of this worker's sources");
+    let heard = control.round(worker, vec![(0, Message::Seeds(seeds))]);
+    if index == 0 {
+        let remote: Vec<rehydrate::Seeds> = heard
+            .into_iter()
+            .filter_map(|m| match m {
+                Message::Seeds(seeds) => Some(seeds),
+                _ => None,
+            })
+            .collect();
+        let retract: Vec<PathBuf> = shared
+            .epochs
+            .iter()
+            .flat_map(|e| e.retract.iter().cloned())
+            .collect();
+        let no_days = BTreeSet::new();
+        let changes = scope::Changes {
+            committed: &in_run.committed,
+            new_sources: &[],
+            retract: &retract,
+            extra_days: &no_days,
+            tombstones: &shared.tombstones,
+            horizons: &shared.horizons,
+        };
+        let found = rehydrate::keyed_state(
+            &shared.warehouse,
+            &changes,
+            role.workers,
+            None,
+            None,
+            &remote,
+        );
+        let mut state = shared.state.lock().expect("lock");
+        match found {
+            Ok(found) => {
+                log_keyed_state(&found, in_run.committed.len(), started);
+                state.summary.rehydrated_files = found.files_decoded;
+                if let Rebuild::Rows(rows) = &shared.rebuild {
+                    let _ = rows.set(found.rows);
+                }
+            }
+            Err(e) => state.errors.push(e.into()),
+        }
+    }
+    shared.barrier.wait();
 }
 
 /// Hands what was just fed to the dataflow, so input does not pile up in channel buffers (a

@@ -201,9 +201,9 @@ fn in_cluster(dir: &Path, warehouse: &Path, job: Job<'_>) -> String {
     said
 }
 
-/// The generations a follower said it ran of the coordinator's run, and how many of them on the
-/// batch engine.
-fn generations_said(said: &str) -> (u64, u64) {
+/// The generations a follower said it ran of the coordinator's run, how many of them on the batch
+/// engine, and how many rebuilt keys found from the keys of the follower's own sources.
+fn generations_said(said: &str) -> (u64, u64, u64) {
     let line = said
         .lines()
         .find(|l| l.contains("generation(s) of the coordinator's run"))
@@ -216,7 +216,11 @@ fn generations_said(said: &str) -> (u64, u64) {
             .and_then(|n| n.parse().ok())
             .expect("a number")
     };
-    (number_after("ran "), number_after("run ("))
+    (
+        number_after("ran "),
+        number_after("run ("),
+        number_after("engine; "),
+    )
 }
 
 fn alone(warehouse: &Path, job: Job<'_>) {
@@ -263,10 +267,9 @@ fn two_processes_write_the_bytes_one_process_writes() {
     let clustered = dir.path().join("cluster");
     let said = in_cluster(dir.path(), &clustered, Job::Ingest(&first));
     // Several epochs per generation (`--epoch-sources`): on the differential dataflow.
-    assert!(
-        said.contains("ran 2 generation(s) of the coordinator's run (0 on the batch engine)"),
-        "{said}"
-    );
+    // The second generation's rebuild found from both processes' sources; the first had nothing
+    // committed to rebuild from.
+    assert_eq!(generations_said(&said), (2, 0, 1), "{said}");
     // The follower read and hashed every other input file for the plan (the coordinator the rest).
     let inputs = adsmetrics::source::discover(std::slice::from_ref(&first))
         .unwrap()
@@ -287,9 +290,12 @@ fn two_processes_write_the_bytes_one_process_writes() {
     // The backfill's days: a generation each, every one on the batch engine, over timely's
     // channels.
     let said = in_cluster(dir.path(), &clustered, Job::Backfill(&second));
-    let (generations, on_engine) = generations_said(&said);
+    let (generations, on_engine, seeded) = generations_said(&said);
     assert!(generations >= 4, "{said}");
     assert_eq!(on_engine, generations, "{said}");
+    // Every one rebuilt the keys its sources touch in published days, found from what each
+    // process read of its own share of them (the coordinator read only its own).
+    assert_eq!(seeded, generations, "{said}");
     let after_backfill = contents(&clustered);
     assert!(
         after_backfill.0 != after_first.0,
@@ -335,10 +341,7 @@ fn two_processes_write_the_bytes_one_process_writes() {
     alone(&single, Job::Delete(user));
     let said = in_cluster(dir.path(), &clustered, Job::Delete(user));
     // A rebuild of whole days: on the differential dataflow.
-    assert!(
-        said.contains("ran 1 generation(s) of the coordinator's run (0 on the batch engine)"),
-        "{said}"
-    );
+    assert_eq!(generations_said(&said), (1, 0, 0), "{said}");
     let (tables, raw) = contents(&clustered);
     assert!(tables != alone_tables, "the delete changed partitions");
     assert!(tables == contents(&single).0, "a curated partition differs");
