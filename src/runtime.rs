@@ -2243,8 +2243,10 @@ fn run_epochs(
 ) -> i64 {
     let index = worker.index();
     let peers = worker.peers();
-    // A keyed rebuild's rows are the coordinator's alone, fed by its workers.
+    // A keyed rebuild's rows are the coordinator's alone, fed by its workers; found in the run,
+    // by its worker 0, which feeds them all (see `seed_in_run`).
     let (feed_index, feed_peers) = match &shared.cluster {
+        Some(_) if shared.keyed_in_run.is_some() => (0, 1),
         Some(role) => (role.local(index), role.workers),
         None => (index, peers),
     };
@@ -2260,7 +2262,10 @@ fn run_epochs(
         if let (0, Rebuild::Rows(rows)) = (epoch, &shared.rebuild) {
             // A keyed rebuild publishes nothing (the mirror ignores epoch 0), so epoch 1 starts
             // at once: the dataflow digests the rebuilt state while the first sources are read.
-            let rows = rows.get().map_or(&[][..], Vec::as_slice);
+            let rows = match rows.get() {
+                Some(rows) if shared.keyed_in_run.is_none() || index == 0 => rows.as_slice(),
+                _ => &[],
+            };
             let fed = feed_rows(rows, feed_index, feed_peers, worker, pipeline);
             pipeline.input.advance_to(base + 1);
             pipeline.input.flush();
@@ -2407,9 +2412,9 @@ fn log_keyed_state(state: &rehydrate::KeyedState, committed: usize, started: Ins
 /// A cluster's keyed rebuild found in the run ([`KeyedInRun`]), before its epochs: every worker
 /// decodes its sources (kept for its epochs, up to its part of
 /// [`rehydrate::KEEP_DECODED_EVENTS`]) and sends their [`rehydrate::Seeds`] to worker 0, which
-/// finds the rebuild's rows while the other processes go on to their epochs; this process's
-/// other workers wait for them. A source that cannot be read goes on the worker's errors, which
-/// stop the run before its first publish.
+/// finds the rebuild's rows (and feeds them all) while every other worker goes on to its
+/// epochs. A source that cannot be read goes on the worker's errors, which stop the run before
+/// its first publish.
 fn seed_in_run(worker: &mut timely::worker::Worker, control: &mut Control, shared: &Shared) {
     let (Some(in_run), Some(role)) = (&shared.keyed_in_run, &shared.cluster) else {
         return;
@@ -2485,7 +2490,6 @@ fn seed_in_run(worker: &mut timely::worker::Worker, control: &mut Control, share
             Err(e) => state.errors.push(e.into()),
         }
     }
-    shared.barrier.wait();
 }
 
 /// Hands what was just fed to the dataflow, so input does not pile up in channel buffers (a
