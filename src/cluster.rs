@@ -12,10 +12,12 @@
 //!  the plan (as alone, from the identified files)
 //!  ── the next timely cluster, one per hot-window generation ──
 //!  round 0: the plan ─────────────────────────────▶  a run state of their own from it
+//!  a keyed rebuild: every worker decodes its share of the new input files (kept for its
+//!     epochs), and sends their keys and the user-days that may have raw rows ─▶ worker 0,
+//!     which finds and feeds the rebuild's rows while every other worker starts its epochs
 //!  every epoch, every worker of the cluster: its share of the sources (by global worker
-//!     index), of the raw files to rebuild or retract; a keyed rebuild's rows on the
-//!     coordinator only; the dataflow exchanges by key; each curated partition has one
-//!     writer in the cluster (its mirror's worker), which stages it
+//!     index), of the raw files to rebuild or retract; the dataflow exchanges by key; each
+//!     curated partition has one writer in the cluster (its mirror's worker), which stages it
 //!  report round: each follower's staged changes, sources, counts, progress, errors (with
 //!     their exit class) ─▶ worker 0
 //!  worker 0 publishes (journal, renames) ─▶ outcome round: errors ─▶ every follower,

@@ -5,7 +5,9 @@
 //!  open: recover journal, catch the ledger up, read tombstones and retention horizons
 //!  plan (ingest | backfill | delete): batches of new sources, withdrawn sources, adoptions
 //!  rebuild: the raw rows of the keys and user-days the run changes (crate::rehydrate),
-//!           or, for a delete, the event days it touches (crate::scope)
+//!           or, for a delete, the event days it touches (crate::scope); on a cluster, the
+//!           keyed rebuild is found in the run, from the keys each worker sends of its own
+//!           share of the sources (`seed_in_run`)
 //!                                                                    │
 //!  every worker:  epoch 0  its share of the rebuilt rows ──▶ dataflow (+1); keyed: the mirror
 //!                          ignores epoch 0 and seeds a partition from its published rows
@@ -441,7 +443,8 @@ impl Role {
 
 /// A generation as the coordinator planned it, for the followers: what they need to run their
 /// part (they read the tombstones themselves; a keyed rebuild's rows stay on the coordinator,
-/// whose workers feed them all, and the dataflow sends each row to its key's worker).
+/// whose workers feed them all, and the dataflow sends each row to its key's worker; the keys
+/// of the followers' input files come from the followers, in the run: [`KeyedInRun`]).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Job {
     /// The coordinator's build (every process must run the same: they exchange its types).
