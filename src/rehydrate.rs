@@ -161,7 +161,7 @@ type Keyed = Vec<(DedupKey, EventVersion)>;
 /// where the events' `(key, version)`s are 104 bytes each.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Seeds {
-    /// The keys (each at most once per source; the coordinator's set takes the rest).
+    /// The keys, one per live event (the coordinator's set takes each once).
     pub keys: Vec<DedupKey>,
     /// The user-days, each once.
     pub user_days: Vec<UserDay>,
@@ -179,8 +179,14 @@ pub struct SeedScope {
 impl SeedScope {
     /// The scope of a run that rebuilds from `committed`.
     pub fn of(warehouse: &Warehouse, committed: &[PathBuf]) -> Self {
-        let days: Option<BTreeSet<i64>> = committed.iter().map(|p| raw_day(warehouse, p)).collect();
-        SeedScope { days }
+        Self::of_days(committed.iter().map(|p| raw_day(warehouse, p)))
+    }
+
+    /// The scope of committed raw files in these days (`None`: outside any day's folder).
+    fn of_days(days: impl IntoIterator<Item = Option<i64>>) -> Self {
+        SeedScope {
+            days: days.into_iter().collect(),
+        }
     }
 
     fn may_have_rows(&self, user_day: &UserDay) -> bool {
@@ -380,7 +386,7 @@ enum Seen {
 /// when the session began), and the coverage grows by what the run adds.
 ///
 /// `remote`: what the workers of a cluster's processes found in their shares of the new sources
-/// ([`Seeds`]), added to `changes.new_sources`'s (which then are the ones this process holds).
+/// ([`Seeds`]), added to what `changes.new_sources` ask (none, when every worker sent seeds).
 pub fn keyed_state(
     warehouse: &Warehouse,
     changes: &Changes<'_>,
@@ -431,15 +437,21 @@ pub fn keyed_state(
     let remote_keys = || remote.iter().flat_map(|s| &s.keys);
     let covered = coverage.as_deref();
     // Without a session to account for, a user-day is wanted only in a day with committed raw
-    // files: a raw row lies in its event day's folder, so a user-day of any other day (a fresh
-    // day's, most of a long load's) has no row to find.
-    let placed = covered.is_none() && !by_day.contains_key(&None);
-    let may_have_rows = |u: &UserDay| !placed || by_day.contains_key(&Some(u.day()));
+    // files (a fresh day's, most of a long load's, has no row to find): [`SeedScope`].
+    let seed_scope = match covered {
+        Some(_) => SeedScope::default(),
+        None => SeedScope::of_days(by_day.keys().copied()),
+    };
+    let may_have_rows = |u: &UserDay| seed_scope.may_have_rows(u);
     let ((mut keys, mut pending_keys), ((mut user_days, mut pending_user_days), mut first_round)) =
         std::thread::scope(|scope| {
             let user_days = scope.spawn(|| {
                 let mut set: HashSet<UserDay, BuildFastHasher> = HashSet::with_capacity_and_hasher(
-                    if placed { 0 } else { seed_rows },
+                    if seed_scope.days.is_some() {
+                        0
+                    } else {
+                        seed_rows
+                    },
                     BuildFastHasher::default(),
                 );
                 let mut pending = Vec::new();

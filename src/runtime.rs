@@ -9,7 +9,8 @@
 //!           keyed rebuild is found in the run, from the keys each worker sends of its own
 //!           share of the sources (`seed_in_run`)
 //!                                                                    │
-//!  every worker:  epoch 0  its share of the rebuilt rows ──▶ dataflow (+1); keyed: the mirror
+//!  every worker:  epoch 0  its share of the rebuilt rows (found in a cluster's run: worker 0's
+//!                          alone) ──▶ dataflow (+1); keyed: the mirror
 //!                          ignores epoch 0 and seeds a partition from its published rows
 //!                          when a later epoch first touches it
 //!                 epoch k  withdrawn sources' raw rows ──▶ dataflow (−1)
@@ -443,8 +444,9 @@ impl Role {
 
 /// A generation as the coordinator planned it, for the followers: what they need to run their
 /// part (they read the tombstones themselves; a keyed rebuild's rows stay on the coordinator,
-/// whose workers feed them all, and the dataflow sends each row to its key's worker; the keys
-/// of the followers' input files come from the followers, in the run: [`KeyedInRun`]).
+/// whose workers feed them all, and the dataflow sends each row to its key's worker; or, found
+/// in the run from the keys every process sends of its input files, its worker 0:
+/// [`KeyedInRun`]).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Job {
     /// The coordinator's build (every process must run the same: they exchange its types).
@@ -2416,8 +2418,10 @@ fn log_keyed_state(state: &rehydrate::KeyedState, committed: usize, started: Ins
 /// decodes its sources (kept for its epochs, up to its part of
 /// [`rehydrate::KEEP_DECODED_EVENTS`]) and sends their [`rehydrate::Seeds`] to worker 0, which
 /// finds the rebuild's rows (and feeds them all) while every other worker goes on to its
-/// epochs. A source that cannot be read goes on the worker's errors, which stop the run before
-/// its first publish.
+/// epochs. A source that cannot be read goes on the worker's errors, as do seeds missing from a
+/// worker, and stop the run at its first publish: the other workers may have written their
+/// epoch's raw files by then, which no run reads (their sources are not committed) and the next
+/// one writes again.
 fn seed_in_run(worker: &mut timely::worker::Worker, control: &mut Control, shared: &Shared) {
     let (Some(in_run), Some(role)) = (&shared.keyed_in_run, &shared.cluster) else {
         return;
@@ -2452,13 +2456,36 @@ fn seed_in_run(worker: &mut timely::worker::Worker, control: &mut Control, share
     tracing::debug!(took = ?started.elapsed(), keys = seeds.keys.len(), "seeds of this worker's sources");
     let heard = control.round(worker, vec![(0, Message::Seeds(seeds))]);
     if index == 0 {
-        let remote: Vec<rehydrate::Seeds> = heard
-            .into_iter()
-            .filter_map(|m| match m {
-                Message::Seeds(seeds) => Some(seeds),
-                _ => None,
-            })
-            .collect();
+        let mut remote = Vec::with_capacity(heard.len());
+        let mut out_of_step = Vec::new();
+        for message in heard {
+            match message {
+                Message::Seeds(seeds) => remote.push(seeds),
+                // A follower that is not running this round (another build) sent its report.
+                Message::Report(report) => out_of_step.extend(
+                    report
+                        .decode::<Report>()
+                        .map(|r| r.errors)
+                        .unwrap_or_else(|e| vec![RemoteError::failed(e)]),
+                ),
+                _ => {}
+            }
+        }
+        if remote.len() != worker.peers() {
+            // Rows found from part of the keys would be wrong: the run must not publish.
+            let mut state = shared.state.lock().expect("lock");
+            state
+                .errors
+                .extend(out_of_step.into_iter().map(RunError::Cluster));
+            state
+                .errors
+                .push(RunError::Cluster(RemoteError::failed(format!(
+                    "{} of {} workers sent the keys of their sources for the keyed rebuild: the \
+                 others are not running this plan (another build, or a plan they could not read)",
+                    remote.len(),
+                    worker.peers()
+                ))));
+        }
         let retract: Vec<PathBuf> = shared
             .epochs
             .iter()
