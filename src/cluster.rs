@@ -633,8 +633,8 @@ pub(crate) enum Message {
 }
 
 /// What one process cut of its share of a stream's partitions, for the coordinator to plan the
-/// epoch: the sources (their messages stay with the process, whose workers ingest them), the
-/// keys their events carry, and whether the process is idle.
+/// epoch: the sources (their messages stay with the process, whose workers ingest them and send
+/// the keyed rebuild their keys, in the run), and whether the process is idle.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CutShare {
     /// The process.
@@ -649,13 +649,9 @@ pub struct CutShare {
 /// One range of a Kafka partition as cut by the process that read it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CutSource {
-    /// Its identity (label, content hash, bytes), without its messages.
+    /// Its identity (label, content hash, bytes), without its messages (the workers of the
+    /// process that holds them send the keyed rebuild their keys, in the run).
     pub source: SourceFile,
-    /// Its events' keys and versions (what the coordinator's keyed rebuild needs).
-    pub keyed: Vec<(
-        adsmetrics_dataflows::DedupKey,
-        adsmetrics_dataflows::EventVersion,
-    )>,
     /// The Kafka timestamp of each message that has one, ms (for the ingest-to-visible latency).
     pub times_ms: Vec<i64>,
     /// Messages in the range.

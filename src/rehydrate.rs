@@ -350,10 +350,6 @@ fn seeds(
     // Fewer sources than threads (a correction is often one file): each is split among them.
     let parts = (threads / new_sources.len().max(1)).max(1);
     let new_events = par_map(new_sources, threads, |source| {
-        // Another process of the cluster holds its messages, and sent their keys.
-        if let Some(held) = &source.held_by {
-            return Ok((std::sync::Arc::default(), held.keyed.clone()));
-        }
         let decoded = source.decode(parts)?;
         let chunk = decoded.events.len().div_ceil(parts).max(1);
         let chunks: Vec<&[Event]> = decoded.events.chunks(chunk).collect();
@@ -489,9 +485,6 @@ pub fn keyed_state(
     drop(withdrawn);
     let mut kept = 0;
     for (predecoded, source) in new_events.into_iter().zip(new_sources) {
-        if source.held_by.is_some() {
-            continue;
-        }
         kept += predecoded.0.events.len();
         if kept <= KEEP_DECODED_EVENTS {
             out.decoded.insert(source.content_hash.clone(), predecoded);

@@ -364,6 +364,9 @@ struct Shared {
     rebuild: Rebuild,
     /// The rebuild's rows are found in the run ([`KeyedInRun`]).
     keyed_in_run: Option<KeyedInRun>,
+    /// Worker 0's, when it finds them: the coordinator's [`rehydrate::ColumnCache`], if it
+    /// keeps one (a stream), given back after the run.
+    columns: Mutex<Option<rehydrate::ColumnCache>>,
     /// New sources already decoded while planning, by content hash (taken by the epoch that
     /// ingests them).
     predecoded: Mutex<HashMap<String, rehydrate::Predecoded>>,
@@ -900,10 +903,10 @@ enum Rebuild {
     Rows(std::sync::OnceLock<Vec<(DedupKey, EventVersion)>>),
 }
 
-/// Cluster mode, a keyed run of input files: its rebuild's rows are found in the run, once every
-/// worker of every process has read its share of the new sources and sent the coordinator what
-/// they ask of the rebuild ([`seed_in_run`]), rather than by the coordinator reading every new
-/// source before the run. (A stream's followers send theirs when they cut an epoch.)
+/// Cluster mode, a keyed run: its rebuild's rows are found in the run, once every worker of every
+/// process has read its share of the new sources (input files, or the stream's ranges its
+/// process cut) and sent the coordinator what they ask of the rebuild ([`seed_in_run`]), rather
+/// than by the coordinator reading every new source before the run.
 struct KeyedInRun {
     /// Which user-days a worker sends.
     scope: rehydrate::SeedScope,
@@ -1494,6 +1497,9 @@ fn execute_generation(
     };
     let mut predecoded = HashMap::new();
     let mut keyed_in_run = None;
+    // The columns a stream keeps of the raw files it scanned, for worker 0 to use and give back
+    // when the rebuild is found in the run.
+    let mut columns = Mutex::new(None);
     let rebuild = match &rehydration {
         Rehydration::Days(_) => {
             let scope = scope::rehydration_scope(warehouse, &changes, workers)
@@ -1520,20 +1526,17 @@ fn execute_generation(
                     )),
                 ));
             }
-            // A cluster's input files are read by the workers they are assigned to, each of
-            // which sends what its share asks of the rebuild, in the run; a stream's followers
-            // sent the keys of theirs when they cut the epoch, and a stream keeps the columns it
-            // scanned (`cache.columns`) on the coordinator.
-            let in_run = options.cluster.is_some()
-                && coverage.is_none()
-                && cache.columns.is_none()
-                && !rebuild_from.is_empty()
-                && new_sources.iter().all(|s| s.held_by.is_none());
+            // A cluster's sources (input files, or a stream's ranges, which the process that
+            // cut them holds) are read by the workers they are assigned to, each of which sends
+            // what its share asks of the rebuild, in the run. (A cluster keeps no session.)
+            let in_run =
+                options.cluster.is_some() && coverage.is_none() && !rebuild_from.is_empty();
             if in_run {
                 keyed_in_run = Some(KeyedInRun {
                     scope: rehydrate::SeedScope::of(warehouse, rebuild_from),
                     committed: rebuild_from.clone(),
                 });
+                *columns.get_mut().expect("not shared yet") = cache.columns.take();
                 Rebuild::Rows(std::sync::OnceLock::new())
             } else {
                 let state = rehydrate::keyed_state(
@@ -1620,6 +1623,7 @@ fn execute_generation(
         horizons,
         rebuild,
         keyed_in_run,
+        columns,
         predecoded: Mutex::new(predecoded),
         partition_of,
         progress_in_sources,
@@ -1665,6 +1669,14 @@ fn execute_generation(
             })
         }
     };
+    if let Some(columns) = shared
+        .columns
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+    {
+        cache.columns = Some(columns);
+    }
     if let Err(e) = ran {
         // Workers that died committed nothing after their last publish; what the journal holds
         // is recorded with the failure.
@@ -2088,6 +2100,7 @@ fn follower_shared(
             scope,
             committed: Vec::new(),
         }),
+        columns: Mutex::default(),
         predecoded: Mutex::default(),
         partition_of: job.partition_of,
         progress_in_sources: job.progress_in_sources,
@@ -2500,14 +2513,16 @@ fn seed_in_run(worker: &mut timely::worker::Worker, control: &mut Control, share
             tombstones: &shared.tombstones,
             horizons: &shared.horizons,
         };
+        let mut columns = shared.columns.lock().expect("lock");
         let found = rehydrate::keyed_state(
             &shared.warehouse,
             &changes,
             role.workers,
-            None,
+            columns.as_mut(),
             None,
             &remote,
         );
+        drop(columns);
         let mut state = shared.state.lock().expect("lock");
         match found {
             Ok(found) => {

@@ -15,7 +15,6 @@ use std::sync::Arc;
 
 use xxhash_rust::xxh3::xxh3_128;
 
-use adsmetrics_dataflows::{DedupKey, EventVersion};
 
 use crate::decode::Decoded;
 
@@ -35,8 +34,8 @@ pub struct SourceFile {
     #[serde(skip)]
     pub inline: Option<Arc<Decoded>>,
     /// A stream's source that another process of a cluster read and holds (a range of one of
-    /// its Kafka partitions): which process, and what planning the run needs of it. `None` for a
-    /// file, or a source held by this process.
+    /// its Kafka partitions): which process. `None` for a file, or a source held by this
+    /// process.
     #[serde(skip)]
     pub held_by: Option<Arc<HeldBy>>,
 }
@@ -44,10 +43,9 @@ pub struct SourceFile {
 /// A source another process of a cluster holds ([`SourceFile::held_by`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeldBy {
-    /// The process that holds its messages (and whose workers ingest it).
+    /// The process that holds its messages (and whose workers ingest it, and send the keyed
+    /// rebuild their keys).
     pub process: usize,
-    /// Its events' keys and versions, for the coordinator's keyed rebuild.
-    pub keyed: Vec<(DedupKey, EventVersion)>,
 }
 
 impl SourceFile {

@@ -11,10 +11,11 @@
 //!  every --epoch-ms (or sooner, its own intake full):
 //!  ── round: cut ────────────────────────────────────────────────▶ each process cuts what it
 //!     has read (a crashed epoch's ranges exactly, waiting for them), decodes it, keeps the
-//!     messages ◀── the ranges' sources, their events' keys and Kafka timestamps, idle or not
+//!     messages ◀── the ranges' sources and Kafka timestamps, idle or not
 //!  the intent (every range), then one run of the cluster ([`crate::runtime::ingest_inline`]):
-//!     the keyed rebuild from every process's keys, each range ingested by a worker of the
-//!     process holding it, one publish naming every range (the offsets commit with it)
+//!     the keyed rebuild from the keys each worker sends of the ranges its process holds, each
+//!     range ingested by a worker of the process holding it, one publish naming every range
+//!     (the offsets commit with it)
 //!  stop (--until-idle): a cut in which nothing was read and every process is idle at its
 //!     partitions' log ends; then the command's end, as for every command of a cluster
 //! ```
@@ -250,11 +251,6 @@ impl StreamPart for Part {
         let mut cut_to = self.cut_to.lock().unwrap_or_else(PoisonError::into_inner);
         for ((range, source), (_, records)) in ranges.iter().zip(sources).zip(&epoch) {
             let decoded = source.inline.clone().unwrap_or_default();
-            let keyed = decoded
-                .events
-                .iter()
-                .map(crate::event::Event::keyed_version)
-                .collect();
             held.insert(source.content_hash.clone(), decoded);
             cut_to.insert((range.topic.clone(), range.partition), range.last + 1);
             out.push(CutSource {
@@ -262,7 +258,6 @@ impl StreamPart for Part {
                     inline: None,
                     ..source
                 },
-                keyed,
                 times_ms: records.iter().filter_map(|r| r.timestamp_ms).collect(),
                 messages: records.len() as u64,
             });
@@ -407,7 +402,6 @@ fn cut_and_publish(
                 } else {
                     source.held_by = Some(Arc::new(HeldBy {
                         process: share.process,
-                        keyed: cut.keyed,
                     }));
                 }
                 sources.push(source);
