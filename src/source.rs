@@ -15,7 +15,6 @@ use std::sync::Arc;
 
 use xxhash_rust::xxh3::xxh3_128;
 
-
 use crate::decode::Decoded;
 
 /// A source file with its identity. Serialized (a cluster's plan) without its inline records.

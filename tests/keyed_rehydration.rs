@@ -220,3 +220,79 @@ fn raw_rows_read_for_rehydration_are_the_versions_ingested() {
         assert!(file.all_versions().is_err() || file.key_user_columns().is_err());
     }
 }
+
+/// A cluster's coordinator finds a keyed rebuild from what its workers send of their shares of
+/// the new sources ([`Seeds`]: their live keys and the user-days that may have raw rows), not
+/// from the sources: it must find the rows it would find reading every source itself.
+#[test]
+fn the_keys_workers_send_find_the_rows_that_reading_the_sources_finds() {
+    use adsmetrics::rehydrate::{keyed_state, SeedScope, Seeds};
+    use adsmetrics::retention::Horizons;
+    use adsmetrics::scope::Changes;
+    use adsmetrics::tombstones::Tombstones;
+
+    let dir = tempfile::tempdir().unwrap();
+    let events = thirty_days(dir.path(), 6000);
+    let wh = Warehouse::new(dir.path().join("wh"));
+    ingest(&wh, &[dir.path().join("logs")], options()).unwrap();
+    // Revisions in place, revisions that move an event to another user a day later, and resends,
+    // over many days, in three files (three workers' shares).
+    let fix: Vec<Event> = events
+        .iter()
+        .filter(|e| e.event_id.is_some())
+        .step_by(97)
+        .take(60)
+        .enumerate()
+        .map(|(i, e)| match i % 3 {
+            0 => revised(e, |e| e.cost_micros = Some(7)),
+            1 => revised(e, |e| {
+                e.user_id += 1;
+                e.event_time_us += DAY_US;
+            }),
+            _ => e.clone(),
+        })
+        .collect();
+    for (i, part) in fix.chunks(20).enumerate() {
+        write_parquet(&dir.path().join(format!("fix/part-{i}.parquet")), part);
+    }
+    let paths = adsmetrics::source::discover(&[dir.path().join("fix")]).unwrap();
+    let sources = adsmetrics::source::identify(&paths, 1).unwrap();
+    assert_eq!(sources.len(), 3);
+
+    let committed = adsmetrics::sink::raw::list_raw_files(&wh);
+    let (tombstones, horizons) = (Tombstones::default(), Horizons::default());
+    let no_days = std::collections::BTreeSet::new();
+    let changes = |new_sources| Changes {
+        committed: &committed,
+        new_sources,
+        retract: &[],
+        extra_days: &no_days,
+        tombstones: &tombstones,
+        horizons: &horizons,
+    };
+    let every_source: Vec<_> = sources.iter().collect();
+    let read_here = keyed_state(&wh, &changes(&every_source), 2, None, None, &[]).unwrap();
+
+    let scope = SeedScope::of(&wh, &committed);
+    let sent: Vec<Seeds> = sources
+        .iter()
+        .map(|source| {
+            let decoded = source.decode(1).unwrap();
+            let keyed: Vec<_> = decoded.events.iter().map(Event::keyed_version).collect();
+            let mut seeds = Seeds::default();
+            seeds.add(&keyed, &scope, &horizons, &tombstones);
+            seeds.finish();
+            seeds
+        })
+        .collect();
+    let found = keyed_state(&wh, &changes(&[]), 2, None, None, &sent).unwrap();
+
+    let sorted = |mut rows: Vec<_>| {
+        rows.sort();
+        rows
+    };
+    // More than the fixed events' own versions: their user-days' other events too.
+    assert!(read_here.rows.len() > fix.len(), "{}", read_here.rows.len());
+    assert_eq!(sorted(found.rows), sorted(read_here.rows));
+    assert_eq!(found.rounds, read_here.rounds);
+}
