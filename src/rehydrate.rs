@@ -210,11 +210,27 @@ impl Seeds {
             .iter()
             .filter(|(k, v)| is_live(k, v, horizons, tombstones))
         {
-            self.keys.push(*key);
-            let user_day = UserDay::of(version).0;
-            if scope.may_have_rows(&user_day) {
-                self.user_days.push(user_day);
-            }
+            self.push(key, version, scope);
+        }
+    }
+
+    /// Adds the rows of a raw file the run withdraws ([`raw_file_rows`]), but for deleted keys.
+    pub fn add_withdrawn(
+        &mut self,
+        rows: &[(DedupKey, EventVersion)],
+        scope: &SeedScope,
+        tombstones: &Tombstones,
+    ) {
+        for (key, version) in rows.iter().filter(|(k, _)| !is_deleted(k, tombstones)) {
+            self.push(key, version, scope);
+        }
+    }
+
+    fn push(&mut self, key: &DedupKey, version: &EventVersion, scope: &SeedScope) {
+        self.keys.push(*key);
+        let user_day = UserDay::of(version).0;
+        if scope.may_have_rows(&user_day) {
+            self.user_days.push(user_day);
         }
     }
 
@@ -233,8 +249,16 @@ fn is_live(
     horizons: &Horizons,
     tombstones: &Tombstones,
 ) -> bool {
-    horizons.raw_day.is_none_or(|h| version.day() >= h)
-        && (tombstones.is_empty() || !tombstones.contains(key))
+    horizons.raw_day.is_none_or(|h| version.day() >= h) && !is_deleted(key, tombstones)
+}
+
+fn is_deleted(key: &DedupKey, tombstones: &Tombstones) -> bool {
+    !tombstones.is_empty() && tombstones.contains(key)
+}
+
+/// Every row of a raw file, as `(key, version)` (what withdrawing it takes out of the state).
+pub(crate) fn raw_file_rows(path: &Path) -> Result<Vec<(DedupKey, EventVersion)>, ScopeError> {
+    Ok(raw::RawFile::open(path, read_bytes(path)?)?.all_versions()?)
 }
 
 /// Runs `f` over `items` on up to `threads` threads, each taking the next item as it is free (the
@@ -360,9 +384,7 @@ fn seeds(
         .concat();
         Ok::<_, ScopeError>((decoded, keyed))
     })?;
-    let withdrawn = par_map(retract, threads, |path| {
-        Ok::<_, ScopeError>(raw::RawFile::open(path, read_bytes(path)?)?.all_versions()?)
-    })?;
+    let withdrawn = par_map(retract, threads, |path| raw_file_rows(path))?;
     Ok((new_events, withdrawn))
 }
 
@@ -428,7 +450,7 @@ pub fn keyed_state(
                 withdrawn
                     .iter()
                     .flatten()
-                    .filter(|(key, _)| tombstones.is_empty() || !tombstones.contains(key)),
+                    .filter(|(key, _)| !is_deleted(key, tombstones)),
             )
     };
     let remote_keys = || remote.iter().flat_map(|s| &s.keys);

@@ -2465,6 +2465,17 @@ fn seed_in_run(worker: &mut timely::worker::Worker, control: &mut Control, share
             predecoded.insert(source.content_hash.clone(), (decoded, keyed));
         }
     }
+    // Its share of the raw files the run withdraws (as its epochs read them).
+    let withdrawn = shared
+        .epochs
+        .iter()
+        .flat_map(|plan| plan.retract.iter().skip(index).step_by(worker.peers()));
+    for path in withdrawn.take_while(|_| !failed) {
+        match rehydrate::raw_file_rows(path) {
+            Ok(rows) => seeds.add_withdrawn(&rows, &in_run.scope, &shared.tombstones),
+            Err(e) => shared.state.lock().expect("lock").errors.push(e.into()),
+        }
+    }
     seeds.finish();
     tracing::debug!(took = ?started.elapsed(), keys = seeds.keys.len(), "seeds of this worker's sources");
     let heard = control.round(worker, vec![(0, Message::Seeds(seeds))]);
@@ -2499,16 +2510,11 @@ fn seed_in_run(worker: &mut timely::worker::Worker, control: &mut Control, share
                     worker.peers()
                 ))));
         }
-        let retract: Vec<PathBuf> = shared
-            .epochs
-            .iter()
-            .flat_map(|e| e.retract.iter().cloned())
-            .collect();
         let no_days = BTreeSet::new();
         let changes = scope::Changes {
             committed: &in_run.committed,
             new_sources: &[],
-            retract: &retract,
+            retract: &[],
             extra_days: &no_days,
             tombstones: &shared.tombstones,
             horizons: &shared.horizons,
@@ -2557,14 +2563,7 @@ fn read_raw(
 ) -> Result<u64, RunError> {
     let mut rows = 0u64;
     for path in paths.iter().skip(index).step_by(peers) {
-        let bytes = std::fs::read(path).map_err(|source| SourceError {
-            path: path.clone(),
-            source,
-        })?;
-        let versions = raw::RawFile::open(path, bytes::Bytes::from(bytes))
-            .and_then(|file| file.all_versions())
-            .map_err(ScopeError::from)?;
-        for keyed in versions {
+        for keyed in rehydrate::raw_file_rows(path)? {
             if !shared.tombstones.contains(&keyed.0) {
                 pipeline.input.update(keyed, diff);
                 rows += 1;

@@ -254,14 +254,50 @@ fn two_batches(dir: &Path, events: u64) -> (PathBuf, PathBuf) {
     (first, second)
 }
 
+/// A copy of the source partitions at `from` in `to` with one partition changed (three rows
+/// dropped, one corrected by a higher revision) and another removed: what a second backfill
+/// replaces.
+fn changed_copy(from: &Path, to: &Path) -> PathBuf {
+    let files: Vec<PathBuf> = walkdir::WalkDir::new(from)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|e| e.into_path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "parquet"))
+        .collect();
+    assert!(files.len() > 4);
+    for (i, path) in files.iter().enumerate() {
+        let copy = to.join(path.strip_prefix(from).unwrap());
+        std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+        match i {
+            1 => {
+                let mut rows = decode_dir(path);
+                rows.drain(..3);
+                let mut corrected = rows.iter().find(|e| e.event_id.is_some()).cloned().unwrap();
+                corrected.revision += 5;
+                corrected.cost_micros = Some(123_456);
+                rows.push(corrected);
+                write_parquet(&copy, &rows);
+            }
+            3 => {}
+            _ => {
+                std::fs::copy(path, &copy).unwrap();
+            }
+        }
+    }
+    to.to_path_buf()
+}
+
 #[test]
 fn two_processes_write_the_bytes_one_process_writes() {
     let dir = tempfile::tempdir().unwrap();
     let (first, second) = two_batches(dir.path(), 60_000);
+    let changed = changed_copy(&second, &dir.path().join("changed"));
 
     let single = dir.path().join("alone");
     alone(&single, Job::Ingest(&first));
     alone(&single, Job::Backfill(&second));
+    alone(&single, Job::Backfill(&changed));
     alone(&single, Job::Reprocess);
 
     let clustered = dir.path().join("cluster");
@@ -301,6 +337,12 @@ fn two_processes_write_the_bytes_one_process_writes() {
         after_backfill.0 != after_first.0,
         "the backfill changed days"
     );
+    // A changed and a removed source partition: their raw rows withdrawn, each process reading
+    // its share of the withdrawn files for the rebuild.
+    let said = in_cluster(dir.path(), &clustered, Job::Backfill(&changed));
+    let (generations, _, seeded) = generations_said(&said);
+    assert!(generations >= 1 && seeded == generations, "{said}");
+    let after_backfill = contents(&clustered);
     // Rebuilding every day from the raw layer, split over both processes, changes nothing.
     in_cluster(dir.path(), &clustered, Job::Reprocess);
     assert!(contents(&clustered) == after_backfill);
@@ -313,7 +355,7 @@ fn two_processes_write_the_bytes_one_process_writes() {
     assert!(raw == alone_raw, "a raw file differs");
     // And both are right: the reference over every event ingested.
     let mut events = decode_dir(&first);
-    events.extend(decode_dir(&second));
+    events.extend(decode_dir(&changed));
     assert_eq!(
         published_tables(&Warehouse::new(&clustered)),
         expected_tables(&events)
