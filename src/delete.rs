@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decode::decode_parquet;
 use crate::ledger::{Outcome, RunKind};
+use crate::rehydrate::par_map;
 use crate::runtime::{execute, IngestOptions, IngestSummary, Opened, Plan, Rehydration, RunError};
 use crate::sink::files::{replace, sync_filesystem, WriteError};
 use crate::sink::{quarantine, raw};
@@ -158,6 +159,8 @@ pub fn delete(
         ));
     }
     let cert_path = certificate_path(warehouse, &request.request_id);
+    // The raw layer is searched file by file on this many threads.
+    let threads = options.workers.max(1);
     let mut opened = Opened::open(warehouse)?;
     let mut run = opened.record(
         RunKind::Delete,
@@ -198,7 +201,7 @@ pub fn delete(
     let tombstone = match opened.tombstones.request(&request.request_id) {
         Some(existing) => existing.clone(),
         None => {
-            let keys = find_keys(&committed, request)?;
+            let keys = find_keys(&committed, request, threads)?;
             let tombstone = TombstoneRequest {
                 request_id: request.request_id.clone(),
                 reason: request.reason.clone(),
@@ -216,15 +219,20 @@ pub fn delete(
     // were validated when the tombstones were read or written.
     let deleted: HashSet<DedupKey> = tombstone.keys.iter().filter_map(|h| parse_key(h)).collect();
     // The raw files still holding them, and so the event days to rebuild.
-    let mut holding = Vec::new();
-    let mut extra_days = BTreeSet::new();
-    for path in &committed {
+    let holds = par_map(&committed, threads, |path| {
         let keys = raw::keys_of(path).map_err(raw::RawRewriteError::from)?;
-        if keys.iter().any(|k| deleted.contains(k)) {
-            extra_days.extend(crate::scope::raw_day(warehouse, path));
-            holding.push(path.clone());
-        }
-    }
+        Ok::<_, DeleteError>(keys.iter().any(|k| deleted.contains(k)))
+    })?;
+    let holding: Vec<PathBuf> = committed
+        .iter()
+        .zip(holds)
+        .filter(|(_, holds)| *holds)
+        .map(|(path, _)| path.clone())
+        .collect();
+    let extra_days: BTreeSet<i64> = holding
+        .iter()
+        .filter_map(|path| crate::scope::raw_day(warehouse, path))
+        .collect();
 
     // 2. Rebuild those days without them: the first epoch publishes what changed.
     let plan = Plan {
@@ -329,15 +337,15 @@ pub fn delete(
     })
 }
 
-/// The keys of the committed raw rows the request names.
+/// The keys of the committed raw rows the request names, the files read on `threads` threads.
 fn find_keys(
     committed: &[PathBuf],
     request: &DeleteRequest,
+    threads: usize,
 ) -> Result<BTreeSet<DedupKey>, DeleteError> {
     let users: HashSet<i64> = request.user_ids.iter().copied().collect();
     let ids: HashSet<&str> = request.event_ids.iter().map(String::as_str).collect();
-    let mut keys = BTreeSet::new();
-    for path in committed {
+    let found = par_map(committed, threads, |path| {
         let bytes = std::fs::read(path).map_err(|source| {
             DeleteError::Run(RunError::Source(SourceError {
                 path: path.clone(),
@@ -345,15 +353,19 @@ fn find_keys(
             }))
         })?;
         let decoded = decode_parquet(&path.to_string_lossy(), bytes::Bytes::from(bytes));
-        for event in &decoded.events {
-            if users.contains(&event.user_id)
-                || event.event_id.as_deref().is_some_and(|id| ids.contains(id))
-            {
-                keys.insert(event.dedup_key());
-            }
-        }
-    }
-    Ok(keys)
+        Ok::<_, DeleteError>(
+            decoded
+                .events
+                .iter()
+                .filter(|event| {
+                    users.contains(&event.user_id)
+                        || event.event_id.as_deref().is_some_and(|id| ids.contains(id))
+                })
+                .map(|event| event.dedup_key())
+                .collect::<Vec<_>>(),
+        )
+    })?;
+    Ok(found.into_iter().flatten().collect())
 }
 
 fn read_certificate(path: &Path) -> Result<Certificate, DeleteError> {
