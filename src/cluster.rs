@@ -607,6 +607,8 @@ pub(crate) enum Order {
     Stream(Json),
     /// Cut the stream's next epoch ([`cut`]): each process what it has read of its partitions.
     Cut,
+    /// Search these raw files for a delete ([`search`]): each process its share.
+    Search(Vec<PathBuf>, crate::delete::Sought),
     /// The command is over: with the coordinator's error, if it failed.
     Done(Option<RemoteError>),
 }
@@ -630,6 +632,9 @@ pub(crate) enum Message {
     /// What a worker's share of a generation's new sources asks of its keyed rebuild, to
     /// worker 0 ([`crate::runtime`]'s `seed_in_run`).
     Seeds(crate::rehydrate::Seeds),
+    /// A process's share of an [`Order::Search`]: each file with rows sought, by its index in
+    /// the order's list, and their keys; or why a file could not be read.
+    Searched(Result<Vec<(usize, Vec<adsmetrics_dataflows::DedupKey>)>, String>),
 }
 
 /// What one process cut of its share of a stream's partitions, for the coordinator to plan the
@@ -856,6 +861,8 @@ pub(crate) enum Followed {
     Stream(Json),
     /// Cut its share of a stream's epoch.
     Cut,
+    /// Searched its share of a delete's raw files: this many.
+    Searched(usize),
     /// The command is over, with the coordinator's error if it failed.
     Done(Option<RemoteError>),
 }
@@ -872,6 +879,8 @@ pub struct FollowerWork {
     pub seeded: u64,
     /// Input files it identified (read and hashed) for the coordinator's plan.
     pub files_identified: u64,
+    /// Raw files it searched for a delete.
+    pub files_searched: u64,
 }
 
 /// A follower's whole command: runs every generation the coordinator orders, until it says the
@@ -893,6 +902,7 @@ pub fn follow(
                 work.seeded += seeded as u64;
             }
             Followed::Identified(files) => work.files_identified += files as u64,
+            Followed::Searched(files) => work.files_searched += files as u64,
             // Answered with an error already: this process runs no stream.
             Followed::Cut => {}
             Followed::Stream(_) => {
@@ -1005,6 +1015,87 @@ fn hash_share(
     let identified =
         crate::source::identify(&mine, threads).map_err(|e| format!("process {process}: {e}"))?;
     Ok(indices.into_iter().zip(identified).collect())
+}
+
+/// A delete's search of the raw layer ([`crate::delete::search`]) shared out over the processes
+/// of the cluster: each searches every `processes`-th of `files` on its `workers` threads, in
+/// one cluster round ([`share_of_search`]), so that no process reads the whole raw layer. Per
+/// file, in order, the keys of its rows sought.
+pub(crate) fn search(
+    cluster: &Cluster,
+    workers: usize,
+    files: &[PathBuf],
+    sought: &crate::delete::Sought,
+) -> Result<Vec<Vec<adsmetrics_dataflows::DedupKey>>, RunError> {
+    let mut found = vec![Vec::new(); files.len()];
+    if files.is_empty() {
+        return Ok(found);
+    }
+    let (list, what, role) = (files.to_vec(), sought.clone(), cluster.clone());
+    let heard = gather(
+        cluster,
+        workers,
+        Order::Search(files.to_vec(), sought.clone()),
+        move |worker, control| share_of_search(worker, control, &role, workers, &list, &what).1,
+    )
+    .map_err(RunError::Runtime)?;
+    let mut answered = 0;
+    for message in heard {
+        match message {
+            Message::Searched(Ok(share)) => {
+                answered += 1;
+                for (i, keys) in share {
+                    found[i] = keys;
+                }
+            }
+            Message::Searched(Err(e)) => return Err(RunError::Cluster(RemoteError::failed(e))),
+            _ => {}
+        }
+    }
+    if answered != cluster.processes {
+        return Err(RunError::Cluster(RemoteError::failed(format!(
+            "{answered} of {} processes searched their share of the raw layer: the others run \
+             another command",
+            cluster.processes
+        ))));
+    }
+    Ok(found)
+}
+
+/// Every process's part in the round after [`Order::Search`], the coordinator's included: its
+/// first worker searches the process's share of `files` and sends what it found to worker 0
+/// (its other workers take part in the round and send nothing). Returns the files this worker
+/// searched and what it received (worker 0: every process's share).
+pub(crate) fn share_of_search(
+    worker: &mut Worker,
+    control: &mut Control,
+    cluster: &Cluster,
+    workers: usize,
+    files: &[PathBuf],
+    sought: &crate::delete::Sought,
+) -> (usize, Vec<Message>) {
+    let (out, searched) = if worker.index().is_multiple_of(workers) {
+        let (indices, mine): (Vec<usize>, Vec<PathBuf>) = files
+            .iter()
+            .enumerate()
+            .skip(cluster.process)
+            .step_by(cluster.processes)
+            .map(|(i, path)| (i, path.clone()))
+            .unzip();
+        let found = crate::delete::search(&mine, sought, workers)
+            .map(|found| {
+                indices
+                    .into_iter()
+                    .zip(found)
+                    .filter(|(_, keys)| !keys.is_empty())
+                    .collect()
+            })
+            .map_err(|e| format!("process {}: {e}", cluster.process));
+        (vec![(0, Message::Searched(found))], mine.len())
+    } else {
+        (Vec::new(), 0)
+    };
+    (searched, control.round(worker, out))
 }
 
 /// The stream's next epoch, cut by every process of the cluster: one cluster round in which each

@@ -111,6 +111,9 @@ pub enum DeleteError {
     /// The raw layer could not be searched or rewritten; run the same request again.
     #[error(transparent)]
     Raw(#[from] raw::RawRewriteError),
+    /// A raw file could not be read while searching the raw layer; run the same request again.
+    #[error("searching the raw layer: {0}")]
+    Search(String),
     /// The quarantine could not be searched or rewritten; run the same request again.
     #[error(transparent)]
     Quarantine(#[from] quarantine::ScrubError),
@@ -159,8 +162,6 @@ pub fn delete(
         ));
     }
     let cert_path = certificate_path(warehouse, &request.request_id);
-    // The raw layer is searched file by file on this many threads.
-    let threads = options.workers.max(1);
     let mut opened = Opened::open(warehouse)?;
     let mut run = opened.record(
         RunKind::Delete,
@@ -201,7 +202,14 @@ pub fn delete(
     let tombstone = match opened.tombstones.request(&request.request_id) {
         Some(existing) => existing.clone(),
         None => {
-            let keys = find_keys(&committed, request, threads)?;
+            let sought = Sought::Named {
+                users: request.user_ids.clone(),
+                event_ids: request.event_ids.clone(),
+            };
+            let keys: BTreeSet<DedupKey> = search_everywhere(&committed, &sought, &options)?
+                .into_iter()
+                .flatten()
+                .collect();
             let tombstone = TombstoneRequest {
                 request_id: request.request_id.clone(),
                 reason: request.reason.clone(),
@@ -219,14 +227,15 @@ pub fn delete(
     // were validated when the tombstones were read or written.
     let deleted: HashSet<DedupKey> = tombstone.keys.iter().filter_map(|h| parse_key(h)).collect();
     // The raw files still holding them, and so the event days to rebuild.
-    let holds = par_map(&committed, threads, |path| {
-        let keys = raw::keys_of(path).map_err(raw::RawRewriteError::from)?;
-        Ok::<_, DeleteError>(keys.iter().any(|k| deleted.contains(k)))
-    })?;
+    let holds = search_everywhere(
+        &committed,
+        &Sought::Keys(deleted.iter().copied().collect()),
+        &options,
+    )?;
     let holding: Vec<PathBuf> = committed
         .iter()
         .zip(holds)
-        .filter(|(_, holds)| *holds)
+        .filter(|(_, held)| !held.is_empty())
         .map(|(path, _)| path.clone())
         .collect();
     let extra_days: BTreeSet<i64> = holding
@@ -337,35 +346,73 @@ pub fn delete(
     })
 }
 
-/// The keys of the committed raw rows the request names, the files read on `threads` threads.
-fn find_keys(
-    committed: &[PathBuf],
-    request: &DeleteRequest,
+/// What a delete looks for in the raw layer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) enum Sought {
+    /// The rows of these users and event ids (to find their keys).
+    Named {
+        users: Vec<i64>,
+        event_ids: Vec<String>,
+    },
+    /// The rows of these keys (to find the files that hold them: a key's other versions may
+    /// name another user).
+    Keys(Vec<DedupKey>),
+}
+
+/// Searches `files` for what is `sought`, on the run's worker threads, or shared out over the
+/// processes of its cluster (each searches every N-th file, [`crate::cluster::search`]): per
+/// file, in order, the keys of its rows sought.
+fn search_everywhere(
+    files: &[PathBuf],
+    sought: &Sought,
+    options: &IngestOptions,
+) -> Result<Vec<Vec<DedupKey>>, DeleteError> {
+    let workers = options.workers.max(1);
+    Ok(match &options.cluster {
+        Some(cluster) => crate::cluster::search(cluster, workers, files, sought)?,
+        None => search(files, sought, workers).map_err(DeleteError::Search)?,
+    })
+}
+
+/// Searches `files` for what is `sought` on `threads` threads: per file, in order, the keys of
+/// its rows sought (each once per row).
+pub(crate) fn search(
+    files: &[PathBuf],
+    sought: &Sought,
     threads: usize,
-) -> Result<BTreeSet<DedupKey>, DeleteError> {
-    let users: HashSet<i64> = request.user_ids.iter().copied().collect();
-    let ids: HashSet<&str> = request.event_ids.iter().map(String::as_str).collect();
-    let found = par_map(committed, threads, |path| {
-        let bytes = std::fs::read(path).map_err(|source| {
-            DeleteError::Run(RunError::Source(SourceError {
-                path: path.clone(),
-                source,
-            }))
-        })?;
-        let decoded = decode_parquet(&path.to_string_lossy(), bytes::Bytes::from(bytes));
-        Ok::<_, DeleteError>(
-            decoded
-                .events
-                .iter()
-                .filter(|event| {
-                    users.contains(&event.user_id)
-                        || event.event_id.as_deref().is_some_and(|id| ids.contains(id))
-                })
-                .map(|event| event.dedup_key())
-                .collect::<Vec<_>>(),
-        )
-    })?;
-    Ok(found.into_iter().flatten().collect())
+) -> Result<Vec<Vec<DedupKey>>, String> {
+    match sought {
+        Sought::Named { users, event_ids } => {
+            let users: HashSet<i64> = users.iter().copied().collect();
+            let ids: HashSet<&str> = event_ids.iter().map(String::as_str).collect();
+            par_map(files, threads, |path| {
+                let bytes = std::fs::read(path).map_err(|source| {
+                    SourceError {
+                        path: path.clone(),
+                        source,
+                    }
+                    .to_string()
+                })?;
+                let decoded = decode_parquet(&path.to_string_lossy(), bytes::Bytes::from(bytes));
+                Ok(decoded
+                    .events
+                    .iter()
+                    .filter(|event| {
+                        users.contains(&event.user_id)
+                            || event.event_id.as_deref().is_some_and(|id| ids.contains(id))
+                    })
+                    .map(|event| event.dedup_key())
+                    .collect())
+            })
+        }
+        Sought::Keys(keys) => {
+            let keys: HashSet<DedupKey> = keys.iter().copied().collect();
+            par_map(files, threads, |path| {
+                let held = raw::keys_of(path).map_err(|e| e.to_string())?;
+                Ok(held.into_iter().filter(|k| keys.contains(k)).collect())
+            })
+        }
+    }
 }
 
 fn read_certificate(path: &Path) -> Result<Certificate, DeleteError> {

@@ -768,11 +768,13 @@ fn in_cluster<T>(
     let follow = |cluster: &adsmetrics::cluster::Cluster| -> anyhow::Result<()> {
         let work = adsmetrics::cluster::follow(warehouse, cluster, workers.max(1))?;
         eprintln!(
-            "process {} of {}: identified {} input file(s), ran {} generation(s) of the \
-             coordinator's run ({} on the batch engine; {} keyed from its own sources' keys)",
+            "process {} of {}: identified {} input file(s), searched {} raw file(s) for a delete, \
+             ran {} generation(s) of the coordinator's run ({} on the batch engine; {} keyed \
+             from its own sources' keys)",
             cluster.process,
             cluster.processes,
             work.files_identified,
+            work.files_searched,
             work.generations,
             work.batch_engine_runs,
             work.seeded

@@ -1988,6 +1988,22 @@ pub(crate) fn follow_once(
                     };
                     *told = Some(Followed::Identified(before + n));
                 }
+                Some(Order::Search(files, sought)) => {
+                    let (n, _) = crate::cluster::share_of_search(
+                        worker,
+                        &mut control,
+                        &role,
+                        workers,
+                        &files,
+                        &sought,
+                    );
+                    let mut told = told.lock().expect("lock");
+                    let before = match *told {
+                        Some(Followed::Searched(before)) => before,
+                        _ => 0,
+                    };
+                    *told = Some(Followed::Searched(before + n));
+                }
                 Some(Order::Stream(start)) => {
                     *told.lock().expect("lock") = Some(Followed::Stream(start))
                 }

@@ -376,14 +376,27 @@ fn two_processes_write_the_bytes_one_process_writes() {
     in_cluster(dir.path(), &clustered, Job::Ingest(&first));
     assert!(contents(&clustered).0 == tables);
 
-    // A compliance delete: the days that held the user's events rebuilt on both processes, the
-    // raw files rewritten by the coordinator; the same bytes as a process alone, and the tables
-    // of every event but the user's.
-    let user = events[0].user_id;
+    // A compliance delete: the raw layer searched and the days that held the user's events
+    // rebuilt on both processes, the raw files rewritten by the coordinator; the same bytes as a
+    // process alone, and the tables of every event but the user's. The user with the most
+    // events, so that both processes' shares of the raw files hold some.
+    let mut per_user: BTreeMap<i64, usize> = BTreeMap::new();
+    for e in &events {
+        *per_user.entry(e.user_id).or_default() += 1;
+    }
+    let (&user, &user_events) = per_user.iter().max_by_key(|(_, n)| **n).unwrap();
+    assert!(user_events >= 4, "{user_events}");
     alone(&single, Job::Delete(user));
+    let raw_files = contents(&clustered).1.len();
     let said = in_cluster(dir.path(), &clustered, Job::Delete(user));
     // A rebuild of whole days: on the differential dataflow.
     assert_eq!(generations_said(&said), (1, 0, 0), "{said}");
+    // The raw layer searched by both processes, each every other file: for the user's keys, then
+    // for the files holding them.
+    assert!(
+        said.contains(&format!("searched {} raw file(s)", 2 * (raw_files / 2))),
+        "{said} ({raw_files} raw files)"
+    );
     let (tables, raw) = contents(&clustered);
     assert!(tables != alone_tables, "the delete changed partitions");
     assert!(tables == contents(&single).0, "a curated partition differs");

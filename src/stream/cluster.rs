@@ -500,7 +500,7 @@ pub fn follow(
         match runtime::follow_once(warehouse, cluster, workers, None)? {
             Followed::Stream(start) => break start.decode::<Start>(),
             Followed::Done(error) => return finished(error, FollowerStream::default()),
-            Followed::Generation { .. } | Followed::Identified(_) => {
+            Followed::Generation { .. } | Followed::Identified(_) | Followed::Searched(_) => {
                 return Err(RunError::Refused(
                     "the coordinator (process 0) runs another command than `stream`: run the \
                      same command on every process"
