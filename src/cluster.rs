@@ -27,10 +27,11 @@
 //!     its class: every process exits with the code the coordinator exits with)
 //! ```
 //!
-//! Commands: `ingest`, `backfill`, `reprocess`, `delete` (whose rebuild runs on the cluster;
-//! finding the events and rewriting the raw files that held them is the coordinator's) and
-//! `stream` (each process reads its share of the Kafka partitions; two more kinds of round,
-//! [`Order::Stream`] and [`Order::Cut`]: see [`crate::stream::cluster`]).
+//! Commands: `ingest`, `backfill`, `reprocess`, `delete` (whose search of the raw layer, in two
+//! rounds of [`Order::Search`], and rebuild run on the cluster; rewriting the raw files that held
+//! the events is the coordinator's) and `stream` (each process reads its share of the Kafka
+//! partitions; two more kinds of round, [`Order::Stream`] and [`Order::Cut`]: see
+//! [`crate::stream::cluster`]).
 //!
 //! The journal is the cluster's one commit point, written by worker 0 only: a follower never
 //! takes the writer lock, never writes the journal or the ledger, and publishes nothing itself.

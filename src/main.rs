@@ -274,8 +274,9 @@ enum Command {
         /// Timely worker threads.
         #[arg(long, short = 'w', default_value_t = 1)]
         workers: usize,
-        /// The rebuild of the days that held the events runs on the cluster; finding the events
-        /// and rewriting the raw files that held them is the coordinator's.
+        /// The search of the raw layer for the events and the rebuild of the days that held them
+        /// run on the cluster (each process its share); rewriting the raw files that held them is
+        /// the coordinator's.
         #[command(flatten)]
         cluster: ClusterArgs,
     },
