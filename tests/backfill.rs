@@ -76,12 +76,7 @@ fn a_changed_or_removed_source_partition_replaces_exactly_its_contribution() {
         .filter(|p| p.is_file())
         .collect();
     let changed = &web[3];
-    let mut rows = decode_dir(changed);
-    rows.drain(..3);
-    let mut corrected = rows.iter().find(|e| e.event_id.is_some()).cloned().unwrap();
-    corrected.revision += 5;
-    corrected.cost_micros = Some(123_456);
-    rows.push(corrected);
+    let mut rows = changed_rows(changed);
     let template = rows[0].clone();
     for i in 0..5 {
         let mut e = template.clone();

@@ -196,6 +196,18 @@ pub fn thirty_days(dir: &Path, n: usize) -> Vec<Event> {
     events
 }
 
+/// The rows of a source partition as a later delivery changes them: three dropped, one
+/// corrected by a higher revision (at the end).
+pub fn changed_rows(path: &Path) -> Vec<Event> {
+    let mut rows = decode_dir(path);
+    rows.drain(..3);
+    let mut corrected = rows.iter().find(|e| e.event_id.is_some()).cloned().unwrap();
+    corrected.revision += 5;
+    corrected.cost_micros = Some(123_456);
+    rows.push(corrected);
+    rows
+}
+
 pub fn write_logs(root: &Path, events: &[Event]) {
     let mut files: std::collections::BTreeMap<(i64, String), Vec<Event>> = Default::default();
     for e in events {
