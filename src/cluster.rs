@@ -12,9 +12,11 @@
 //!  the plan (as alone, from the identified files)
 //!  ── the next timely cluster, one per hot-window generation ──
 //!  round 0: the plan ─────────────────────────────▶  a run state of their own from it
-//!  a keyed rebuild: every worker decodes its share of the new input files (kept for its
-//!     epochs), and sends their keys and the user-days that may have raw rows ─▶ worker 0,
-//!     which finds and feeds the rebuild's rows while every other worker starts its epochs
+//!  a keyed rebuild: every worker decodes its share of the new sources (input files, or the
+//!     stream ranges its process cut; kept for its epochs) and reads its share of the raw files
+//!     the run withdraws, and sends their keys and the user-days that may have raw rows ─▶
+//!     worker 0, which finds and feeds the rebuild's rows while every other worker starts its
+//!     epochs
 //!  every epoch, every worker of the cluster: its share of the sources (by global worker
 //!     index), of the raw files to rebuild or retract; the dataflow exchanges by key; each
 //!     curated partition has one writer in the cluster (its mirror's worker), which stages it
@@ -27,9 +29,10 @@
 //!     its class: every process exits with the code the coordinator exits with)
 //! ```
 //!
-//! Commands: `ingest`, `backfill`, `reprocess`, `delete` (whose search of the raw layer, in two
-//! rounds of [`Order::Search`], and rebuild run on the cluster; rewriting the raw files that held
-//! the events is the coordinator's) and `stream` (each process reads its share of the Kafka
+//! Commands: `ingest`, `backfill`, `reprocess`, `delete` (whose search of the raw layer, in up to
+//! two rounds of [`Order::Search`] — for the keys, then for the files that hold them — and
+//! rebuild run on the cluster; rewriting the raw files that held the events is the
+//! coordinator's) and `stream` (each process reads its share of the Kafka
 //! partitions; two more kinds of round, [`Order::Stream`] and [`Order::Cut`]: see
 //! [`crate::stream::cluster`]).
 //!
@@ -60,7 +63,9 @@ use crate::source::SourceFile;
 pub const EXIT_PEER_LOST: u8 = 70;
 
 /// Opens every connection between the processes of a cluster ([`Cluster::connect`]).
-const HELLO: u64 = u64::from_be_bytes(*b"adsmcl02");
+/// (03: the keyed rebuild's seeds and a delete's search rounds; a process of an older build is
+/// refused as it connects.)
+const HELLO: u64 = u64::from_be_bytes(*b"adsmcl03");
 
 /// The exit code of a process whose cluster's processes were started with settings that cannot
 /// run together (another `--workers`, or one runs `stream` and another a batch command):

@@ -227,11 +227,16 @@ pub fn delete(
     // were validated when the tombstones were read or written.
     let deleted: HashSet<DedupKey> = tombstone.keys.iter().filter_map(|h| parse_key(h)).collect();
     // The raw files still holding them, and so the event days to rebuild.
-    let holds = search_everywhere(
-        &committed,
-        &Sought::Keys(deleted.iter().copied().collect()),
-        &options,
-    )?;
+    // (Nothing to look for: no search, no cluster round.)
+    let holds = if deleted.is_empty() {
+        vec![Vec::new(); committed.len()]
+    } else {
+        search_everywhere(
+            &committed,
+            &Sought::Keys(deleted.iter().copied().collect()),
+            &options,
+        )?
+    };
     let holding: Vec<PathBuf> = committed
         .iter()
         .zip(holds)

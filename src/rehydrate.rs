@@ -154,9 +154,10 @@ pub const KEEP_DECODED_EVENTS: usize = 1 << 20;
 
 type Keyed = Vec<(DedupKey, EventVersion)>;
 
-/// What one worker's share of a cluster run's new sources asks of the keyed rebuild, found by the
-/// worker that reads them (see [`crate::runtime`]'s `seed_in_run`): their live events' keys, and
-/// their user-days that may have raw rows ([`SeedScope`]). Only these travel to the coordinator,
+/// What one worker's share of a cluster run's new sources, and of the raw files it withdraws, asks
+/// of the keyed rebuild, found by the worker that reads them (see [`crate::runtime`]'s
+/// `seed_in_run`): their live rows' keys, and their user-days that may have raw rows
+/// ([`SeedScope`]). Only these travel to the coordinator,
 /// which finds the rows ([`keyed_state`]'s `remote`): 16 bytes a key and 40 a user-day (of a day
 /// with raw files: a load's fresh days have none), where the events' `(key, version)`s are 104
 /// bytes each.
@@ -405,7 +406,8 @@ enum Seen {
 /// when the session began), and the coverage grows by what the run adds.
 ///
 /// `remote`: what the workers of a cluster's processes found in their shares of the new sources
-/// ([`Seeds`]), added to what `changes.new_sources` ask (none, when every worker sent seeds).
+/// and the withdrawn raw files ([`Seeds`]), added to what `changes.new_sources` and
+/// `changes.retract` ask (none, when every worker sent seeds).
 pub fn keyed_state(
     warehouse: &Warehouse,
     changes: &Changes<'_>,

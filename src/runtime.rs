@@ -905,8 +905,9 @@ enum Rebuild {
 
 /// Cluster mode, a keyed run: its rebuild's rows are found in the run, once every worker of every
 /// process has read its share of the new sources (input files, or the stream's ranges its
-/// process cut) and sent the coordinator what they ask of the rebuild ([`seed_in_run`]), rather
-/// than by the coordinator reading every new source before the run.
+/// process cut) and of the raw files the run withdraws, and sent the coordinator what they ask
+/// of the rebuild ([`seed_in_run`]), rather than by the coordinator reading them all before the
+/// run.
 struct KeyedInRun {
     /// Which user-days a worker sends.
     scope: rehydrate::SeedScope,
@@ -2445,7 +2446,8 @@ fn log_keyed_state(state: &rehydrate::KeyedState, committed: usize, started: Ins
 
 /// A cluster's keyed rebuild found in the run ([`KeyedInRun`]), before its epochs: every worker
 /// decodes its sources (kept for its epochs, up to its part of
-/// [`rehydrate::KEEP_DECODED_EVENTS`]) and sends their [`rehydrate::Seeds`] to worker 0, which
+/// [`rehydrate::KEEP_DECODED_EVENTS`]) and reads its share of the withdrawn raw files (read
+/// again when its epoch retracts them), and sends their [`rehydrate::Seeds`] to worker 0, which
 /// finds the rebuild's rows (and feeds them all) while every other worker goes on to its
 /// epochs. A source that cannot be read goes on the worker's errors, as do seeds missing from a
 /// worker, and stop the run at its first publish: the other workers may have written their

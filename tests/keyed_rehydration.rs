@@ -223,7 +223,8 @@ fn raw_rows_read_for_rehydration_are_the_versions_ingested() {
 
 /// A cluster's coordinator finds a keyed rebuild from what its workers send of their shares of
 /// the new sources ([`Seeds`]: their live keys and the user-days that may have raw rows), not
-/// from the sources: it must find the rows it would find reading every source itself.
+/// from the sources (nor from the raw files the run withdraws): it must find the rows it would
+/// find reading them all itself.
 #[test]
 fn the_keys_workers_send_find_the_rows_that_reading_the_sources_finds() {
     use adsmetrics::rehydrate::{keyed_state, SeedScope, Seeds};
@@ -262,19 +263,22 @@ fn the_keys_workers_send_find_the_rows_that_reading_the_sources_finds() {
     let committed = adsmetrics::sink::raw::list_raw_files(&wh);
     let (tombstones, horizons) = (Tombstones::default(), Horizons::default());
     let no_days = std::collections::BTreeSet::new();
-    let changes = |new_sources| Changes {
+    let changes = |new_sources, retract| Changes {
         committed: &committed,
         new_sources,
-        retract: &[],
+        retract,
         extra_days: &no_days,
         tombstones: &tombstones,
         horizons: &horizons,
     };
     let every_source: Vec<_> = sources.iter().collect();
-    let read_here = keyed_state(&wh, &changes(&every_source), 2, None, None, &[]).unwrap();
+    // And three raw files withdrawn (a replaced source partition's).
+    let withdrawn = &committed[..3];
+    let read_here =
+        keyed_state(&wh, &changes(&every_source, withdrawn), 2, None, None, &[]).unwrap();
 
     let scope = SeedScope::of(&wh, &committed);
-    let sent: Vec<Seeds> = sources
+    let mut sent: Vec<Seeds> = sources
         .iter()
         .map(|source| {
             let decoded = source.decode(1).unwrap();
@@ -285,7 +289,18 @@ fn the_keys_workers_send_find_the_rows_that_reading_the_sources_finds() {
             seeds
         })
         .collect();
-    let found = keyed_state(&wh, &changes(&[]), 2, None, None, &sent).unwrap();
+    let mut of_withdrawn = Seeds::default();
+    for path in withdrawn {
+        let bytes = bytes::Bytes::from(std::fs::read(path).unwrap());
+        let rows = adsmetrics::sink::raw::RawFile::open(path, bytes)
+            .unwrap()
+            .all_versions()
+            .unwrap();
+        of_withdrawn.add_withdrawn(&rows, &scope, &tombstones);
+    }
+    of_withdrawn.finish();
+    sent.push(of_withdrawn);
+    let found = keyed_state(&wh, &changes(&[], &[]), 2, None, None, &sent).unwrap();
 
     let sorted = |mut rows: Vec<_>| {
         rows.sort();
