@@ -983,9 +983,9 @@ pub fn identify(
 }
 
 /// Every process's part in the round after [`Order::Identify`], the coordinator's included: its
-/// first worker identifies the process's share of `files` and sends it to worker 0 (its other
-/// workers take part in the round and send nothing). Returns the files this worker identified
-/// and what it received (worker 0: every process's share).
+/// share of `files` identified on its `workers` threads ([`share_round`]), each with its index
+/// in `files`, or why one could not be read. Returns the files this worker identified and what
+/// it received (worker 0: every process's share).
 pub(crate) fn share_of_identify(
     worker: &mut Worker,
     control: &mut Control,
@@ -993,34 +993,40 @@ pub(crate) fn share_of_identify(
     workers: usize,
     files: &[PathBuf],
 ) -> (usize, Vec<Message>) {
-    let (out, identified) = if worker.index().is_multiple_of(workers) {
-        let share = hash_share(files, cluster.process, cluster.processes, workers);
-        let identified = share.as_ref().map_or(0, Vec::len);
-        (vec![(0, Message::Identified(share))], identified)
+    share_round(worker, control, cluster, workers, files, |indices, mine| {
+        let identified = crate::source::identify(mine, workers)
+            .map(|identified| indices.into_iter().zip(identified).collect())
+            .map_err(|e| format!("process {}: {e}", cluster.process));
+        Message::Identified(identified)
+    })
+}
+
+/// A round answering an order about `files`: the first worker of each process does `answer`
+/// with its process's share of them (every `processes`-th, from its index: their indices in
+/// `files`, and their paths) and sends what it makes to worker 0; the process's other workers
+/// take part in the round and send nothing. Returns the files this worker took and what it
+/// received (worker 0: every process's answer).
+fn share_round(
+    worker: &mut Worker,
+    control: &mut Control,
+    cluster: &Cluster,
+    workers: usize,
+    files: &[PathBuf],
+    answer: impl FnOnce(Vec<usize>, &[PathBuf]) -> Message,
+) -> (usize, Vec<Message>) {
+    let (out, taken) = if worker.index().is_multiple_of(workers) {
+        let (indices, mine): (Vec<usize>, Vec<PathBuf>) = files
+            .iter()
+            .enumerate()
+            .skip(cluster.process)
+            .step_by(cluster.processes)
+            .map(|(i, path)| (i, path.clone()))
+            .unzip();
+        (vec![(0, answer(indices, &mine))], mine.len())
     } else {
         (Vec::new(), 0)
     };
-    (identified, control.round(worker, out))
-}
-
-/// Process `process`'s share of `files` (every `processes`-th, from its index), identified on
-/// `threads` threads, with each file's index in `files`; or why one could not be read.
-fn hash_share(
-    files: &[PathBuf],
-    process: usize,
-    processes: usize,
-    threads: usize,
-) -> Result<Vec<(usize, SourceFile)>, String> {
-    let (indices, mine): (Vec<usize>, Vec<PathBuf>) = files
-        .iter()
-        .enumerate()
-        .skip(process)
-        .step_by(processes)
-        .map(|(i, path)| (i, path.clone()))
-        .unzip();
-    let identified =
-        crate::source::identify(&mine, threads).map_err(|e| format!("process {process}: {e}"))?;
-    Ok(indices.into_iter().zip(identified).collect())
+    (taken, control.round(worker, out))
 }
 
 /// A delete's search of the raw layer ([`crate::delete::search`]) shared out over the processes
@@ -1069,9 +1075,9 @@ pub(crate) fn search(
 }
 
 /// Every process's part in the round after [`Order::Search`], the coordinator's included: its
-/// first worker searches the process's share of `files` and sends what it found to worker 0
-/// (its other workers take part in the round and send nothing). Returns the files this worker
-/// searched and what it received (worker 0: every process's share).
+/// share of `files` searched on its `workers` threads ([`share_round`]): the files with rows
+/// sought, by index in `files`, and their keys. Returns the files this worker searched and what
+/// it received (worker 0: every process's share).
 pub(crate) fn share_of_search(
     worker: &mut Worker,
     control: &mut Control,
@@ -1080,15 +1086,8 @@ pub(crate) fn share_of_search(
     files: &[PathBuf],
     sought: &crate::delete::Sought,
 ) -> (usize, Vec<Message>) {
-    let (out, searched) = if worker.index().is_multiple_of(workers) {
-        let (indices, mine): (Vec<usize>, Vec<PathBuf>) = files
-            .iter()
-            .enumerate()
-            .skip(cluster.process)
-            .step_by(cluster.processes)
-            .map(|(i, path)| (i, path.clone()))
-            .unzip();
-        let found = crate::delete::search(&mine, sought, workers)
+    share_round(worker, control, cluster, workers, files, |indices, mine| {
+        let found = crate::delete::search(mine, sought, workers)
             .map(|found| {
                 indices
                     .into_iter()
@@ -1097,11 +1096,8 @@ pub(crate) fn share_of_search(
                     .collect()
             })
             .map_err(|e| format!("process {}: {e}", cluster.process));
-        (vec![(0, Message::Searched(found))], mine.len())
-    } else {
-        (Vec::new(), 0)
-    };
-    (searched, control.round(worker, out))
+        Message::Searched(found)
+    })
 }
 
 /// The stream's next epoch, cut by every process of the cluster: one cluster round in which each

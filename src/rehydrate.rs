@@ -157,10 +157,9 @@ type Keyed = Vec<(DedupKey, EventVersion)>;
 /// What one worker's share of a cluster run's new sources, and of the raw files it withdraws, asks
 /// of the keyed rebuild, found by the worker that reads them (see [`crate::runtime`]'s
 /// `seed_in_run`): their live rows' keys, and their user-days that may have raw rows
-/// ([`SeedScope`]). Only these travel to the coordinator,
-/// which finds the rows ([`keyed_state`]'s `remote`): 16 bytes a key and 40 a user-day (of a day
-/// with raw files: a load's fresh days have none), where the events' `(key, version)`s are 104
-/// bytes each.
+/// ([`SeedScope`]). Only these travel to the coordinator, which finds the rows
+/// ([`keyed_state`]'s `remote`): 16 bytes a key and 40 a user-day (of a day with raw files: a
+/// load's fresh days have none), where the events' `(key, version)`s are 104 bytes each.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Seeds {
     /// The keys, one per live event (the coordinator's set takes each once).

@@ -2459,15 +2459,17 @@ fn seed_in_run(worker: &mut timely::worker::Worker, control: &mut Control, share
     };
     let started = Instant::now();
     let index = worker.index();
-    let failed = !shared.state.lock().expect("lock").errors.is_empty();
+    // A follower that could not set up (see `follower_shared`) reads nothing; it still sends
+    // its (empty) seeds, so that the round completes and its first report stops the run.
+    let set_up = shared.state.lock().expect("lock").errors.is_empty();
+    let epochs: &[EpochPlan] = if set_up { &shared.epochs } else { &[] };
     let mut seeds = rehydrate::Seeds::default();
     let mut kept = 0;
-    let sources = shared
-        .epochs
+    let sources = epochs
         .iter()
         .filter_map(|plan| plan.by_worker.get(index))
         .flatten();
-    for source in sources.take_while(|_| !failed) {
+    for source in sources {
         let decoded = match source.decode(1) {
             Ok(decoded) => decoded,
             Err(e) => {
@@ -2484,11 +2486,10 @@ fn seed_in_run(worker: &mut timely::worker::Worker, control: &mut Control, share
         }
     }
     // Its share of the raw files the run withdraws (as its epochs read them).
-    let withdrawn = shared
-        .epochs
+    let withdrawn = epochs
         .iter()
         .flat_map(|plan| plan.retract.iter().skip(index).step_by(worker.peers()));
-    for path in withdrawn.take_while(|_| !failed) {
+    for path in withdrawn {
         match rehydrate::raw_file_rows(path) {
             Ok(rows) => seeds.add_withdrawn(&rows, &in_run.scope, &shared.tombstones),
             Err(e) => shared.state.lock().expect("lock").errors.push(e.into()),
