@@ -121,11 +121,23 @@ pub fn content_version(id: &PartitionId, rows: &[(Dims, MetricRow)]) -> String {
 }
 
 fn writer_properties(id: &PartitionId, version: &str) -> WriterProperties {
-    ["cost_micros", "revenue_micros", "ip", "user_id"]
+    // Dictionary pages only where they make the pages smaller: the country and the small
+    // counts. On the ids, times and amounts (near-unique, or sorted runs) they cost an interner
+    // lookup per value for nothing: `encode/curated_partition` −19% without them, and a month of
+    // tables about the same size (66.4 → 65.4 MB at 5M events).
+    let repetitive = [
+        "country",
+        "impressions",
+        "clicks",
+        "conversions",
+        "unique_users",
+    ];
+    repetitive
         .iter()
-        .fold(base_writer_properties(), |b, c| {
-            b.set_column_dictionary_enabled((*c).into(), false)
-        })
+        .fold(
+            base_writer_properties().set_dictionary_enabled(false),
+            |b, c| b.set_column_dictionary_enabled((*c).into(), true),
+        )
         .set_key_value_metadata(Some(vec![
             KeyValue::new(VERSION_KEY.to_string(), version.to_string()),
             KeyValue::new(
