@@ -2914,6 +2914,12 @@ const STAGE_CELLS: usize = 1 << 18;
 /// published one. With `seeded` (a keyed run), a partition touched for the first time first gets
 /// its published rows; with `weeks` (a run that rebuilds whole days), a week touched for the
 /// first time first gets its other days' (`seed_week`).
+///
+/// A batch run ([`Shared::batch`]) stages each partition once and then drops its pipeline: its
+/// partitions' published rows are read lot by lot as they are staged, and each staged partition
+/// leaves the mirror, so that a correction touching every day holds a lot's rows at a time, not
+/// every touched partition's. A run of several epochs or a stream's session keeps them seeded
+/// in the mirror for its next epoch.
 fn stage_touched(
     shared: &Shared,
     pipeline: &Pipeline,
@@ -2936,13 +2942,19 @@ fn stage_touched(
             .collect(),
         None => Vec::new(),
     };
-    // A few at a time: the rows read are held until seeded.
-    for chunk in to_seed.chunks(4 * threads.max(1)) {
-        let seeds = rehydrate::par_map(chunk, threads, |(id, current)| {
-            read_published(&shared.warehouse, id, current)
-        })?;
-        for ((id, _), rows) in chunk.iter().zip(seeds) {
-            pipeline.mirror.borrow_mut().seed(id, &rows);
+    let once = shared.batch;
+    let mut read_when_staged: HashMap<PartitionId, &Published> = HashMap::new();
+    if once {
+        read_when_staged.extend(to_seed);
+    } else {
+        // A few at a time: the rows read are held until seeded.
+        for chunk in to_seed.chunks(4 * threads.max(1)) {
+            let seeds = rehydrate::par_map(chunk, threads, |(id, current)| {
+                read_published(&shared.warehouse, id, current)
+            })?;
+            for ((id, _), rows) in chunk.iter().zip(seeds) {
+                pipeline.mirror.borrow_mut().seed(id, &rows);
+            }
         }
     }
     if let Some(weeks) = weeks {
@@ -2957,7 +2969,11 @@ fn stage_touched(
     // [`STAGE_CELLS`] allows: each partition's rows are held until all of its lot are written.
     let mut sized: Vec<(usize, PartitionId)> = {
         let mirror = pipeline.mirror.borrow();
-        touched.iter().map(|id| (mirror.cells(id), *id)).collect()
+        let unread = |id| read_when_staged.get(id).map_or(0, |p| p.rows as usize);
+        touched
+            .iter()
+            .map(|id| (mirror.cells(id) + unread(id), *id))
+            .collect()
     };
     sized.sort_by(|a, b| b.cmp(a));
     let mut changes = Vec::new();
@@ -2976,11 +2992,16 @@ fn stage_touched(
         let (lot, after) = rest.split_at(take);
         rest = after;
         // Each partition's rows are read on the thread that encodes them (the mirror is only
-        // read meanwhile), then folded into the mirror here.
+        // read meanwhile), then folded into the mirror here, or dropped with it.
         let reading = pipeline.mirror.borrow();
         let mirror = &*reading;
         let staged = rehydrate::par_map(lot, threads, |(_, id)| {
-            let rows = mirror.rows(id)?;
+            let rows = match read_when_staged.get(id) {
+                Some(current) => {
+                    mirror.rows_seeded(id, &read_published(&shared.warehouse, id, current)?)?
+                }
+                None => mirror.rows(id)?,
+            };
             let tampered;
             let published_rows = match (shared.tamper, rows.split_first()) {
                 (true, Some(((dims, first), rest))) => {
@@ -2994,11 +3015,15 @@ fn stage_touched(
                 _ => &rows,
             };
             let change = stage_partition(&shared.warehouse, id, published_rows, published.get(id))?;
-            Ok::<_, RunError>((rows, change))
+            Ok::<_, RunError>(((!once).then_some(rows), change))
         })?;
         drop(reading);
         for ((_, id), (rows, change)) in lot.iter().zip(staged) {
-            pipeline.mirror.borrow_mut().settled(id, &rows);
+            let mut mirror = pipeline.mirror.borrow_mut();
+            match rows {
+                Some(rows) => mirror.settled(id, &rows),
+                None => mirror.forget(id),
+            }
             match change {
                 Some(change) => changes.push(change),
                 None => unchanged += 1,

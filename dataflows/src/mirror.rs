@@ -218,15 +218,50 @@ impl PartitionMirror {
     /// The partition's rows sorted by dims; empty if the partition has no rows (any more). Only
     /// meaningful once the frontier has passed every change applied.
     pub fn rows(&self, id: &PartitionId) -> Result<Vec<(Dims, MetricRow)>, MirrorError> {
-        let Some(partition) = self.partitions.get(id) else {
-            return Ok(Vec::new());
-        };
+        let base = self.partitions.get(id).map_or(&[][..], |p| &p.base);
+        self.merged(id, base.iter().copied())
+    }
+
+    /// The partition's rows as [`PartitionMirror::rows`] gives them once [`PartitionMirror::seed`]
+    /// has given it `published`, without keeping them: a run that stages a partition once and
+    /// then drops its mirror reads each partition's published rows only while it stages it,
+    /// rather than holding every touched partition's at once. The partition must not have been
+    /// seeded.
+    pub fn rows_seeded(
+        &self,
+        id: &PartitionId,
+        published: &[(Dims, MetricRow)],
+    ) -> Result<Vec<(Dims, MetricRow)>, MirrorError> {
+        debug_assert!(self.partitions.get(id).is_none_or(|p| p.base.is_empty()));
+        let as_delta = |(dims, row): &(Dims, MetricRow)| (*dims, CellDelta::of_row(row));
+        if published.is_sorted_by_key(|(dims, _)| *dims) {
+            self.merged(id, published.iter().map(as_delta))
+        } else {
+            let mut base: Vec<(Dims, CellDelta)> = published.iter().map(as_delta).collect();
+            base.sort_by_key(|(dims, _)| *dims);
+            self.merged(id, base.into_iter())
+        }
+    }
+
+    /// Drops the partition: its cells and changes.
+    pub fn forget(&mut self, id: &PartitionId) {
+        self.partitions.remove(id);
+    }
+
+    /// The rows of `base` (sorted by dims) with the partition's changes added.
+    fn merged(
+        &self,
+        id: &PartitionId,
+        base: impl Iterator<Item = (Dims, CellDelta)>,
+    ) -> Result<Vec<(Dims, MetricRow)>, MirrorError> {
+        let no_changes = HashMap::default();
+        let changes = self.partitions.get(id).map_or(&no_changes, |p| &p.changes);
         // Sorted as references (16 bytes) rather than copies (112 bytes): the sort moves its
         // elements about, and a partition's map is small enough to stay in cache for the
         // comparisons' reads.
-        let mut changes: Vec<(&Dims, &CellDelta)> = partition.changes.iter().collect();
+        let mut changes: Vec<(&Dims, &CellDelta)> = changes.iter().collect();
         changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let mut out = Vec::with_capacity(partition.base.len() + changes.len());
+        let mut out = Vec::with_capacity(base.size_hint().0 + changes.len());
         let mut push = |dims: Dims, state: CellDelta| -> Result<(), MirrorError> {
             if state.is_zero() {
                 return Ok(());
@@ -261,7 +296,7 @@ impl PartitionMirror {
         };
         // Merge the sorted base and the sorted changes.
         let mut changes = changes.into_iter().peekable();
-        for &(dims, base) in &partition.base {
+        for (dims, base) in base {
             while let Some((d, c)) = changes.next_if(|(d, _)| **d < dims) {
                 push(*d, *c)?;
             }
@@ -448,22 +483,35 @@ mod tests {
             unique_users: users,
             ..Default::default()
         };
-        // A change that arrives before the seed counts too.
-        mirror.apply(&cell(5, 4), &impression(1));
-        mirror.seed(
-            &id,
-            &[(cell(5, 1).dims, row(2, 1)), (cell(5, 3).dims, row(1, 1))],
-        );
-        mirror.apply(&cell(5, 2), &impression(1));
-        mirror.apply(&cell(5, 3), &impression(1));
+        let published = [(cell(5, 1).dims, row(2, 1)), (cell(5, 3).dims, row(1, 1))];
+        // The same changes to a mirror that is never seeded, read with the published rows.
+        let mut unseeded = PartitionMirror::default();
         let mut minus = CellDelta::of_row(&row(2, 1));
         differential_dataflow::difference::Abelian::negate(&mut minus);
-        mirror.apply(&cell(5, 1), &minus);
+        for (i, mirror) in [&mut mirror, &mut unseeded].into_iter().enumerate() {
+            // A change that arrives before the seed counts too.
+            mirror.apply(&cell(5, 4), &impression(1));
+            if i == 0 {
+                mirror.seed(&id, &published);
+            }
+            mirror.apply(&cell(5, 2), &impression(1));
+            mirror.apply(&cell(5, 3), &impression(1));
+            mirror.apply(&cell(5, 1), &minus);
+        }
         let rows = mirror.rows(&id).unwrap();
         let ads: Vec<i64> = rows.iter().map(|(d, _)| d.ad_id).collect();
         assert_eq!(ads, vec![2, 3, 4]);
         assert_eq!(rows[1].1, row(2, 2));
         assert_eq!(rows[0].1, row(1, 1));
+
+        assert_eq!(unseeded.rows_seeded(&id, &published).unwrap(), rows);
+        let unsorted = [published[1], published[0]];
+        assert_eq!(unseeded.rows_seeded(&id, &unsorted).unwrap(), rows);
+        // Without its published rows, the partition's changes alone are inconsistent (ad 1
+        // loses events it never had).
+        assert!(unseeded.rows(&id).is_err());
+        unseeded.forget(&id);
+        assert_eq!(unseeded.partitions().count(), 0);
     }
 
     #[test]
