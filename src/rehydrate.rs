@@ -343,12 +343,93 @@ fn key_hash(key: u128) -> u64 {
 
 /// What a round looks `keys` up with: their distinct key-index prefixes, in order (for the days'
 /// indexes), and a filter over them (for the rows of the files read).
-fn key_lookup<'k>(keys: impl Iterator<Item = &'k DedupKey>) -> (Vec<u64>, Prefilter) {
-    let mut prefixes: Vec<u64> = keys.map(|k| keyindex::prefix(k.0.get())).collect();
-    prefixes.sort_unstable();
+fn key_lookup(keys: &KnownKeys) -> (Vec<u64>, Prefilter) {
+    // Sorted keys have sorted prefixes: the keys found since the seeds are few, and go in after.
+    let mut prefixes: Vec<u64> = keys
+        .sorted
+        .iter()
+        .map(|k| keyindex::prefix(k.0.get()))
+        .collect();
     prefixes.dedup();
+    if !keys.found.is_empty() {
+        prefixes.extend(keys.found.iter().map(|k| keyindex::prefix(k.0.get())));
+        prefixes.sort_unstable();
+        prefixes.dedup();
+    }
     let filter = Prefilter::new(prefixes.iter().copied());
     (prefixes, filter)
+}
+
+/// The keys a rebuild knows (or a round looks for): those it starts from, sorted once, and those
+/// its rounds find, in a set. A long load's generation starts from some 300k keys: inserted one
+/// by one into a hash set of megabytes, each was a cache miss, and the set took 40 ms on one
+/// thread of every generation; sorted, a third of that. A lookup (a row whose key passed the
+/// round's filter, a row decoded) goes through a directory of the keys' top bits to the few
+/// sorted keys that share them.
+#[derive(Default)]
+struct KnownKeys {
+    sorted: Vec<DedupKey>,
+    /// For each value of a key's top `bits` bits, where its keys start in `sorted`, and one more
+    /// entry, the end.
+    starts: Vec<u32>,
+    bits: u32,
+    found: HashSet<DedupKey, BuildFastHasher>,
+}
+
+impl KnownKeys {
+    fn of(mut keys: Vec<DedupKey>) -> Self {
+        keys.sort_unstable();
+        keys.dedup();
+        // About four keys per entry.
+        let bits = (keys.len() / 4).max(1).ilog2().min(24);
+        let mut starts = Vec::with_capacity((1 << bits) + 1);
+        let mut next = 0;
+        for (i, key) in keys.iter().enumerate() {
+            let top = Self::top(key, bits);
+            while next <= top {
+                starts.push(i as u32);
+                next += 1;
+            }
+        }
+        starts.resize((1 << bits) + 1, keys.len() as u32);
+        KnownKeys {
+            sorted: keys,
+            starts,
+            bits,
+            found: HashSet::default(),
+        }
+    }
+
+    fn top(key: &DedupKey, bits: u32) -> usize {
+        keyindex::prefix(key.0.get())
+            .checked_shr(64 - bits)
+            .unwrap_or(0) as usize
+    }
+
+    fn in_sorted(&self, key: &DedupKey) -> bool {
+        let top = Self::top(key, self.bits);
+        match (self.starts.get(top), self.starts.get(top + 1)) {
+            (Some(&start), Some(&end)) => self.sorted[start as usize..end as usize].contains(key),
+            _ => false,
+        }
+    }
+
+    fn contains(&self, key: &DedupKey) -> bool {
+        self.in_sorted(key) || self.found.contains(key)
+    }
+
+    /// Adds a key; whether it was new.
+    fn insert(&mut self, key: DedupKey) -> bool {
+        !self.in_sorted(&key) && self.found.insert(key)
+    }
+
+    fn len(&self) -> usize {
+        self.sorted.len() + self.found.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &DedupKey> {
+        self.sorted.iter().chain(&self.found)
+    }
 }
 
 /// User and ad ids are not uniform (often small and dense): mixed before the top bits are taken.
@@ -463,49 +544,49 @@ pub fn keyed_state(
         None => SeedScope::of_days(by_day.keys().copied()),
     };
     let may_have_rows = |u: &UserDay| seed_scope.may_have_rows(u);
-    let ((mut keys, mut pending_keys), ((mut user_days, mut pending_user_days), mut first_round)) =
-        std::thread::scope(|scope| {
-            let user_days = scope.spawn(|| {
-                let mut set: HashSet<UserDay, BuildFastHasher> = HashSet::with_capacity_and_hasher(
-                    if seed_scope.days.is_some() {
-                        0
-                    } else {
-                        seed_rows
-                    },
-                    BuildFastHasher::default(),
-                );
-                let mut pending = Vec::new();
-                let user_days = live()
-                    .map(|(_, version)| UserDay::of(version).0)
-                    .chain(remote.iter().flat_map(|s| s.user_days.iter().copied()));
-                for user_day in user_days {
-                    if may_have_rows(&user_day)
-                        && set.insert(user_day)
-                        && !covered.is_some_and(|c| c.user_days.contains(&user_day))
-                    {
-                        pending.push(user_day);
-                    }
-                }
-                // With nothing covered, the first round looks for every key: its prefixes and
-                // filter are made here, beside the key set.
-                let first_round = covered
-                    .is_none()
-                    .then(|| key_lookup(live().map(|(key, _)| key).chain(remote_keys())));
-                ((set, pending), first_round)
-            });
-            let mut set: HashSet<DedupKey, BuildFastHasher> =
-                HashSet::with_capacity_and_hasher(seed_rows, BuildFastHasher::default());
+    let (keys, (mut user_days, mut pending_user_days)) = std::thread::scope(|scope| {
+        let user_days = scope.spawn(|| {
+            let mut set: HashSet<UserDay, BuildFastHasher> = HashSet::with_capacity_and_hasher(
+                if seed_scope.days.is_some() {
+                    0
+                } else {
+                    seed_rows
+                },
+                BuildFastHasher::default(),
+            );
             let mut pending = Vec::new();
-            for key in live().map(|(key, _)| key).chain(remote_keys()) {
-                if set.insert(*key) && !covered.is_some_and(|c| c.keys.contains(key)) {
-                    pending.push(*key);
+            let user_days = live()
+                .map(|(_, version)| UserDay::of(version).0)
+                .chain(remote.iter().flat_map(|s| s.user_days.iter().copied()));
+            for user_day in user_days {
+                if may_have_rows(&user_day)
+                    && set.insert(user_day)
+                    && !covered.is_some_and(|c| c.user_days.contains(&user_day))
+                {
+                    pending.push(user_day);
                 }
             }
-            let user_days = user_days
-                .join()
-                .expect("the user-day thread does not panic");
-            ((set, pending), user_days)
+            (set, pending)
         });
+        let mut keys = Vec::with_capacity(seed_rows);
+        keys.extend(live().map(|(key, _)| *key).chain(remote_keys().copied()));
+        let keys = KnownKeys::of(keys);
+        let user_days = user_days
+            .join()
+            .expect("the user-day thread does not panic");
+        (keys, user_days)
+    });
+    let mut keys = keys;
+    // The keys the first round looks for: every one, unless a session's dataflow holds some.
+    let mut pending_keys: Vec<DedupKey> = match covered {
+        Some(c) => keys
+            .sorted
+            .iter()
+            .filter(|key| !c.keys.contains(key))
+            .copied()
+            .collect(),
+        None => keys.sorted.clone(),
+    };
     drop(withdrawn);
     let mut kept = 0;
     for (predecoded, source) in new_events.into_iter().zip(new_sources) {
@@ -524,17 +605,16 @@ pub fn keyed_state(
     while !pending_keys.is_empty() || !pending_user_days.is_empty() {
         out.rounds += 1;
         tracing::debug!(took = ?started.elapsed(), "rehydration round");
-        // In the first round every known key is pending: the set of them is the one to test.
-        let pending_set: HashSet<DedupKey, BuildFastHasher>;
+        // In the first round every known key may be pending: the known ones are then the ones
+        // to test.
+        let pending_set: KnownKeys;
         let wanted_keys = if pending_keys.len() == keys.len() {
             &keys
         } else {
-            pending_set = pending_keys.iter().copied().collect();
+            pending_set = KnownKeys::of(std::mem::take(&mut pending_keys));
             &pending_set
         };
-        let (prefixes, key_filter) = first_round
-            .take()
-            .unwrap_or_else(|| key_lookup(pending_keys.iter()));
+        let (prefixes, key_filter) = key_lookup(wanted_keys);
         // A row may belong to a pending user-day when its user and ad are one's (its day is its
         // file's; the rest of the cell is checked once it is decoded): with many users, a user
         // alone matches a large share of a day's rows, a user and an ad few.
@@ -681,8 +761,48 @@ pub fn keyed_state(
         cache.keep(&used, read_here);
     }
     if let Some(coverage) = coverage {
-        coverage.keys.extend(keys);
+        coverage.keys.extend(keys.iter());
         coverage.user_days.extend(user_days);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(v: u128) -> DedupKey {
+        DedupKey(v.into())
+    }
+
+    proptest! {
+        /// The sorted keys and their directory answer as a set of them would, for any number of
+        /// keys (none, one, a directory entry's worth, thousands), near keys and far ones.
+        #[test]
+        fn known_keys_answer_as_a_set(
+            values in proptest::collection::vec(any::<u128>(), 0..3000),
+            probes in proptest::collection::vec(any::<u128>(), 0..200),
+            added in proptest::collection::vec(any::<u128>(), 0..20),
+        ) {
+            let mut set: HashSet<u128> = values.iter().copied().collect();
+            let mut known = KnownKeys::of(values.iter().map(|&v| key(v)).collect());
+            prop_assert_eq!(known.len(), set.len());
+            for &v in values.iter().chain(&probes) {
+                for probe in [v, v.wrapping_add(1), v.wrapping_sub(1), v ^ (1 << 127)] {
+                    prop_assert_eq!(known.contains(&key(probe)), set.contains(&probe));
+                }
+            }
+            for &v in added.iter().chain(values.iter().take(5)) {
+                prop_assert_eq!(known.insert(key(v)), set.insert(v));
+                prop_assert!(known.contains(&key(v)));
+            }
+            prop_assert_eq!(known.len(), set.len());
+            let mut listed: Vec<u128> = known.iter().map(|k| k.0.get()).collect();
+            listed.sort_unstable();
+            let mut expected: Vec<u128> = set.into_iter().collect();
+            expected.sort_unstable();
+            prop_assert_eq!(listed, expected);
+        }
+    }
 }
