@@ -1759,17 +1759,25 @@ fn execute_generation(
         .into_iter()
         .filter(|p| !retracted.contains(p) && !removed.contains(p))
         .collect();
-    for (day, (written, prefixes)) in std::mem::take(&mut state.written) {
-        // A session's runs look up keys only in the files from before it began (whose index is
-        // left as it was): rewriting a day's whole index at every run grew with the day.
-        if session.is_none() {
+    let written: Vec<(i64, (Vec<PathBuf>, Vec<u64>))> =
+        std::mem::take(&mut state.written).into_iter().collect();
+    // A session's runs look up keys only in the files from before it began (whose index is
+    // left as it was): rewriting a day's whole index at every run grew with the day. Each day's
+    // on a thread of its own (a load's generation writes two or three), before the next
+    // generation looks keys up in them.
+    if session.is_none() {
+        let extended = rehydrate::par_map(&written, shared.threads, |(day, (files, prefixes))| {
             let before = before
-                .get(&Some(day))
+                .get(&Some(*day))
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            crate::keyindex::extend(warehouse, day, before, &retracted, &written, prefixes);
-        }
-        listing.extend(written);
+            crate::keyindex::extend(warehouse, *day, before, &retracted, files, prefixes.clone());
+            Ok::<_, std::convert::Infallible>(())
+        });
+        let Ok(_) = extended;
+    }
+    for (_, (files, _)) in written {
+        listing.extend(files);
     }
     let mut summary = std::mem::take(&mut state.summary);
     summary.batch_engine_runs = shared.batch as u64;
