@@ -648,7 +648,7 @@ pub fn keyed_state(
             days.extend(hits.into_iter().flatten());
         }
 
-        tracing::debug!(took = ?started.elapsed(), days = days.len(), keys = pending_keys.len(), user_days = pending_user_days.len(), "rehydration days");
+        tracing::debug!(took = ?started.elapsed(), days = days.len(), keys = wanted_keys.len(), user_days = pending_user_days.len(), "rehydration days");
         // Each file of those days: its key and user columns (read once per run), the candidate
         // rows (a pending key, or a pending user: the user-day is checked once decoded), and
         // those rows decoded, from one read of the file.

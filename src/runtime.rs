@@ -2044,7 +2044,11 @@ pub(crate) fn follow_once(
     let ran = state.get();
     Ok(done.unwrap_or(Followed::Generation {
         batch: ran.is_some_and(|shared| shared.batch),
-        seeded: ran.is_some_and(|shared| shared.keyed_in_run.is_some()),
+        // Seeded from its own sources' keys only when it could read them (a follower that
+        // failed sent empty seeds, and the run stopped at its report).
+        seeded: ran.is_some_and(|shared| {
+            shared.keyed_in_run.is_some() && shared.state.lock().expect("lock").errors.is_empty()
+        }),
     }))
 }
 
