@@ -1759,8 +1759,7 @@ fn execute_generation(
         .into_iter()
         .filter(|p| !retracted.contains(p) && !removed.contains(p))
         .collect();
-    let written: Vec<(i64, (Vec<PathBuf>, Vec<u64>))> =
-        std::mem::take(&mut state.written).into_iter().collect();
+    let written: Vec<_> = std::mem::take(&mut state.written).into_iter().collect();
     // A session's runs look up keys only in the files from before it began (whose index is
     // left as it was): rewriting a day's whole index at every run grew with the day. Each day's
     // on a thread of its own (a load's generation writes two or three), before the next
