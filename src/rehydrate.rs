@@ -605,8 +605,8 @@ pub fn keyed_state(
     while !pending_keys.is_empty() || !pending_user_days.is_empty() {
         out.rounds += 1;
         tracing::debug!(took = ?started.elapsed(), "rehydration round");
-        // In the first round every known key may be pending: the known ones are then the ones
-        // to test.
+        // When every known key is pending (the first round, unless a session covers some), the
+        // known ones are the ones to test.
         let pending_set: KnownKeys;
         let wanted_keys = if pending_keys.len() == keys.len() {
             &keys

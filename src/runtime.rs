@@ -2043,8 +2043,8 @@ pub(crate) fn follow_once(
     let ran = state.get();
     Ok(done.unwrap_or(Followed::Generation {
         batch: ran.is_some_and(|shared| shared.batch),
-        // Seeded from its own sources' keys only when it could read them (a follower that
-        // failed sent empty seeds, and the run stopped at its report).
+        // Seeded from its own sources' keys only when the run went through: a follower that
+        // failed may have sent empty or partial seeds (and the run stopped at its report).
         seeded: ran.is_some_and(|shared| {
             shared.keyed_in_run.is_some() && shared.state.lock().expect("lock").errors.is_empty()
         }),
@@ -2277,7 +2277,8 @@ fn publish_in_cluster(
 
 /// A run's epochs on a worker's `pipeline`, the run's epoch `k` at dataflow time `base + k`
 /// (the pipeline's input is at `base`). With `seeded` (a keyed run), the partitions the worker's
-/// mirror holds with their published rows, and the mirror ignores the rebuild (epoch 0).
+/// mirror has been given their published rows for (a batch run's have left the mirror once
+/// staged: `stage_touched`), and the mirror ignores the rebuild (epoch 0).
 /// Returns the conflicted keys the run found.
 fn run_epochs(
     worker: &mut timely::worker::Worker,
@@ -2945,7 +2946,15 @@ fn stage_touched(
     touched.sort();
     touched.dedup();
     // Partitions published before and first touched now get their published rows first.
+    let once = shared.batch;
     let to_seed: Vec<(PartitionId, &Published)> = match seeded {
+        // A partition a batch run staged has left the mirror with its published rows: staged
+        // again, it would be staged from its changes alone. A batch run stages once.
+        Some(seeded) if once && touched.iter().any(|id| seeded.contains(id)) => {
+            return Err(RunError::Runtime(
+                "a batch run staged its partitions twice".into(),
+            ));
+        }
         Some(seeded) => touched
             .iter()
             .filter(|id| seeded.insert(**id))
@@ -2953,7 +2962,6 @@ fn stage_touched(
             .collect(),
         None => Vec::new(),
     };
-    let once = shared.batch;
     let mut read_when_staged: HashMap<PartitionId, &Published> = HashMap::new();
     if once {
         read_when_staged.extend(to_seed);

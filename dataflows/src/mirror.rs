@@ -225,14 +225,19 @@ impl PartitionMirror {
     /// The partition's rows as [`PartitionMirror::rows`] gives them once [`PartitionMirror::seed`]
     /// has given it `published`, without keeping them: a run that stages a partition once and
     /// then drops its mirror reads each partition's published rows only while it stages it,
-    /// rather than holding every touched partition's at once. The partition must not have been
-    /// seeded.
+    /// rather than holding every touched partition's at once. An error for a partition that was
+    /// seeded (its published rows would count twice).
     pub fn rows_seeded(
         &self,
         id: &PartitionId,
         published: &[(Dims, MetricRow)],
     ) -> Result<Vec<(Dims, MetricRow)>, MirrorError> {
-        debug_assert!(self.partitions.get(id).is_none_or(|p| p.base.is_empty()));
+        if self.partitions.get(id).is_some_and(|p| !p.base.is_empty()) {
+            return Err(MirrorError {
+                partition: *id,
+                detail: "its published rows were given twice".to_string(),
+            });
+        }
         let as_delta = |(dims, row): &(Dims, MetricRow)| (*dims, CellDelta::of_row(row));
         if published.is_sorted_by_key(|(dims, _)| *dims) {
             self.merged(id, published.iter().map(as_delta))
@@ -505,6 +510,8 @@ mod tests {
         assert_eq!(rows[0].1, row(1, 1));
 
         assert_eq!(unseeded.rows_seeded(&id, &published).unwrap(), rows);
+        // Given them twice, the published rows would count twice.
+        assert!(mirror.rows_seeded(&id, &published).is_err());
         let unsorted = [published[1], published[0]];
         assert_eq!(unseeded.rows_seeded(&id, &unsorted).unwrap(), rows);
         // Without its published rows, the partition's changes alone are inconsistent (ad 1

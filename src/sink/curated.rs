@@ -19,7 +19,6 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ProjectionMask;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use parquet::file::reader::{FileReader, SerializedFileReader};
@@ -279,18 +278,15 @@ pub fn read_published(
     Ok(rows)
 }
 
-/// Reads a partition file back into rows (used by `show` and tests).
+/// Reads a partition file back into rows (a run's staging, `show`, `check` and the gate). Every
+/// column is decoded, the period columns too, so that a damaged page anywhere in the file is
+/// an error here.
 pub fn read_partition(
     path: &std::path::Path,
 ) -> Result<Vec<(Dims, MetricRow)>, Box<dyn std::error::Error + Send + Sync>> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?;
-    // The period columns are the partition's own: not decoded.
-    let schema = builder.parquet_schema();
-    let wanted = (0..schema.num_columns())
-        .filter(|&i| !matches!(schema.column(i).name(), "event_hour" | "event_date"));
-    let mask = ProjectionMask::leaves(schema, wanted);
     let mut rows = Vec::with_capacity(builder.metadata().file_metadata().num_rows() as usize);
-    let reader = builder.with_projection(mask).build()?;
+    let reader = builder.build()?;
     for batch in reader {
         let batch = batch?;
         let int = |name: &str| -> Result<Int64Array, Box<dyn std::error::Error + Send + Sync>> {
