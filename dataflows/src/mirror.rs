@@ -120,13 +120,16 @@ pub struct PartitionMirror {
     /// repeat if its partition emptied and came back); a partition's own flag says it is here.
     touched: Vec<PartitionId>,
     floor: Epoch,
+    /// Changes are logged and added up when taken ([`PartitionMirror::logging`]).
+    logging: bool,
 }
 
 /// One partition's cells: a sorted base (a seeded partition's published rows, else nothing) and
 /// the changes since, by cell.
 ///
 /// Changes go to a hash map, sorted when the partition is read: a busy hour holds a million
-/// cells, and an epoch applies millions of changes but reads each touched partition once. A
+/// cells, and an epoch applies millions of changes but reads each touched partition once. (A
+/// [`PartitionMirror::logging`] mirror appends them to a log instead, sorted and added up once.) A
 /// seeded partition keeps its published rows as they were read (already sorted) and merges the
 /// changes into them when read, so a correction that touches a few cells of a large partition
 /// neither hashes nor sorts the rest.
@@ -134,11 +137,60 @@ pub struct PartitionMirror {
 struct Partition {
     base: Vec<(Dims, CellDelta)>,
     changes: HashMap<Dims, CellDelta, BuildFastHasher>,
+    /// A logging mirror's changes as applied, and as added up by [`PartitionMirror::take_touched`]
+    /// (sorted by cell, one per cell, none zero).
+    log: Vec<(Dims, CellDelta)>,
+    summed: Vec<(Dims, CellDelta)>,
     /// In [`PartitionMirror::touched`].
     touched: bool,
 }
 
+impl Partition {
+    fn is_empty(&self) -> bool {
+        self.base.is_empty()
+            && self.changes.is_empty()
+            && self.log.is_empty()
+            && self.summed.is_empty()
+    }
+
+    fn changed_cells(&self) -> usize {
+        self.changes.len() + self.log.len() + self.summed.len()
+    }
+}
+
+/// `changes` sorted by cell and added up, without the cells whose changes cancel.
+fn summed(mut changes: Vec<(Dims, CellDelta)>) -> Vec<(Dims, CellDelta)> {
+    changes.sort_unstable_by_key(|(dims, _)| *dims);
+    let mut out: Vec<(Dims, CellDelta)> = Vec::with_capacity(changes.len());
+    for (dims, delta) in changes {
+        match out.last_mut() {
+            Some((last, sum)) if *last == dims => sum.plus_equals(&delta),
+            _ => {
+                if out.last().is_some_and(|(_, sum)| sum.is_zero()) {
+                    out.pop();
+                }
+                out.push((dims, delta));
+            }
+        }
+    }
+    if out.last().is_some_and(|(_, sum)| sum.is_zero()) {
+        out.pop();
+    }
+    out
+}
+
 impl PartitionMirror {
+    /// A mirror for a run that applies its changes and then reads each partition once (the batch
+    /// engine's): each change is appended to its partition's log, and the logs are sorted and
+    /// added up when the touched partitions are taken. A hash map per partition instead costs a
+    /// lookup per change, and a sort of the map's entries when read.
+    pub fn logging() -> Self {
+        PartitionMirror {
+            logging: true,
+            ..Self::default()
+        }
+    }
+
     /// Adds one change to a cell.
     pub fn apply(&mut self, cell: &Cell, delta: &CellDelta) {
         // Called once per cell change (millions per epoch): a hash lookup for the partition and
@@ -150,11 +202,15 @@ impl PartitionMirror {
             partition.touched = true;
             self.touched.push(id);
         }
+        if self.logging {
+            partition.log.push((cell.dims, *delta));
+            return;
+        }
         let state = partition.changes.entry(cell.dims).or_default();
         state.plus_equals(delta);
         if state.is_zero() {
             partition.changes.remove(&cell.dims);
-            if partition.changes.is_empty() && partition.base.is_empty() {
+            if partition.is_empty() {
                 self.partitions.remove(&id);
             }
         }
@@ -174,6 +230,9 @@ impl PartitionMirror {
         }
         if partition.base.is_empty() {
             partition.base = base;
+        } else if self.logging {
+            // Seeded twice: the second rows count as changes.
+            partition.log.extend(base);
         } else {
             // Seeded twice: the second rows count as changes.
             for (dims, delta) in base {
@@ -184,7 +243,7 @@ impl PartitionMirror {
                 }
             }
         }
-        if partition.changes.is_empty() && partition.base.is_empty() {
+        if partition.is_empty() {
             self.partitions.remove(id);
         }
     }
@@ -210,6 +269,14 @@ impl PartitionMirror {
         for id in &touched {
             if let Some(partition) = self.partitions.get_mut(id) {
                 partition.touched = false;
+                if !partition.log.is_empty() {
+                    let mut log = std::mem::take(&mut partition.log);
+                    log.append(&mut partition.summed);
+                    partition.summed = summed(log);
+                }
+                if partition.is_empty() {
+                    self.partitions.remove(id);
+                }
             }
         }
         touched
@@ -259,13 +326,34 @@ impl PartitionMirror {
         id: &PartitionId,
         base: impl Iterator<Item = (Dims, CellDelta)>,
     ) -> Result<Vec<(Dims, MetricRow)>, MirrorError> {
-        let no_changes = HashMap::default();
-        let changes = self.partitions.get(id).map_or(&no_changes, |p| &p.changes);
+        let Some(partition) = self.partitions.get(id) else {
+            return Self::merge(id, base, Vec::new());
+        };
+        if !partition.log.is_empty() {
+            // Read before the touched partitions were taken: added up here.
+            let mut log = partition.log.clone();
+            log.extend_from_slice(&partition.summed);
+            let log = summed(log);
+            return Self::merge(id, base, log.iter().map(|(d, c)| (d, c)).collect());
+        }
+        if !partition.summed.is_empty() {
+            let summed = partition.summed.iter().map(|(d, c)| (d, c)).collect();
+            return Self::merge(id, base, summed);
+        }
         // Sorted as references (16 bytes) rather than copies (112 bytes): the sort moves its
         // elements about, and a partition's map is small enough to stay in cache for the
         // comparisons' reads.
-        let mut changes: Vec<(&Dims, &CellDelta)> = changes.iter().collect();
+        let mut changes: Vec<(&Dims, &CellDelta)> = partition.changes.iter().collect();
         changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        Self::merge(id, base, changes)
+    }
+
+    /// The rows of `base` (sorted by dims) with `changes` (sorted by dims, one per cell) added.
+    fn merge(
+        id: &PartitionId,
+        base: impl Iterator<Item = (Dims, CellDelta)>,
+        changes: Vec<(&Dims, &CellDelta)>,
+    ) -> Result<Vec<(Dims, MetricRow)>, MirrorError> {
         let mut out = Vec::with_capacity(base.size_hint().0 + changes.len());
         let mut push = |dims: Dims, state: CellDelta| -> Result<(), MirrorError> {
             if state.is_zero() {
@@ -339,9 +427,11 @@ impl PartitionMirror {
         if let Some(partition) = self
             .partitions
             .get_mut(id)
-            .filter(|p| p.changes.len().saturating_mul(8) >= p.base.len())
+            .filter(|p| p.changed_cells().saturating_mul(8) >= p.base.len())
         {
             partition.changes.clear();
+            partition.log.clear();
+            partition.summed.clear();
             partition.base.clear();
             partition.base.extend(
                 rows.iter()
@@ -355,7 +445,7 @@ impl PartitionMirror {
     pub fn cells(&self, id: &PartitionId) -> usize {
         self.partitions
             .get(id)
-            .map_or(0, |p| p.base.len() + p.changes.len())
+            .map_or(0, |p| p.base.len() + p.changed_cells())
     }
 
     /// Every partition currently held, in order.
@@ -396,6 +486,42 @@ mod tests {
                 ..Default::default()
             },
             users,
+        }
+    }
+
+    proptest::proptest! {
+        /// A logging mirror reads as the hashing one does, whatever the order and mix of changes
+        /// (cells that cancel, partitions that empty, a read before the touched are taken).
+        #[test]
+        fn a_logging_mirror_reads_as_a_hashing_one(
+            changes in proptest::collection::vec((0i64..3, 0i64..6, proptest::bool::ANY), 0..60),
+        ) {
+            let (mut hashing, mut logging) = (PartitionMirror::default(), PartitionMirror::logging());
+            // An impression with one user, or its retraction (only of one added before, so that
+            // every read is consistent).
+            let mut held = std::collections::HashMap::new();
+            for (period, ad, retract) in changes {
+                let count = held.entry((period, ad)).or_insert(0i64);
+                let mut delta = impression(1);
+                if retract && *count > 0 {
+                    differential_dataflow::difference::Abelian::negate(&mut delta);
+                    *count -= 1;
+                } else {
+                    *count += 1;
+                }
+                hashing.apply(&cell(period, ad), &delta);
+                logging.apply(&cell(period, ad), &delta);
+            }
+            let ids: Vec<PartitionId> = (0..3).map(|period| PartitionId { grain: Grain::Hourly, period }).collect();
+            for id in &ids {
+                proptest::prop_assert_eq!(logging.rows(id).unwrap(), hashing.rows(id).unwrap());
+            }
+            proptest::prop_assert_eq!(logging.take_touched(), hashing.take_touched());
+            for id in &ids {
+                proptest::prop_assert_eq!(logging.rows(id).unwrap(), hashing.rows(id).unwrap());
+                proptest::prop_assert_eq!(logging.cells(id), hashing.cells(id));
+            }
+            proptest::prop_assert_eq!(logging.partitions().count(), hashing.partitions().count());
         }
     }
 

@@ -133,7 +133,7 @@ pub fn build(worker: &mut Worker) -> Pipeline {
 /// same changes in the mirror as [`build`]'s, with sorts. Every worker must build it, in the same
 /// order relative to other dataflows.
 pub fn build_batch(worker: &mut Worker) -> Pipeline {
-    let mirror = Rc::new(RefCell::new(PartitionMirror::default()));
+    let mirror = Rc::new(RefCell::new(PartitionMirror::logging()));
     let conflicted_keys = Rc::new(StdCell::new(0i64));
     let changes_from = Rc::new(StdCell::new(0));
     let probe = ProbeHandle::new();
