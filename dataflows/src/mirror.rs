@@ -156,6 +156,20 @@ impl Partition {
     fn changed_cells(&self) -> usize {
         self.changes.len() + self.log.len() + self.summed.len()
     }
+
+    /// Adds a change to a cell: to the log, for a logging mirror; else to the cell's sum in the
+    /// map, which leaves the map when it cancels.
+    fn add(&mut self, logging: bool, dims: Dims, delta: &CellDelta) {
+        if logging {
+            self.log.push((dims, *delta));
+            return;
+        }
+        let state = self.changes.entry(dims).or_default();
+        state.plus_equals(delta);
+        if state.is_zero() {
+            self.changes.remove(&dims);
+        }
+    }
 }
 
 /// `changes` sorted by cell and added up, without the cells whose changes cancel.
@@ -202,17 +216,9 @@ impl PartitionMirror {
             partition.touched = true;
             self.touched.push(id);
         }
-        if self.logging {
-            partition.log.push((cell.dims, *delta));
-            return;
-        }
-        let state = partition.changes.entry(cell.dims).or_default();
-        state.plus_equals(delta);
-        if state.is_zero() {
-            partition.changes.remove(&cell.dims);
-            if partition.is_empty() {
-                self.partitions.remove(&id);
-            }
+        partition.add(self.logging, cell.dims, delta);
+        if partition.is_empty() {
+            self.partitions.remove(&id);
         }
     }
 
@@ -230,17 +236,10 @@ impl PartitionMirror {
         }
         if partition.base.is_empty() {
             partition.base = base;
-        } else if self.logging {
-            // Seeded twice: the second rows count as changes.
-            partition.log.extend(base);
         } else {
             // Seeded twice: the second rows count as changes.
             for (dims, delta) in base {
-                let state = partition.changes.entry(dims).or_default();
-                state.plus_equals(&delta);
-                if state.is_zero() {
-                    partition.changes.remove(&dims);
-                }
+                partition.add(self.logging, dims, &delta);
             }
         }
         if partition.is_empty() {
