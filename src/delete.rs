@@ -227,16 +227,11 @@ pub fn delete(
     // were validated when the tombstones were read or written.
     let deleted: HashSet<DedupKey> = tombstone.keys.iter().filter_map(|h| parse_key(h)).collect();
     // The raw files still holding them, and so the event days to rebuild.
-    // (Nothing to look for: no search, no cluster round.)
-    let holds = if deleted.is_empty() {
-        vec![Vec::new(); committed.len()]
-    } else {
-        search_everywhere(
-            &committed,
-            &Sought::Keys(deleted.iter().copied().collect()),
-            &options,
-        )?
-    };
+    let holds = search_everywhere(
+        &committed,
+        &Sought::Keys(deleted.iter().copied().collect()),
+        &options,
+    )?;
     let holding: Vec<PathBuf> = committed
         .iter()
         .zip(holds)
@@ -364,6 +359,16 @@ pub(crate) enum Sought {
     Keys(Vec<DedupKey>),
 }
 
+impl Sought {
+    /// Whether nothing is sought (no row can match).
+    fn is_empty(&self) -> bool {
+        match self {
+            Sought::Named { users, event_ids } => users.is_empty() && event_ids.is_empty(),
+            Sought::Keys(keys) => keys.is_empty(),
+        }
+    }
+}
+
 /// Searches `files` for what is `sought`, on the run's worker threads, or shared out over the
 /// processes of its cluster (each searches every N-th file, [`crate::cluster::search`]): per
 /// file, in order, the keys of its rows sought.
@@ -372,6 +377,10 @@ fn search_everywhere(
     sought: &Sought,
     options: &IngestOptions,
 ) -> Result<Vec<Vec<DedupKey>>, DeleteError> {
+    // Nothing to look for: no search, no cluster round.
+    if sought.is_empty() {
+        return Ok(vec![Vec::new(); files.len()]);
+    }
     let workers = options.workers.max(1);
     Ok(match &options.cluster {
         Some(cluster) => crate::cluster::search(cluster, workers, files, sought)?,
