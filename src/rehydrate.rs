@@ -544,7 +544,7 @@ pub fn keyed_state(
         None => SeedScope::of_days(by_day.keys().copied()),
     };
     let may_have_rows = |u: &UserDay| seed_scope.may_have_rows(u);
-    let (keys, (mut user_days, mut pending_user_days)) = std::thread::scope(|scope| {
+    let (mut keys, (mut user_days, mut pending_user_days)) = std::thread::scope(|scope| {
         let user_days = scope.spawn(|| {
             let mut set: HashSet<UserDay, BuildFastHasher> = HashSet::with_capacity_and_hasher(
                 if seed_scope.days.is_some() {
@@ -576,7 +576,6 @@ pub fn keyed_state(
             .expect("the user-day thread does not panic");
         (keys, user_days)
     });
-    let mut keys = keys;
     // The keys the first round looks for: every one, unless a session's dataflow holds some.
     let mut pending_keys: Vec<DedupKey> = match covered {
         Some(c) => keys
