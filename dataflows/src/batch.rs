@@ -145,8 +145,10 @@ fn winners(
 }
 
 /// Step 2 on one worker, over every hour of the user days of its daily cells (`hours`, in lots):
-/// the changes of those hourly and daily cells and of their weeks (the sums of their days).
-fn day_cells(hours: Vec<Vec<HourUpdate>>) -> Vec<(Cell, CellDelta)> {
+/// hands `emit` the changes of those hourly and daily cells, then of their weeks (the sums of
+/// their days). Handed on as made rather than gathered: a vector of them grew by copies into
+/// fresh pages, 3% of a load's time.
+fn day_cells(hours: Vec<Vec<HourUpdate>>, mut emit: impl FnMut(Cell, CellDelta)) {
     // A daily cell's users together (by the cell's hash), in user-day and hour order.
     let buckets = bucket_sort(
         hours,
@@ -155,7 +157,6 @@ fn day_cells(hours: Vec<Vec<HourUpdate>>) -> Vec<(Cell, CellDelta)> {
     );
     // Per daily cell (its users come together): its hours' and its day's changes in an
     // array, its week's sums in a map.
-    let mut cells = Vec::new();
     let mut weeks: FastMap<Cell<AdDims>, Sums> = FastMap::default();
     for daily in buckets
         .iter()
@@ -195,11 +196,11 @@ fn day_cells(hours: Vec<Vec<HourUpdate>>) -> Vec<(Cell, CellDelta)> {
         let user = &daily[0].0;
         for (h, delta) in hourly.into_iter().enumerate() {
             if !delta.is_zero() {
-                cells.push((user.cell(Grain::Hourly, h as u8).widen(), delta));
+                emit(user.cell(Grain::Hourly, h as u8).widen(), delta);
             }
         }
         if !day.is_zero() {
-            cells.push((user.cell(Grain::Daily, 0).widen(), day));
+            emit(user.cell(Grain::Daily, 0).widen(), day);
         }
         if !day.sums.is_zero() {
             weeks
@@ -209,13 +210,11 @@ fn day_cells(hours: Vec<Vec<HourUpdate>>) -> Vec<(Cell, CellDelta)> {
         }
     }
     drop(buckets);
-    cells.extend(
-        weeks
-            .into_iter()
-            .filter(|(_, sums)| !sums.is_zero())
-            .map(|(week, sums)| (week.widen(), CellDelta { sums, users: 0 })),
-    );
-    cells
+    for (week, sums) in weeks {
+        if !sums.is_zero() {
+            emit(week.widen(), CellDelta { sums, users: 0 });
+        }
+    }
 }
 
 /// Items per lot: timely moves a lot of items bound for one worker as one item of its stream, so
@@ -414,12 +413,12 @@ pub fn build_dataflow(
                         };
                         let mut session = output.session(&capability);
                         let mut lots = Lots::new(peers);
-                        for (cell, delta) in day_cells(std::mem::take(&mut stash)) {
+                        day_cells(std::mem::take(&mut stash), |cell, delta| {
                             let to = PartitionId::of(&cell).worker(peers);
                             if let Some(lot) = lots.push(to, (cell, delta)) {
                                 session.give(lot);
                             }
-                        }
+                        });
                         session.give_iterator(lots.rest());
                     }
                 },
