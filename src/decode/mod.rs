@@ -354,22 +354,26 @@ pub(crate) fn validate(raw: &RawEvent<'_>) -> Result<Event, String> {
 /// decimal octets of 0 to 255 without leading zeros. The std parser is a noticeable share of the
 /// decode time; this is only a shortcut, whatever it rejects is still given to std.
 fn is_plain_ipv4(s: &[u8]) -> bool {
-    let mut octets = 0;
-    for part in s.split(|&b| b == b'.') {
-        octets += 1;
-        let ok = match *part {
-            [a] => a.is_ascii_digit(),
-            [b'1'..=b'9', b] => b.is_ascii_digit(),
-            [b'1', b, c] => b.is_ascii_digit() && c.is_ascii_digit(),
-            [b'2', b'0'..=b'4', c] => c.is_ascii_digit(),
-            [b'2', b'5', b'0'..=b'5'] => true,
-            _ => false,
-        };
-        if !ok || octets > 4 {
+    // One pass over the bytes (splitting on '.' first was 1.8% of a load's time).
+    let (mut octets, mut i) = (0, 0);
+    loop {
+        let start = i;
+        let mut value = 0u32;
+        while i < s.len() && s[i].is_ascii_digit() && i - start < 3 {
+            value = value * 10 + u32::from(s[i] - b'0');
+            i += 1;
+        }
+        let digits = i - start;
+        if digits == 0 || (digits > 1 && s[start] == b'0') || value > 255 {
             return false;
         }
+        octets += 1;
+        match s.get(i) {
+            None => return octets == 4,
+            Some(b'.') if octets < 4 => i += 1,
+            Some(_) => return false,
+        }
     }
-    octets == 4
 }
 
 fn missing(field: &str, raw: Raw<'_>) -> String {
