@@ -351,6 +351,58 @@ pub(crate) struct EpochPlan {
     retired: Vec<RetiredSource>,
     /// Sources recorded with this epoch's publish without being read (already contributing).
     adopt: Vec<SourceRecord>,
+    /// Which of its process's sources its workers have taken ([`EpochPlan::take_source`]):
+    /// each process's own, not part of the plan a follower is sent.
+    #[serde(skip)]
+    taken: SourceQueue,
+}
+
+/// A process's sources of an epoch as its workers take them, largest first.
+#[derive(Debug, Default)]
+struct SourceQueue {
+    /// The process's sources (as worker and position in [`EpochPlan::by_worker`]), largest first.
+    order: std::sync::OnceLock<Vec<(usize, usize)>>,
+    /// How many have been taken.
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Clone for SourceQueue {
+    /// A copy of a plan starts with none taken.
+    fn clone(&self) -> Self {
+        SourceQueue::default()
+    }
+}
+
+impl EpochPlan {
+    /// The next source for a worker of the process of worker `index` (of `workers` per process)
+    /// to ingest, `None` once its process's are all taken.
+    ///
+    /// `assign` gives each worker a share of about equal bytes, but a worker's sources take
+    /// more or less time than their bytes say, and the epoch's step waits for the last worker
+    /// to be done: the other idled for 10–20 ms of every hot-window generation. So a process's
+    /// workers take its sources (every one `assign` gave any of them: a source held by this
+    /// process stays in it) from one queue, largest first, each the next when it is done with
+    /// its last. Which worker ingests a source changes nothing written: its files are its own,
+    /// and its keys go to their workers in the dataflow.
+    fn take_source(&self, index: usize, workers: usize) -> Option<&SourceFile> {
+        let first = index - index % workers;
+        let order = self.taken.order.get_or_init(|| {
+            let mut order: Vec<(usize, usize)> = (first..first + workers)
+                .flat_map(|w| (0..self.by_worker.get(w).map_or(0, Vec::len)).map(move |i| (w, i)))
+                .collect();
+            let source = |&(w, i): &(usize, usize)| &self.by_worker[w][i];
+            order.sort_by(|a, b| {
+                let (a, b) = (source(a), source(b));
+                b.bytes.cmp(&a.bytes).then_with(|| a.path.cmp(&b.path))
+            });
+            order
+        });
+        let n = self
+            .taken
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        order.get(n).map(|&(w, i)| &self.by_worker[w][i])
+    }
 }
 
 /// State shared by the workers of one run.
@@ -1855,7 +1907,9 @@ fn fail(ledger: &mut Ledger, run: &RunRecord, e: RunError) -> RunError {
 /// Spreads sources over the workers of `processes` processes of `workers` each, largest first
 /// onto the least-loaded worker (deterministic). A source held in memory (a stream's range) goes
 /// to a worker of the process that holds it: this one's (the coordinator's), or its
-/// [`SourceFile::held_by`]'s.
+/// [`SourceFile::held_by`]'s. Within a process, its workers then take their sources from one
+/// queue ([`EpochPlan::take_source`]): the share says which process ingests a source, and
+/// which of its workers decodes it ahead for a cluster's keyed rebuild.
 fn assign(sources: &[SourceFile], workers: usize, processes: usize) -> EpochPlan {
     let mut order: Vec<&SourceFile> = sources.iter().collect();
     order.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.path.cmp(&b.path)));
@@ -1876,6 +1930,7 @@ fn assign(sources: &[SourceFile], workers: usize, processes: usize) -> EpochPlan
         retract: Vec::new(),
         retired: Vec::new(),
         adopt: Vec::new(),
+        taken: SourceQueue::default(),
     }
 }
 
@@ -2349,7 +2404,9 @@ fn run_epochs(
                 };
                 match retracted.and_then(|rows| {
                     shared.state.lock().expect("lock").summary.retracted_rows += rows;
-                    ingest_sources(shared, &plan.by_worker[index], worker, pipeline, scope)
+                    let workers = shared.cluster.as_ref().map_or(peers, |role| role.workers);
+                    let sources = || plan.take_source(index, workers);
+                    ingest_sources(shared, sources, worker, pipeline, scope)
                 }) {
                     Ok(writing) => (Ok(()), writing),
                     Err(e) => (Err(e), None),
@@ -2618,12 +2675,12 @@ fn join_writing(writing: Option<Writing<'_>>) -> Result<(), RunError> {
     }
 }
 
-/// Decodes this worker's `sources` and feeds them to the dataflow, and writes each one's raw,
-/// late-arrival and quarantine files: the last one's on a thread of `scope`, returned to be joined
-/// once the dataflow has the epoch.
+/// Decodes the sources this worker takes (`take_source`, until `None`) and feeds them to the
+/// dataflow, and writes each one's raw, late-arrival and quarantine files: the last one's on a
+/// thread of `scope`, returned to be joined once the dataflow has the epoch.
 fn ingest_sources<'scope, 'env>(
     shared: &'env Shared,
-    sources: &'env [SourceFile],
+    mut take_source: impl FnMut() -> Option<&'env SourceFile>,
     worker: &mut timely::worker::Worker,
     pipeline: &mut Pipeline,
     scope: &'scope std::thread::Scope<'scope, 'env>,
@@ -2631,7 +2688,8 @@ fn ingest_sources<'scope, 'env>(
     // What earlier epochs published: events into these partitions arrive late.
     let published = shared.state.lock().expect("lock").published.clone();
     let mut writing = None;
-    for source in sources {
+    let mut next = take_source();
+    while let Some(source) = next {
         let predecoded = shared
             .predecoded
             .lock()
@@ -2684,7 +2742,9 @@ fn ingest_sources<'scope, 'env>(
         drain_input(worker, pipeline);
         tracing::debug!("decoded and fed");
         let published = published.clone();
-        let last = std::ptr::eq(source, sources.last().expect("in the loop over them"));
+        // Taken before this one is written, to know whether this is the worker's last.
+        next = take_source();
+        let last = next.is_none();
         let write = move || {
             let accepted: Vec<(DedupKey, &Event)> = winners
                 .iter()
