@@ -68,7 +68,7 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
         source,
     };
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(err)?;
+        ensure_dir(dir).map_err(err)?;
     }
     let mut f = File::create(path).map_err(err)?;
     f.write_all(bytes).map_err(err)
@@ -82,9 +82,18 @@ pub fn replace(staged: &Path, dest: &Path, bytes: &[u8]) -> Result<(), WriteErro
         path: dest.to_path_buf(),
         source,
     };
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(err)?;
+    ensure_dir(dest.parent().unwrap_or(Path::new("."))).map_err(err)?;
     fs::rename(staged, dest).map_err(err)
+}
+
+/// Creates `dir` and its parents unless it is a directory already. `create_dir_all` tries
+/// `mkdir` first, which takes the parent directory's lock even when the directory exists: twice
+/// per file written, against the other threads creating files there.
+fn ensure_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir)
 }
 
 /// Appends `record` as one JSON line to the file at `path` (created with its directory) and
