@@ -59,7 +59,9 @@ Set-up and usage (Java 17+ for Spark; peers that are not installed are skipped w
   .venv/bin/python examples/compare_peers.py --events 1000000 --days 30 --workers 2
   .venv/bin/python examples/compare_peers.py --engines adsmetrics,duckdb --events 5000000
 The input is generated once under target/compare-peers/<events>x<days>d/ and reused; the
-outputs go beside it and are removed at the end unless `--keep`.
+outputs go beside it and are removed at the end unless `--keep`. A run that follows within a
+minute the removal of an earlier run's outputs (or of its own, left by `--keep`) first waits out
+that minute: see `settle`.
 """
 import argparse
 import datetime as dt
@@ -79,6 +81,13 @@ TABLES = ["ads_metrics_hourly", "ads_metrics_daily"]
 DIMS = "advertiser_id, campaign_id, ad_id, country"
 SUMS = "impressions, clicks, conversions, cost_micros, revenue_micros, unique_users"
 START = "2026-10-01"
+# ext4 without a journal (as this project's VM's disk is) skips, when it creates a file, every
+# inode freed in the last minute (five more while the inode's table block is not written back):
+# its `recently_deleted` check. Thousands of files created just after thousands were deleted
+# nearby then pay a scan of those for each: adsmetrics' 30-day load at 5M events (about 7,000
+# files) took 5.35-5.72 s there against 4.84 s with nothing deleted lately, all of it system
+# time, and the first engine measured after the last run's outputs were removed paid it.
+SETTLE_SECONDS = 65
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,10 +161,13 @@ def main():
     print("commands (the peers' children are this program with hidden --child arguments):")
     print("  " + shlex.join(gen_cmd) + "    # once, reused while events/_COMPLETE exists")
     if not os.path.exists(os.path.join(events_dir, "_COMPLETE")):
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if os.path.exists(run_dir):
+            remove_outputs(run_dir, run_dir)
         subprocess.run(gen_cmd, check=True, stdout=subprocess.DEVNULL)
         open(os.path.join(events_dir, "_COMPLETE"), "w").close()
-    shutil.rmtree(out_root, ignore_errors=True)
+    if os.path.exists(out_root):
+        remove_outputs(run_dir, out_root)
+    settle(run_dir)
     os.makedirs(out_root)
     raw_rows = parquet_rows([events_dir])
     days = sorted(d[3:] for d in os.listdir(events_dir) if d.startswith("dt="))
@@ -231,10 +243,38 @@ def main():
     if args.keep:
         print(f"kept: {out_root}")
     else:
-        shutil.rmtree(out_root, ignore_errors=True)
-        shutil.rmtree(fix_dir, ignore_errors=True)
+        remove_outputs(run_dir, out_root, fix_dir)
     if not ok:
         sys.exit(1)
+
+
+def deleted_marker(run_dir):
+    """When outputs were last removed, for every input size's runs (they share a filesystem)."""
+    return os.path.join(os.path.dirname(run_dir), ".outputs-removed-at")
+
+
+def remove_outputs(run_dir, *dirs):
+    """Removes `dirs` (under `run_dir`), makes that durable, and notes when (for `settle`)."""
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    os.sync()  # the inode tables written back: the next run waits one minute, not six
+    with open(deleted_marker(run_dir), "w") as f:
+        f.write(f"{time.time()}\n")
+
+
+def settle(run_dir):
+    """Waits until SETTLE_SECONDS have passed since outputs were last removed (see there)."""
+    try:
+        with open(deleted_marker(run_dir)) as f:
+            removed_at = float(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return
+    wait = removed_at + SETTLE_SECONDS - time.time()
+    if wait > 0:
+        print(f"waiting {wait:.0f} s: outputs were removed {SETTLE_SECONDS - wait:.0f} s ago, "
+              "and ext4 slows the creation of files where many were just deleted "
+              "(see SETTLE_SECONDS)", flush=True)
+        time.sleep(wait)
 
 
 def missing_reason(engine):
