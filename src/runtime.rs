@@ -14,9 +14,10 @@
 //!                          ignores epoch 0 and seeds a partition from its published rows
 //!                          when a later epoch first touches it
 //!                 epoch k  withdrawn sources' raw rows ──▶ dataflow (−1)
-//!                          its share of the epoch's sources: decode ─▶ in-source dedup
-//!                            ─▶ tombstones, retention ─▶ dataflow (+1 per key), while a
-//!                            helper thread writes its raw, quarantine, late_arrivals files
+//!                          the next of its process's sources (one queue, largest first):
+//!                            decode ─▶ in-source dedup ─▶ tombstones, retention ─▶ dataflow
+//!                            (+1 per key) ─▶ its raw, quarantine, late_arrivals files; the
+//!                            last one's written on a helper thread while the dataflow computes
 //!                 advance input, step until the probe passes k
 //!                 stage its touched partitions whose version changed; join the writer
 //!  ── barrier ──  worker 0 publishes the epoch (prepare → renames → commit) ── barrier ──
@@ -341,9 +342,12 @@ impl RunError {
     }
 }
 
-/// The sources of one epoch, already assigned to workers.
+/// The sources of one epoch, shared out by [`assign`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct EpochPlan {
+    /// Each worker's share (by global worker index): which process ingests a source (its
+    /// workers take them from one queue: [`EpochPlan::take_source`]), and which worker decodes
+    /// it ahead for a cluster's keyed rebuild.
     by_worker: Vec<Vec<SourceFile>>,
     /// Raw files whose rows this epoch retracts (replaced source partitions).
     retract: Vec<PathBuf>,
@@ -379,10 +383,11 @@ impl EpochPlan {
     ///
     /// `assign` gives each worker a share of about equal bytes, but a worker's sources take
     /// more or less time than their bytes say, and the epoch's step waits for the last worker
-    /// to be done: the other idled for 10–20 ms of every hot-window generation. So a process's
+    /// to be done: the others idled for 10–20 ms of every hot-window generation. So a process's
     /// workers take its sources (every one `assign` gave any of them: a source held by this
-    /// process stays in it) from one queue, largest first, each the next when it is done with
-    /// its last. Which worker ingests a source changes nothing written: its files are its own,
+    /// process stays in it) from one queue, largest first, each its next one once it has fed
+    /// the last to the dataflow (before writing that one's files, to know whether it was its
+    /// last). Which worker ingests a source changes nothing written: its files are its own,
     /// and its keys go to their workers in the dataflow.
     fn take_source(&self, index: usize, workers: usize) -> Option<&SourceFile> {
         let first = index - index % workers;
@@ -2405,7 +2410,14 @@ fn run_epochs(
                 match retracted.and_then(|rows| {
                     shared.state.lock().expect("lock").summary.retracted_rows += rows;
                     let workers = shared.cluster.as_ref().map_or(peers, |role| role.workers);
-                    let sources = || plan.take_source(index, workers);
+                    // After an error (this process's) the epoch will not publish: none more.
+                    let sources = || {
+                        let failed = !shared.state.lock().expect("lock").errors.is_empty();
+                        if failed {
+                            return None;
+                        }
+                        plan.take_source(index, workers)
+                    };
                     ingest_sources(shared, sources, worker, pipeline, scope)
                 }) {
                     Ok(writing) => (Ok(()), writing),
@@ -2514,7 +2526,8 @@ fn log_keyed_state(state: &rehydrate::KeyedState, committed: usize, started: Ins
 }
 
 /// A cluster's keyed rebuild found in the run ([`KeyedInRun`]), before its epochs: every worker
-/// decodes its sources (kept for its epochs, up to its part of
+/// decodes its share of the sources (kept, by content hash, for whichever of its process's
+/// workers takes them in their epoch, up to its part of
 /// [`rehydrate::KEEP_DECODED_EVENTS`]) and reads its share of the withdrawn raw files (read
 /// again when its epoch retracts them), and sends their [`rehydrate::Seeds`] to worker 0, which
 /// finds the rebuild's rows (and feeds them all) while every other worker goes on to its
@@ -3297,5 +3310,74 @@ fn publish(shared: &Shared, epoch: u64) {
             state.summary.partitions_published += published;
         }
         Err(e) => state.errors.push(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::HeldBy;
+
+    fn source(n: u64, held_by: Option<usize>) -> SourceFile {
+        SourceFile {
+            path: PathBuf::from(format!("in/s{n}.parquet")),
+            label: format!("in/s{n}.parquet"),
+            content_hash: format!("{n:032x}"),
+            bytes: 1_000 + (n * 389) % 700,
+            inline: None,
+            held_by: held_by.map(|process| Arc::new(HeldBy { process })),
+        }
+    }
+
+    /// Each process's workers, taking from their queue on threads of their own, ingest exactly
+    /// the sources `assign` gave that process (those another process holds included), each once
+    /// and each worker largest first; a copy of a plan (a follower's, the job's) starts with
+    /// none taken.
+    #[test]
+    fn a_process_s_workers_take_each_of_its_sources_once() {
+        let (workers, processes) = (2, 2);
+        let sources: Vec<SourceFile> = (0..41)
+            .map(|n| source(n, [Some(1), Some(0), None, None][n as usize % 4]))
+            .collect();
+        let plan = assign(&sources, workers, processes);
+        let mut all = Vec::new();
+        for process in 0..processes {
+            let plan = plan.clone();
+            let given: BTreeSet<&str> = plan.by_worker[process * workers..][..workers]
+                .iter()
+                .flatten()
+                .map(|s| s.label.as_str())
+                .collect();
+            let taken: Vec<Vec<&SourceFile>> = std::thread::scope(|scope| {
+                let threads: Vec<_> = (0..workers)
+                    .map(|local| {
+                        let plan = &plan;
+                        scope.spawn(move || {
+                            let mut mine = Vec::new();
+                            while let Some(s) = plan.take_source(process * workers + local, workers)
+                            {
+                                mine.push(s);
+                            }
+                            mine
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            for mine in &taken {
+                assert!(mine.windows(2).all(|w| w[0].bytes >= w[1].bytes));
+            }
+            let labels: Vec<&str> = taken.iter().flatten().map(|s| s.label.as_str()).collect();
+            assert_eq!(labels.len(), given.len(), "each source once");
+            assert_eq!(labels.iter().copied().collect::<BTreeSet<_>>(), given);
+            for s in taken.iter().flatten() {
+                assert!(s.held_by.as_ref().is_none_or(|h| h.process == process));
+            }
+            all.extend(labels.into_iter().map(str::to_owned));
+        }
+        all.sort();
+        let mut expected: Vec<String> = sources.iter().map(|s| s.label.clone()).collect();
+        expected.sort();
+        assert_eq!(all, expected, "every source in some process");
     }
 }
