@@ -13,13 +13,14 @@
 //!  ── the next timely cluster, one per hot-window generation ──
 //!  round 0: the plan ─────────────────────────────▶  a run state of their own from it
 //!  a keyed rebuild: every worker decodes its share of the new sources (input files, or the
-//!     stream ranges its process cut; kept for its epochs) and reads its share of the raw files
-//!     the run withdraws, and sends their keys and the user-days that may have raw rows ─▶
-//!     worker 0, which finds and feeds the rebuild's rows while every other worker starts its
-//!     epochs
-//!  every epoch, every worker of the cluster: its share of the sources (by global worker
-//!     index), of the raw files to rebuild or retract; the dataflow exchanges by key; each
-//!     curated partition has one writer in the cluster (its mirror's worker), which stages it
+//!     stream ranges its process cut; kept for its process's epochs) and reads its share of the
+//!     raw files the run withdraws, and sends their keys and the user-days that may have raw
+//!     rows ─▶ worker 0, which finds and feeds the rebuild's rows while every other worker
+//!     starts its epochs
+//!  every epoch: each process the sources `assign` gave its workers (by global worker index),
+//!     which they take from one queue, largest first; every worker its share of the raw files
+//!     to rebuild or retract; the dataflow exchanges by key; each curated partition has one
+//!     writer in the cluster (its mirror's worker), which stages it
 //!  report round: each follower's staged changes, sources, counts, progress, errors (with
 //!     their exit class) ─▶ worker 0
 //!  worker 0 publishes (journal, renames) ─▶ outcome round: errors ─▶ every follower,
