@@ -59,9 +59,9 @@ Set-up and usage (Java 17+ for Spark; peers that are not installed are skipped w
   .venv/bin/python examples/compare_peers.py --events 1000000 --days 30 --workers 2
   .venv/bin/python examples/compare_peers.py --engines adsmetrics,duckdb --events 5000000
 The input is generated once under target/compare-peers/<events>x<days>d/ and reused; the
-outputs go beside it and are removed at the end unless `--keep`. A run that follows within a
-minute the removal of an earlier run's outputs (or of its own, left by `--keep`) first waits out
-that minute: see `settle`.
+outputs go beside it and are removed at the end unless `--keep`. A run that starts within six
+minutes of the removal of an earlier run's outputs (or of its own, left by `--keep`) first waits
+out the six minutes (`--settle`): see SETTLE_SECONDS.
 """
 import argparse
 import datetime as dt
@@ -82,12 +82,14 @@ DIMS = "advertiser_id, campaign_id, ad_id, country"
 SUMS = "impressions, clicks, conversions, cost_micros, revenue_micros, unique_users"
 START = "2026-10-01"
 # ext4 without a journal (as this project's VM's disk is) skips, when it creates a file, every
-# inode freed in the last minute (five more while the inode's table block is not written back):
-# its `recently_deleted` check. Thousands of files created just after thousands were deleted
-# nearby then pay a scan of those for each: adsmetrics' 30-day load at 5M events (about 7,000
-# files) took 5.35-5.72 s there against 4.84 s with nothing deleted lately, all of it system
-# time, and the first engine measured after the last run's outputs were removed paid it.
-SETTLE_SECONDS = 65
+# inode freed in the last minute, or in the last six while the inode's table block is dirty (as
+# it is again once a file is created beside it): its `recently_deleted` check. Thousands of
+# files created just after thousands were deleted nearby then pay a scan past those for each:
+# adsmetrics' 30-day load at 5M events (about 7,000 files) took 5.35-5.72 s (system time
+# 2.4-3.2 s) right after a removal, 5.02 s (1.68 s) a minute after, and 4.84-5.06 s (0.91-0.95
+# s) with nothing removed for minutes. The first engine measured after the last run's outputs
+# were removed paid it.
+SETTLE_SECONDS = 365
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +117,9 @@ def main():
                    "$CARGO_TARGET_DIR or target, release/adsmetrics)")
     p.add_argument("--dir", help="run directory (default target/compare-peers/<events>x<days>d)")
     p.add_argument("--keep", action="store_true", help="keep the warehouse and peer outputs")
+    p.add_argument("--settle", type=float, default=SETTLE_SECONDS, metavar="SECONDS",
+                   help="before measuring, wait until this long has passed since the last run's "
+                        "outputs were removed (default %(default)s: see SETTLE_SECONDS; 0: no wait)")
     p.add_argument("--child", choices=ENGINES[1:], help=argparse.SUPPRESS)
     p.add_argument("--inputs", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -167,7 +172,7 @@ def main():
         open(os.path.join(events_dir, "_COMPLETE"), "w").close()
     if os.path.exists(out_root):
         remove_outputs(run_dir, out_root)
-    settle(run_dir)
+    settle(run_dir, args.settle)
     os.makedirs(out_root)
     raw_rows = parquet_rows([events_dir])
     days = sorted(d[3:] for d in os.listdir(events_dir) if d.startswith("dt="))
@@ -249,31 +254,36 @@ def main():
 
 
 def deleted_marker(run_dir):
-    """When outputs were last removed, for every input size's runs (they share a filesystem)."""
+    """The file that says when outputs were last removed: beside the run directory, so that runs
+    of every input size under the default target/compare-peers/ see each other's."""
     return os.path.join(os.path.dirname(run_dir), ".outputs-removed-at")
 
 
 def remove_outputs(run_dir, *dirs):
-    """Removes `dirs` (under `run_dir`), makes that durable, and notes when (for `settle`)."""
+    """Removes `dirs` (the run directory `run_dir` itself, or directories in it) and notes when,
+    for `settle` (a note that cannot be written only costs the next run its wait)."""
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
-    os.sync()  # the inode tables written back: the next run waits one minute, not six
-    with open(deleted_marker(run_dir), "w") as f:
-        f.write(f"{time.time()}\n")
+    os.sync()
+    try:
+        with open(deleted_marker(run_dir), "w") as f:
+            f.write(f"{time.time()}\n")
+    except OSError as e:
+        print(f"note: could not record the removal time ({e})", file=sys.stderr)
 
 
-def settle(run_dir):
-    """Waits until SETTLE_SECONDS have passed since outputs were last removed (see there)."""
+def settle(run_dir, seconds):
+    """Waits until `seconds` have passed since outputs were last removed (see SETTLE_SECONDS)."""
     try:
         with open(deleted_marker(run_dir)) as f:
             removed_at = float(f.read().strip() or 0)
     except (OSError, ValueError):
         return
-    wait = removed_at + SETTLE_SECONDS - time.time()
+    wait = removed_at + seconds - time.time()
     if wait > 0:
-        print(f"waiting {wait:.0f} s: outputs were removed {SETTLE_SECONDS - wait:.0f} s ago, "
-              "and ext4 slows the creation of files where many were just deleted "
-              "(see SETTLE_SECONDS)", flush=True)
+        print(f"waiting {wait:.0f} s: outputs were removed {seconds - wait:.0f} s ago, and ext4 "
+              "slows the creation of files where many were just deleted (see SETTLE_SECONDS; "
+              "--settle 0 does not wait)", flush=True)
         time.sleep(wait)
 
 
