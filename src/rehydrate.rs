@@ -477,8 +477,12 @@ enum Seen {
     Covered,
     /// Both were known: the row is taken, and adds nothing to look for.
     Both,
-    /// One may be new: checked against the sets as they are now.
-    Check,
+    /// One was not: checked against the sets as they are now (they only grow, so what was
+    /// known then is still known, and needs no second look).
+    Check {
+        key_known: bool,
+        user_day_known: bool,
+    },
 }
 
 /// The keyed state of a run; see the module doc. With `coverage`, only the rows a session's
@@ -706,10 +710,17 @@ pub fn keyed_state(
                         Seen::Deleted
                     } else if covered.is_some_and(|c| c.holds(&key, &user_day)) {
                         Seen::Covered
-                    } else if known_keys.contains(&key) && known_user_days.contains(&user_day) {
-                        Seen::Both
                     } else {
-                        Seen::Check
+                        match (
+                            known_keys.contains(&key),
+                            known_user_days.contains(&user_day),
+                        ) {
+                            (true, true) => Seen::Both,
+                            (key_known, user_day_known) => Seen::Check {
+                                key_known,
+                                user_day_known,
+                            },
+                        }
                     };
                     (key, version, user_day, seen)
                 })
@@ -735,22 +746,32 @@ pub fn keyed_state(
             }
             let rows_in_file = columns.get(&i).map_or(0, |c| c.keys.len());
             for (row, (key, version, user_day, seen)) in rows.into_iter().zip(file) {
-                let (key_known, user_day_known) = match seen {
+                // The row is taken when its key or its user-day is known; whichever is not, it
+                // makes known. One set operation for each that was not known when the round
+                // began (a lookup per row here is what this pass, on one thread, costs).
+                let (key_new, user_day_new) = match seen {
                     Seen::Deleted | Seen::Covered => continue,
-                    Seen::Both => (true, true),
-                    Seen::Check => (keys.contains(&key), user_days.contains(&user_day)),
+                    Seen::Both => (false, false),
+                    Seen::Check {
+                        key_known,
+                        user_day_known,
+                    } => {
+                        let user_day_known = user_day_known || user_days.contains(&user_day);
+                        if user_day_known {
+                            (!key_known && keys.insert(key), false)
+                        } else if key_known || keys.contains(&key) {
+                            (false, user_days.insert(user_day))
+                        } else {
+                            continue;
+                        }
+                    }
                 };
-                if !key_known && !user_day_known {
-                    continue;
-                }
                 taken.entry(i).or_insert_with(|| vec![false; rows_in_file])[row] = true;
                 out.rows.push((key, version));
-                if !key_known {
-                    keys.insert(key);
+                if key_new {
                     pending_keys.push(key);
                 }
-                if !user_day_known {
-                    user_days.insert(user_day);
+                if user_day_new {
                     pending_user_days.push(user_day);
                 }
             }
