@@ -396,10 +396,7 @@ impl EpochPlan {
                 .flat_map(|w| (0..self.by_worker.get(w).map_or(0, Vec::len)).map(move |i| (w, i)))
                 .collect();
             let source = |&(w, i): &(usize, usize)| &self.by_worker[w][i];
-            order.sort_by(|a, b| {
-                let (a, b) = (source(a), source(b));
-                b.bytes.cmp(&a.bytes).then_with(|| a.path.cmp(&b.path))
-            });
+            order.sort_by(|a, b| largest_first(source(a), source(b)));
             order
         });
         let n = self
@@ -1909,6 +1906,11 @@ fn fail(ledger: &mut Ledger, run: &RunRecord, e: RunError) -> RunError {
     e
 }
 
+/// The order sources are shared out and taken in: largest first, then by path (deterministic).
+fn largest_first(a: &SourceFile, b: &SourceFile) -> std::cmp::Ordering {
+    b.bytes.cmp(&a.bytes).then_with(|| a.path.cmp(&b.path))
+}
+
 /// Spreads sources over the workers of `processes` processes of `workers` each, largest first
 /// onto the least-loaded worker (deterministic). A source held in memory (a stream's range) goes
 /// to a worker of the process that holds it: this one's (the coordinator's), or its
@@ -1917,7 +1919,7 @@ fn fail(ledger: &mut Ledger, run: &RunRecord, e: RunError) -> RunError {
 /// which of its workers decodes it ahead for a cluster's keyed rebuild.
 fn assign(sources: &[SourceFile], workers: usize, processes: usize) -> EpochPlan {
     let mut order: Vec<&SourceFile> = sources.iter().collect();
-    order.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.path.cmp(&b.path)));
+    order.sort_by(|a, b| largest_first(a, b));
     let mut by_worker: Vec<Vec<SourceFile>> = vec![Vec::new(); workers * processes];
     let mut load = vec![0u64; workers * processes];
     for s in order {
