@@ -3,11 +3,12 @@
 //! The journal is an append-only JSON-lines file. A publish is two records around the renames:
 //!
 //! 1. every new partition file is written in staging, and the filesystem is synced (one
-//!    `syncfs`, which also makes the epoch's raw and quarantine files durable);
+//!    `syncfs`, which also makes the epoch's raw files and staged side-table files durable);
 //! 2. `Prepare` lists the epoch's sources and, per partition, the old and new version and the
 //!    staged file; it is appended and fsynced — from here on the publish *will* happen;
 //! 3. each staged file is renamed over the partition's fixed file name (or the file is removed
-//!    for a partition that became empty), and the filesystem is synced;
+//!    for a partition that became empty), then each side-table file (quarantine, late arrivals)
+//!    into its table, and the filesystem is synced;
 //! 4. `Commit` is appended and fsynced.
 //!
 //! Recovery at startup looks at the last record: a `Prepare` without its `Commit` is rolled
@@ -73,6 +74,17 @@ pub enum JournalError {
         target: String,
         /// The version it should hold.
         version: String,
+    },
+    /// A pending publish cannot be finished: a side-table file it names is neither staged nor
+    /// in place.
+    #[error("cannot finish publish {seq}: staged side-table file {staged} is missing and {target} does not exist")]
+    SideFileLost {
+        /// The publish.
+        seq: u64,
+        /// The missing staged file.
+        staged: String,
+        /// Where it was to go.
+        target: String,
     },
 }
 
@@ -211,6 +223,18 @@ pub struct PartitionChange {
     pub new_totals: Option<MetricTotals>,
 }
 
+/// A file of a side table (`quarantine`, `late_arrivals`) that a publish makes visible with its
+/// sources: written in staging, renamed into place with the partitions. A publish that never
+/// prepared leaves it in staging, where recovery removes it, so a rerun writes it once again
+/// and the table never holds a source's rows twice.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SideFile {
+    /// The staged file, relative to the warehouse root.
+    pub staged: String,
+    /// Where it goes, relative to the warehouse root.
+    pub dest: String,
+}
+
 /// The audit ledger's newest entry when a publish was prepared: ties the ledger to the journal,
 /// so entries cut from the ledger are found by `audit verify`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,6 +290,9 @@ pub enum JournalRecord {
         /// Sources whose contribution this publish withdraws.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         retired: Vec<RetiredSource>,
+        /// Side-table files it renames into place after its partitions.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        side_files: Vec<SideFile>,
     },
     /// The publish `seq` is complete.
     Commit {
@@ -295,6 +322,8 @@ impl JournalRecord {
             ledger: Option<LedgerAnchor>,
             #[serde(default)]
             retired: Vec<RetiredSource>,
+            #[serde(default)]
+            side_files: Vec<SideFile>,
         }
         let flat: Flat = serde_json::from_str(line)?;
         let missing = <serde_json::Error as serde::de::Error>::missing_field;
@@ -308,6 +337,7 @@ impl JournalRecord {
                 partitions: flat.partitions.ok_or_else(|| missing("partitions"))?,
                 ledger: flat.ledger,
                 retired: flat.retired,
+                side_files: flat.side_files,
             }),
             "commit" => Ok(JournalRecord::Commit { seq: flat.seq }),
             other => Err(<serde_json::Error as serde::de::Error>::unknown_variant(
@@ -506,6 +536,7 @@ impl CommitJournal {
         &self,
         seq: u64,
         partitions: &[PartitionChange],
+        side_files: &[SideFile],
         target: &impl Fn(&PartitionId) -> PathBuf,
         after_each: &mut dyn FnMut(usize) -> Result<(), JournalError>,
     ) -> Result<(), JournalError> {
@@ -540,6 +571,20 @@ impl CommitJournal {
                 }
             }
             after_each(i)?;
+        }
+        for side in side_files {
+            let (staged, dest) = (self.root.join(&side.staged), self.root.join(&side.dest));
+            if staged.exists() {
+                let dir = dest.parent().unwrap_or(Path::new("."));
+                fs::create_dir_all(dir).map_err(io_err(dir))?;
+                fs::rename(&staged, &dest).map_err(io_err(&dest))?;
+            } else if !dest.exists() {
+                return Err(JournalError::SideFileLost {
+                    seq,
+                    staged: side.staged.clone(),
+                    target: dest.display().to_string(),
+                });
+            }
         }
         // The renames are durable before the `Commit` that says they happened.
         crate::sink::files::sync_filesystem(&self.root).map_err(io_err(&self.root))
@@ -612,6 +657,7 @@ impl CommitJournal {
             partitions,
             ledger: origin.ledger,
             retired: origin.retired,
+            side_files: origin.side_files,
         })?;
         Ok(seq)
     }
@@ -625,11 +671,14 @@ impl CommitJournal {
         after_each: &mut dyn FnMut(usize) -> Result<(), JournalError>,
     ) -> Result<(), JournalError> {
         if let Some(JournalRecord::Prepare {
-            seq: p, partitions, ..
+            seq: p,
+            partitions,
+            side_files,
+            ..
         }) = self.pending.clone()
         {
             if p == seq {
-                self.apply_renames(seq, &partitions, &target, after_each)?;
+                self.apply_renames(seq, &partitions, &side_files, &target, after_each)?;
             }
         }
         self.append(&JournalRecord::Commit { seq })
@@ -765,6 +814,7 @@ mod parse_tests {
                 content_hash: "c".into(),
                 rows_withdrawn: true,
             }],
+            side_files: Vec::new(),
         };
         let plain = JournalRecord::Prepare {
             seq: 4,
@@ -775,6 +825,7 @@ mod parse_tests {
             partitions: Vec::new(),
             ledger: None,
             retired: Vec::new(),
+            side_files: Vec::new(),
         };
         for record in [prepare, plain, JournalRecord::Commit { seq: 3 }] {
             let line = serde_json::to_string(&record).unwrap();
@@ -819,6 +870,7 @@ mod follow_tests {
             }],
             ledger: None,
             retired: Vec::new(),
+            side_files: Vec::new(),
         };
         format!(
             "{}\n{}\n",

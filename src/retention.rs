@@ -152,6 +152,7 @@ pub fn apply(
                 epoch: 0,
                 ledger: Some(ledger.anchor()),
                 retired: Vec::new(),
+                side_files: Vec::new(),
             },
             Vec::new(),
             changes,

@@ -16,11 +16,14 @@
 //!                 epoch k  withdrawn sources' raw rows ──▶ dataflow (−1)
 //!                          the next of its process's sources (one queue, largest first):
 //!                            decode ─▶ in-source dedup ─▶ tombstones, retention ─▶ dataflow
-//!                            (+1 per key) ─▶ its raw, quarantine, late_arrivals files; the
-//!                            last one's written on a helper thread while the dataflow computes
+//!                            (+1 per key) ─▶ its raw files; its quarantine and late rows
+//!                            to the process's side rows; the last one's raw files written on
+//!                            a helper thread while the dataflow computes
 //!                 advance input, step until the probe passes k
 //!                 stage its touched partitions whose version changed; join the writer
-//!  ── barrier ──  worker 0 publishes the epoch (prepare → renames → commit) ── barrier ──
+//!  ── barrier ──  the process's first worker stages its side rows (a quarantine and a
+//!                 late_arrivals file); worker 0 publishes the epoch (prepare → renames of
+//!                 partitions and side files → commit) ── barrier ──
 //!  the run's ledger entry, whatever happened
 //! ```
 //!
@@ -51,7 +54,7 @@ use serde::{Deserialize, Serialize};
 use crate::cluster::{Control, ExitClass, Followed, Json, Message, Order, RemoteError};
 use crate::event::Event;
 use crate::journal::{
-    CommitJournal, JournalError, LedgerAnchor, PartitionChange, Published, RetiredSource,
+    CommitJournal, JournalError, LedgerAnchor, PartitionChange, Published, RetiredSource, SideFile,
     SourceRecord,
 };
 use crate::ledger::{Ledger, LedgerError, RunKind, RunRecord};
@@ -468,7 +471,28 @@ struct SharedState {
     removed_raw: Vec<PathBuf>,
     /// A follower's: how far its (hidden) progress bar was when it last reported.
     progress_reported: u64,
+    /// This epoch's side-table rows, to be staged as one file per table ([`stage_side_tables`]).
+    side: SideRows,
+    /// Side-table files staged for this epoch's publish.
+    side_files: Vec<SideFile>,
 }
+
+/// The rows a process's sources bring to the side tables in an epoch: written as one file per
+/// table when the epoch is staged, not one per source (thousands of files of a few rows each).
+#[derive(Default)]
+struct SideRows {
+    /// Quarantined records, with their source's content hash.
+    quarantine: Vec<(String, crate::event::Quarantined)>,
+    /// The bytes of their `raw` column, to stage them early past [`QUARANTINE_SPILL_BYTES`].
+    quarantine_bytes: usize,
+    /// Sources' late events.
+    late: Vec<late::SourceLateness>,
+}
+
+/// Quarantined bytes a process holds before it stages them as a file of their own (rejected
+/// files are kept up to 1 MiB each, so a run of bad files would otherwise be held to the epoch's
+/// end).
+const QUARANTINE_SPILL_BYTES: usize = 64 << 20;
 
 impl SharedState {
     /// Adds raw files written (and their keys' index prefixes), by event day, to the run's.
@@ -541,6 +565,9 @@ pub(crate) struct Report {
     /// Hourly-layout raw files its workers removed.
     #[serde(default)]
     removed_raw: Vec<PathBuf>,
+    /// The side-table files its workers staged.
+    #[serde(default)]
+    side_files: Vec<SideFile>,
     /// Its work done since its last report, in the coordinator's progress bar's unit (sources
     /// or bytes), so that the bar counts the whole cluster's.
     progress: u64,
@@ -2254,6 +2281,7 @@ fn publish_in_cluster(
             errors: state.errors.drain(..).map(|e| e.remote()).collect(),
             written: std::mem::take(&mut state.written),
             removed_raw: std::mem::take(&mut state.removed_raw),
+            side_files: std::mem::take(&mut state.side_files),
         };
         vec![(0, Message::Report(Json::encode(&report)))]
     } else {
@@ -2298,6 +2326,7 @@ fn publish_in_cluster(
                 }
                 state.add_written(report.written);
                 state.removed_raw.extend(report.removed_raw);
+                state.side_files.extend(report.side_files);
             }
         }
         publish(shared, epoch);
@@ -2462,6 +2491,14 @@ fn run_epochs(
             }
         }
         shared.barrier.wait();
+        if shared
+            .cluster
+            .as_ref()
+            .map_or(index, |role| role.local(index))
+            == 0
+        {
+            stage_side_tables(shared);
+        }
         match control.as_deref_mut() {
             Some(control) => publish_in_cluster(worker, control, shared, epoch),
             None if index == 0 => publish(shared, epoch),
@@ -2691,8 +2728,8 @@ fn join_writing(writing: Option<Writing<'_>>) -> Result<(), RunError> {
 }
 
 /// Decodes the sources this worker takes (`take_source`, until `None`) and feeds them to the
-/// dataflow, and writes each one's raw, late-arrival and quarantine files: the last one's on a
-/// thread of `scope`, returned to be joined once the dataflow has the epoch.
+/// dataflow, and writes each one's raw files (and hands on its late and quarantine rows): the
+/// last one's on a thread of `scope`, returned to be joined once the dataflow has the epoch.
 fn ingest_sources<'scope, 'env>(
     shared: &'env Shared,
     mut take_source: impl FnMut() -> Option<&'env SourceFile>,
@@ -2799,8 +2836,9 @@ struct SourceCounts<'a> {
     tombstoned: u64,
 }
 
-/// Writes a source's accepted events to the raw layer, its late arrivals and its quarantine, and
-/// counts it in the run's summary.
+/// Writes a source's accepted events to the raw layer, adds its late arrivals and quarantined
+/// records to the process's side rows (staged as a file when there are many), and counts it in
+/// the run's summary.
 fn write_source(
     shared: &Shared,
     source: &SourceFile,
@@ -2829,20 +2867,7 @@ fn write_source(
     )?;
     tracing::debug!("raw written");
     let late = late_events(published, accepted);
-    let late_written = late::write_late(
-        &shared.warehouse,
-        &source.label,
-        &source.content_hash,
-        &late,
-        shared.started_at_us,
-    )?;
-    quarantine::write_quarantine(
-        &shared.warehouse,
-        &source.content_hash,
-        quarantined,
-        shared.started_at_us,
-    )?;
-    tracing::debug!("late and quarantine written");
+    let late_written: u64 = late.values().sum();
     let mut written_days: BTreeMap<i64, (Vec<PathBuf>, Vec<u64>)> = BTreeMap::new();
     for (day, path) in files {
         written_days.entry(day).or_default().0.push(path);
@@ -2904,7 +2929,46 @@ fn write_source(
     state.sources.push(record);
     state.add_written(written_days);
     state.removed_raw.extend(removed);
+    let side = &mut state.side;
+    if !late.is_empty() {
+        side.late.push(late::SourceLateness {
+            source: source.label.clone(),
+            source_hash: source.content_hash.clone(),
+            late,
+        });
+    }
+    for q in quarantined {
+        side.quarantine_bytes += q.raw.len();
+        side.quarantine
+            .push((source.content_hash.clone(), q.clone()));
+    }
+    if side.quarantine_bytes > QUARANTINE_SPILL_BYTES {
+        let mut spilled = std::mem::take(&mut side.quarantine);
+        side.quarantine_bytes = 0;
+        drop(state);
+        let staged =
+            quarantine::stage_quarantine(&shared.warehouse, &mut spilled, shared.started_at_us)?;
+        shared.state.lock().expect("lock").side_files.extend(staged);
+    }
     Ok(())
+}
+
+/// Stages the side-table rows this process's sources brought in the epoch, one file per table,
+/// for the epoch's publish (through the coordinator's, in a cluster). Called by the process's
+/// first worker once all its workers have handed in their sources.
+fn stage_side_tables(shared: &Shared) {
+    let mut side = std::mem::take(&mut shared.state.lock().expect("lock").side);
+    let at = shared.started_at_us;
+    let staged = quarantine::stage_quarantine(&shared.warehouse, &mut side.quarantine, at)
+        .and_then(|q| {
+            Ok(q.into_iter()
+                .chain(late::stage_late(&shared.warehouse, &mut side.late, at)?))
+        });
+    let mut state = shared.state.lock().expect("lock");
+    match staged {
+        Ok(files) => state.side_files.extend(files),
+        Err(e) => state.errors.push(e.into()),
+    }
 }
 
 /// Moves events of days past the raw retention horizon to quarantine, with the reason.
@@ -3241,6 +3305,8 @@ fn publish(shared: &Shared, epoch: u64) {
         return;
     }
     let mut sources = std::mem::take(&mut state.sources);
+    let mut side_files = std::mem::take(&mut state.side_files);
+    side_files.sort_by(|a, b| a.dest.cmp(&b.dest));
     let retired = match epoch
         .checked_sub(1)
         .and_then(|i| shared.epochs.get(i as usize))
@@ -3302,6 +3368,7 @@ fn publish(shared: &Shared, epoch: u64) {
             epoch,
             ledger: Some(shared.ledger_anchor.clone()),
             retired,
+            side_files,
         },
         sources,
         changes,

@@ -5,8 +5,9 @@
 //!   ads_metrics_hourly/dt=YYYY-MM-DD/hr=HH/data.parquet   curated, one file per partition
 //!   ads_metrics_daily/dt=YYYY-MM-DD/data.parquet
 //!   raw/dt=YYYY-MM-DD/src-<source hash>.parquet             raw layer, one file per (source, day)
-//!   quarantine/dt=YYYY-MM-DD/src-<source hash>.parquet      rejected input, by ingest date
-//!   late_arrivals/dt=YYYY-MM-DD/src-<source hash>.parquet   lateness record, by arrival date
+//!   quarantine/dt=YYYY-MM-DD/sources-<hash>.parquet         rejected input, by ingest date,
+//!                                                            one file per publish (and process)
+//!   late_arrivals/dt=YYYY-MM-DD/sources-<hash>.parquet      lateness record, by arrival date
 //!   _adsmetrics/journal.jsonl                                commit journal
 //!   _adsmetrics/ledger.jsonl                                 audit ledger (hash-chained)
 //!   _adsmetrics/tombstones.jsonl                             keys of deleted events
@@ -187,7 +188,7 @@ impl Warehouse {
 
     /// The quarantine table's directory.
     pub fn quarantine_dir(&self) -> PathBuf {
-        self.root.join("quarantine")
+        self.root.join(crate::sink::quarantine::QUARANTINE)
     }
 
     /// Private state: journal, staging.

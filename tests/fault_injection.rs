@@ -3,7 +3,11 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+
+use adsmetrics::journal::CommitJournal;
 use adsmetrics::runtime::{ingest, IngestOptions};
+use adsmetrics::sink::late::read_lateness;
 use adsmetrics::sink::publish::FailPoint;
 use adsmetrics::snapshot::TableSnapshot;
 use adsmetrics::warehouse::Warehouse;
@@ -15,7 +19,29 @@ fn a_publish_stopped_after_any_step_recovers_to_the_uninterrupted_tables() {
     let events = sample_events(2000, 5);
     write_parquet(&dir.path().join("one/a.parquet"), &events[..1200]);
     write_parquet(&dir.path().join("two/b.parquet"), &events[1200..]);
+    // Bad records in the second ingest: its quarantine file is published with its partitions.
+    std::fs::write(
+        dir.path().join("two/bad.jsonl"),
+        b"{not json\n{\"event_id\": 7}\n",
+    )
+    .unwrap();
     let inputs = |w: &str| vec![dir.path().join(w)];
+    // The side tables as readers see them: quarantine rows and per-partition late events of
+    // committed sources (each counted once).
+    let side_tables = |wh: &Warehouse| {
+        let journal = CommitJournal::open(wh.root(), &wh.journal_path()).unwrap();
+        let late: BTreeMap<_, _> = read_lateness(wh, journal.consumed())
+            .unwrap()
+            .into_iter()
+            .map(|(id, l)| (id, (l.events, l.sources)))
+            .collect();
+        let mut quarantined: Vec<_> = quarantine_rows(wh)
+            .into_iter()
+            .map(|q| (q.0, q.1))
+            .collect();
+        quarantined.sort();
+        (quarantined, late)
+    };
 
     // The uninterrupted run: two ingests.
     let clean = Warehouse::new(dir.path().join("clean"));
@@ -23,6 +49,12 @@ fn a_publish_stopped_after_any_step_recovers_to_the_uninterrupted_tables() {
     ingest(&clean, &inputs("two"), IngestOptions::default()).unwrap();
     let expected = TableSnapshot::take(&clean).unwrap().fingerprint();
     assert_eq!(published_tables(&clean), expected_tables(&events));
+    let clean_side = side_tables(&clean);
+    assert_eq!(clean_side.0.len(), 2, "{:?}", clean_side.0);
+    assert!(
+        !clean_side.1.is_empty(),
+        "the second ingest brought no late events"
+    );
 
     let mut points = vec![
         FailPoint::AfterStage,
@@ -63,6 +95,15 @@ fn a_publish_stopped_after_any_step_recovers_to_the_uninterrupted_tables() {
             );
         }
 
+        // The side tables show the second ingest only once its publish has committed.
+        let (quarantined, _) = side_tables(&wh);
+        let committed = point == FailPoint::AfterCommit;
+        assert_eq!(
+            quarantined.len(),
+            if committed { 2 } else { 0 },
+            "{point:?}"
+        );
+
         // Restart: the same command again converges to the uninterrupted tables.
         let rerun = ingest(&wh, &inputs("two"), IngestOptions::default()).unwrap();
         assert_eq!(
@@ -70,6 +111,8 @@ fn a_publish_stopped_after_any_step_recovers_to_the_uninterrupted_tables() {
             expected,
             "{point:?}: {rerun:?}"
         );
+        // And its side tables hold each source's rows once, as the uninterrupted run's do.
+        assert_eq!(side_tables(&wh), clean_side, "{point:?}");
         // The audit ledger accounts for every version the crashed and the restarted run made.
         assert_ledger_accounts_for_tables(&wh);
         assert!(

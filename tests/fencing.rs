@@ -87,6 +87,7 @@ fn a_publish_over_a_journal_that_moved_or_a_version_it_did_not_read_is_fenced() 
         epoch: 0,
         ledger: None,
         retired: Vec::new(),
+        side_files: Vec::new(),
     };
     let change = |old: Option<String>| PartitionChange {
         partition: id,

@@ -51,6 +51,7 @@ fn reprocess_rewrites_wrong_partitions_and_removes_phantom_ones() {
         epoch: 0,
         ledger: None,
         retired: Vec::new(),
+        side_files: Vec::new(),
     };
     publish_epoch(&mut journal, &wh, origin, Vec::new(), changes, None).unwrap();
     drop(journal);

@@ -268,6 +268,7 @@ fn bad_deploy() {
             epoch: 0,
             ledger: None,
             retired: Vec::new(),
+            side_files: Vec::new(),
         },
         Vec::new(),
         changes,

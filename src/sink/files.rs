@@ -74,6 +74,34 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
     f.write_all(bytes).map_err(err)
 }
 
+/// Stages `bytes` as the side-table file `<table>/<day_dir>/sources-<hash>.parquet` of the
+/// sources `source_hashes` (the hash is of their sorted content hashes, so the same sources name
+/// the same file) and returns it for the publish to rename into place.
+pub fn stage_side_file<'a>(
+    warehouse: &crate::warehouse::Warehouse,
+    table: &str,
+    day_dir: &str,
+    source_hashes: impl IntoIterator<Item = &'a str>,
+    bytes: &[u8],
+) -> Result<crate::journal::SideFile, WriteError> {
+    let mut hashes: Vec<&str> = source_hashes.into_iter().collect();
+    hashes.sort_unstable();
+    hashes.dedup();
+    let name = format!(
+        "sources-{:032x}.parquet",
+        xxhash_rust::xxh3::xxh3_128(hashes.join("\n").as_bytes())
+    );
+    let staged = warehouse.staging_dir().join(format!("{table}-{name}"));
+    write_file(&staged, bytes)?;
+    let staged = staged
+        .strip_prefix(warehouse.root())
+        .unwrap_or(&staged)
+        .to_string_lossy()
+        .into_owned();
+    let dest = format!("{table}/{day_dir}/{name}");
+    Ok(crate::journal::SideFile { staged, dest })
+}
+
 /// Places `bytes` at `dest` atomically through `staged` (same filesystem): a reader of `dest`
 /// sees the old file or the new one, never a partial one.
 pub fn replace(staged: &Path, dest: &Path, bytes: &[u8]) -> Result<(), WriteError> {

@@ -2,14 +2,17 @@
 //!
 //! Nothing is dropped for being late — a late event is counted into its event-time partition like
 //! any other, and the partition gets a new version. This table is the lateness record beside it:
-//! `late_arrivals/dt=<arrival date>/src-<source hash>.parquet`, one row per (source, partition)
-//! with columns `target_table`, `target_dt`, `target_hr` (null for daily partitions), `late_events`,
-//! `arrived_at`, `source`, `source_hash`. An event is late for a partition when its source is ingested after
-//! an epoch that published the partition; it is counted once per partition it falls in (its
-//! hour's and its day's). A resend of an event already counted arrives late too and is counted
-//! here (it changes no metric): the record says what arrived when, the tables what it came to. The file is written with the source's raw files, named by the source's
-//! content hash, so it is committed (or rewritten by a rerun) together with them; readers count
-//! only files of committed sources.
+//! `late_arrivals/dt=<arrival date>/sources-<hash>.parquet`, one row per (source, partition)
+//! with columns `target_table`, `target_dt`, `target_hr` (null for daily partitions),
+//! `late_events`, `arrived_at`, `source`, `source_hash`. An event is late for a partition when its
+//! source is ingested after an epoch that published the partition; it is counted once per
+//! partition it falls in (its hour's and its day's). A resend of an event already counted arrives
+//! late too and is counted here (it changes no metric): the record says what arrived when, the
+//! tables what it came to.
+//!
+//! One file holds the records of the sources a publish commits (per process, in a cluster), and
+//! that publish renames it into place ([`crate::journal::SideFile`]); the hash in its name is of
+//! those sources' content hashes. Readers still count only rows of committed sources.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -23,8 +26,9 @@ use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+use crate::journal::SideFile;
 use crate::schema::utc_micros;
-use crate::sink::files::{base_writer_properties, parquet_bytes, replace, WriteError};
+use crate::sink::files::{base_writer_properties, parquet_bytes, stage_side_file, WriteError};
 use crate::warehouse::{day_string, parse_day, table_name, Warehouse};
 
 /// The table's directory name.
@@ -59,67 +63,79 @@ fn dir_of(warehouse: &Warehouse) -> PathBuf {
     warehouse.root().join(LATE_ARRIVALS)
 }
 
-/// Writes one source's late events per partition (nothing when there are none). `arrived_at_us`
-/// is the run's wall-clock start. Returns the late events written (counted once per partition).
-pub fn write_late(
+/// One source's late events per partition, as ingested.
+#[derive(Clone, Debug)]
+pub struct SourceLateness {
+    /// The source (its label).
+    pub source: String,
+    /// Its content hash.
+    pub source_hash: String,
+    /// Late events per partition (counted once per partition).
+    pub late: BTreeMap<PartitionId, u64>,
+}
+
+/// Stages the lateness records of a process's sources in an epoch as one file, for the publish
+/// that commits those sources to rename into place (written by source hash, then partition).
+/// `arrived_at_us` is the run's wall-clock start. `None` when no source brought late events.
+pub fn stage_late(
     warehouse: &Warehouse,
-    source: &str,
-    source_hash: &str,
-    late: &BTreeMap<PartitionId, u64>,
+    sources: &mut [SourceLateness],
     arrived_at_us: i64,
-) -> Result<u64, WriteError> {
-    // A source's record is one file. A run that stopped before its commit and is rerun on a
-    // later day would otherwise leave the source's earlier file beside the new one.
-    let name = format!("src-{source_hash}.parquet");
-    if let Ok(days) = std::fs::read_dir(dir_of(warehouse)) {
-        for day in days.flatten() {
-            let stale = day.path().join(&name);
-            if stale.exists() {
-                std::fs::remove_file(&stale).map_err(|source| WriteError::Io {
-                    path: stale.clone(),
-                    source,
-                })?;
-            }
-        }
+) -> Result<Option<SideFile>, WriteError> {
+    sources.sort_by(|a, b| a.source_hash.cmp(&b.source_hash));
+    let rows: Vec<(&SourceLateness, &PartitionId, u64)> = sources
+        .iter()
+        .flat_map(|s| s.late.iter().map(move |(id, n)| (s, id, *n)))
+        .collect();
+    if rows.is_empty() {
+        return Ok(None);
     }
-    if late.is_empty() {
-        return Ok(0);
-    }
-    let dest = dir_of(warehouse)
-        .join(format!(
-            "dt={}",
-            day_string(arrived_at_us.div_euclid(MICROS_PER_DAY))
-        ))
-        .join(name);
-    let n = late.len();
+    let n = rows.len();
     let columns: Vec<ArrayRef> = vec![
         Arc::new(
-            late.keys()
-                .map(|id| Some(table_name(id.grain)))
+            rows.iter()
+                .map(|(_, id, _)| Some(table_name(id.grain)))
                 .collect::<StringArray>(),
         ),
         Arc::new(
-            late.keys()
-                .map(|id| Some(day_string(id.day())))
+            rows.iter()
+                .map(|(_, id, _)| Some(day_string(id.day())))
                 .collect::<StringArray>(),
         ),
         Arc::new(
-            late.keys()
-                .map(|id| id.grain.by_hour().then(|| id.period.rem_euclid(24) as i32))
+            rows.iter()
+                .map(|(_, id, _)| id.grain.by_hour().then(|| id.period.rem_euclid(24) as i32))
                 .collect::<Int32Array>(),
         ),
-        Arc::new(late.values().map(|n| *n as i64).collect::<Int64Array>()),
+        Arc::new(
+            rows.iter()
+                .map(|(_, _, n)| *n as i64)
+                .collect::<Int64Array>(),
+        ),
         Arc::new(TimestampMicrosecondArray::from(vec![arrived_at_us; n]).with_timezone("UTC")),
-        Arc::new(StringArray::from(vec![source; n])),
-        Arc::new(StringArray::from(vec![source_hash; n])),
+        Arc::new(
+            rows.iter()
+                .map(|(s, _, _)| Some(s.source.as_str()))
+                .collect::<StringArray>(),
+        ),
+        Arc::new(
+            rows.iter()
+                .map(|(s, _, _)| Some(s.source_hash.as_str()))
+                .collect::<StringArray>(),
+        ),
     ];
     let batch = RecordBatch::try_new(schema(), columns).expect("columns follow schema");
-    let bytes = parquet_bytes(&batch, base_writer_properties().build(), &dest)?;
-    let staged = warehouse
-        .staging_dir()
-        .join(format!("late-{source_hash}.parquet"));
-    replace(&staged, &dest, &bytes)?;
-    Ok(late.values().sum())
+    let table = dir_of(warehouse);
+    let bytes = parquet_bytes(&batch, base_writer_properties().build(), &table)?;
+    let day_dir = format!(
+        "dt={}",
+        day_string(arrived_at_us.div_euclid(MICROS_PER_DAY))
+    );
+    let hashes = sources
+        .iter()
+        .filter(|s| !s.late.is_empty())
+        .map(|s| s.source_hash.as_str());
+    stage_side_file(warehouse, LATE_ARRIVALS, &day_dir, hashes, &bytes).map(Some)
 }
 
 /// Why the lateness record could not be read.
@@ -132,8 +148,9 @@ pub struct LateReadError {
     pub detail: String,
 }
 
-/// The lateness record of every partition that has one, from the files of `committed` sources
-/// (content hashes; a crashed run's file of a source never committed is not counted).
+/// The lateness record of every partition that has one, from the rows of `committed` sources
+/// (content hashes; rows of a source whose publish never committed, as a build before side files
+/// could leave, are not counted).
 pub fn read_lateness(
     warehouse: &Warehouse,
     committed: &BTreeSet<String>,
@@ -146,11 +163,11 @@ pub fn read_lateness(
     let mut files: Vec<PathBuf> = walkdir::WalkDir::new(&dir)
         .into_iter()
         .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
+        .filter(|e| e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "parquet"))
         .map(|e| e.into_path())
-        .filter(|p| crate::sink::raw::source_hash_of(p).is_some_and(|h| committed.contains(h)))
         .collect();
     files.sort();
+    let mut counted = BTreeSet::new();
     for path in files {
         let err = |detail: String| LateReadError {
             path: path.display().to_string(),
@@ -176,12 +193,18 @@ pub fn read_lateness(
             let at = column("arrived_at")?
                 .as_any()
                 .downcast_ref::<TimestampMicrosecondArray>();
-            let (Some(table), Some(dt), Some(hr), Some(events), Some(at)) =
-                (table, dt, hr, events, at)
+            let source = column("source_hash")?
+                .as_any()
+                .downcast_ref::<StringArray>();
+            let (Some(table), Some(dt), Some(hr), Some(events), Some(at), Some(source)) =
+                (table, dt, hr, events, at, source)
             else {
                 return Err(err("unexpected column types".into()));
             };
             for i in 0..batch.num_rows() {
+                if !committed.contains(source.value(i)) {
+                    continue;
+                }
                 let grain = crate::warehouse::grain_of_table(table.value(i))
                     .ok_or_else(|| err(format!("unknown table {}", table.value(i))))?;
                 let day =
@@ -191,7 +214,12 @@ pub fn read_lateness(
                     true => return Err(err("hourly row without hr".into())),
                     false => day,
                 };
-                let record = out.entry(PartitionId { grain, period }).or_default();
+                let id = PartitionId { grain, period };
+                if !counted.insert((source.value(i).to_string(), id)) {
+                    // A source's record in a file an earlier build left beside this one's.
+                    continue;
+                }
+                let record = out.entry(id).or_default();
                 record.events += u64::try_from(events.value(i)).unwrap_or(0);
                 record.sources += 1;
                 record.last_arrival_us = record.last_arrival_us.max(at.value(i));

@@ -11,7 +11,7 @@ use adsmetrics_dataflows::{Dims, MetricRow, PartitionId};
 
 use crate::journal::{
     CommitJournal, JournalError, LedgerAnchor, MetricTotals, PartitionChange, Published,
-    RetiredSource, SourceRecord,
+    RetiredSource, SideFile, SourceRecord,
 };
 use crate::sink::curated::{content_version, encode_partition};
 use crate::sink::files::{sync_filesystem, write_file, WriteError};
@@ -159,6 +159,8 @@ pub struct PublishOrigin<'a> {
     pub ledger: Option<LedgerAnchor>,
     /// Sources whose contribution the publish withdraws.
     pub retired: Vec<RetiredSource>,
+    /// Side-table files (quarantine, late arrivals) it makes visible with its sources.
+    pub side_files: Vec<SideFile>,
 }
 
 /// Publishes one epoch: its consumed sources and its staged partition changes, atomically.
@@ -176,7 +178,7 @@ pub fn publish_epoch(
     if fail == Some(FailPoint::AfterStage) {
         return Err(injected(FailPoint::AfterStage).into());
     }
-    // Raw, quarantine and staged files become durable before the journal names them.
+    // Raw and staged files become durable before the journal names them.
     sync_filesystem(warehouse.root()).map_err(|source| WriteError::Io {
         path: warehouse.root().to_path_buf(),
         source,

@@ -225,9 +225,13 @@ pub fn write_logs(root: &Path, events: &[Event]) {
     }
 }
 
-/// Every quarantine row: (source, position, reason, raw bytes), in file order.
+/// Every quarantine row: (source, position, reason, raw bytes), in file order (none before the
+/// table's first file).
 pub fn quarantine_rows(wh: &Warehouse) -> Vec<(String, String, String, Vec<u8>)> {
     let mut rows = Vec::new();
+    if !wh.quarantine_dir().exists() {
+        return rows;
+    }
     for entry in walkdir::WalkDir::new(wh.quarantine_dir()).sort_by_file_name() {
         let entry = entry.unwrap();
         if !entry.file_type().is_file() {
