@@ -102,3 +102,47 @@ fn bad_records_and_files_are_quarantined_with_reasons_and_nothing_is_lost() {
     good.extend_from_slice(&events[300..]);
     assert_eq!(published_tables(&wh), expected_tables(&good));
 }
+
+/// Many whole bad files in one epoch: the process stages their quarantine rows as files of their
+/// own once it holds 64 MiB of them, not all at the epoch's end, and every row is there once.
+#[test]
+fn a_run_of_large_bad_files_is_quarantined_in_several_files_each_row_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let files: u64 = 70;
+    for i in 0..files {
+        // Neither Parquet nor JSON lines: quarantined whole, its first 1 MiB kept.
+        let mut bytes = vec![0u8; (1 << 20) + 10];
+        bytes[..8].copy_from_slice(&i.to_le_bytes());
+        std::fs::write(input.join(format!("blob-{i:02}.bin")), bytes).unwrap();
+    }
+    write_parquet(&input.join("good.parquet"), &sample_events(100, 3));
+    let wh = Warehouse::new(dir.path().join("wh"));
+    let summary = ingest(
+        &wh,
+        std::slice::from_ref(&input),
+        IngestOptions {
+            workers: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(summary.quarantined, files);
+    let rows = quarantine_rows(&wh);
+    let mut sources: Vec<&str> = rows.iter().map(|q| q.0.as_str()).collect();
+    sources.sort_unstable();
+    sources.dedup();
+    assert_eq!(
+        (rows.len(), sources.len()),
+        (files as usize, files as usize)
+    );
+    let quarantine_files = walkdir::WalkDir::new(wh.quarantine_dir())
+        .into_iter()
+        .filter(|e| e.as_ref().unwrap().file_type().is_file())
+        .count();
+    assert!(quarantine_files >= 2, "{quarantine_files} file(s)");
+    assert!(
+        !wh.staging_dir().exists() || std::fs::read_dir(wh.staging_dir()).unwrap().count() == 0
+    );
+}
