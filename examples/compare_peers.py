@@ -8,7 +8,8 @@ dt=/hr=/producer= Parquet folders of delivery hours, spread over `--days` days):
   3. `ads_metrics_hourly` and `ads_metrics_daily` per (period, advertiser_id, campaign_id, ad_id,
      country): impressions, clicks, conversions, cost_micros, revenue_micros, unique_users.
 The DuckDB peer is the SQL of examples/duckdb_baseline.py (imported, not copied), without its raw
-layer. Spark batch is the same plan in the DataFrame API on `local[W]`. Spark Structured
+layer; the `duckdb-raw` peer (not run by default) is the same with it: it also writes every
+winner under raw/, by event day, as adsmetrics does. Spark batch is the same plan in the DataFrame API on `local[W]`. Spark Structured
 Streaming reads the input folders as a file stream, a delivery day per micro-batch
 (`maxFilesPerTrigger`), with an event-time watermark of `--lateness` hours (default 6: the
 generator delivers late events, resends and corrections at most ~5 hours after their event
@@ -50,7 +51,7 @@ examples/throughput.rs does. The ratios are adsmetrics/peer of wall time and pea
 Not like for like, in the peers' favour: adsmetrics computes four tables (hourly, daily, the
 per-minute clicks `ads_clicks_minute` and `ads_metrics_weekly`), writes a raw layer of every
 accepted event, a quarantine, a journal and an audit ledger, and publishes atomically; the peers
-compute the two tables only. Spark's wall time includes starting its JVM (the `in-engine`
+compute the two tables only (and `duckdb-raw` the raw layer too). Spark's wall time includes starting its JVM (the `in-engine`
 column does not).
 
 Set-up and usage (Java 17+ for Spark; peers that are not installed are skipped with a message):
@@ -76,7 +77,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENGINES = ["adsmetrics", "duckdb", "spark", "spark-stream"]
+ENGINES = ["adsmetrics", "duckdb", "duckdb-raw", "spark", "spark-stream"]
+DEFAULT_ENGINES = ["adsmetrics", "duckdb", "spark", "spark-stream"]
 TABLES = ["ads_metrics_hourly", "ads_metrics_daily"]
 DIMS = "advertiser_id, campaign_id, ad_id, country"
 SUMS = "impressions, clicks, conversions, cost_micros, revenue_micros, unique_users"
@@ -103,7 +105,7 @@ def main():
     p.add_argument("--days", type=int, default=30, help="days of event time (generate --hours)")
     p.add_argument("--workers", "--threads", type=int, default=2, dest="workers",
                    help="adsmetrics workers, DuckDB threads, Spark local[N]")
-    p.add_argument("--engines", default=",".join(ENGINES),
+    p.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
                    help="comma-separated subset of " + ",".join(ENGINES))
     p.add_argument("--correction", type=float, default=0.01,
                    help="size of the correction as a fraction of the raw rows (0: none)")
@@ -289,7 +291,7 @@ def settle(run_dir, seconds):
 
 def missing_reason(engine):
     """Why `engine` cannot run here, or None."""
-    if engine == "duckdb":
+    if engine.startswith("duckdb"):
         return None if importlib.util.find_spec("duckdb") else \
             "DuckDB not installed (scripts/setup-python, run with .venv/bin/python)"
     if importlib.util.find_spec("pyspark") is None:
@@ -490,15 +492,15 @@ def print_table(results):
 
 def run_child(args):
     only_days = args.only_days.split(",") if args.only_days else None
-    if args.child == "duckdb":
-        child_duckdb(args, only_days)
+    if args.child.startswith("duckdb"):
+        child_duckdb(args, only_days, with_raw=args.child == "duckdb-raw")
     else:
         child_spark(args, only_days)
 
 
 def replace_days(staging, out, only_days):
     """Moves each table's dt= folders from `staging` into `out`, replacing the touched days'."""
-    for table in TABLES:
+    for table in TABLES + (["raw"] if os.path.isdir(os.path.join(staging, "raw")) else []):
         for day in only_days:
             shutil.rmtree(os.path.join(out, table, f"dt={day}"), ignore_errors=True)
         src = os.path.join(staging, table)
@@ -508,7 +510,10 @@ def replace_days(staging, out, only_days):
     shutil.rmtree(staging)
 
 
-def child_duckdb(args, only_days):
+def child_duckdb(args, only_days, with_raw):
+    """DuckDB's job: dedup and both tables; `with_raw` (the `duckdb-raw` peer): also the raw
+    layer, every winner by event day, as adsmetrics writes one (like for like but for the two
+    extra tables, the quarantine, the journal and the ledger)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import duckdb_baseline
     started = time.perf_counter()
@@ -517,6 +522,8 @@ def child_duckdb(args, only_days):
     os.makedirs(target)
     con = duckdb_baseline.connect(args.workers)
     duckdb_baseline.create_winners(con, args.inputs, only_days)
+    if with_raw:
+        duckdb_baseline.copy_raw(con, target)
     hourly, daily = duckdb_baseline.copy_tables(con, target)
     con.close()
     if only_days is not None:

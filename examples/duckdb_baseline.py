@@ -117,6 +117,11 @@ def copy_tables(con, out):
     return hourly, daily
 
 
+def copy_raw(con, out):
+    """Writes the raw layer under `out/raw`: every row of `winners`, partitioned by event day."""
+    con.execute(f"COPY winners TO '{out}/raw' (FORMAT parquet, PARTITION_BY (dt))")
+
+
 def run(data, out, threads, with_raw):
     if os.path.exists(out):
         shutil.rmtree(out)
@@ -125,7 +130,7 @@ def run(data, out, threads, with_raw):
     con = connect(threads)
     create_winners(con, [data])
     if with_raw:
-        con.execute(f"COPY winners TO '{out}/raw' (FORMAT parquet, PARTITION_BY (dt))")
+        copy_raw(con, out)
     hourly, daily = copy_tables(con, out)
     seconds = time.perf_counter() - started
     winners = con.execute("SELECT count(*) FROM winners").fetchone()[0]
