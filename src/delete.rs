@@ -163,6 +163,9 @@ pub fn delete(
     }
     let cert_path = certificate_path(warehouse, &request.request_id);
     let mut opened = Opened::open(warehouse)?;
+    // Held to the certificate: the raw rewrite, the quarantine scrub and the staging clean-up
+    // after the rebuild's run must not meet another writer's run.
+    let _lock = opened.lock.share();
     let mut run = opened.record(
         RunKind::Delete,
         format!(

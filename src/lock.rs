@@ -3,7 +3,8 @@
 //!
 //! Every run that writes (ingest, backfill, delete, retention, each stream epoch) holds an
 //! exclusive advisory lock on `_adsmetrics/writer.lock` from opening the journal to its ledger
-//! entry, so its read-decide-publish is atomic against other writers: an orchestrator's retry
+//! entry (a delete: to its certificate, past the raw files and quarantine it rewrites after its
+//! run), so its read-decide-publish is atomic against other writers: an orchestrator's retry
 //! that starts while a stale try of the same task is still running waits for it, then starts from
 //! what it published (and converges, every run being idempotent). The kernel drops the lock when
 //! its process dies, however it dies, so a crash never leaves the warehouse locked.
@@ -48,16 +49,19 @@ pub enum LockError {
     },
 }
 
-/// The held lock; released when dropped (or when the process ends).
+/// The held lock; released when it and every [`WriterLock::share`] of it are dropped (or when the
+/// process ends).
 #[derive(Debug)]
 pub struct WriterLock {
-    file: File,
+    file: std::sync::Arc<File>,
 }
 
 impl Drop for WriterLock {
     fn drop(&mut self) {
         // No holder any more (a crashed holder's line stays, and says who it was).
-        let _ = self.file.set_len(0);
+        if std::sync::Arc::strong_count(&self.file) == 1 {
+            let _ = self.file.set_len(0);
+        }
     }
 }
 
@@ -119,7 +123,18 @@ impl WriterLock {
         );
         file.set_len(0).map_err(io)?;
         file.write_all(who.as_bytes()).map_err(io)?;
-        Ok(WriterLock { file })
+        Ok(WriterLock {
+            file: std::sync::Arc::new(file),
+        })
+    }
+
+    /// The same lock, held until this and the original are both dropped: for a command that
+    /// hands its lock to a run and writes more after it (a delete's raw files, quarantine and
+    /// certificate).
+    pub fn share(&self) -> WriterLock {
+        WriterLock {
+            file: std::sync::Arc::clone(&self.file),
+        }
     }
 }
 
@@ -127,5 +142,31 @@ fn holder(path: &Path) -> String {
     match std::fs::read_to_string(path) {
         Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
         _ => "unknown holder".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shared lock stays held, with its holder's line, until the last handle goes.
+    #[test]
+    fn a_shared_lock_is_held_until_every_handle_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let warehouse = Warehouse::new(dir.path().join("wh")).with_lock_wait(Duration::ZERO);
+        let lock = WriterLock::acquire(&warehouse).unwrap();
+        let kept = lock.share();
+        drop(lock);
+        match WriterLock::acquire(&warehouse) {
+            Err(LockError::Busy { holder, .. }) => {
+                assert!(
+                    holder.contains(&format!("pid {}", std::process::id())),
+                    "{holder}"
+                )
+            }
+            other => panic!("the shared lock was released: {other:?}"),
+        }
+        drop(kept);
+        WriterLock::acquire(&warehouse).unwrap();
     }
 }

@@ -483,7 +483,7 @@ struct SharedState {
 struct SideRows {
     /// Quarantined records, with their source's content hash.
     quarantine: Vec<(String, crate::event::Quarantined)>,
-    /// The bytes of their `raw` column, to stage them early past [`QUARANTINE_SPILL_BYTES`].
+    /// Their bytes (raw bytes and text), to stage them early past [`QUARANTINE_SPILL_BYTES`].
     quarantine_bytes: usize,
     /// Sources' late events.
     late: Vec<late::SourceLateness>,
@@ -863,7 +863,8 @@ impl Opened {
         lock: crate::lock::WriterLock,
         started: Instant,
     ) -> Result<Self, RunError> {
-        // Nothing below writes raw files (recovery renames curated partitions only).
+        // Nothing below writes raw files (recovery renames curated partitions and side-table
+        // files only).
         let raw_listing = {
             let warehouse = warehouse.clone();
             std::thread::spawn(move || raw::list_raw_files(&warehouse))
@@ -2938,7 +2939,7 @@ fn write_source(
         });
     }
     for q in quarantined {
-        side.quarantine_bytes += q.raw.len();
+        side.quarantine_bytes += q.raw.len() + q.source.len() + q.position.len() + q.reason.len();
         side.quarantine
             .push((source.content_hash.clone(), q.clone()));
     }
@@ -2957,7 +2958,15 @@ fn write_source(
 /// for the epoch's publish (through the coordinator's, in a cluster). Called by the process's
 /// first worker once all its workers have handed in their sources.
 fn stage_side_tables(shared: &Shared) {
-    let mut side = std::mem::take(&mut shared.state.lock().expect("lock").side);
+    let mut side = {
+        let mut state = shared.state.lock().expect("lock");
+        if !state.errors.is_empty() {
+            // The epoch will not publish: its sources are ingested again by the next run.
+            state.side = SideRows::default();
+            return;
+        }
+        std::mem::take(&mut state.side)
+    };
     let at = shared.started_at_us;
     let staged = quarantine::stage_quarantine(&shared.warehouse, &mut side.quarantine, at)
         .and_then(|q| {

@@ -7,11 +7,11 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use adsmetrics::journal::{CommitJournal, JournalError, PartitionChange};
+use adsmetrics::journal::{CommitJournal, JournalError, PartitionChange, SideFile};
 use adsmetrics::ledger::{Ledger, RunKind};
 use adsmetrics::lock::{LockError, WriterLock};
 use adsmetrics::runtime::{ingest, IngestOptions, RunError};
-use adsmetrics::sink::publish::{FailPoint, PublishOrigin};
+use adsmetrics::sink::publish::{publish_epoch, FailPoint, PublishError, PublishOrigin};
 use adsmetrics::snapshot::TableSnapshot;
 use adsmetrics::warehouse::Warehouse;
 use common::*;
@@ -119,6 +119,29 @@ fn a_publish_over_a_journal_that_moved_or_a_version_it_did_not_read_is_fenced() 
         .unwrap_err();
     assert!(matches!(wrong, JournalError::Fenced { .. }), "{wrong}");
     assert!(wrong.to_string().contains("not-the-version"), "{wrong}");
+
+    // A publish whose staged file is gone (another writer cleared staging) prepares nothing.
+    let gone = SideFile {
+        staged: "_adsmetrics/staging/quarantine-sources-0.parquet".into(),
+        dest: "quarantine/dt=2026-11-03/sources-0.parquet".into(),
+    };
+    let refused = publish_epoch(
+        &mut fresh,
+        &warehouse,
+        PublishOrigin {
+            side_files: vec![gone],
+            ..origin()
+        },
+        Vec::new(),
+        Vec::new(),
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(refused, PublishError::Journal(JournalError::Fenced { .. })),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("is gone"), "{refused}");
 
     assert_eq!(
         std::fs::read(warehouse.journal_path()).unwrap(),

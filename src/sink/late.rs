@@ -167,7 +167,9 @@ pub fn read_lateness(
         .map(|e| e.into_path())
         .collect();
     files.sort();
-    let mut counted = BTreeSet::new();
+    // Per source and partition, its newest record: a source's record can be in two files (one an
+    // earlier build left beside this one's, or a source a backfill withdrew and read again).
+    let mut newest: BTreeMap<(String, PartitionId), (i64, u64)> = BTreeMap::new();
     for path in files {
         let err = |detail: String| LateReadError {
             path: path.display().to_string(),
@@ -215,16 +217,19 @@ pub fn read_lateness(
                     false => day,
                 };
                 let id = PartitionId { grain, period };
-                if !counted.insert((source.value(i).to_string(), id)) {
-                    // A source's record in a file an earlier build left beside this one's.
-                    continue;
-                }
-                let record = out.entry(id).or_default();
-                record.events += u64::try_from(events.value(i)).unwrap_or(0);
-                record.sources += 1;
-                record.last_arrival_us = record.last_arrival_us.max(at.value(i));
+                let record = (at.value(i), u64::try_from(events.value(i)).unwrap_or(0));
+                newest
+                    .entry((source.value(i).to_string(), id))
+                    .and_modify(|kept| *kept = (*kept).max(record))
+                    .or_insert(record);
             }
         }
+    }
+    for ((_, id), (at, events)) in newest {
+        let record = out.entry(id).or_default();
+        record.events += events;
+        record.sources += 1;
+        record.last_arrival_us = record.last_arrival_us.max(at);
     }
     Ok(out)
 }

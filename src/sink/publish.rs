@@ -183,6 +183,20 @@ pub fn publish_epoch(
         path: warehouse.root().to_path_buf(),
         source,
     })?;
+    // A `Prepare` must name only files it can rename: one gone from staging (another writer's
+    // recovery cleared it, as a writer that bypassed the lock could) would leave a publish that
+    // no recovery can finish. Fenced: nothing is published, and a rerun stages them again.
+    let staged = changes.iter().filter_map(|c| c.staged.as_deref());
+    let side = origin.side_files.iter().map(|f| f.staged.as_str());
+    if let Some(gone) = staged
+        .chain(side)
+        .find(|f| !warehouse.root().join(f).exists())
+    {
+        return Err(PublishError::Journal(JournalError::Fenced {
+            path: warehouse.journal_path(),
+            detail: format!("staged file {gone} is gone before the publish prepared"),
+        }));
+    }
     let seq = journal.prepare(origin, sources, changes)?;
     tracing::debug!(seq, "publish prepared");
     drill_exit(FailPoint::AfterPrepare);
