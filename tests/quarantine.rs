@@ -56,16 +56,7 @@ fn bad_records_and_files_are_quarantined_with_reasons_and_nothing_is_lost() {
     }
     std::fs::write(input.join("mixed.jsonl"), lines).unwrap();
 
-    let wh = Warehouse::new(dir.path().join("wh"));
-    let summary = ingest(
-        &wh,
-        std::slice::from_ref(&input),
-        IngestOptions {
-            workers: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (wh, summary) = ingest_on_two_workers(&input, dir.path());
     assert_eq!(summary.sources_ingested, 4);
 
     let quarantined = quarantine_rows(&wh);
@@ -118,16 +109,7 @@ fn a_run_of_large_bad_files_is_quarantined_in_several_files_each_row_once() {
         std::fs::write(input.join(format!("blob-{i:02}.bin")), bytes).unwrap();
     }
     write_parquet(&input.join("good.parquet"), &sample_events(100, 3));
-    let wh = Warehouse::new(dir.path().join("wh"));
-    let summary = ingest(
-        &wh,
-        std::slice::from_ref(&input),
-        IngestOptions {
-            workers: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (wh, summary) = ingest_on_two_workers(&input, dir.path());
     assert_eq!(summary.quarantined, files);
     let rows = quarantine_rows(&wh);
     let mut sources: Vec<&str> = rows.iter().map(|q| q.0.as_str()).collect();
@@ -145,4 +127,18 @@ fn a_run_of_large_bad_files_is_quarantined_in_several_files_each_row_once() {
     assert!(
         !wh.staging_dir().exists() || std::fs::read_dir(wh.staging_dir()).unwrap().count() == 0
     );
+}
+
+/// Ingests `input` into a new warehouse `wh` under `dir`, on two workers.
+fn ingest_on_two_workers(
+    input: &std::path::Path,
+    dir: &std::path::Path,
+) -> (Warehouse, adsmetrics::runtime::IngestSummary) {
+    let wh = Warehouse::new(dir.join("wh"));
+    let options = IngestOptions {
+        workers: 2,
+        ..Default::default()
+    };
+    let summary = ingest(&wh, &[input.to_path_buf()], options).unwrap();
+    (wh, summary)
 }
