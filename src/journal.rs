@@ -253,6 +253,8 @@ pub struct CommittedPublish {
     pub ledger: Option<LedgerAnchor>,
     /// Sources it withdrew.
     pub retired: Vec<RetiredSource>,
+    /// Side-table files it renamed into place.
+    pub side_files: Vec<SideFile>,
 }
 
 /// One line of the journal.
@@ -441,6 +443,7 @@ impl CommitJournal {
                     partitions,
                     ledger,
                     retired,
+                    side_files,
                     ..
                 }) = self.pending.take()
                 {
@@ -486,6 +489,7 @@ impl CommitJournal {
                             partitions,
                             ledger,
                             retired,
+                            side_files,
                         });
                     }
                 }

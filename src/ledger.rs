@@ -163,6 +163,10 @@ pub struct EntryBody {
     pub sources_skipped: u64,
     /// Every partition version it produced.
     pub partitions: Vec<PartitionEntry>,
+    /// The side-table files (`quarantine`, `late_arrivals`) its publishes renamed into place,
+    /// relative to the warehouse root. (Absent from entries written before they were recorded.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub side_files: Vec<String>,
 }
 
 /// The ingest→publish latency of a stream epoch's messages, milliseconds.
@@ -295,8 +299,10 @@ impl Ledger {
         let mut sources = Vec::new();
         let mut partitions = Vec::new();
         let mut retired = Vec::new();
+        let mut side_files = Vec::new();
         for p in publishes {
             sources.extend(p.sources.iter().cloned());
+            side_files.extend(p.side_files.iter().map(|f| f.dest.clone()));
             retired.extend(
                 p.retired
                     .iter()
@@ -359,6 +365,7 @@ impl Ledger {
             sources,
             sources_skipped: run.sources_skipped,
             partitions,
+            side_files,
         };
         let entry = Entry {
             hash: body_hash(&body),
@@ -616,6 +623,9 @@ pub fn render_log(entries: &[Entry], partition: Option<&str>) -> String {
                     s.quarantined
                 ));
             }
+            for f in &b.side_files {
+                out.push_str(&format!("    + {f}\n"));
+            }
         }
         for p in changes {
             out.push_str(&format!(
@@ -673,6 +683,7 @@ mod tests {
             sources: vec![],
             sources_skipped: 2,
             partitions: vec![],
+            side_files: vec![],
         };
         let hash = body_hash(&body);
         assert_eq!(hash.len(), 64);
@@ -691,5 +702,17 @@ mod tests {
             oldest: 2,
         });
         assert_ne!(body_hash(&other), hash);
+        let mut other = body.clone();
+        other.side_files = vec!["quarantine/dt=2026-11-23/sources-0.parquet".to_string()];
+        assert_ne!(body_hash(&other), hash);
+    }
+
+    #[test]
+    fn an_entry_written_before_side_files_were_recorded_keeps_its_hash() {
+        // As an earlier release wrote it: no `side_files` key at all.
+        let line = r#"{"v":1,"seq":1,"prev":"0000000000000000000000000000000000000000000000000000000000000000","at":"2026-11-23T00:00:00Z","kind":"ingest","run_id":"run-1","actor":"test","command":"ingest x","outcome":"unchanged","publishes":[],"sources":[],"sources_skipped":2,"partitions":[]}"#;
+        let body: EntryBody = serde_json::from_str(line).expect("an entry body");
+        assert!(body.side_files.is_empty());
+        assert_eq!(serde_json::to_string(&body).expect("serialises"), line);
     }
 }

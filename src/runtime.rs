@@ -3212,6 +3212,7 @@ fn hold_gated(
     shared: &Shared,
     epoch: u64,
     changes: &[PartitionChange],
+    side_files: &[SideFile],
     findings: &[crate::check::Finding],
 ) -> RunError {
     let dir = shared
@@ -3227,11 +3228,21 @@ fn hold_gated(
                 std::fs::rename(&from, dir.join(name))?;
             }
         }
+        // The side tables' rows of the held sources, under their destination paths (a
+        // quarantine and a late_arrivals file can share a name).
+        for side in side_files {
+            let to = dir.join(&side.dest);
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::rename(shared.warehouse.root().join(&side.staged), to)?;
+        }
         let report = serde_json::json!({
             "run_id": shared.run_id,
             "epoch": epoch,
             "findings": findings,
             "changes": changes,
+            "side_files": side_files,
         });
         std::fs::write(
             dir.join("findings.json"),
@@ -3356,7 +3367,7 @@ fn publish(shared: &Shared, epoch: u64) {
         match crate::check::gate(&shared.warehouse, &consumed, &changes, shared.threads) {
             Ok(findings) if findings.is_empty() => {}
             Ok(findings) => {
-                let error = hold_gated(shared, epoch, &changes, &findings);
+                let error = hold_gated(shared, epoch, &changes, &side_files, &findings);
                 state.errors.push(error);
                 return;
             }

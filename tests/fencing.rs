@@ -261,6 +261,11 @@ fn the_publish_gate_passes_clean_epochs_and_holds_back_one_that_does_not_reconci
 
     // A buggy epoch (one click too many per staged partition) is held back whole.
     write_parquet(&dir.path().join("in/dt=2026-11-03/hr=01/b.parquet"), b);
+    std::fs::write(
+        dir.path().join("in/dt=2026-11-03/hr=01/junk.txt"),
+        b"not events",
+    )
+    .unwrap();
     let snapshot = TableSnapshot::take(&warehouse).unwrap();
     let journal_bytes = std::fs::read(warehouse.journal_path()).unwrap();
     let held = ingest(&warehouse, &[dir.path().join("in")], gated(true)).unwrap_err();
@@ -291,10 +296,27 @@ fn the_publish_gate_passes_clean_epochs_and_holds_back_one_that_does_not_reconci
         })
         .count();
     assert!(staged >= *count, "the held-back staged files are not kept");
+    // So are the held sources' side-table files (their bad file's quarantine row; their late
+    // arrivals into the hour already published), under their destination paths.
+    let side: Vec<&str> = findings["side_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["dest"].as_str().unwrap())
+        .collect();
+    assert_eq!(side.len(), 2, "{side:?}");
+    assert!(side[0].starts_with("late_arrivals/"), "{side:?}");
+    assert!(side[1].starts_with("quarantine/"), "{side:?}");
+    for dest in &side {
+        assert!(kept.join(dest).is_file(), "{dest}");
+        assert!(!warehouse.root().join(dest).exists(), "{dest}");
+    }
+    assert!(quarantine_rows(&warehouse).is_empty());
 
-    // The same epoch without the bug passes and converges.
+    // The same epoch without the bug passes and converges, its bad file quarantined once.
     ingest(&warehouse, &[dir.path().join("in")], gated(false)).unwrap();
     assert_eq!(published_tables(&warehouse), expected_tables(&events));
+    assert_eq!(quarantine_rows(&warehouse).len(), 1);
 
     // Without the gate, the bug would have been published (and only reconcile would say so).
     let other = Warehouse::new(dir.path().join("ungated"));

@@ -119,11 +119,27 @@ fn a_run_of_large_bad_files_is_quarantined_in_several_files_each_row_once() {
         (rows.len(), sources.len()),
         (files as usize, files as usize)
     );
-    let quarantine_files = walkdir::WalkDir::new(wh.quarantine_dir())
+    let mut quarantine_files: Vec<String> = walkdir::WalkDir::new(wh.quarantine_dir())
         .into_iter()
-        .filter(|e| e.as_ref().unwrap().file_type().is_file())
-        .count();
-    assert!(quarantine_files >= 2, "{quarantine_files} file(s)");
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().is_file())
+        .map(|e| {
+            let path = e.path().strip_prefix(wh.root()).unwrap();
+            path.to_string_lossy().replace('\\', "/")
+        })
+        .collect();
+    quarantine_files.sort();
+    assert!(quarantine_files.len() >= 2, "{quarantine_files:?}");
+    // The audit ledger names every file the run's publish put in place (invariant 8).
+    let entries = assert_ledger_accounts_for_tables(&wh);
+    let mut listed: Vec<String> = entries
+        .iter()
+        .flat_map(|e| e.body.side_files.iter())
+        .filter(|f| f.starts_with("quarantine/"))
+        .cloned()
+        .collect();
+    listed.sort();
+    assert_eq!(listed, quarantine_files);
     assert!(
         !wh.staging_dir().exists() || std::fs::read_dir(wh.staging_dir()).unwrap().count() == 0
     );
