@@ -225,6 +225,15 @@ pub struct SideFile {
     pub dest: String,
 }
 
+/// A rename a commit has just done, in its order: every partition's, then every side file's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Renamed {
+    /// The n-th (0-based) changed partition's.
+    Partition(usize),
+    /// The n-th (0-based) side file's.
+    Side(usize),
+}
+
 /// The audit ledger's newest entry when a publish was prepared: ties the ledger to the journal,
 /// so entries cut from the ledger are found by `audit verify`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -532,7 +541,7 @@ impl CommitJournal {
         partitions: &[PartitionChange],
         side_files: &[SideFile],
         target: &impl Fn(&PartitionId) -> PathBuf,
-        after_each: &mut dyn FnMut(usize) -> Result<(), JournalError>,
+        after_each: &mut dyn FnMut(Renamed) -> Result<(), JournalError>,
     ) -> Result<(), JournalError> {
         for (i, change) in partitions.iter().enumerate() {
             let dest = target(&change.partition);
@@ -564,9 +573,9 @@ impl CommitJournal {
                     }
                 }
             }
-            after_each(i)?;
+            after_each(Renamed::Partition(i))?;
         }
-        for side in side_files {
+        for (i, side) in side_files.iter().enumerate() {
             let (staged, dest) = (self.root.join(&side.staged), self.root.join(&side.dest));
             if staged.exists() {
                 let dir = dest.parent().unwrap_or(Path::new("."));
@@ -583,6 +592,7 @@ impl CommitJournal {
                     "a side-table file of this publish is gone from staging: its rows are lost"
                 );
             }
+            after_each(Renamed::Side(i))?;
         }
         // The renames are durable before the `Commit` that says they happened.
         crate::sink::files::sync_filesystem(&self.root).map_err(io_err(&self.root))
@@ -666,7 +676,7 @@ impl CommitJournal {
         &mut self,
         seq: u64,
         target: impl Fn(&PartitionId) -> PathBuf,
-        after_each: &mut dyn FnMut(usize) -> Result<(), JournalError>,
+        after_each: &mut dyn FnMut(Renamed) -> Result<(), JournalError>,
     ) -> Result<(), JournalError> {
         if let Some(JournalRecord::Prepare {
             seq: p,

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use adsmetrics_dataflows::{Dims, MetricRow, PartitionId};
 
 use crate::journal::{
-    CommitJournal, JournalError, LedgerAnchor, MetricTotals, PartitionChange, Published,
+    CommitJournal, JournalError, LedgerAnchor, MetricTotals, PartitionChange, Published, Renamed,
     RetiredSource, SideFile, SourceRecord,
 };
 use crate::sink::curated::{content_version, encode_partition};
@@ -26,6 +26,8 @@ pub enum FailPoint {
     AfterPrepare,
     /// After the rename of the n-th (0-based) changed partition.
     AfterRename(usize),
+    /// After the rename of the n-th (0-based) side-table file, which follow the partitions'.
+    AfterSideRename(usize),
     /// After the journal's `Commit`.
     AfterCommit,
 }
@@ -101,7 +103,8 @@ fn pause_after_prepare() -> Option<u64> {
 }
 
 /// Drills of whole processes (an orchestrator's retry, a runbook's recovery): with
-/// `ADSMETRICS_FAIL_AT=after-stage|after-prepare|after-rename-<n>|after-commit`, the process exits
+/// `ADSMETRICS_FAIL_AT=after-stage|after-prepare|after-rename-<n>|after-side-rename-<n>|after-commit`,
+/// the process exits
 /// with [`FAIL_AT_EXIT_CODE`] at that point of its first publish, as if it were killed there
 /// (unset in production).
 pub const FAIL_AT_ENV: &str = "ADSMETRICS_FAIL_AT";
@@ -110,17 +113,23 @@ pub const FAIL_AT_ENV: &str = "ADSMETRICS_FAIL_AT";
 pub const FAIL_AT_EXIT_CODE: i32 = 86;
 
 impl FailPoint {
-    /// Parses `after-stage`, `after-prepare`, `after-rename-<n>`, `after-commit`.
+    /// Parses `after-stage`, `after-prepare`, `after-rename-<n>`, `after-side-rename-<n>`,
+    /// `after-commit`.
     pub fn parse(s: &str) -> Option<FailPoint> {
         match s {
             "after-stage" => Some(FailPoint::AfterStage),
             "after-prepare" => Some(FailPoint::AfterPrepare),
             "after-commit" => Some(FailPoint::AfterCommit),
-            _ => s
-                .strip_prefix("after-rename-")?
-                .parse()
-                .ok()
-                .map(FailPoint::AfterRename),
+            _ => {
+                if let Some(n) = s.strip_prefix("after-side-rename-") {
+                    n.parse().ok().map(FailPoint::AfterSideRename)
+                } else {
+                    s.strip_prefix("after-rename-")?
+                        .parse()
+                        .ok()
+                        .map(FailPoint::AfterRename)
+                }
+            }
         }
     }
 }
@@ -207,10 +216,14 @@ pub fn publish_epoch(
         // Crash tests only: hold the publish open so a SIGKILL lands inside it.
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
-    let mut after_each = |i: usize| {
-        drill_exit(FailPoint::AfterRename(i));
+    let mut after_each = |renamed: Renamed| {
+        let at = match renamed {
+            Renamed::Partition(i) => FailPoint::AfterRename(i),
+            Renamed::Side(i) => FailPoint::AfterSideRename(i),
+        };
+        drill_exit(at);
         match fail {
-            Some(FailPoint::AfterRename(n)) if n == i => Err(injected(FailPoint::AfterRename(n))),
+            Some(point) if point == at => Err(injected(at)),
             _ => Ok(()),
         }
     };
@@ -220,4 +233,37 @@ pub fn publish_epoch(
         return Err(injected(FailPoint::AfterCommit).into());
     }
     Ok(seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FailPoint;
+
+    #[test]
+    fn drill_points_parse_as_documented() {
+        let parsed: Vec<_> = [
+            "after-stage",
+            "after-prepare",
+            "after-rename-3",
+            "after-side-rename-1",
+            "after-commit",
+            "after-rename-x",
+            "after-lunch",
+        ]
+        .iter()
+        .map(|s| FailPoint::parse(s))
+        .collect();
+        assert_eq!(
+            parsed,
+            [
+                Some(FailPoint::AfterStage),
+                Some(FailPoint::AfterPrepare),
+                Some(FailPoint::AfterRename(3)),
+                Some(FailPoint::AfterSideRename(1)),
+                Some(FailPoint::AfterCommit),
+                None,
+                None,
+            ]
+        );
+    }
 }
