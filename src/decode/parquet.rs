@@ -143,7 +143,14 @@ pub fn decode_parquet_parallel(source: &str, bytes: Bytes, parts: usize) -> Deco
             })
             .collect()
     });
-    let mut out = Decoded::default();
+    let rows: usize = decoded
+        .iter()
+        .map(|part| part.as_ref().map_or(0, |p| p.events.len()))
+        .sum();
+    let mut out = Decoded {
+        events: Vec::with_capacity(rows),
+        ..Decoded::default()
+    };
     for part in decoded {
         match part {
             Ok(part) => {
@@ -155,6 +162,9 @@ pub fn decode_parquet_parallel(source: &str, bytes: Bytes, parts: usize) -> Deco
     }
     out
 }
+
+/// The most events a file's footer can make [`read`] reserve room for before it has decoded any.
+const MAX_RESERVED_ROWS: usize = 1 << 18;
 
 fn unreadable(e: impl std::fmt::Display) -> String {
     format!("not a readable Parquet file: {e}")
@@ -174,6 +184,12 @@ fn read(
     let roots = plan(builder.schema())?;
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
     let range = part.map(|(_, range)| range);
+    // The rows the footer promises, as a capacity (growing the vector copied every event about
+    // once more: 1.2% of a load's instructions); capped, since a footer can lie.
+    let promised = range.map_or_else(
+        || usize::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0),
+        |(start, end)| end - start,
+    );
     if let Some((start, end)) = range {
         builder = builder.with_row_selection(RowSelection::from(vec![
             RowSelector::skip(start),
@@ -189,7 +205,10 @@ fn read(
     let schema = reader.schema();
     let positions = COLUMNS.map(|(name, _, _)| schema.index_of(name).ok());
 
-    let mut out = Decoded::default();
+    let mut out = Decoded {
+        events: Vec::with_capacity(promised.min(MAX_RESERVED_ROWS)),
+        ..Decoded::default()
+    };
     let mut row: u64 = range.map_or(0, |(start, _)| start as u64);
     for batch in reader {
         let batch = batch.map_err(unreadable)?;

@@ -85,6 +85,19 @@ pub fn properties() -> WriterProperties {
     let builder = unique.iter().fold(base_writer_properties(), |b, c| {
         b.set_column_dictionary_enabled((*c).into(), false)
     });
+    let incompressible = [
+        "dedup_key",
+        "country",
+        "event_type",
+        "revenue_micros",
+        "source",
+        "source_hash",
+        "revision",
+        "producer",
+    ];
+    let builder = incompressible.iter().fold(builder, |b, c| {
+        b.set_column_compression((*c).into(), parquet::basic::Compression::UNCOMPRESSED)
+    });
     unprunable
         .iter()
         .fold(builder, |b, c| {
