@@ -85,6 +85,9 @@ pub fn properties() -> WriterProperties {
     let builder = unique.iter().fold(base_writer_properties(), |b, c| {
         b.set_column_dictionary_enabled((*c).into(), false)
     });
+    // Compressed size over encoded size, 5M events over 30 days: the dedup key 1.00 (random
+    // bytes), country 0.99, event type 0.94, revenue 0.91, the source columns, producer and
+    // revision 1.03-1.05. LZ4 over them was 1% of a load's instructions for nothing.
     let incompressible = [
         "dedup_key",
         "country",
