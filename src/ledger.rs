@@ -195,6 +195,23 @@ pub fn body_hash(body: &EntryBody) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// SHA-256 of an entry's body as its line holds it: the line without its closing
+/// `,"hash":"…"}` (the writer puts the hash last, so that is [`body_hash`] of the body it wrote).
+/// Every field counts, also one this build does not know: entries a newer build wrote with more
+/// fields verify here, where hashing the body this build parsed would drop those fields and
+/// call the entry edited. `None` when the line does not end with the hash.
+fn line_body_hash(line: &str) -> Option<String> {
+    let cut = line.rfind(",\"hash\":\"")?;
+    let tail = &line[cut..];
+    if !tail.ends_with("\"}") || tail[9..tail.len() - 2].contains('"') {
+        return None;
+    }
+    let mut sha = Sha256::new();
+    sha.update(&line.as_bytes()[..cut]);
+    sha.update(b"}");
+    Some(sha.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// What a run tells the ledger about itself.
 #[derive(Clone, Debug)]
 pub struct RunRecord {
@@ -425,7 +442,12 @@ fn read_chain(path: &Path, repair: bool) -> Result<Vec<Entry>, LedgerError> {
                     .to_string(),
             ));
         }
-        let hash = body_hash(&entry.body);
+        let hash = line_body_hash(line).ok_or_else(|| {
+            broken(
+                n,
+                "its hash is not its last field: not written by adsmetrics".to_string(),
+            )
+        })?;
         if entry.hash != hash {
             return Err(broken(
                 n,
@@ -661,9 +683,8 @@ mod tests {
         assert!(!under(p, "ads_metrics_daily"));
     }
 
-    #[test]
-    fn the_body_hash_covers_every_field() {
-        let body = EntryBody {
+    fn sample_body() -> EntryBody {
+        EntryBody {
             v: LEDGER_VERSION,
             seq: 1,
             prev: GENESIS.to_string(),
@@ -684,7 +705,12 @@ mod tests {
             sources_skipped: 2,
             partitions: vec![],
             side_files: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn the_body_hash_covers_every_field() {
+        let body = sample_body();
         let hash = body_hash(&body);
         assert_eq!(hash.len(), 64);
         let mut other = body.clone();
@@ -714,5 +740,44 @@ mod tests {
         let body: EntryBody = serde_json::from_str(line).expect("an entry body");
         assert!(body.side_files.is_empty());
         assert_eq!(serde_json::to_string(&body).expect("serialises"), line);
+    }
+
+    #[test]
+    fn entries_with_fields_this_build_does_not_know_verify_and_edits_of_them_do_not() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("ledger.jsonl");
+        // As a newer build would write it: one more field after the known ones, hashed with them.
+        let body = sample_body();
+        let known = serde_json::to_string(&body).expect("serialises");
+        let newer = format!("{},\"approved_by\":[\"ops\"]}}", &known[..known.len() - 1]);
+        let hash: String = Sha256::digest(newer.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let line = format!("{},\"hash\":\"{hash}\"}}\n", &newer[..newer.len() - 1]);
+        std::fs::write(&path, &line).expect("write");
+        let entries = read_chain(&path, false).expect("a newer build's entry verifies");
+        assert_eq!(entries[0].body, body);
+        // An entry this build wrote verifies the same way.
+        let own = Entry {
+            hash: body_hash(&body),
+            body: body.clone(),
+        };
+        let own_line = serde_json::to_string(&own).expect("serialises") + "\n";
+        std::fs::write(&path, &own_line).expect("write");
+        assert_eq!(read_chain(&path, false).expect("verifies").len(), 1);
+        // Edits: of the field this build does not know, and of the hash's place in the line.
+        for edited in [
+            line.replace("\"ops\"", "\"mallory\""),
+            own_line
+                .replace(&format!(",\"hash\":\"{}\"", own.hash), "")
+                .replacen('{', &format!("{{\"hash\":\"{}\",", own.hash), 1),
+        ] {
+            std::fs::write(&path, &edited).expect("write");
+            assert!(
+                matches!(read_chain(&path, false), Err(LedgerError::Broken { .. })),
+                "{edited}"
+            );
+        }
     }
 }
