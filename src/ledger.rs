@@ -202,8 +202,11 @@ pub fn body_hash(body: &EntryBody) -> String {
 /// call the entry edited. `None` when the line does not end with the hash.
 fn line_body_hash(line: &str) -> Option<String> {
     let cut = line.rfind(",\"hash\":\"")?;
-    let tail = &line[cut..];
-    if !tail.ends_with("\"}") || tail[9..tail.len() - 2].contains('"') {
+    // `,"hash":"` (9 bytes), the digest, `"}`.
+    let digest = line[cut..]
+        .strip_prefix(",\"hash\":\"")?
+        .strip_suffix("\"}")?;
+    if digest.contains('"') {
         return None;
     }
     let mut sha = Sha256::new();
@@ -766,8 +769,11 @@ mod tests {
         let own_line = serde_json::to_string(&own).expect("serialises") + "\n";
         std::fs::write(&path, &own_line).expect("write");
         assert_eq!(read_chain(&path, false).expect("verifies").len(), 1);
-        // Edits: of the field this build does not know, and of the hash's place in the line.
+        // Edits: of the field this build does not know, and of the hash's place in the line;
+        // and lines that end like a hash without one.
         for edited in [
+            format!("{},\"hash\":\"}}\n", &newer[..newer.len() - 1]),
+            format!("{},\"hash\":\"\"}}\n", &newer[..newer.len() - 1]),
             line.replace("\"ops\"", "\"mallory\""),
             own_line
                 .replace(&format!(",\"hash\":\"{}\"", own.hash), "")
