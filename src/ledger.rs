@@ -163,8 +163,9 @@ pub struct EntryBody {
     pub sources_skipped: u64,
     /// Every partition version it produced.
     pub partitions: Vec<PartitionEntry>,
-    /// The side-table files (`quarantine`, `late_arrivals`) its publishes renamed into place,
-    /// relative to the warehouse root. (Absent from entries written before they were recorded.)
+    /// The side-table files (`quarantine`, `late_arrivals`) its publishes were to rename into
+    /// place, relative to the warehouse root (one gone from staging before its rename is logged
+    /// by the publish as lost). Absent from entries written before they were recorded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub side_files: Vec<String>,
 }
@@ -201,6 +202,8 @@ pub fn body_hash(body: &EntryBody) -> String {
 /// fields verify here, where hashing the body this build parsed would drop those fields and
 /// call the entry edited. `None` when the line does not end with the hash.
 fn line_body_hash(line: &str) -> Option<String> {
+    // Trailing white space is not part of the JSON the writer hashed (the parser skips it too).
+    let line = line.trim_end();
     let cut = line.rfind(",\"hash\":\"")?;
     // `,"hash":"` (9 bytes), the digest, `"}`.
     let digest = line[cut..]

@@ -39,7 +39,7 @@
 //! source events.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
@@ -3220,37 +3220,45 @@ fn hold_gated(
         .meta_dir()
         .join("gated")
         .join(format!("{}-e{epoch}", shared.run_id));
-    let kept = (|| -> std::io::Result<()> {
-        std::fs::create_dir_all(&dir)?;
-        for staged in changes.iter().filter_map(|c| c.staged.as_ref()) {
-            let from = shared.warehouse.root().join(staged);
-            if let Some(name) = from.file_name() {
-                std::fs::rename(&from, dir.join(name))?;
-            }
-        }
-        // The side tables' rows of the held sources, under their destination paths (a
-        // quarantine and a late_arrivals file can share a name).
-        for side in side_files {
-            let to = dir.join(&side.dest);
-            if let Some(parent) = to.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            std::fs::rename(shared.warehouse.root().join(&side.staged), to)?;
-        }
-        let report = serde_json::json!({
-            "run_id": shared.run_id,
-            "epoch": epoch,
-            "findings": findings,
-            "changes": changes,
-            "side_files": side_files,
-        });
+    // The report first, then each file on its own: one that cannot be moved is logged and
+    // left (the held sources are not consumed, so a rerun reads them again), not the end of
+    // the others.
+    let report = serde_json::json!({
+        "run_id": shared.run_id,
+        "epoch": epoch,
+        "findings": findings,
+        "changes": changes,
+        "side_files": side_files,
+    });
+    let written = std::fs::create_dir_all(&dir).and_then(|()| {
         std::fs::write(
             dir.join("findings.json"),
             serde_json::to_vec_pretty(&report).unwrap_or_default(),
         )
-    })();
-    if let Err(e) = kept {
-        tracing::warn!(error = %e, dir = %dir.display(), "could not keep the gated files");
+    });
+    if let Err(e) = written {
+        tracing::warn!(error = %e, dir = %dir.display(), "could not keep the gated epoch's report");
+    }
+    let staged = changes
+        .iter()
+        .filter_map(|c| c.staged.as_ref())
+        .filter_map(|staged| {
+            let name = Path::new(staged).file_name()?;
+            Some((staged.as_str(), dir.join(name)))
+        });
+    // The side tables' rows of the held sources, under their destination paths (a quarantine
+    // and a late_arrivals file can share a name).
+    let side = side_files
+        .iter()
+        .map(|f| (f.staged.as_str(), dir.join(&f.dest)));
+    for (from, to) in staged.chain(side) {
+        let moved = to
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::rename(shared.warehouse.root().join(from), &to));
+        if let Err(e) = moved {
+            tracing::warn!(error = %e, file = from, to = %to.display(), "could not keep a gated file");
+        }
     }
     let first = findings
         .first()

@@ -240,6 +240,13 @@ fn the_cli_drill_exits_86_mid_publish_and_a_locked_warehouse_exits_75() {
     assert_eq!(published_tables(&warehouse), expected_tables(&events));
     let audit = cli(None, &["audit", "verify"]);
     assert!(audit.status.success(), "{audit:?}");
+    // `audit log --json` prints the entries as the ledger holds them, hashes and all.
+    let log = cli(None, &["audit", "log", "--json"]);
+    assert!(log.status.success(), "{log:?}");
+    assert_eq!(
+        String::from_utf8(log.stdout).unwrap(),
+        std::fs::read_to_string(warehouse.ledger_path()).unwrap()
+    );
 }
 
 #[test]

@@ -147,11 +147,13 @@ pub fn decode_parquet_parallel(source: &str, bytes: Bytes, parts: usize) -> Deco
         .iter()
         .map(|part| part.as_ref().map_or(0, |p| p.events.len()))
         .sum();
-    let mut out = Decoded {
-        events: Vec::with_capacity(rows),
-        ..Decoded::default()
+    // Into the first part's vectors (the others' events are moved once).
+    let mut parts = decoded.into_iter();
+    let Some(Ok(mut out)) = parts.next() else {
+        return decode_parquet(source, bytes);
     };
-    for part in decoded {
+    out.events.reserve(rows - out.events.len());
+    for part in parts {
         match part {
             Ok(part) => {
                 out.events.extend(part.events);

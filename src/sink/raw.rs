@@ -7,11 +7,11 @@
 //! reader here reads the same way). A file per day rather than per hour: a source's late and
 //! early events spread it over a few hours, and a file per hour made three to four small files
 //! of each source, whose creation and Parquet set-up were a tenth of a full load's time.
-//! A committed source is never read again (the journal knows
-//! its hash), so its files are written once; a source whose run crashed before its commit rewrites
-//! the same files with the same bytes (and, if an older version wrote them, removes its hourly
-//! files: [`write_source`]), which is why they need no fsync of their own: the publish
-//! syncs the filesystem before the journal names the source. The exceptions to "written
+//! A committed source is never read again (the journal knows its hash), so its files are written
+//! once; a source whose run crashed before its commit rewrites the same files (the same rows; the
+//! same bytes by the same build) and, if an older version wrote them, removes its hourly files
+//! ([`write_source`]), which is why they need no fsync of their own: the publish syncs the
+//! filesystem before the journal names the source. The exceptions to "written
 //! once" are a compliance delete, which rewrites the files that held deleted events without them
 //! ([`rewrite_without`]), a backfill, which removes the files of a source it replaced, and
 //! retention, which removes expired days. Rows carry their dedup key, the key
