@@ -78,6 +78,13 @@ pub enum JournalError {
     },
 }
 
+/// Renames a staged file over `dest`, creating its directory.
+fn move_into_place(staged: &Path, dest: &Path) -> Result<(), JournalError> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    fs::rename(staged, dest).map_err(io_err(dest))
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
     move |source| JournalError::Io {
         path: path.to_path_buf(),
@@ -549,9 +556,7 @@ impl CommitJournal {
                 (Some(staged), Some(version)) => {
                     let staged_path = self.root.join(staged);
                     if staged_path.exists() {
-                        let dir = dest.parent().unwrap_or(Path::new("."));
-                        fs::create_dir_all(dir).map_err(io_err(dir))?;
-                        fs::rename(&staged_path, &dest).map_err(io_err(&dest))?;
+                        move_into_place(&staged_path, &dest)?;
                     } else if crate::sink::curated::file_version(&dest).as_deref()
                         != Some(version.as_str())
                     {
@@ -578,9 +583,7 @@ impl CommitJournal {
         for (i, side) in side_files.iter().enumerate() {
             let (staged, dest) = (self.root.join(&side.staged), self.root.join(&side.dest));
             if staged.exists() {
-                let dir = dest.parent().unwrap_or(Path::new("."));
-                fs::create_dir_all(dir).map_err(io_err(dir))?;
-                fs::rename(&staged, &dest).map_err(io_err(&dest))?;
+                move_into_place(&staged, &dest)?;
             } else if !dest.exists() {
                 // Only a writer that bypassed the lock can clear staging between a `Prepare` and
                 // its renames. The side tables are records beside the tables, not versions of

@@ -191,9 +191,16 @@ pub struct Entry {
 
 /// SHA-256 of an entry body's JSON, hex.
 pub fn body_hash(body: &EntryBody) -> String {
-    let bytes = serde_json::to_vec(body).expect("ledger entries always serialise");
-    let digest = Sha256::digest(&bytes);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    sha256_hex(&[&serde_json::to_vec(body).expect("ledger entries always serialise")])
+}
+
+/// SHA-256 of the concatenated `parts`, hex.
+fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut sha = Sha256::new();
+    for part in parts {
+        sha.update(part);
+    }
+    sha.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// SHA-256 of an entry's body as its line holds it: the line without its closing
@@ -212,10 +219,7 @@ fn line_body_hash(line: &str) -> Option<String> {
     if digest.contains('"') {
         return None;
     }
-    let mut sha = Sha256::new();
-    sha.update(&line.as_bytes()[..cut]);
-    sha.update(b"}");
-    Some(sha.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Some(sha256_hex(&[&line.as_bytes()[..cut], b"}"]))
 }
 
 /// What a run tells the ledger about itself.
@@ -756,10 +760,7 @@ mod tests {
         let body = sample_body();
         let known = serde_json::to_string(&body).expect("serialises");
         let newer = format!("{},\"approved_by\":[\"ops\"]}}", &known[..known.len() - 1]);
-        let hash: String = Sha256::digest(newer.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hash = sha256_hex(&[newer.as_bytes()]);
         let line = format!("{},\"hash\":\"{hash}\"}}\n", &newer[..newer.len() - 1]);
         std::fs::write(&path, &line).expect("write");
         let entries = read_chain(&path, false).expect("a newer build's entry verifies");

@@ -2382,11 +2382,16 @@ fn run_epochs(
 ) -> i64 {
     let index = worker.index();
     let peers = worker.peers();
+    // Its index among its process's workers.
+    let local = shared
+        .cluster
+        .as_ref()
+        .map_or(index, |role| role.local(index));
     // A keyed rebuild's rows are the coordinator's alone, fed by its workers; found in the run,
     // by its worker 0, which feeds them all (see `seed_in_run`).
     let (feed_index, feed_peers) = match &shared.cluster {
         Some(_) if shared.keyed_in_run.is_some() => (0, 1),
-        Some(role) => (role.local(index), role.workers),
+        Some(role) => (local, role.workers),
         None => (index, peers),
     };
     let conflicted_before = pipeline.conflicted_keys.get();
@@ -2492,12 +2497,7 @@ fn run_epochs(
             }
         }
         shared.barrier.wait();
-        if shared
-            .cluster
-            .as_ref()
-            .map_or(index, |role| role.local(index))
-            == 0
-        {
+        if local == 0 {
             stage_side_tables(shared);
         }
         match control.as_deref_mut() {

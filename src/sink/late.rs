@@ -29,7 +29,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use crate::journal::SideFile;
 use crate::schema::utc_micros;
 use crate::sink::files::{base_writer_properties, parquet_bytes, stage_side_file, WriteError};
-use crate::warehouse::{day_string, parse_day, table_name, Warehouse};
+use crate::warehouse::{day_path, day_string, parse_day, table_name, Warehouse};
 
 /// The table's directory name.
 pub const LATE_ARRIVALS: &str = "late_arrivals";
@@ -127,10 +127,7 @@ pub fn stage_late(
     let batch = RecordBatch::try_new(schema(), columns).expect("columns follow schema");
     let table = dir_of(warehouse);
     let bytes = parquet_bytes(&batch, base_writer_properties().build(), &table)?;
-    let day_dir = format!(
-        "dt={}",
-        day_string(arrived_at_us.div_euclid(MICROS_PER_DAY))
-    );
+    let day_dir = day_path(arrived_at_us.div_euclid(MICROS_PER_DAY));
     let hashes = sources
         .iter()
         .filter(|s| !s.late.is_empty())
