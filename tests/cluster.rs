@@ -46,26 +46,6 @@ fn contents(root: &Path) -> Contents {
     (tables, raw)
 }
 
-/// The side tables as readers see them: every quarantine row (without its ingest time), sorted,
-/// and the lateness of every partition (late events and sources).
-type SideTables = (
-    Vec<(String, String, String, Vec<u8>)>,
-    BTreeMap<adsmetrics_dataflows::PartitionId, (u64, u64)>,
-);
-
-fn side_tables(root: &Path) -> SideTables {
-    let warehouse = Warehouse::new(root);
-    let mut quarantined = quarantine_rows(&warehouse);
-    quarantined.sort();
-    let journal = CommitJournal::open(warehouse.root(), &warehouse.journal_path()).unwrap();
-    let late = adsmetrics::sink::late::read_lateness(&warehouse, journal.consumed())
-        .unwrap()
-        .into_iter()
-        .map(|(id, l)| (id, (l.events, l.sources)))
-        .collect();
-    (quarantined, late)
-}
-
 /// Free ports on 127.0.0.1, one per process, as a timely hostfile. Below the ephemeral range
 /// (32768 and up on Linux), so no outgoing connection takes one between this check and the
 /// cluster's bind; a block of its own per test process and call.
@@ -388,12 +368,15 @@ fn two_processes_write_the_bytes_one_process_writes() {
     in_cluster(dir.path(), &clustered, Job::Ingest(&first));
     assert!(contents(&clustered).0 == tables);
     // The side tables hold the same rows, each process's sources' in files of its own.
-    let side = side_tables(&clustered);
+    let side = side_tables(&Warehouse::new(&clustered));
     assert!(
         !side.0.is_empty() && !side.1.is_empty(),
         "no quarantine or lateness to compare"
     );
-    assert!(side == side_tables(&single), "the side tables differ");
+    assert!(
+        side == side_tables(&Warehouse::new(&single)),
+        "the side tables differ"
+    );
 
     // A compliance delete: the raw layer searched and the days that held the user's events
     // rebuilt on both processes, the raw files rewritten by the coordinator; the same bytes as a

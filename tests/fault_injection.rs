@@ -3,11 +3,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
-use adsmetrics::journal::CommitJournal;
 use adsmetrics::runtime::{ingest, IngestOptions};
-use adsmetrics::sink::late::read_lateness;
 use adsmetrics::sink::publish::FailPoint;
 use adsmetrics::snapshot::TableSnapshot;
 use adsmetrics::warehouse::Warehouse;
@@ -26,22 +22,6 @@ fn a_publish_stopped_after_any_step_recovers_to_the_uninterrupted_tables() {
     )
     .unwrap();
     let inputs = |w: &str| vec![dir.path().join(w)];
-    // The side tables as readers see them: quarantine rows and per-partition late events of
-    // committed sources (each counted once).
-    let side_tables = |wh: &Warehouse| {
-        let journal = CommitJournal::open(wh.root(), &wh.journal_path()).unwrap();
-        let late: BTreeMap<_, _> = read_lateness(wh, journal.consumed())
-            .unwrap()
-            .into_iter()
-            .map(|(id, l)| (id, (l.events, l.sources)))
-            .collect();
-        let mut quarantined: Vec<_> = quarantine_rows(wh)
-            .into_iter()
-            .map(|q| (q.0, q.1))
-            .collect();
-        quarantined.sort();
-        (quarantined, late)
-    };
 
     // The uninterrupted run: two ingests.
     let clean = Warehouse::new(dir.path().join("clean"));

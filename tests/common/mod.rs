@@ -225,6 +225,26 @@ pub fn write_logs(root: &Path, events: &[Event]) {
     }
 }
 
+/// The side tables as readers see them: every quarantine row (as [`quarantine_rows`], sorted)
+/// and, per partition, the late events and sources of its committed sources' lateness records.
+pub type SideTables = (
+    Vec<(String, String, String, Vec<u8>)>,
+    BTreeMap<PartitionId, (u64, u64)>,
+);
+
+/// The side tables of `wh` (see [`SideTables`]).
+pub fn side_tables(wh: &Warehouse) -> SideTables {
+    let mut quarantined = quarantine_rows(wh);
+    quarantined.sort();
+    let journal = adsmetrics::journal::CommitJournal::open(wh.root(), &wh.journal_path()).unwrap();
+    let late = adsmetrics::sink::late::read_lateness(wh, journal.consumed())
+        .unwrap()
+        .into_iter()
+        .map(|(id, l)| (id, (l.events, l.sources)))
+        .collect();
+    (quarantined, late)
+}
+
 /// Every quarantine row: (source, position, reason, raw bytes), in file order (none before the
 /// table's first file).
 pub fn quarantine_rows(wh: &Warehouse) -> Vec<(String, String, String, Vec<u8>)> {
